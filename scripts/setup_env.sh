@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create or reuse the virtual environment and install sparsekern into it, idempotently.
+#
+#   SPARSEKERN_VENV        where the venv lives            (default: <repo>/.venv)
+#   SPARSEKERN_PYTHON      interpreter that creates it     (default: python3)
+#   SPARSEKERN_TORCH_SPEC  torch to install if none is     (default: torch==2.13.0, the CPU build)
+#   SPARSEKERN_EXTRAS      extras installed with the package (default: dev,cl,triton,bench)
+#
+# An installed torch is never replaced.  The package is installed editable with
+# --no-build-isolation (so the C++ extension builds against this torch, never a second one), and
+# only again when its build inputs (pyproject.toml, setup.py, csrc/) change.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SPARSEKERN_VENV:-$ROOT/.venv}"
+BASE_PY="${SPARSEKERN_PYTHON:-python3}"
+TORCH_SPEC="${SPARSEKERN_TORCH_SPEC:-torch==2.13.0}"
+EXTRAS="${SPARSEKERN_EXTRAS:-dev,cl,triton,bench}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment at $VENV"
+  "$BASE_PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+if ! "$VPY" -c "import setuptools, wheel" >/dev/null 2>&1; then
+  "$VPY" -m pip install -q "setuptools>=64" wheel
+fi
+if "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] using installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "[setup] installing $TORCH_SPEC"
+  "$VPY" -m pip install -q "$TORCH_SPEC"
+fi
+
+stamp="$VENV/.sparsekern_install_stamp"
+inputs_hash="$(cd "$ROOT" && { echo "$EXTRAS"; find pyproject.toml setup.py csrc -type f 2>/dev/null | LC_ALL=C sort | xargs -r sha256sum; } | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs_hash" ] || ! "$VPY" -c "import sparsekern" >/dev/null 2>&1; then
+  echo "[setup] installing sparsekern (editable, no build isolation) with extras [$EXTRAS]"
+  "$VPY" -m pip install -q --no-build-isolation -e "$ROOT[$EXTRAS]"
+  echo "$inputs_hash" > "$stamp"
+else
+  echo "[setup] sparsekern already installed and up to date"
+fi
+export SPARSEKERN_VPY="$VPY"

@@ -1,0 +1,83 @@
+"""Environment report: ``python -m sparsekern.env``.
+
+Lists versions, what is built, and which backend each op picks on each device present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from ._backends import BACKEND_NAMES, _check, backend_report, get_backend
+
+
+def report() -> dict:
+    """The environment as a dict (what ``main`` prints)."""
+    info = {
+        "sparsekern": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "triton": None,
+        "cuda_built": torch.version.cuda,
+        "backends": {},
+        "dispatch": [],
+    }
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except Exception as exc:  # a broken install is worth reporting, not crashing on
+            info["triton"] = f"import failed: {exc}"
+    for name in BACKEND_NAMES:
+        try:
+            ok, why = get_backend(name).available()
+        except Exception as exc:
+            ok, why = False, f"could not load: {exc}"
+        info["backends"][name] = {"available": ok, "reason": why}
+    devices = ["cpu"]
+    # only ask about CUDA when it is built in; never initialise it otherwise
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        devices.append("cuda")
+    for dev in devices:
+        for row in backend_report(dev):
+            info["dispatch"].append(
+                {
+                    "op": row["op"],
+                    "layout": row["layout"],
+                    "device": dev,
+                    "chosen": row["chosen"],
+                    "skipped": {n: why for n, (ok, why) in row["verdicts"].items() if not ok},
+                }
+            )
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = report()
+    if "--json" in argv:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"sparsekern {info['sparsekern']}  python {info['python']}  torch {info['torch']}  triton {info['triton']}")
+    print(f"platform   {info['platform']}  threads {info['torch_threads']}  torch CUDA {info['cuda_built']}")
+    print("backends:")
+    for name, b in info["backends"].items():
+        state = "available" if b["available"] else f"unavailable ({b['reason']})"
+        print(f"  {name:10s} {state}")
+    print("dispatch (automatic order):")
+    for row in info["dispatch"]:
+        print(f"  {row['op']:7s} {row['layout']:13s} {row['device']:5s} -> {row['chosen']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

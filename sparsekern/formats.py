@@ -1,0 +1,495 @@
+"""Sparse layouts: index metadata derived from a boolean weight mask.
+
+A weight of shape ``[out, in]`` (linear) or ``[out, in/groups, kh, kw]`` (conv) is seen as the
+matrix ``[out, in/groups * kh * kw]``.  From its boolean mask this module builds, on the mask's
+device, the metadata kernels read:
+
+* :class:`CSRMeta` -- the *unstructured* layout: CSR over output rows, plus the transposed
+  metadata (CSC: ``ccol_indices`` / ``row_indices``) and ``transpose_perm``, the position of each
+  CSC entry in CSR order, so a kernel that walks columns (the input gradient) can read the same
+  values array without atomics.
+* :class:`BSRMeta` -- the *block* layout ``(bo, bk)``: the same structure over tiles of the
+  matrix padded up to a multiple of the block.
+
+:class:`Pattern` bundles a mask with its layout and builds either metadata lazily, once; the
+result is cached on the mask tensor itself and rebuilt only when the mask's version counter
+changes (any in-place write to the mask bumps it).
+
+Indices are ``int32`` unless a dimension or the number of nonzeros would overflow it, in which
+case ``int64`` is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "SUPPORTED_BLOCK_SIZES",
+    "LAYOUTS",
+    "CSRMeta",
+    "BSRMeta",
+    "Pattern",
+    "as_matrix",
+    "normalize_block_size",
+    "build_csr",
+    "build_bsr",
+    "block_mask_of",
+    "expand_block_mask",
+    "pattern_of",
+    "to_torch_sparse_csr",
+    "to_torch_sparse_bsr",
+    "from_torch_sparse",
+]
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+LAYOUTS = ("unstructured", "block")
+_INT32_MAX = 2**31 - 1
+
+
+def _index_dtype(*sizes: int) -> torch.dtype:
+    """int32 unless any size would overflow it."""
+    return torch.int32 if max(sizes, default=0) <= _INT32_MAX else torch.int64
+
+
+def as_matrix(mask: torch.Tensor) -> torch.Tensor:
+    """View a 2-D (linear) or 4-D (conv) mask as the matrix ``[out, rest]``."""
+    if mask.dim() == 2:
+        return mask
+    if mask.dim() == 4:
+        return mask.reshape(mask.shape[0], -1)
+    raise ValueError(
+        f"mask: expected a 2-D [out, in] or 4-D [out, in/groups, kh, kw] tensor, got shape {tuple(mask.shape)}"
+    )
+
+
+def normalize_block_size(block_size, *, name: str = "block_size") -> tuple[int, int]:
+    """Turn ``16`` or ``(16, 32)`` into a validated ``(bo, bk)`` pair."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        pair = (block_size, block_size)
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        pair = (block_size[0], block_size[1])
+    else:
+        raise ValueError(f"{name}: expected an int or a pair of ints from {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    for b in pair:
+        if not isinstance(b, int) or isinstance(b, bool) or b not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"{name}: block sides must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return pair
+
+
+def _check_bool_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype torch.bool, got {mask.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# unstructured: CSR + transposed metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CSRMeta:
+    """CSR over rows of a ``[rows, cols]`` matrix plus its transpose.
+
+    Attributes:
+        shape: ``(rows, cols)``.
+        crow_indices: ``[rows + 1]``, row ``r``'s entries are ``crow[r]:crow[r+1]``.
+        col_indices: ``[nnz]``, column of each entry, ascending within a row.
+        ccol_indices: ``[cols + 1]``, the same for columns (CSC).
+        row_indices: ``[nnz]``, row of each CSC entry, ascending within a column.
+        transpose_perm: ``[nnz]``, CSR position of each CSC entry.
+        nnz: number of stored entries (a host int).
+    """
+
+    shape: tuple[int, int]
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    ccol_indices: torch.Tensor
+    row_indices: torch.Tensor
+    transpose_perm: torch.Tensor
+    nnz: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow_indices.device
+
+    @property
+    def density(self) -> float:
+        rows, cols = self.shape
+        return self.nnz / (rows * cols) if rows * cols else 0.0
+
+    def row_ids(self) -> torch.Tensor:
+        """Row of each CSR entry (``[nnz]``, int64)."""
+        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), counts)
+
+    def to_mask(self) -> torch.Tensor:
+        rows, cols = self.shape
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
+        mask[self.row_ids(), self.col_indices.long()] = True
+        return mask
+
+    def validate(self) -> None:
+        """Check every invariant; raise ``ValueError`` naming the first one broken."""
+        _validate_compressed(self.shape, self.crow_indices, self.col_indices, self.nnz, "crow_indices", "col_indices")
+        _validate_compressed(
+            (self.shape[1], self.shape[0]), self.ccol_indices, self.row_indices, self.nnz, "ccol_indices", "row_indices"
+        )
+        perm = self.transpose_perm
+        if perm.shape != (self.nnz,):
+            raise ValueError(f"transpose_perm: expected shape ({self.nnz},), got {tuple(perm.shape)}")
+        if self.nnz:
+            if bool((perm < 0).any()) or bool((perm >= self.nnz).any()):
+                raise ValueError("transpose_perm: entries must lie in [0, nnz)")
+            seen = torch.zeros(self.nnz, dtype=torch.bool, device=perm.device)
+            seen[perm.long()] = True
+            if not bool(seen.all()):
+                raise ValueError("transpose_perm: not a permutation of [0, nnz)")
+            rows = self.row_ids()[perm.long()]
+            cols = self.col_indices.long()[perm.long()]
+            t_cols = torch.repeat_interleave(
+                torch.arange(self.shape[1], device=perm.device),
+                (self.ccol_indices[1:] - self.ccol_indices[:-1]).long(),
+            )
+            if not (torch.equal(rows, self.row_indices.long()) and torch.equal(cols, t_cols)):
+                raise ValueError("transpose_perm: CSC entries do not map to the same (row, col) in CSR")
+
+
+def _validate_compressed(shape, cptr, idx, nnz, cname, iname) -> None:
+    n_major, n_minor = shape
+    for name, t in ((cname, cptr), (iname, idx)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected int32 or int64 indices, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor")
+    if cptr.numel() != n_major + 1:
+        raise ValueError(f"{cname}: expected {n_major + 1} entries, got {cptr.numel()}")
+    if idx.numel() != nnz:
+        raise ValueError(f"{iname}: expected nnz={nnz} entries, got {idx.numel()}")
+    if int(cptr[0]) != 0 or int(cptr[-1]) != nnz:
+        raise ValueError(f"{cname}: must start at 0 and end at nnz={nnz}, got {int(cptr[0])}..{int(cptr[-1])}")
+    if n_major and bool((cptr[1:] < cptr[:-1]).any()):
+        raise ValueError(f"{cname}: must be non-decreasing")
+    if nnz:
+        if bool((idx < 0).any()) or bool((idx >= n_minor).any()):
+            raise ValueError(f"{iname}: entries must lie in [0, {n_minor})")
+        # strictly increasing inside each segment
+        diffs = idx[1:].long() - idx[:-1].long()
+        starts = torch.zeros(nnz, dtype=torch.bool, device=idx.device)
+        seg_starts = cptr[:-1].long()
+        seg_starts = seg_starts[seg_starts < nnz]
+        starts[seg_starts] = True
+        if bool(((diffs <= 0) & ~starts[1:]).any()):
+            raise ValueError(f"{iname}: must be strictly increasing within each row/column")
+
+
+def _compressed(major: torch.Tensor, minor: torch.Tensor, n_major: int, dtype: torch.dtype):
+    counts = torch.bincount(major, minlength=n_major)
+    ptr = torch.zeros(n_major + 1, dtype=dtype, device=major.device)
+    ptr[1:] = torch.cumsum(counts, 0).to(dtype)
+    return ptr, minor.to(dtype).contiguous()
+
+
+def build_csr(mask: torch.Tensor) -> CSRMeta:
+    """CSR + transposed metadata of a 2-D (or 4-D conv) boolean mask, built on its device."""
+    _check_bool_mask(mask)
+    m = as_matrix(mask)
+    rows, cols = m.shape
+    nz = m.nonzero()  # row-major order: CSR order
+    nnz = nz.shape[0]
+    dtype = _index_dtype(rows + 1, cols + 1, nnz)
+    r, c = nz[:, 0], nz[:, 1]
+    crow, col = _compressed(r, c, rows, dtype)
+    # CSC order: sort by (col, row); CSR position i of entry i is its index in nz.
+    key = c * max(rows, 1) + r
+    perm = torch.argsort(key, stable=True)
+    ccol, row_t = _compressed(c[perm], r[perm], cols, dtype)
+    return CSRMeta((rows, cols), crow, col, ccol, row_t, perm.to(dtype).contiguous(), nnz)
+
+
+# --------------------------------------------------------------------------------------------
+# block: BSR + transposed metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BSRMeta:
+    """Block-CSR of a ``[rows, cols]`` matrix with ``block = (bo, bk)`` tiles.
+
+    ``padded_shape`` is ``shape`` rounded up to block multiples; ``blocks`` is the structure as a
+    :class:`CSRMeta` over the ``[rows/bo, cols/bk]`` grid of tiles (its ``nnz`` is the number of
+    stored blocks, and its transposed metadata lets the input gradient walk block columns).
+    """
+
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    blocks: CSRMeta
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return (self.blocks.shape[0] * self.block[0], self.blocks.shape[1] * self.block[1])
+
+    @property
+    def crow_indices(self) -> torch.Tensor:
+        return self.blocks.crow_indices
+
+    @property
+    def col_indices(self) -> torch.Tensor:
+        return self.blocks.col_indices
+
+    @property
+    def ccol_indices(self) -> torch.Tensor:
+        return self.blocks.ccol_indices
+
+    @property
+    def row_indices(self) -> torch.Tensor:
+        return self.blocks.row_indices
+
+    @property
+    def transpose_perm(self) -> torch.Tensor:
+        return self.blocks.transpose_perm
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.blocks.nnz
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to_mask(self) -> torch.Tensor:
+        return expand_block_mask(self.blocks.to_mask(), self.block, self.shape)
+
+    def validate(self) -> None:
+        rb = math.ceil(self.shape[0] / self.block[0])
+        cb = math.ceil(self.shape[1] / self.block[1])
+        if self.blocks.shape != (rb, cb):
+            raise ValueError(f"blocks: expected a {rb}x{cb} block grid for shape {self.shape}, got {self.blocks.shape}")
+        self.blocks.validate()
+
+
+def block_mask_of(mask: torch.Tensor, block) -> torch.Tensor:
+    """``[ceil(rows/bo), ceil(cols/bk)]`` boolean grid: True where the tile has any True entry."""
+    _check_bool_mask(mask)
+    bo, bk = normalize_block_size(block, name="block")
+    return block_mask_of_matrix(as_matrix(mask), bo, bk)
+
+
+def expand_block_mask(block_mask: torch.Tensor, block, shape) -> torch.Tensor:
+    """Inverse of :func:`block_mask_of` for block-constant masks, cropped to ``shape``."""
+    bo, bk = block
+    full = block_mask.repeat_interleave(bo, dim=0).repeat_interleave(bk, dim=1)
+    return full[: shape[0], : shape[1]].contiguous()
+
+
+def build_bsr(mask: torch.Tensor, block) -> BSRMeta:
+    """BSR + transposed metadata of a block-constant boolean mask (edges are padded)."""
+    blk = normalize_block_size(block, name="block")
+    m = as_matrix(mask)
+    bmask = block_mask_of(m, blk)
+    if not torch.equal(expand_block_mask(bmask, blk, m.shape), m):
+        raise ValueError(
+            f"mask: layout 'block' {blk} needs a mask that is constant on each {blk[0]}x{blk[1]} tile "
+            "(use sparsekern.masks to build block masks, or layout='unstructured')"
+        )
+    return BSRMeta(tuple(m.shape), blk, build_csr(bmask))
+
+
+# --------------------------------------------------------------------------------------------
+# Pattern: a mask + layout, with cached metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Pattern:
+    """A boolean weight mask together with its layout; builds kernel metadata on demand.
+
+    Args:
+        mask: boolean tensor of the weight's shape (2-D linear or 4-D conv).
+        layout: ``"unstructured"`` or ``"block"``.
+        block_size: for ``"block"``: ``(bo, bk)`` in *matrix* units (rows x columns of the
+            ``[out, in/groups*kh*kw]`` view); each side in :data:`SUPPORTED_BLOCK_SIZES` times
+            ``kh*kw`` for the column side of a conv.  Use :func:`pattern_of` to pass channel blocks.
+    """
+
+    mask: torch.Tensor
+    layout: str = "unstructured"
+    block_size: tuple[int, int] | None = None
+    _csr: CSRMeta | None = field(default=None, repr=False)
+    _bsr: BSRMeta | None = field(default=None, repr=False)
+    _nnz: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_bool_mask(self.mask)
+        if self.mask.dim() not in (2, 4):
+            raise ValueError(f"mask: expected 2-D or 4-D, got shape {tuple(self.mask.shape)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "block" and self.block_size is None:
+            raise ValueError("block_size: required when layout='block'")
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return as_matrix(self.mask)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.mask.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    def csr(self) -> CSRMeta:
+        if self._csr is None:
+            self._csr = build_csr(self.mask)
+            self._nnz = self._csr.nnz
+        return self._csr
+
+    def bsr(self) -> BSRMeta:
+        if self.layout != "block":
+            raise ValueError("bsr(): this pattern has layout 'unstructured'; build a block pattern instead")
+        if self._bsr is None:
+            bo, bk = self.block_size
+            self._bsr = BSRMeta(tuple(self.matrix.shape), (bo, bk), build_csr(block_mask_of_matrix(self.matrix, bo, bk)))
+        return self._bsr
+
+    def nnz(self) -> int:
+        if self._nnz is None:
+            self._nnz = int(self.mask.sum())
+        return self._nnz
+
+    def density(self) -> float:
+        n = self.mask.numel()
+        return self.nnz() / n if n else 0.0
+
+    def validate(self) -> None:
+        """Check the mask and any metadata already built; raise ``ValueError`` if inconsistent."""
+        if self.layout == "block":
+            bo, bk = self.block_size
+            bm = block_mask_of_matrix(self.matrix, bo, bk)
+            if not torch.equal(expand_block_mask(bm, (bo, bk), self.matrix.shape), self.matrix):
+                raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+        if self._csr is not None:
+            self._csr.validate()
+            if not torch.equal(self._csr.to_mask(), self.matrix):
+                raise ValueError("csr metadata: does not describe the current mask (stale cache?)")
+        if self._bsr is not None:
+            self._bsr.validate()
+
+
+def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
+    """Tile-any of a 2-D boolean matrix for any positive tile sides (used for conv column tiles)."""
+    rows, cols = m.shape
+    rb, cb = math.ceil(rows / bo), math.ceil(cols / bk)
+    padded = torch.zeros(rb * bo, cb * bk, dtype=torch.bool, device=m.device)
+    padded[:rows, :cols] = m
+    return padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+
+
+def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None, *, name: str = "mask") -> Pattern:
+    """The cached :class:`Pattern` of ``mask``; rebuilt only when the mask has been written to.
+
+    ``block_size`` is in channel units ``(out_channels, in_channels)``: for a 4-D conv mask the
+    column side of a tile covers ``bk`` input channels times every ``kh*kw`` tap.  The pattern is
+    cached on the tensor and keyed by its version counter, layout and block.
+    """
+    _check_bool_mask(mask, name)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    mblock = None
+    if layout == "block":
+        if block_size is None:
+            raise ValueError("block_size: required when layout='block'")
+        bo, bk = normalize_block_size(block_size)
+        taps = mask.shape[2] * mask.shape[3] if mask.dim() == 4 else 1
+        mblock = (bo, bk * taps)
+    key = (mask._version, layout, mblock)
+    cached = getattr(mask, "_sparsekern_pattern", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pat = Pattern(mask, layout, mblock)
+    if layout == "block":
+        pat.validate()  # a block layout must be block-constant
+    try:
+        mask._sparsekern_pattern = (key, pat)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
+        pass
+    return pat
+
+
+# --------------------------------------------------------------------------------------------
+# torch.sparse interop
+# --------------------------------------------------------------------------------------------
+
+
+def to_torch_sparse_csr(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``torch.sparse_csr`` tensor holding ``weight``'s values at ``mask`` (matrix view)."""
+    _check_bool_mask(mask)
+    if weight.shape != mask.shape:
+        raise ValueError(f"weight: expected shape {tuple(mask.shape)} (the mask's), got {tuple(weight.shape)}")
+    meta = build_csr(mask)
+    w = as_matrix(weight)
+    values = w[meta.row_ids(), meta.col_indices.long()]
+    return torch.sparse_csr_tensor(
+        meta.crow_indices.long(), meta.col_indices.long(), values, size=meta.shape, dtype=weight.dtype
+    )
+
+
+def to_torch_sparse_bsr(weight: torch.Tensor, mask: torch.Tensor, block_size) -> torch.Tensor:
+    """``torch.sparse_bsr`` tensor of ``weight`` at a block-constant ``mask``.
+
+    ``torch.sparse`` BSR has no padding, so the matrix shape must be a multiple of the block.
+    """
+    _check_bool_mask(mask)
+    if weight.shape != mask.shape:
+        raise ValueError(f"weight: expected shape {tuple(mask.shape)} (the mask's), got {tuple(weight.shape)}")
+    bo, bk = normalize_block_size(block_size)
+    m = as_matrix(mask)
+    if m.shape[0] % bo or m.shape[1] % bk:
+        raise ValueError(
+            f"block_size: torch.sparse BSR needs the matrix shape {tuple(m.shape)} to be a multiple of {(bo, bk)}"
+        )
+    meta = build_bsr(m, (bo, bk))
+    w = as_matrix(weight)
+    rb, cb = meta.blocks.shape
+    tiles = w.reshape(rb, bo, cb, bk).permute(0, 2, 1, 3)
+    values = tiles[meta.blocks.row_ids(), meta.blocks.col_indices.long()]
+    return torch.sparse_bsr_tensor(
+        meta.crow_indices.long(), meta.col_indices.long(), values, size=tuple(m.shape), dtype=weight.dtype
+    )
+
+
+def from_torch_sparse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dense_values, mask)`` of a ``torch.sparse`` CSR, BSR or COO matrix.
+
+    The mask marks every *stored* entry (explicit zeros included), so the structure round-trips.
+    """
+    if t.layout == torch.sparse_csr:
+        crow, col = t.crow_indices(), t.col_indices()
+        counts = (crow[1:] - crow[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(t.shape[0], device=t.device), counts)
+        mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        mask[rows, col.long()] = True
+        return t.to_dense(), mask
+    if t.layout == torch.sparse_bsr:
+        crow, col = t.crow_indices(), t.col_indices()
+        bo, bk = t.values().shape[-2:]
+        rb, cb = t.shape[0] // bo, t.shape[1] // bk
+        counts = (crow[1:] - crow[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(rb, device=t.device), counts)
+        bmask = torch.zeros(rb, cb, dtype=torch.bool, device=t.device)
+        bmask[rows, col.long()] = True
+        return t.to_dense(), expand_block_mask(bmask, (bo, bk), tuple(t.shape))
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce()
+        mask = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        mask[tuple(t.indices())] = True
+        return t.to_dense(), mask
+    raise TypeError(f"t: expected a torch.sparse CSR, BSR or COO tensor, got layout {t.layout}")

@@ -1,0 +1,185 @@
+"""State and mask handling shared by ``SparseLinear`` and ``SparseConv2d``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import LAYOUTS, normalize_block_size
+from ..masks import check_sparsity, magnitude_mask
+
+
+def _as_bool_mask(mask, weight: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: expected the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.dtype in (torch.uint8, torch.int8, torch.int32, torch.int64):
+            mask = mask != 0  # e.g. torch.nn.utils.prune's float 0/1 masks
+        else:
+            raise TypeError(f"{name}: expected a boolean (or 0/1) tensor, got {mask.dtype}")
+    return mask.detach().to(weight.device)
+
+
+class SparseMixin:
+    """Adds ``weight_mask`` / ``grad_mask`` buffers and the mask API to a Linear/Conv2d subclass."""
+
+    weight: nn.Parameter
+    weight_mask: torch.Tensor
+    grad_mask: torch.Tensor
+
+    def _init_sparse(self, sparsity, layout, block_size, backend, mask) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.block_size = normalize_block_size(block_size) if layout == "block" else None
+        if layout == "block" and block_size is None:
+            raise ValueError("block_size: required when layout='block'")
+        if backend is not None:
+            from .._backends import BACKEND_NAMES
+
+            if backend not in BACKEND_NAMES:
+                raise ValueError(f"backend: expected one of {BACKEND_NAMES} or None, got {backend!r}")
+        self.backend = backend
+        sparsity = check_sparsity(sparsity)
+        ones = torch.ones_like(self.weight, dtype=torch.bool)
+        self.register_buffer("weight_mask", ones)
+        self.register_buffer("grad_mask", ones.clone())
+        if mask is not None:
+            self.set_mask(mask)
+        elif sparsity > 0:
+            self.set_mask(magnitude_mask(self.weight, sparsity, layout=layout, block_size=self.block_size))
+
+    # ------------------------------------------------------------------ masks
+    @torch.no_grad()
+    def set_mask(self, mask, grad_mask=None, *, zero_pruned: bool = True) -> None:
+        """Replace the weight mask ``M`` (in place, so metadata caches see the change).
+
+        Args:
+            mask: boolean (or 0/1) tensor of the weight's shape.
+            grad_mask: the new gradient mask; if ``None``, connections kept from the old mask keep
+                their gradient status (frozen stay frozen), new ones are trainable, removed ones
+                leave ``G``.
+            zero_pruned: set weights outside the new mask to zero, so regrown connections start
+                at zero and ``to_dense`` and the stored weight agree.
+        """
+        new = _as_bool_mask(mask, self.weight, "mask")
+        if self.layout == "block":
+            from ..formats import pattern_of
+
+            pattern_of(new, "block", self.block_size)  # raises if not constant on the tiles
+        old = self.weight_mask.clone()
+        if grad_mask is None:
+            g = (self.grad_mask & new) | (new & ~old)
+        else:
+            g = _as_bool_mask(grad_mask, self.weight, "grad_mask")
+            if bool((g & ~new).any()):
+                raise ValueError("grad_mask: must be a subset of mask (a gradient only exists where a weight does)")
+        self.weight_mask.copy_(new)
+        self.grad_mask.copy_(g)
+        if zero_pruned:
+            self.weight.masked_fill_(~new, 0)
+
+    @torch.no_grad()
+    def set_grad_mask(self, mask) -> None:
+        """Replace the gradient mask ``G``; it must be a subset of ``weight_mask``."""
+        g = _as_bool_mask(mask, self.weight, "mask")
+        if bool((g & ~self.weight_mask).any()):
+            raise ValueError("mask: the gradient mask must be a subset of weight_mask")
+        self.grad_mask.copy_(g)
+
+    def density(self) -> float:
+        """Fraction of weights in ``weight_mask``."""
+        return float(self.weight_mask.sum()) / self.weight_mask.numel()
+
+    def grad_density(self) -> float:
+        """Fraction of weights in ``grad_mask``."""
+        return float(self.grad_mask.sum()) / self.grad_mask.numel()
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def selected_backend(self, device=None, dtype=None) -> str:
+        """Name of the backend this layer's next call would run on (``device``/``dtype``: the weight's)."""
+        from .._backends import CallInfo, ConvParams, select_backend
+        from ..ops._common import grad_pattern, weight_pattern
+
+        pattern = weight_pattern(self.weight_mask, self.layout, self.block_size)
+        gpattern = grad_pattern(pattern, self.grad_mask)
+        op = "conv2d" if self.weight.dim() == 4 else "linear"
+        conv = None
+        if op == "conv2d":
+            pad = self.padding if isinstance(self.padding, tuple) else (0, 0)
+            conv = ConvParams(self.stride, pad, self.dilation, self.groups)
+        info = CallInfo(op, torch.device(device) if device is not None else self.weight.device,
+                        dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv)
+        return select_backend(info, self.backend).name
+
+    def _sparse_repr(self) -> str:
+        s = f", density={self.density():.4f}, layout={self.layout}"
+        if self.layout == "block":
+            s += f", block_size={self.block_size}"
+        if self.backend is not None:
+            s += f", backend={self.backend}"
+        return s
+
+    def _masked_weight(self) -> torch.Tensor:
+        return self.weight.detach().masked_fill(~self.weight_mask, 0)
+
+    @torch.no_grad()
+    def _copy_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
+        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``)."""
+        self.weight.copy_(weight)
+        if module.bias is not None:
+            self.bias.copy_(module.bias)
+        if mask is not None:
+            self.set_mask(mask)
+        elif sparsity:
+            self.set_mask(magnitude_mask(self.weight, sparsity, layout=self.layout, block_size=self.block_size))
+        self.train(module.training)
+
+    def _dense_copy(self, out: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            out.weight.copy_(self._masked_weight())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        out.train(self.training)
+        return out
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # torch.nn.utils.prune stores the weight as `weight_orig` next to a float `weight_mask`.
+        orig = prefix + "weight_orig"
+        if orig in state_dict and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(orig)
+        for name in ("weight_mask", "grad_mask"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].dtype != torch.bool:
+                state_dict[key] = state_dict[key] != 0
+        has_mask = prefix + "weight_mask" in state_dict
+        has_grad = prefix + "grad_mask" in state_dict
+        if has_mask and not has_grad:
+            state_dict[prefix + "grad_mask"] = state_dict[prefix + "weight_mask"].clone()
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A dense nn.Linear / nn.Conv2d state dict has no masks: keep the current ones.
+        for name in ("weight_mask", "grad_mask"):
+            key = prefix + name
+            if key in missing_keys:
+                missing_keys.remove(key)
+        if has_mask and bool((self.grad_mask & ~self.weight_mask).any()):
+            error_msgs.append(f"{prefix}grad_mask: must be a subset of weight_mask")
+
+
+def mask_from_module(module: nn.Module):
+    """The mask a dense module carries from ``torch.nn.utils.prune``, or ``None``."""
+    m = getattr(module, "weight_mask", None)
+    return m if isinstance(m, torch.Tensor) else None
+
+
+def dense_weight_of(module: nn.Module) -> torch.Tensor:
+    """The stored dense weight of a module, ``weight_orig`` for a pruned one."""
+    w = getattr(module, "weight_orig", None)
+    return w if isinstance(w, torch.Tensor) else module.weight

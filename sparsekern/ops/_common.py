@@ -1,0 +1,80 @@
+"""Argument checks and mask handling shared by the public ops."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import LAYOUTS, Pattern, block_mask_of_matrix, expand_block_mask, pattern_of
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str, *, dim=None, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (matching the weight), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the weight's device), got {t.device}")
+
+
+def check_weight(weight, name: str = "weight") -> None:
+    check_tensor(weight, name)
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype {_FLOAT_DTYPES}, got {weight.dtype}")
+
+
+def check_mask(mask, weight, name: str) -> None:
+    if isinstance(mask, Pattern):
+        mask = mask.mask
+    check_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype torch.bool, got {mask.dtype} (use `{name} != 0` to convert)")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name}: expected the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{name}: expected a tensor on {weight.device} (the weight's device), got {mask.device}")
+
+
+def weight_pattern(mask, layout: str, block_size) -> Pattern:
+    if isinstance(mask, Pattern):
+        return mask
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    return pattern_of(mask, layout, block_size)
+
+
+def grad_pattern(pattern: Pattern, grad_mask) -> Pattern:
+    """Pattern of the effective gradient mask ``G & M``, cached on ``grad_mask``.
+
+    When ``G & M == M`` the weight pattern itself is returned.  A block weight layout keeps a
+    block gradient layout when ``G`` is constant on the same tiles, else the gradient pattern is
+    unstructured.
+    """
+    if grad_mask is None:
+        return pattern
+    if isinstance(grad_mask, Pattern):
+        return grad_mask
+    m = pattern.mask
+    key = (grad_mask._version, id(m), m._version, pattern.layout, pattern.block_size)
+    cached = getattr(grad_mask, "_sparsekern_grad_pattern", None)
+    if cached is not None and cached[0] == key and cached[2] is m:
+        return cached[1]
+    eff = grad_mask & m
+    if torch.equal(eff, m):
+        pat = pattern
+    else:
+        layout, block = "unstructured", None
+        if pattern.layout == "block":
+            bo, bk = pattern.block_size
+            mat = eff.reshape(eff.shape[0], -1)
+            if torch.equal(expand_block_mask(block_mask_of_matrix(mat, bo, bk), (bo, bk), mat.shape), mat):
+                layout, block = "block", pattern.block_size
+        pat = Pattern(eff, layout, block)
+    try:
+        grad_mask._sparsekern_grad_pattern = (key, pat, m)
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        pass
+    return pat

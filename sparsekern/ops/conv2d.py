@@ -1,0 +1,146 @@
+"""Sparse conv2d: ``sparse_conv2d``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .._backends import CallInfo, ConvParams, select_backend
+from ..formats import Pattern
+from ._common import check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
+
+__all__ = ["sparse_conv2d", "normalize_conv_args"]
+
+
+class SparseConv2dFunction(torch.autograd.Function):
+    """``y = conv2d(x, W⊙M) + b``; ``dW`` on the gradient pattern only.  x is 4-D and contiguous."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend = pattern, gpattern, conv, backend
+        ctx.has_bias = bias is not None
+        return backend.conv2d_forward(x, weight, bias, pattern, conv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = ctx.backend.conv2d_input_grad(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
+        if ctx.needs_input_grad[1]:
+            dw = ctx.backend.conv2d_weight_grad(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None, None
+
+
+def _pair(v, name: str, *, minimum: int) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {tuple(v)}")
+    return (int(v[0]), int(v[1]))
+
+
+def normalize_conv_args(weight_shape, stride, padding, dilation, groups):
+    """``(ConvParams, extra_pad)``: ``extra_pad`` is an ``F.pad`` tuple for asymmetric 'same' padding."""
+    stride = _pair(stride, "stride", minimum=1)
+    dilation = _pair(dilation, "dilation", minimum=1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    extra = None
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding: 'same' is only supported with stride 1")
+            pad_l, pad_r = [], []
+            for d, k in zip(dilation, weight_shape[2:]):
+                total = d * (k - 1)
+                pad_l.append(total // 2)
+                pad_r.append(total - total // 2)
+            if pad_l == pad_r:
+                pad = (pad_l[0], pad_l[1])
+            else:  # asymmetric: pad the input by the difference first
+                pad = (pad_l[0], pad_l[1])
+                extra = (0, pad_r[1] - pad_l[1], 0, pad_r[0] - pad_l[0])
+        else:
+            raise ValueError(f"padding: expected an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        pad = _pair(padding, "padding", minimum=0)
+    return ConvParams(stride, pad, dilation, groups), extra
+
+
+def sparse_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | Pattern,
+    grad_mask: torch.Tensor | Pattern | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    backend: str | None = None,
+    layout: str = "unstructured",
+    block_size: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Masked 2-D convolution with a gradient-masked backward (same arguments as ``F.conv2d``).
+
+    Args:
+        x: ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``).
+        weight: ``[C_out, C_in/groups, kh, kw]``; only entries in ``mask`` are read.
+        bias: ``[C_out]`` or ``None``.
+        mask, grad_mask: boolean, the weight's shape (see :func:`sparsekern.sparse_linear`).
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d``
+            (``padding`` may be ``'same'`` or ``'valid'``).
+        layout, block_size: ``"block"`` tiles cover ``bo`` output channels by ``bk`` input
+            channels and every kernel tap.
+
+    Returns:
+        ``[N, C_out, H_out, W_out]``.
+    """
+    check_weight(weight)
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D [out, in/groups, kh, kw] tensor, got shape {tuple(weight.shape)}")
+    check_tensor(x, "x", dim=(3, 4), dtype=weight.dtype, device=weight.device)
+    conv, extra = normalize_conv_args(tuple(weight.shape), stride, padding, dilation, groups)
+    if weight.shape[0] % conv.groups:
+        raise ValueError(f"groups: out_channels={weight.shape[0]} is not divisible by groups={conv.groups}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.shape[1] != weight.shape[1] * conv.groups:
+        raise ValueError(
+            f"x: expected {weight.shape[1] * conv.groups} input channels (weight.shape[1] * groups), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "bias", dim=1, dtype=weight.dtype, device=weight.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_mask(mask, weight, "mask")
+    if grad_mask is not None:
+        check_mask(grad_mask, weight, "grad_mask")
+    if extra is not None:
+        x = F.pad(x, extra)
+    for i, (size, p, d, k) in enumerate(zip(x.shape[2:], conv.padding, conv.dilation, weight.shape[2:])):
+        if size + 2 * p < d * (k - 1) + 1:
+            raise ValueError(
+                f"x: spatial size {tuple(x.shape[2:])} with padding {conv.padding} is smaller than the "
+                f"dilated kernel {tuple(weight.shape[2:])}"
+            )
+    pattern = weight_pattern(mask, layout, block_size)
+    gpattern = grad_pattern(pattern, grad_mask)
+    info = CallInfo("conv2d", weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv)
+    be = select_backend(info, backend)
+    y = SparseConv2dFunction.apply(x.contiguous(), weight, bias, pattern, gpattern, conv, be)
+    return y.squeeze(0) if unbatched else y
