@@ -32,10 +32,21 @@ else
 fi
 
 stamp="$VENV/.sparsekern_install_stamp"
-inputs_hash="$(cd "$ROOT" && { echo "$EXTRAS"; find pyproject.toml setup.py csrc -type f 2>/dev/null | LC_ALL=C sort | xargs -r sha256sum; } | sha256sum | cut -d' ' -f1)"
+build_inputs() {
+  echo "$EXTRAS"
+  for f in pyproject.toml setup.py; do [ -f "$f" ] && sha256sum "$f"; done
+  if [ -d csrc ]; then find csrc -type f | LC_ALL=C sort | xargs -r sha256sum; fi
+  return 0
+}
+inputs_hash="$(cd "$ROOT" && build_inputs | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs_hash" ] || ! "$VPY" -c "import sparsekern" >/dev/null 2>&1; then
   echo "[setup] installing sparsekern (editable, no build isolation) with extras [$EXTRAS]"
-  "$VPY" -m pip install -q --no-build-isolation -e "$ROOT[$EXTRAS]"
+  log="$VENV/sparsekern_install.log"
+  if ! "$VPY" -m pip install --no-build-isolation -e "$ROOT[$EXTRAS]" >"$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "[setup] pip install failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$inputs_hash" > "$stamp"
 else
   echo "[setup] sparsekern already installed and up to date"
