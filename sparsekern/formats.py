@@ -438,7 +438,8 @@ def to_torch_sparse_csr(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     w = as_matrix(weight)
     values = w[meta.row_ids(), meta.col_indices.long()]
     return torch.sparse_csr_tensor(
-        meta.crow_indices.long(), meta.col_indices.long(), values, size=meta.shape, dtype=weight.dtype
+        meta.crow_indices.long(), meta.col_indices.long(), values, size=meta.shape, dtype=weight.dtype,
+        check_invariants=True,
     )
 
 
@@ -462,7 +463,8 @@ def to_torch_sparse_bsr(weight: torch.Tensor, mask: torch.Tensor, block_size) ->
     tiles = w.reshape(rb, bo, cb, bk).permute(0, 2, 1, 3)
     values = tiles[meta.blocks.row_ids(), meta.blocks.col_indices.long()]
     return torch.sparse_bsr_tensor(
-        meta.crow_indices.long(), meta.col_indices.long(), values, size=tuple(m.shape), dtype=weight.dtype
+        meta.crow_indices.long(), meta.col_indices.long(), values, size=tuple(m.shape), dtype=weight.dtype,
+        check_invariants=True,
     )
 
 
