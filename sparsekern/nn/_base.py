@@ -32,10 +32,10 @@ class SparseMixin:
     def _init_sparse(self, sparsity, layout, block_size, backend, mask) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        self.layout = layout
-        self.block_size = normalize_block_size(block_size) if layout == "block" else None
         if layout == "block" and block_size is None:
             raise ValueError("block_size: required when layout='block'")
+        self.layout = layout
+        self.block_size = normalize_block_size(block_size) if layout == "block" else None
         if backend is not None:
             from .._backends import BACKEND_NAMES
 
