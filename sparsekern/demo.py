@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     first_loss = last_loss = None
     model.train()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         idx = torch.randint(0, len(ytr), (args.batch_size,), generator=g)
         loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from . import __version__
-from ._backends import BACKEND_NAMES, _check, backend_report, get_backend
+from ._backends import BACKEND_NAMES, backend_report, get_backend
 
 
 def report() -> dict:

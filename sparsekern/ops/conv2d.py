@@ -132,7 +132,7 @@ def sparse_conv2d(
         check_mask(grad_mask, weight, "grad_mask")
     if extra is not None:
         x = F.pad(x, extra)
-    for i, (size, p, d, k) in enumerate(zip(x.shape[2:], conv.padding, conv.dilation, weight.shape[2:])):
+    for size, p, d, k in zip(x.shape[2:], conv.padding, conv.dilation, weight.shape[2:]):
         if size + 2 * p < d * (k - 1) + 1:
             raise ValueError(
                 f"x: spatial size {tuple(x.shape[2:])} with padding {conv.padding} is smaller than the "
