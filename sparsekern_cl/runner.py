@@ -1,0 +1,341 @@
+"""The training loop behind ``sparsekern_cl.run`` and ``python -m sparsekern_cl``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import sparsekern
+
+from . import __version__
+from .backbones import build_backbone, sparsify_backbone
+from .config import resolve_config
+from .data import Scenario, TaskData, build_scenario
+from .flops import FlopCounter, layer_densities, memory_footprint, model_capacity
+from .metrics import summarize
+from .strategies import make_strategy
+
+__all__ = ["run", "evaluate", "build_run"]
+
+SETTINGS = ("task_il", "class_il")
+# keys that may differ between a run and its resumption
+_RESUME_FREE = {"resume", "stop_after_epochs", "progress", "output_dir", "threads", "plots", "compare_dense"}
+_METHOD_PLUGINS: dict = {}
+
+
+def register_method(name: str, base: str, make_plugins) -> None:
+    """Register a method ``name`` = the strategy ``base`` plus ``make_plugins(cfg, model, scenario) -> [Plugin]``."""
+    from .strategies import STRATEGIES
+
+    if base not in STRATEGIES:
+        raise ValueError(f"base: expected one of {sorted(STRATEGIES)}, got {base!r}")
+    STRATEGIES[name] = STRATEGIES[base]
+    _METHOD_PLUGINS[name] = make_plugins
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, scenario: Scenario, trained_upto: int, device, batch_size: int = 256) -> dict[str, list[float]]:
+    """Accuracy (%) on every task's evaluation data, Task-IL and Class-IL.
+
+    Task-IL predicts within the task's own classes.  Class-IL predicts among the classes of all
+    tasks seen so far (``0..trained_upto``); for a task not yet trained (``j > trained_upto``,
+    used by FWT) the candidates are the classes of tasks ``0..j``.
+    """
+    was_training = model.training
+    model.eval()
+    k = scenario.classes_per_task
+    out = {s: [] for s in SETTINGS}
+    for j, data in enumerate(scenario.test):
+        lo, hi = scenario.task_classes(j)
+        hi_c = (max(trained_upto, j) + 1) * k
+        correct_t = correct_c = 0
+        for s in range(0, len(data), batch_size):
+            x = scenario.preprocess(data.x[s : s + batch_size], train=False).to(device)
+            y = data.y[s : s + batch_size].to(device)
+            logits = model(x)
+            correct_t += int((logits[:, lo:hi].argmax(1) + lo == y).sum())
+            correct_c += int((logits[:, :hi_c].argmax(1) == y).sum())
+        n = max(len(data), 1)
+        out["task_il"].append(100.0 * correct_t / n)
+        out["class_il"].append(100.0 * correct_c / n)
+    model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- set-up
+def build_run(cfg: dict):
+    """(scenario, model, strategy, counter) for a validated configuration; seeds everything first."""
+    torch.manual_seed(cfg["seed"])
+    scenario = build_scenario(
+        cfg["dataset"], n_tasks=cfg["n_tasks"], data_dir=cfg["data_dir"], class_order=cfg["class_order"],
+        seed=cfg["seed"], validation=cfg["validation"], split_seed=cfg["split_seed"], augment=cfg["augment"],
+        synthetic=cfg["synthetic"],
+    )
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])  # the model's initial weights depend on the seed alone
+    model = build_backbone(cfg["backbone"], scenario.input_shape, scenario.n_classes,
+                           hidden=cfg["mlp_hidden"], nf=cfg["nf"])
+    sparsify_backbone(
+        model, cfg["sparsity"], distribution=cfg["sparse_distribution"], init=cfg["sparse_init"],
+        layout=cfg["layout"], block_size=cfg["block_size"], backend=cfg["backend"], keep_dense=cfg["keep_dense"],
+        seed=cfg["seed"],
+    )
+    model.to(device)
+    plugins = _METHOD_PLUGINS[cfg["method"]](cfg, model, scenario) if cfg["method"] in _METHOD_PLUGINS else []
+    strategy = make_strategy(cfg["method"], model, scenario, cfg, device, plugins)
+    counter = FlopCounter(model)
+    return scenario, model, strategy, counter
+
+
+def _concat(tasks: list[TaskData]) -> TaskData:
+    if len(tasks) == 1:
+        return tasks[0]
+    return TaskData(torch.cat([t.x for t in tasks]), torch.cat([t.y for t in tasks]), torch.cat([t.uid for t in tasks]))
+
+
+def _epoch_order(seed: int, task: int, epoch: int, n: int) -> torch.Tensor:
+    # derived from (seed, task, epoch) alone, so a resumed run visits the same order
+    g = torch.Generator().manual_seed(seed * 1_000_003 + task * 1009 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _environment(model) -> dict:
+    return {
+        "sparsekern": sparsekern.__version__,
+        "sparsekern_cl": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "layer_backends": {n: m.selected_backend() for n, m in sparsekern.sparse_modules(model)},
+    }
+
+
+def _progress(cfg, iterable, total, desc, leave=True):
+    on = cfg["progress"]
+    if on == "auto":
+        on = sys.stderr.isatty()
+    if not on:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True)
+
+
+def _save(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+# --------------------------------------------------------------------------- one run
+def _run_one(cfg: dict) -> dict:
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    out_dir = cfg["output_dir"]
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    scenario, model, strategy, counter = build_run(cfg)
+    T = scenario.n_tasks
+    epochs = cfg["epochs"]
+    state = {"task": 0, "epoch": 0, "rows": {s: [] for s in SETTINGS}, "init_acc": None,
+             "task_flops": [], "task_dense_flops": [], "task_time": [], "epoch_time": [[] for _ in range(T)],
+             "eval_time": 0.0, "finished": False, "results": None}
+
+    if cfg["resume"] and ckpt_path and os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        a = {k: v for k, v in ck["config"].items() if k not in _RESUME_FREE}
+        b = {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"resume: the checkpoint in {out_dir} was made with a different configuration ({diff})")
+        if ck["state"]["finished"]:
+            return ck["state"]["results"]
+        model.load_state_dict(ck["model"])
+        strategy.load_state_dict(ck["strategy"])
+        counter.load_snapshot(ck["counter"])
+        torch.set_rng_state(ck["torch_rng"])
+        state = ck["state"]
+
+    def checkpoint():
+        if ckpt_path:
+            _save(ckpt_path, {"config": cfg, "state": state, "model": model.state_dict(),
+                              "strategy": strategy.state_dict(), "counter": counter.snapshot(),
+                              "torch_rng": torch.get_rng_state()})
+
+    if state["init_acc"] is None:
+        state["init_acc"] = evaluate(model, scenario, -1, strategy.device, cfg["eval_batch_size"])
+
+    epochs_run = 0
+    stopped = False
+    tasks_iter = _progress(cfg, range(state["task"], T), T - state["task"], "tasks")
+    for t in tasks_iter:
+        data = _concat([scenario.train[i] for i in strategy.training_tasks(t)])
+        if state["epoch"] == 0:
+            flops0, dflops0 = counter.total, counter.dense_total
+            state["task_start_flops"] = (flops0, dflops0)
+            state["task_time_acc"] = 0.0
+            strategy.begin_task(t)
+        for epoch in range(state["epoch"], epochs):
+            idx = strategy.train_indices(t, epoch, len(data))
+            order = idx[_epoch_order(cfg["seed"], t, epoch, len(idx))]
+            bs = cfg["batch_size"]
+            batches = [order[s : s + bs] for s in range(0, len(order), bs)]
+            model.train()
+            counter.active = True
+            t0 = time.perf_counter()
+            for b in _progress(cfg, batches, len(batches), f"task {t} epoch {epoch}", leave=False):
+                x_raw = data.x[b]
+                strategy.observe(strategy.transform(x_raw), x_raw, data.y[b].to(strategy.device), t, data.uid[b])
+            strategy.end_epoch(t, epoch)
+            counter.active = False
+            dt = time.perf_counter() - t0
+            state["epoch_time"][t].append(dt)
+            state["task_time_acc"] += dt
+            state["epoch"] = epoch + 1
+            epochs_run += 1
+            last_epoch = epoch + 1 == epochs
+            if cfg["stop_after_epochs"] and epochs_run >= cfg["stop_after_epochs"]:
+                stopped = True
+            if not last_epoch and (stopped or (cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0)):
+                checkpoint()
+            if stopped and not last_epoch:
+                break
+        if stopped and state["epoch"] < epochs:
+            break
+        counter.active = True
+        t0 = time.perf_counter()
+        strategy.end_task(t)
+        counter.active = False
+        state["task_time_acc"] += time.perf_counter() - t0
+        state["task_time"].append(state["task_time_acc"])
+        f0, d0 = state["task_start_flops"]
+        state["task_flops"].append(counter.total - f0)
+        state["task_dense_flops"].append(counter.dense_total - d0)
+        t0 = time.perf_counter()
+        acc = evaluate(model, scenario, t, strategy.device, cfg["eval_batch_size"])
+        state["eval_time"] += time.perf_counter() - t0
+        for s in SETTINGS:
+            state["rows"][s].append(acc[s])
+        state["task"], state["epoch"] = t + 1, 0
+        if t + 1 < T:
+            checkpoint()
+        if stopped:
+            break
+
+    results = _results(cfg, scenario, model, strategy, counter, state)
+    if results["complete"]:
+        state["finished"], state["results"] = True, results
+        checkpoint()
+    if out_dir:
+        _write_outputs(results, out_dir, cfg["plots"])
+    return results
+
+
+def _results(cfg, scenario, model, strategy, counter, state) -> dict:
+    T = scenario.n_tasks
+    complete = len(state["rows"]["task_il"]) == T
+    res = {
+        "config": cfg,
+        "complete": complete,
+        "tasks_done": len(state["rows"]["task_il"]),
+        "environment": _environment(model),
+        "scenario": {"dataset": scenario.name, "source": scenario.source, "n_tasks": T,
+                     "classes_per_task": scenario.classes_per_task, "class_order": scenario.class_order,
+                     "eval_split": scenario.eval_split, "train_sizes": [len(d) for d in scenario.train],
+                     "eval_sizes": [len(d) for d in scenario.test]},
+        "acc_matrix": {s: state["rows"][s] for s in SETTINGS},
+        "random_init_acc": state["init_acc"],
+        "train_flops": counter.total,
+        "dense_train_flops": counter.dense_total,
+        "flops_breakdown": {"counted": dict(counter.totals), "dense": dict(counter.dense_totals)},
+        "flops_per_task": state["task_flops"],
+        "dense_flops_per_task": state["task_dense_flops"],
+        "wall_clock_s": sum(state["task_time"]) + (0.0 if complete else sum(state["epoch_time"][len(state["task_time"])])),
+        "task_wall_clock_s": state["task_time"],
+        "epoch_wall_clock_s": state["epoch_time"],
+        "eval_wall_clock_s": state["eval_time"],
+    }
+    lay = layer_densities(model)
+    total_w = sum(m.weight.numel() for n, m in model.named_modules() if n in lay)
+    kept = sum(lay[n]["weight"] * m.weight.numel() for n, m in model.named_modules() if n in lay)
+    sparsity = 1.0 - kept / total_w
+    res["layers"] = lay
+    res["model_sparsity"] = sparsity
+    res["model_capacity"] = model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks())
+    rows = cfg["batch_size"] * strategy.forward_rows_per_example()
+    res["memory_footprint"] = memory_footprint(model, scenario.input_shape, rows)
+    if complete:
+        for s in SETTINGS:
+            m = summarize(state["rows"][s], state["init_acc"][s])
+            for key in ("avg_acc", "bwt", "fwt", "forgetting", "avg_acc_curve"):
+                res.setdefault(key, {})[s] = m[key]
+    return res
+
+
+def _write_outputs(results: dict, out_dir: str, plots: bool) -> None:
+    if plots and results["complete"]:
+        from .plots import write_plots
+
+        results["plots"] = write_plots(results, out_dir)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+# --------------------------------------------------------------------------- public entry
+def run(config: dict | None = None, **overrides) -> dict:
+    """Run one continual-learning experiment and return its results.
+
+    Args:
+        config: a dict of configuration keys (the CLI flags, e.g. ``{"method": "derpp",
+            "dataset": "mnist", "sparsity": 0.9}``); ``preset`` and ``config`` (a file) are
+            accepted as in the CLI.  ``overrides``: more keys, taking precedence.
+
+    Returns:
+        A dict with ``acc_matrix`` (``{"task_il": R, "class_il": R}``, percent), ``avg_acc``,
+        ``bwt``, ``fwt``, ``forgetting`` (each per setting), ``train_flops``,
+        ``dense_train_flops``, ``wall_clock_s`` (training time), memory footprint, model capacity,
+        per-task and per-epoch timings, the configuration and the environment.  With
+        ``compare_dense`` the dense run's figures are under ``dense_reference`` and the measured
+        ``wall_clock_ratio`` (dense / sparse training time) beside them.
+
+    Raises:
+        ValueError: a configuration value is invalid (the message names the key).
+
+    Example:
+        >>> res = sparsekern_cl.run({"method": "er", "dataset": "mnist", "buffer_size": 200})
+        >>> res["avg_acc"]["class_il"]
+    """
+    cfg = resolve_config({**(config or {}), **overrides})
+    if not cfg["compare_dense"]:
+        return _run_one(cfg)
+    out = cfg["output_dir"]
+    dense_cfg = {**cfg, "sparsity": 0.0, "compare_dense": False,
+                 "output_dir": os.path.join(out, "dense") if out else None}
+    sparse_cfg = {**cfg, "compare_dense": False, "output_dir": os.path.join(out, "sparse") if out else None}
+    dense = _run_one(dense_cfg)
+    if not dense["complete"]:
+        return {**dense, "compare_stage": "dense"}
+    results = _run_one(sparse_cfg)
+    if not results["complete"]:
+        return {**results, "compare_stage": "sparse"}
+    keys = ("acc_matrix", "avg_acc", "bwt", "fwt", "forgetting", "train_flops", "dense_train_flops", "wall_clock_s",
+            "task_wall_clock_s", "epoch_wall_clock_s", "memory_footprint", "model_capacity", "environment")
+    results = dict(results)
+    results["config"] = cfg
+    results["dense_reference"] = {k: dense[k] for k in keys}
+    results["wall_clock_ratio"] = dense["wall_clock_s"] / results["wall_clock_s"]
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results

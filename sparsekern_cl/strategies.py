@@ -1,0 +1,428 @@
+"""Strategies (fine-tune, joint, ER, DER++, online EWC) and the hooks sparse methods plug into.
+
+A training step (:meth:`Strategy.observe`) runs in this order, each line a place to extend::
+
+    ctx = StepContext(x, x_raw, y, task, uid, step)
+    for p in plugins: ctx = p.select_batch(strategy, ctx)   # in-batch example selection
+    strategy.prepare(ctx)                                   # draw replay samples once per step
+    loss = strategy.loss(ctx)                               # deterministic given ctx
+    loss.backward()
+    for p in plugins: p.after_backward(strategy, ctx)       # SAM's second pass, gradient masks
+    optimizer.step()
+    for p in plugins: p.after_step(strategy, ctx)           # per-example statistics (ctx.logits)
+    strategy.after_step(ctx)                                # buffer insertion
+
+Around the steps the runner calls ``begin_task``, ``train_indices`` (which examples of the task
+an epoch visits: data removal), ``end_epoch`` (mask updates every few epochs) and ``end_task``
+(pruning, freezing, Fisher information), on the strategy and then on each plugin.  Because
+``loss(ctx)`` reuses the replay samples drawn in ``prepare``, a plugin can call it again for an
+extra forward/backward pass.  Masks and gradient masks are changed through
+:meth:`Strategy.sparse_layers` and the layers' ``set_mask`` / ``set_grad_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+
+from .buffer import ReservoirBuffer
+
+__all__ = [
+    "STRATEGIES",
+    "StepContext",
+    "Plugin",
+    "Strategy",
+    "FineTune",
+    "Joint",
+    "ER",
+    "DERPP",
+    "EWCOnline",
+    "make_strategy",
+]
+
+
+@dataclass
+class StepContext:
+    """Everything one training step works on.
+
+    Attributes:
+        x: preprocessed (augmented) inputs of the current batch; x_raw: the raw inputs.
+        y: labels; task: the task being trained; uid: stable example ids (see ``TaskData``).
+        step: global step counter (0-based, over the whole run).
+        extra: replay samples and anything a strategy or plugin wants to share within the step.
+        logits: the current batch's logits from the last ``loss`` call (detached).
+        loss: the last loss value.
+    """
+
+    x: torch.Tensor
+    x_raw: torch.Tensor
+    y: torch.Tensor
+    task: int
+    uid: torch.Tensor
+    step: int
+    extra: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    loss: float | None = None
+
+
+class Plugin:
+    """Extension point for sparse methods; every hook defaults to doing nothing.
+
+    ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity).
+    """
+
+    name = "plugin"
+
+    def begin_task(self, strategy: Strategy, task: int) -> None: ...
+    def train_indices(self, strategy: Strategy, task: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        return indices
+    def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
+        return ctx
+    def after_backward(self, strategy: Strategy, ctx: StepContext) -> None: ...
+    def after_step(self, strategy: Strategy, ctx: StepContext) -> None: ...
+    def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None: ...
+    def end_task(self, strategy: Strategy, task: int) -> None: ...
+    def n_stored_masks(self, strategy: Strategy) -> int | None:
+        return None
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Strategy:
+    """Fine-tuning: plain SGD on the current task (the lower bound); base of the other strategies.
+
+    Args:
+        model: the backbone (dense or sparse).
+        scenario: the :class:`~sparsekern_cl.data.Scenario`.
+        cfg: the validated run configuration (``lr``, ``optimizer``, ``momentum``, ``weight_decay``,
+            ``head``, ``seed`` and the strategy's own keys).
+        device: where the model lives.
+        plugins: :class:`Plugin` objects run at each hook, in order.
+    """
+
+    name = "finetune"
+    uses_buffer = False
+
+    def __init__(self, model: nn.Module, scenario, cfg: dict, device: torch.device, plugins=()) -> None:
+        self.model = model
+        self.scenario = scenario
+        self.cfg = cfg
+        self.device = device
+        self.plugins: list[Plugin] = list(plugins)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.global_step = 0
+        self.aug_generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + 1)
+        self.multihead = cfg.get("head", "single") == "multi"
+
+    # ---------------------------------------------------------------- helpers
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        c = self.cfg
+        if c["optimizer"] == "sgd":
+            return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+        return torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
+
+    def sparse_layers(self) -> list[tuple[str, nn.Module]]:
+        """``(name, layer)`` of every sparse layer: where masks and gradient masks are changed."""
+        return sparsekern.sparse_modules(self.model)
+
+    def transform(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Training view of raw inputs (augmented with the strategy's generator)."""
+        return self.scenario.preprocess(x_raw, train=True, generator=self.aug_generator).to(self.device)
+
+    def masked_logits(self, logits: torch.Tensor, tasks: torch.Tensor | int) -> torch.Tensor:
+        """In multi-head mode, logits outside each example's task set to a large negative value."""
+        if not self.multihead:
+            return logits
+        k = self.scenario.classes_per_task
+        if isinstance(tasks, int):
+            tasks = torch.full((logits.shape[0],), tasks, dtype=torch.long)
+        cls = torch.arange(logits.shape[1], device=logits.device)
+        lo = (tasks.to(logits.device) * k).unsqueeze(1)
+        keep = (cls >= lo) & (cls < lo + k)
+        return logits.masked_fill(~keep, -1e9)
+
+    # ---------------------------------------------------------------- hooks
+    def begin_task(self, task: int) -> None:
+        """Called before a task's first epoch; builds a fresh optimizer."""
+        self.optimizer = self.make_optimizer()
+        for p in self.plugins:
+            p.begin_task(self, task)
+
+    def training_tasks(self, task: int) -> list[int]:
+        """Tasks whose training data is used while learning ``task`` (joint: all seen so far)."""
+        return [task]
+
+    def train_indices(self, task: int, epoch: int, n: int) -> torch.Tensor:
+        """Positions (into the task's training data) this epoch visits; plugins may remove some."""
+        idx = torch.arange(n)
+        for p in self.plugins:
+            idx = p.train_indices(self, task, epoch, idx)
+        return idx
+
+    def prepare(self, ctx: StepContext) -> None:
+        """Draw whatever the loss needs besides the batch (replay samples); once per step."""
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        """The step's loss; also stores the current batch's detached logits in ``ctx.logits``."""
+        out = self.model(ctx.x)
+        ctx.logits = out.detach()
+        return F.cross_entropy(self.masked_logits(out, ctx.task), ctx.y)
+
+    def after_step(self, ctx: StepContext) -> None:
+        """After the optimizer step (replay strategies insert into the buffer here)."""
+
+    def observe(self, x: torch.Tensor, x_raw: torch.Tensor, y: torch.Tensor, task: int, uid: torch.Tensor) -> float:
+        """One training step on a batch; returns the loss."""
+        ctx = StepContext(x=x, x_raw=x_raw, y=y, task=task, uid=uid, step=self.global_step)
+        for p in self.plugins:
+            ctx = p.select_batch(self, ctx)
+        self.prepare(ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(ctx)
+        loss.backward()
+        ctx.loss = float(loss.detach())
+        for p in self.plugins:
+            p.after_backward(self, ctx)
+        self.optimizer.step()
+        for p in self.plugins:
+            p.after_step(self, ctx)
+        self.after_step(ctx)
+        self.global_step += 1
+        return ctx.loss
+
+    def end_epoch(self, task: int, epoch: int) -> None:
+        for p in self.plugins:
+            p.end_epoch(self, task, epoch)
+
+    def end_task(self, task: int) -> None:
+        for p in self.plugins:
+            p.end_task(self, task)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def forward_rows_per_example(self) -> int:
+        """Forward rows per current-batch example in one step (for the activation footprint)."""
+        return 1
+
+    def n_stored_masks(self) -> int:
+        """Task masks the method keeps: 0 dense, 1 for one shared mask, unless a plugin says more."""
+        for p in self.plugins:
+            n = p.n_stored_masks(self)
+            if n is not None:
+                return n
+        return 1 if self.sparse_layers() else 0
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "aug_generator": self.aug_generator.get_state(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "plugins": [p.state_dict() for p in self.plugins],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["global_step"]
+        self.aug_generator.set_state(state["aug_generator"])
+        if state["optimizer"] is not None:
+            if self.optimizer is None:
+                self.optimizer = self.make_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+        for p, s in zip(self.plugins, state["plugins"]):
+            p.load_state_dict(s)
+
+
+FineTune = Strategy
+
+
+class Joint(Strategy):
+    """Joint training (the upper bound): while learning task ``t``, train on the data of tasks ``0..t``."""
+
+    name = "joint"
+
+    def training_tasks(self, task: int) -> list[int]:
+        return list(range(task + 1))
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        out = self.model(ctx.x)
+        ctx.logits = out.detach()
+        tasks = self.scenario.label_task(ctx.y)
+        return F.cross_entropy(self.masked_logits(out, tasks), ctx.y)
+
+
+class _Replay(Strategy):
+    uses_buffer = True
+
+    def __init__(self, model, scenario, cfg, device, plugins=()) -> None:
+        super().__init__(model, scenario, cfg, device, plugins)
+        self.buffer = ReservoirBuffer(int(cfg["buffer_size"]), seed=int(cfg["seed"]) * 104729 + 3)
+        self.minibatch = int(cfg.get("minibatch_size") or cfg["batch_size"])
+
+    def draw(self, ctx: StepContext, key: str) -> None:
+        if self.buffer.is_empty():
+            ctx.extra[key] = None
+            return
+        xb, yb, lb, tb = self.buffer.sample(self.minibatch)
+        ctx.extra[key] = (self.transform(xb), yb.to(self.device), None if lb is None else lb.to(self.device), tb)
+
+    def state_dict(self) -> dict:
+        s = super().state_dict()
+        s["buffer"] = self.buffer.state_dict()
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])
+
+
+class ER(_Replay):
+    """Experience replay: each step trains on the batch concatenated with a reservoir-buffer sample."""
+
+    name = "er"
+
+    def prepare(self, ctx: StepContext) -> None:
+        self.draw(ctx, "replay")
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        rep = ctx.extra.get("replay")
+        n = ctx.x.shape[0]
+        if rep is None:
+            return super().loss(ctx)
+        xb, yb, _, tb = rep
+        out = self.model(torch.cat([ctx.x, xb]))
+        ctx.logits = out[:n].detach()
+        tasks = torch.cat([torch.full((n,), ctx.task, dtype=torch.long), tb])
+        return F.cross_entropy(self.masked_logits(out, tasks), torch.cat([ctx.y, yb]))
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.buffer.add(ctx.x_raw, ctx.y, task=ctx.task)
+
+    def forward_rows_per_example(self) -> int:
+        return 2
+
+
+class DERPP(_Replay):
+    """DER++: CE on the batch + ``alpha`` * MSE to stored logits + ``beta`` * CE on stored labels.
+
+    The two replay terms use two independent buffer samples; stored logits are those of the
+    training forward when the example was inserted (no extra pass).
+    """
+
+    name = "derpp"
+
+    def prepare(self, ctx: StepContext) -> None:
+        self.draw(ctx, "replay_logits")
+        self.draw(ctx, "replay_labels")
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        loss = super().loss(ctx)
+        a, b = self.cfg["alpha"], self.cfg["beta"]
+        rep = ctx.extra.get("replay_logits")
+        if rep is not None and a:
+            xb, _, lb, _ = rep
+            loss = loss + a * F.mse_loss(self.model(xb), lb)
+        rep = ctx.extra.get("replay_labels")
+        if rep is not None and b:
+            xb, yb, _, tb = rep
+            loss = loss + b * F.cross_entropy(self.masked_logits(self.model(xb), tb), yb)
+        return loss
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.buffer.add(ctx.x_raw, ctx.y, logits=ctx.logits, task=ctx.task)
+
+    def forward_rows_per_example(self) -> int:
+        return 3
+
+
+class EWCOnline(Strategy):
+    """Online EWC: ``CE + lambda/2 * sum F (w - w*)^2`` with a running Fisher ``F <- gamma F + F_t``.
+
+    At each task end the diagonal Fisher of the task's training data is estimated from
+    per-example gradients of the log-likelihood of the true label (``ewc_fisher_samples``
+    examples, 0 = all) and ``w*`` is set to the current weights.
+    """
+
+    name = "ewc"
+
+    def __init__(self, model, scenario, cfg, device, plugins=()) -> None:
+        super().__init__(model, scenario, cfg, device, plugins)
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.anchor: dict[str, torch.Tensor] | None = None
+        self.current_task_data = None
+
+    def penalty(self) -> torch.Tensor:
+        if self.fisher is None:
+            return torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for name, p in self.model.named_parameters():
+            if name in self.fisher:
+                total = total + (self.fisher[name] * (p - self.anchor[name]) ** 2).sum()
+        return total
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        loss = super().loss(ctx)
+        if self.fisher is not None:
+            loss = loss + 0.5 * self.cfg["ewc_lambda"] * self.penalty()
+        return loss
+
+    def end_task(self, task: int) -> None:
+        data = self.scenario.train[task]
+        n = len(data)
+        m = int(self.cfg["ewc_fisher_samples"]) or n
+        g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 31 + task)
+        sel = torch.randperm(n, generator=g)[: min(m, n)]
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        fish = {name: torch.zeros_like(p) for name, p in params.items()}
+        was_training = self.model.training
+        self.model.eval()  # BatchNorm statistics must not move while estimating the Fisher
+        for i in sel.tolist():
+            x = self.scenario.preprocess(data.x[i : i + 1], train=False).to(self.device)
+            y = data.y[i : i + 1].to(self.device)
+            self.model.zero_grad(set_to_none=True)
+            logp = F.log_softmax(self.masked_logits(self.model(x), task), dim=1)
+            (-F.nll_loss(logp, y)).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    fish[name] += p.grad.detach() ** 2
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        k = float(len(sel))
+        for name in fish:
+            fish[name] /= k
+        if self.fisher is None:
+            self.fisher = fish
+        else:
+            gamma = self.cfg["ewc_gamma"]
+            self.fisher = {name: gamma * self.fisher[name] + fish[name] for name in fish}
+        self.anchor = {name: p.detach().clone() for name, p in params.items()}
+        super().end_task(task)
+
+    def state_dict(self) -> dict:
+        s = super().state_dict()
+        s["fisher"], s["anchor"] = self.fisher, self.anchor
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.fisher, self.anchor = state["fisher"], state["anchor"]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "finetune": FineTune,
+    "joint": Joint,
+    "er": ER,
+    "derpp": DERPP,
+    "ewc": EWCOnline,
+}
+
+
+def make_strategy(name: str, model, scenario, cfg, device, plugins=()) -> Strategy:
+    """The strategy registered under ``name`` (see :data:`STRATEGIES`)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"method: expected one of {sorted(STRATEGIES)}, got {name!r}")
+    return STRATEGIES[name](model, scenario, cfg, device, plugins)
