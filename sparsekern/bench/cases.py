@@ -1,0 +1,382 @@
+"""The registry of benchmark cases: ops, providers, modes, shape sets, layouts and presets.
+
+A :class:`Case` is one timed measurement.  :func:`expand` turns a :class:`Selection` (what the
+command line or a preset asks for) into the ordered list of cases, each group of sparse cases
+preceded by the dense case it is compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+__all__ = [
+    "OPS",
+    "PROVIDERS",
+    "MODES",
+    "LAYOUTS",
+    "DTYPES",
+    "LinearShape",
+    "ConvShape",
+    "ModelShape",
+    "SHAPE_SETS",
+    "Case",
+    "Selection",
+    "PRESETS",
+    "expand",
+    "block_of",
+]
+
+# op names; the stem of each matches the library's functional op where there is one
+OPS = ("spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch")
+# "dense" is plain PyTorch with a dense weight; "torch.sparse" a CSR/BSR weight; the rest are
+# sparsekern backends (``backend=``)
+PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda")
+SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda")
+MODES = ("fwd", "bwd", "fwd+bwd")
+LAYOUTS = ("unstructured", "block16", "block32", "block64")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# which modes an op can be timed in
+OP_MODES = {
+    "spmm": MODES,
+    "sddmm": MODES,
+    "linear": MODES,
+    "conv2d": MODES,
+    "rebuild": ("build",),
+    "train_step": ("train",),
+    "train_epoch": ("train",),
+}
+
+
+def block_of(layout: str) -> int | None:
+    """``"block32"`` -> 32; ``"unstructured"`` / ``"dense"`` -> None."""
+    if layout.startswith("block"):
+        return int(layout[len("block") :])
+    return None
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """``y[N, out] = x[N, in] @ W[out, in]ᵀ`` (spmm, sddmm, linear, rebuild)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    batches: tuple[int, ...]
+    family: str = "mlp"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def dims(self, batch: int) -> str:
+        return f"N{batch}-K{self.in_features}-M{self.out_features}"
+
+    def positions(self, batch: int) -> int:
+        """Rows that each weight entry multiplies (the FLOP count is 2·positions·nnz per pass)."""
+        return batch
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv2d layer ``[N, cin, hw, hw] -> [N, cout, ho, ho]`` with a ``k×k`` kernel (conv2d, rebuild)."""
+
+    name: str
+    cin: int
+    cout: int
+    hw: int
+    kernel: int
+    stride: int
+    padding: int
+    batches: tuple[int, ...]
+    family: str = "resnet18-cifar"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.cout, self.cin, self.kernel, self.kernel)
+
+    @property
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def dims(self, batch: int) -> str:
+        return f"N{batch}-C{self.cin}-O{self.cout}-{self.hw}x{self.hw}-k{self.kernel}-s{self.stride}"
+
+    def positions(self, batch: int) -> int:
+        return batch * self.out_hw * self.out_hw
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A whole model for ``train_step`` / ``train_epoch`` (see :mod:`sparsekern.bench.models`)."""
+
+    name: str
+    model: str  # "resnet18" | "mlp"
+    width: int  # nf for resnet18, hidden size for the MLP
+    batches: tuple[int, ...]
+    steps_per_epoch: int = 8
+    family: str = "e2e"
+
+    def dims(self, batch: int) -> str:
+        if self.model == "resnet18":
+            return f"resnet18-nf{self.width}-32x32-N{batch}"
+        return f"mlp-768-{self.width}-N{batch}"
+
+
+def _r18_cifar(batches) -> list[ConvShape]:
+    # the 3x3 conv layers of a CIFAR ResNet-18 (3x3 stem, no max-pool), one per distinct shape
+    return [
+        ConvShape("r18c-stem", 3, 64, 32, 3, 1, 1, batches),
+        ConvShape("r18c-l1", 64, 64, 32, 3, 1, 1, batches),
+        ConvShape("r18c-l2-down", 64, 128, 32, 3, 2, 1, batches),
+        ConvShape("r18c-l2", 128, 128, 16, 3, 1, 1, batches),
+        ConvShape("r18c-l3-down", 128, 256, 16, 3, 2, 1, batches),
+        ConvShape("r18c-l3", 256, 256, 8, 3, 1, 1, batches),
+        ConvShape("r18c-l4-down", 256, 512, 8, 3, 2, 1, batches),
+        ConvShape("r18c-l4", 512, 512, 4, 3, 1, 1, batches),
+    ]
+
+
+def _r18_imagenet(batches) -> list[ConvShape]:
+    return [
+        ConvShape("r18i-stem", 3, 64, 224, 7, 2, 3, batches, "resnet18-imagenet"),
+        ConvShape("r18i-l1", 64, 64, 56, 3, 1, 1, batches, "resnet18-imagenet"),
+        ConvShape("r18i-l3", 256, 256, 14, 3, 1, 1, batches, "resnet18-imagenet"),
+    ]
+
+
+def _r50(batches) -> list[ConvShape]:
+    # bottleneck of stage 1 (56x56) and stage 3 (14x14): 1x1 reduce, 3x3, 1x1 expand
+    return [
+        ConvShape("r50-s1-reduce", 256, 64, 56, 1, 1, 0, batches, "resnet50"),
+        ConvShape("r50-s1-3x3", 64, 64, 56, 3, 1, 1, batches, "resnet50"),
+        ConvShape("r50-s1-expand", 64, 256, 56, 1, 1, 0, batches, "resnet50"),
+        ConvShape("r50-s3-reduce", 1024, 256, 14, 1, 1, 0, batches, "resnet50"),
+        ConvShape("r50-s3-3x3", 256, 256, 14, 3, 1, 1, batches, "resnet50"),
+        ConvShape("r50-s3-expand", 256, 1024, 14, 1, 1, 0, batches, "resnet50"),
+    ]
+
+
+def _mlp(batches) -> list[LinearShape]:
+    return [
+        LinearShape("mlp-768x3072", 768, 3072, batches),
+        LinearShape("mlp-3072x768", 3072, 768, batches),
+        LinearShape("mlp-4096x4096", 4096, 4096, batches),
+    ]
+
+
+# named shape sets, selectable with --shapes (a set name or single shape names)
+SHAPE_SETS: dict[str, list] = {
+    "tiny-linear": [LinearShape("tiny", 64, 48, (16,), "tiny")],
+    "tiny-conv": [ConvShape("tiny-conv", 8, 16, 8, 3, 1, 1, (2,), "tiny")],
+    "tiny-model": [ModelShape("tiny-mlp", "mlp", 64, (8,), 2, "tiny")],
+    "mlp": _mlp((128, 512)),
+    "resnet18-cifar": _r18_cifar((16, 64)),
+    "resnet18-imagenet": _r18_imagenet((4,)),
+    "resnet50": _r50((4,)),
+    "e2e": [
+        ModelShape("resnet18-cifar", "resnet18", 64, (32,), 8),
+        ModelShape("mlp", "mlp", 3072, (128,), 8),
+    ],
+}
+
+
+def all_shapes() -> dict[str, object]:
+    out = {}
+    for shapes in SHAPE_SETS.values():
+        for s in shapes:
+            out.setdefault(s.name, s)
+    return out
+
+
+def _shape_fits(op: str, shape) -> bool:
+    if op in ("spmm", "sddmm", "linear"):
+        return isinstance(shape, LinearShape)
+    if op == "conv2d":
+        return isinstance(shape, ConvShape)
+    if op == "rebuild":
+        return isinstance(shape, (LinearShape, ConvShape))
+    return isinstance(shape, ModelShape)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed measurement.  ``sparsity`` 0 with ``layout="dense"`` is a dense baseline."""
+
+    op: str
+    provider: str
+    mode: str
+    shape: object
+    batch: int
+    sparsity: float
+    layout: str
+    dtype: str
+    device: str
+
+    @property
+    def shape_name(self) -> str:
+        return self.shape.name
+
+    @property
+    def dims(self) -> str:
+        return self.shape.dims(self.batch)
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.op}-{self.provider}-{self.mode}-{self.shape_name}-N{self.batch}-"
+            f"s{round(self.sparsity * 100)}-{self.layout}-{self.dtype}-{self.device}"
+        )
+
+    def dense_key(self) -> tuple:
+        """Cases with the same key are compared with the same dense measurement."""
+        mode = "fwd+bwd" if self.op == "rebuild" else self.mode
+        op = {"rebuild": "linear" if isinstance(self.shape, LinearShape) else "conv2d"}.get(self.op, self.op)
+        return (op, mode, self.shape_name, self.batch, self.dtype, self.device)
+
+    def dense_case(self) -> Case:
+        op, mode = self.dense_key()[:2]
+        return replace(self, op=op, mode=mode, provider="dense", sparsity=0.0, layout="dense")
+
+
+@dataclass
+class Selection:
+    """What to run: every field is a list; the cross product is filtered to what makes sense."""
+
+    ops: list[str] = field(default_factory=lambda: ["linear"])
+    providers: list[str] = field(default_factory=lambda: list(PROVIDERS))
+    modes: list[str] = field(default_factory=lambda: ["fwd+bwd"])
+    shapes: list[str] = field(default_factory=lambda: ["tiny-linear"])
+    sparsities: list[float] = field(default_factory=lambda: [0.9])
+    layouts: list[str] = field(default_factory=lambda: ["unstructured"])
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    device: str = "cpu"
+    batches: list[int] | None = None  # None: each shape's own batch sizes
+    e2e_sparsities: list[float] = field(default_factory=lambda: [0.0, 0.75, 0.9, 0.95])
+    e2e_layouts: list[str] = field(default_factory=lambda: ["unstructured"])
+    ops_modes: dict[str, list[str]] = field(default_factory=dict)  # per-op override of ``modes``
+    op_shapes: dict[str, list[str]] = field(default_factory=dict)  # per-op override of ``shapes``
+    op_sparsities: dict[str, list[float]] = field(default_factory=dict)
+    op_layouts: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_shapes(names: list[str]) -> list:
+    """Shape-set names and single shape names -> shape objects (first occurrence wins)."""
+    known = all_shapes()
+    out, seen = [], set()
+    for n in names:
+        if n in SHAPE_SETS:
+            group = SHAPE_SETS[n]
+        elif n in known:
+            group = [known[n]]
+        else:
+            raise ValueError(
+                f"--shapes: unknown shape or set {n!r}; sets: {sorted(SHAPE_SETS)}; shapes: {sorted(known)}"
+            )
+        for s in group:
+            if s.name not in seen:
+                seen.add(s.name)
+                out.append(s)
+    return out
+
+
+def expand(sel: Selection) -> list[Case]:
+    """The ordered cases of ``sel``: per group, the dense baseline first, then the sparse cases."""
+    for name, values, allowed in (
+        ("--ops", sel.ops, OPS),
+        ("--providers", sel.providers, PROVIDERS),
+        ("--modes", sel.modes, MODES),
+        ("--layouts", sel.layouts + sel.e2e_layouts, LAYOUTS),
+        ("--dtypes", sel.dtypes, DTYPES),
+    ):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{name}: unknown value(s) {bad}; expected a subset of {list(allowed)}")
+    for s in list(sel.sparsities) + list(sel.e2e_sparsities):
+        if not (0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"--sparsity: expected values in [0, 1), got {s!r}")
+    if sel.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected 'cpu' or 'cuda', got {sel.device!r}")
+    cases: list[Case] = []
+    seen: set[str] = set()
+
+    def add(c: Case) -> None:
+        if c.id not in seen:
+            seen.add(c.id)
+            cases.append(c)
+
+    for op in sel.ops:
+        shapes = [s for s in resolve_shapes(sel.op_shapes.get(op, sel.shapes)) if _shape_fits(op, s)]
+        if op in ("train_step", "train_epoch"):
+            modes = ["train"]
+            sparsities = sel.op_sparsities.get(op, sel.e2e_sparsities)
+            layouts = sel.op_layouts.get(op, sel.e2e_layouts)
+        elif op == "rebuild":
+            modes = ["build"]
+            sparsities = sel.op_sparsities.get(op, sel.sparsities)
+            layouts = sel.op_layouts.get(op, sel.layouts)
+        else:
+            modes = [m for m in sel.ops_modes.get(op, sel.modes) if m in OP_MODES[op]]
+            sparsities = sel.op_sparsities.get(op, sel.sparsities)
+            layouts = sel.op_layouts.get(op, sel.layouts)
+        for shape in shapes:
+            for batch in sel.batches or shape.batches:
+                for dtype in sel.dtypes:
+                    for mode in modes:
+                        base = Case(op, "dense", mode, shape, batch, 0.0, "dense", dtype, sel.device)
+                        add(base.dense_case() if op == "rebuild" else base)
+                        if op == "rebuild":
+                            for layout in layouts:
+                                for s in sparsities:
+                                    add(Case(op, "formats", mode, shape, batch, s, layout, dtype, sel.device))
+                            continue
+                        for layout in layouts:
+                            for s in sparsities:
+                                for p in sel.providers:
+                                    if p == "dense":
+                                        continue
+                                    add(Case(op, p, mode, shape, batch, s, layout, dtype, sel.device))
+    return cases
+
+
+def _sel(**kw) -> Selection:
+    return Selection(**kw)
+
+
+# presets: "smoke" for the test suite, "quick" about a minute on 2 cores, "full" the CPU sweep
+PRESETS: dict[str, Selection] = {
+    "smoke": _sel(
+        ops=["linear"],
+        providers=list(PROVIDERS),
+        modes=["fwd+bwd"],
+        shapes=["tiny-linear"],
+        sparsities=[0.9],
+        layouts=["unstructured", "block16"],
+    ),
+    "quick": _sel(
+        ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step"],
+        providers=list(PROVIDERS),
+        modes=["fwd+bwd"],
+        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
+        shapes=["mlp-768x3072", "r18c-l2"],
+        batches=[32],
+        sparsities=[0.9],
+        layouts=["unstructured", "block32"],
+        op_shapes={"train_step": ["tiny-model"]},
+        e2e_sparsities=[0.0, 0.9],
+    ),
+    "full": _sel(
+        ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch"],
+        providers=list(PROVIDERS),
+        modes=["fwd+bwd"],
+        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"], "linear": ["fwd", "bwd", "fwd+bwd"]},
+        shapes=["mlp", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e"],
+        sparsities=[0.5, 0.75, 0.9, 0.95, 0.98],
+        layouts=["unstructured", "block16", "block32", "block64"],
+        op_sparsities={"conv2d": [0.75, 0.9, 0.95], "rebuild": [0.9]},
+        op_layouts={"conv2d": ["unstructured", "block16", "block32"]},
+        op_shapes={"rebuild": ["mlp-4096x4096", "r18c-l4", "r50-s3-3x3"]},
+        e2e_sparsities=[0.0, 0.75, 0.9, 0.95],
+    ),
+}

@@ -1,0 +1,72 @@
+"""The performance goals of DESIGN.md §6, as predicates over result rows.
+
+A goal applies to rows of the library's compiled kernels (the ``cpp``, ``triton`` and ``cuda``
+backends; ``reference`` is the specification, not a fast path, and ``dense`` / ``torch.sparse``
+are what the kernels are compared with) whose case matches.  A row meets its goal when its
+speedup over dense (``dense p50 / case p50``, same run) reaches it; a kernel row that could not
+run is reported as ``not run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+__all__ = ["Goal", "KERNEL_PROVIDERS", "goal_for"]
+
+KERNEL_PROVIDERS = ("cpp", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str  # the line of the design table
+    speedup: float
+
+    @property
+    def label(self) -> str:
+        return f">= {self.speedup:g}x ({self.text})"
+
+
+def _is(row: dict, **kw) -> bool:
+    return all(row.get(k) == v for k, v in kw.items())
+
+
+def _sp(row: dict, *levels: float) -> bool:
+    return any(abs(float(row["sparsity"]) - s) < 1e-9 for s in levels)
+
+
+def goal_for(row: dict) -> Goal | None:
+    """The §6 goal that applies to a result row (a dict with the CSV's case fields), if any."""
+    if row.get("provider") not in KERNEL_PROVIDERS:
+        return None
+    # the CPU goals are the cpp kernels'; the GPU goals triton's and cuda's
+    if (row["device"] == "cpu") != (row["provider"] == "cpp"):
+        return None
+    dev, dt, layout, op = row["device"], row["dtype"], row["layout"], row["op"]
+    s = float(row["sparsity"])
+    if dev == "cpu":
+        if dt == "float32" and row["mode"] == "fwd+bwd":
+            if op == "linear" and layout == "unstructured":
+                for lvl, g in ((0.9, 5), (0.95, 8), (0.98, 15)):
+                    if _sp(row, lvl):
+                        return Goal(f"CPU fp32 linear fwd+bwd unstructured {round(lvl * 100)} %", g)
+            if op == "conv2d" and layout == "unstructured" and row.get("family") == "resnet18-cifar" and str(row.get("kernel")) == "3":
+                for lvl, g in ((0.9, 3), (0.95, 5)):
+                    if _sp(row, lvl):
+                        return Goal(f"CPU fp32 ResNet-18 3x3 conv fwd+bwd unstructured {round(lvl * 100)} %", g)
+            if op in ("linear", "conv2d") and layout in ("block16", "block32") and _sp(row, 0.9):
+                return Goal(f"CPU fp32 {op} {layout} 90 %", 6)
+        if op == "train_epoch" and row.get("model") == "resnet18" and layout == "unstructured":
+            for lvl, g in ((0.9, 2.5), (0.95, 3.5)):
+                if _sp(row, lvl):
+                    return Goal(f"CPU ResNet-18 training epoch (32x32) {round(lvl * 100)} %", g)
+    elif dev == "cuda" and row["mode"] == "fwd+bwd" and abs(s - 0.9) < 1e-9:
+        if dt == "bfloat16" and op in ("linear", "spmm") and layout == "block64":
+            return Goal("GPU bf16 block-64 matmul fwd+bwd 90 % over cuBLAS", 7)
+        if dt == "float32" and op in ("linear", "spmm") and layout == "unstructured":
+            return Goal("GPU fp32 (TF32 off) unstructured matmul 90 % over cuBLAS", 2)
+        if dt == "bfloat16" and op == "conv2d" and layout.startswith("block") and str(row.get("family", "")).startswith(
+            "resnet18"
+        ):
+            return Goal("GPU bf16 block-sparse conv fwd+bwd ResNet-18 shapes 90 % over cuDNN", 4)
+    return None

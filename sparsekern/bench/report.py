@@ -1,0 +1,310 @@
+"""Results as data: the CSV, and the Markdown tables, the plot and the README section made from it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .runner import COLUMNS
+
+__all__ = [
+    "write_csv",
+    "read_csv",
+    "markdown_summary",
+    "markdown_full",
+    "plot",
+    "update_readme",
+    "README_START",
+    "README_END",
+]
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+_SPARSE_OPS = ("linear", "conv2d", "spmm", "sddmm")
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(r.get(k, "")) for k in COLUMNS})
+    return path
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _f(v) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
+def _pct(s) -> str:
+    return f"{round(float(s) * 100)} %"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return out
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
+    r = rows[0] if rows else {}
+    devices = sorted({x["device"] for x in rows})
+    lines = [
+        f"Command: `{r.get('command', '')}`",
+        "",
+        f"Machine: {r.get('cpu_model', '')} ({r.get('machine', '')}); devices: {', '.join(devices)}; "
+        f"{r.get('threads', '')} thread(s) pinned; torch {r.get('torch', '')}, triton {r.get('triton', '') or '-'}, "
+        f"sparsekern {r.get('sparsekern', '')} at {r.get('commit', '')}; "
+        f"run started {min(x['time'] for x in rows) if rows else ''} (UTC).",
+    ]
+    loads = [x for x in (_f(r.get("load_avg_1m")) for r in rows) if x is not None]
+    if load:
+        lines += ["", f"Load average (1/5/15 min): {load}."]
+    elif loads:
+        lines += ["", f"1-minute load average while the cases ran: {min(loads):.2f} to {max(loads):.2f} "
+                  "(the machine is shared; ratios are taken within the run for that reason)."]
+    lines += [
+        "",
+        "Speedup = dense p50 / case p50, both measured in this run (above 1: faster than dense PyTorch). "
+        "Times are medians of repeated calls (p20-p80 in the CSV); inputs and the mask metadata are built "
+        "before timing.",
+    ]
+    return lines
+
+
+def _goal_lines(rows: list[dict], *, detail: bool = True) -> list[str]:
+    g = [r for r in rows if r.get("goal")]
+    if not g:
+        return ["No case in this run has a goal in DESIGN.md section 6."]
+    by_goal: dict[str, list[dict]] = defaultdict(list)
+    for r in g:
+        by_goal[r["goal"]].append(r)
+    body = []
+    for label, rs in by_goal.items():
+        ran = [r for r in rs if r["goal_met"] in ("met", "missed")]
+        best = max(ran, key=lambda r: float(r["speedup_vs_dense"]), default=None)
+        not_run = sorted({f"{r['provider']}: {r['reason']}" for r in rs if r["goal_met"] == "not run"})
+        body.append([
+            label.split(" (", 1)[1].rstrip(")"), label.split(" (")[0], len(ran),
+            sum(r["goal_met"] == "met" for r in ran),
+            f"{float(best['speedup_vs_dense']):.2f}x ({best['provider']}, {best['shape']}, N{best['batch']})" if best else "-",
+            f"{len(rs) - len(ran)} ({'; '.join(not_run)})".replace("|", "/") if not_run else "0",
+        ])  # fmt: skip
+    out = _table(["case", "goal", "cases run", "met", "best speedup", "cases not run"], body)
+    ran = [r for r in g if r["goal_met"] in ("met", "missed")]
+    if detail and ran:
+        out += ["", *_table(
+            ["op", "provider", "shape", "batch", "layout", "sparsity", "mode", "speedup", "goal", "result"],
+            [[r["op"], r["provider"], r["shape"], r["batch"], r["layout"], _pct(r["sparsity"]), r["mode"],
+              f"{float(r['speedup_vs_dense']):.2f}x", r["goal"].split(" (")[0], r["goal_met"]] for r in ran],
+        )]  # fmt: skip
+    return out
+
+
+def _op_summary(rows: list[dict], op: str) -> list[str]:
+    rs = [r for r in _ok(rows) if r["op"] == op and r["provider"] != "dense" and _f(r["speedup_vs_dense"])]
+    if not rs:
+        return []
+    sps = sorted({float(r["sparsity"]) for r in rs})
+    groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rs:
+        groups[(r["mode"], r["provider"], r["layout"])][float(r["sparsity"])].append(float(r["speedup_vs_dense"]))
+    body = []
+    for key in sorted(groups):
+        cells = [_x(_geomean(groups[key][s])) if groups[key].get(s) else "" for s in sps]
+        body.append([*key, *cells])
+    n_shapes = len({(r["shape"], r["batch"]) for r in rs})
+    return [
+        f"**{op}**: geometric mean of the speedup over {n_shapes} shape/batch combination(s).",
+        "",
+        *_table(["mode", "provider", "layout", *[_pct(s) for s in sps]], body),
+        "",
+    ]
+
+
+def _e2e_lines(rows: list[dict]) -> list[str]:
+    rs = [r for r in _ok(rows) if r["op"] in ("train_step", "train_epoch")]
+    if not rs:
+        return []
+    body = []
+    for r in sorted(rs, key=lambda r: (r["op"], r["shape"], r["provider"] != "dense", r["provider"], r["layout"], float(r["sparsity"]))):
+        sp = _f(r["speedup_vs_dense"])
+        body.append([
+            r["op"], r["dims"], r["provider"], r["layout"], _pct(r["sparsity"]) if r["provider"] != "dense" else "dense",
+            f"{float(r['p50']):.1f}", f"{float(r['p20']):.1f}-{float(r['p80']):.1f}", f"{sp:.2f}x" if sp else "",
+        ])  # fmt: skip
+    return _table(["op", "model", "provider", "layout", "sparsity", "p50 ms", "p20-p80 ms", "speedup"], body) + [""]
+
+
+def _rebuild_lines(rows: list[dict]) -> list[str]:
+    rs = [r for r in _ok(rows) if r["op"] == "rebuild"]
+    if not rs:
+        return []
+    body = [
+        [r["shape"], r["layout"], _pct(r["sparsity"]), f"{float(r['p50']):.3f}",
+         f"{float(r['p50']) / float(r['dense_p50']):.2f}" if _f(r["dense_p50"]) else ""]
+        for r in rs
+    ]  # fmt: skip
+    return [
+        "Mask-to-metadata rebuild (CSR/BSR plus the transposed indices), timed alone; the last column is "
+        "its cost in units of one dense fwd+bwd of the same layer.",
+        "",
+        *_table(["shape", "layout", "sparsity", "p50 ms", "x dense fwd+bwd"], body),
+        "",
+    ]
+
+
+def _skip_lines(rows: list[dict]) -> list[str]:
+    reasons: dict[tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        if r.get("status") in ("skipped", "error"):
+            reasons[(r["provider"], f"{r['status']}: {r['reason']}")] += 1
+    if not reasons:
+        return []
+    body = [[p, n, why.replace("|", "/")] for (p, why), n in sorted(reasons.items())]
+    return ["Providers or cases not run:", "", *_table(["provider", "cases", "reason"], body), ""]
+
+
+def markdown_summary(rows: list[dict], *, load: str | None = None, links: dict[str, str] | None = None) -> str:
+    """The summary (goals, per-op speedups, end to end, rebuild, skips) as Markdown."""
+    out = _meta_lines(rows, load) + [""]
+    if links:
+        out += [" · ".join(f"[{k}]({v})" for k, v in links.items()), ""]
+    out += ["#### Goals (DESIGN.md section 6)", "", *_goal_lines(rows), ""]
+    e2e = _e2e_lines(rows)
+    if e2e:
+        out += ["#### End to end (sparsify_ against the same dense model)", "", *e2e]
+    ops = [line for op in _SPARSE_OPS for line in _op_summary(rows, op)]
+    if ops:
+        out += ["#### Kernels", "", *ops]
+    rb = _rebuild_lines(rows)
+    if rb:
+        out += ["#### Metadata rebuild", "", *rb]
+    sk = _skip_lines(rows)
+    if sk:
+        out += ["#### Not run", "", *sk]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def markdown_full(rows: list[dict], *, load: str | None = None, links: dict[str, str] | None = None) -> str:
+    """The summary followed by one table row per measured case."""
+    body = []
+    for r in _ok(rows):
+        sp = _f(r["speedup_vs_dense"])
+        body.append([
+            r["op"], r["provider"], r["mode"], r["dims"], r["layout"], _pct(r["sparsity"]), r["dtype"],
+            f"{float(r['p50']):.3f}", f"{float(r['p20']):.3f}-{float(r['p80']):.3f}", r["gflops"],
+            f"{sp:.2f}x" if sp else "", r.get("goal_met", ""),
+        ])  # fmt: skip
+    return (
+        "# sparsekern benchmark results\n\n"
+        + markdown_summary(rows, load=load, links=links)
+        + "\n#### Every case\n\n"
+        + "\n".join(
+            _table(
+                ["op", "provider", "mode", "dims", "layout", "sparsity", "dtype", "p50 ms", "p20-p80 ms", "GFLOP/s", "speedup", "goal"],
+                body,
+            )
+        )
+        + "\n"
+    )
+
+
+def plot(rows: list[dict], path: str | Path) -> Path | None:
+    """Speedup against sparsity, one line per (provider, layout), one panel per op; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in _ok(rows) if r["provider"] != "dense" and _f(r["speedup_vs_dense"]) and r["op"] != "rebuild"]
+    panels = []
+    for op in (*_SPARSE_OPS, "train_step", "train_epoch"):
+        rs = [r for r in ok if r["op"] == op]
+        if not rs:
+            continue
+        modes = {r["mode"] for r in rs}
+        mode = next(m for m in ("fwd+bwd", "train", "fwd", "bwd") if m in modes)
+        panels.append((op, mode, [r for r in rs if r["mode"] == mode]))
+    if not panels:
+        return None
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
+    for ax, (op, mode, rs) in zip(axes.flat, panels):
+        lines: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rs:
+            lines[(r["provider"], r["layout"])][float(r["sparsity"])].append(float(r["speedup_vs_dense"]))
+        all_s = sorted({s for d in lines.values() for s in d})
+        for (prov, layout), pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ax.plot([x * 100 for x in xs], [_geomean(pts[x]) for x in xs], marker="o", label=f"{prov} / {layout}")
+        if all_s:
+            lim = [s for s in all_s if s < 1]
+            ax.plot([s * 100 for s in lim], [1 / (1 - s) for s in lim], ls=":", color="grey", label="FLOP limit 1/(1-s)")
+        ax.axhline(1.0, color="black", lw=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f"{op} ({mode})")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("speedup vs dense (geo. mean)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    r0 = rows[0]
+    fig.suptitle(f"sparsekern speedup vs dense PyTorch - {r0.get('cpu_model', '')}, {r0.get('threads', '')} thread(s)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def update_readme(readme: str | Path, section: str) -> Path:
+    """Put ``section`` between the bench markers of ``readme`` (markers appended if missing)."""
+    readme = Path(readme)
+    text = readme.read_text() if readme.exists() else ""
+    block = f"{README_START}\n{section.rstrip()}\n{README_END}"
+    if README_START in text and README_END in text and text.index(README_START) < text.index(README_END):
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    readme.write_text(text)
+    return readme
