@@ -1,15 +1,160 @@
-"""The ``triton`` backend (GPU; CPU tensors under ``TRITON_INTERPRET=1``).  Triton is imported lazily."""
+"""The ``triton`` backend: block-sparse (BSR) and unstructured (CSR) Triton kernels for linear.
+
+GPU tensors run compiled kernels; CPU tensors run in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before the kernels are first used (that is how CI checks them).
+Triton is imported only inside the methods below and in the kernel modules (``bsr``, ``csr``),
+which load on first use, so ``import sparsekern`` neither needs Triton nor initialises CUDA.
+
+What the verifier (:meth:`TritonBackend.supports`) accepts, and why it refuses the rest:
+
+* op ``linear`` (conv2d has no Triton kernel yet);
+* CUDA tensors on compute capability 8.0+ (ROCm devices are passed through to Triton), or CPU
+  tensors under the interpreter;
+* float32, float16, bfloat16 (fp32 accumulation); float64 only under the interpreter (fp64
+  accumulation), which makes ``gradcheck`` possible there;
+* block layouts whose tile sides are 16, 32, 64 or 128; any unstructured pattern.  The gradient
+  pattern may be unstructured while the weight pattern is block: the weight gradient then runs the
+  unstructured SDDMM on exactly ``G``.
+* no alignment requirement: every load and store is masked at the edges, so sizes that are not
+  multiples of the block (or of 16 bytes) run; Triton specialises on 16-byte alignment when the
+  pointers and sizes happen to have it.
+
+fp32 products use IEEE precision unless ``torch.get_float32_matmul_precision()`` allows TF32
+(PyTorch's default does not), or ``TritonBackend(fp32_precision=...)`` says otherwise.
+"""
 
 from __future__ import annotations
 
-from ..._backends import Backend, CallInfo
+import importlib.util
+import sys
+
+import torch
+
+from ..._backends import Backend, BackendError, CallInfo
+
+__all__ = ["TritonBackend"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK_SIDES = (16, 32, 64, 128)
+_MIN_CAPABILITY = (8, 0)
+
+
+def _interpret_requested() -> bool:
+    """``TRITON_INTERPRET`` as Triton reads it (only called once Triton is known to import)."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def _kernels_interpreted() -> bool | None:
+    """How the loaded kernel modules were built (None: not loaded yet, so the env var decides)."""
+    mod = sys.modules.get(f"{__name__}._launch")
+    return None if mod is None else bool(mod.INTERPRET)
 
 
 class TritonBackend(Backend):
+    """Triton kernels for ``sparse_linear`` (forward, input gradient, weight gradient on ``G``).
+
+    Args:
+        fp32_precision: ``tl.dot`` input precision for fp32 (``"ieee"``, ``"tf32"``,
+            ``"tf32x3"``); ``None`` follows ``torch.get_float32_matmul_precision()``.
+    """
+
     name = "triton"
 
+    def __init__(self, fp32_precision: str | None = None) -> None:
+        if fp32_precision not in (None, "ieee", "tf32", "tf32x3"):
+            raise ValueError(f"fp32_precision: expected 'ieee', 'tf32', 'tf32x3' or None, got {fp32_precision!r}")
+        self.fp32_precision = fp32_precision
+
     def available(self) -> tuple[bool, str]:
-        return False, "the Triton kernels are not part of this build yet"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install 'sparsekern[triton]')"
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # a broken install makes the backend unavailable, not the package
+            return False, f"triton failed to import: {exc}"
+        return True, ""
+
+    def _interpreted(self) -> bool:
+        built = _kernels_interpreted()
+        return _interpret_requested() if built is None else built
 
     def supports(self, info: CallInfo) -> tuple[bool, str]:
-        return False, "not available"
+        if info.op != "linear":
+            return False, f"op {info.op!r}: the Triton backend has linear kernels only (conv2d is not implemented yet)"
+        interp = self._interpreted()
+        dev = info.device
+        if dev.type == "cpu":
+            if not interp:
+                if _kernels_interpreted() is False:
+                    return False, (
+                        "CPU tensors need the Triton interpreter, but the kernels were already compiled for the "
+                        "GPU in this process (set TRITON_INTERPRET=1 before sparsekern's Triton kernels are first used)"
+                    )
+                return False, "CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 (slow; for testing)"
+        elif dev.type == "cuda":
+            if not interp and torch.version.hip is None:
+                cap = torch.cuda.get_device_capability(dev)
+                if cap < _MIN_CAPABILITY:
+                    return False, (
+                        f"device {dev}: compute capability {cap[0]}.{cap[1]}; the Triton kernels need "
+                        f"{_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}+ (Ampere or newer)"
+                    )
+        else:
+            return False, f"device type {dev.type!r}: Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+        if info.dtype == torch.float64:
+            if not interp:
+                return False, "dtype torch.float64: supported only under the Triton interpreter (TRITON_INTERPRET=1)"
+        elif info.dtype not in _DTYPES:
+            return False, f"dtype {info.dtype}: expected float32, float16 or bfloat16"
+        for layout, block, what in ((info.layout, info.block_size, "weight"), (info.grad_layout, None, "gradient")):
+            if layout not in ("unstructured", "block"):
+                return False, f"{what} layout {layout!r}: expected 'unstructured' or 'block'"
+            if layout == "block" and block is not None and any(s not in _BLOCK_SIDES for s in block):
+                return False, f"block size {tuple(block)}: tile sides must be one of {_BLOCK_SIDES}"
+        return True, ""
+
+    # ----------------------------------------------------------------------------------------
+    # linear trio
+    # ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _block_meta(pattern, what: str):
+        meta = pattern.bsr()
+        if any(s not in _BLOCK_SIDES for s in meta.block):
+            raise BackendError(f"triton: {what} block size {meta.block}: tile sides must be one of {_BLOCK_SIDES}")
+        return meta
+
+    def linear_forward(self, x, weight, bias, pattern):
+        if pattern.layout == "block":
+            from .bsr import bsr_linear_forward
+
+            return bsr_linear_forward(
+                x, weight.contiguous(), bias, self._block_meta(pattern, "weight"), precision=self.fp32_precision
+            )
+        from .csr import csr_linear_forward
+
+        return csr_linear_forward(x, weight.contiguous(), bias, pattern.csr())
+
+    def linear_input_grad(self, dy, weight, pattern):
+        if pattern.layout == "block":
+            from .bsr import bsr_linear_input_grad
+
+            return bsr_linear_input_grad(
+                dy, weight.contiguous(), self._block_meta(pattern, "weight"), precision=self.fp32_precision
+            )
+        from .csr import csr_linear_input_grad
+
+        return csr_linear_input_grad(dy, weight.contiguous(), pattern.csr())
+
+    def linear_weight_grad(self, dy, x, grad_pattern):
+        if grad_pattern.layout == "block":
+            from .bsr import bsr_linear_weight_grad
+
+            return bsr_linear_weight_grad(
+                dy, x, self._block_meta(grad_pattern, "gradient"), precision=self.fp32_precision
+            )
+        from .csr import csr_linear_weight_grad
+
+        return csr_linear_weight_grad(dy, x, grad_pattern.csr())
