@@ -86,6 +86,7 @@ def _selection(args):
     if args.modes:
         over["modes"] = args.modes
         over["ops_modes"] = {}
+        over["provider_modes"] = {}
     if args.shapes:
         known = set(SHAPE_SETS) | set(all_shapes())
         bad = [s for s in args.shapes if s not in known]
@@ -100,6 +101,7 @@ def _selection(args):
         over["sparsities"] = args.sparsity
         over["e2e_sparsities"] = sorted({0.0, *args.sparsity})
         over["op_sparsities"] = {}
+        over["provider_sparsities"] = {}
     if args.layouts:
         over["layouts"] = args.layouts
         over["e2e_layouts"] = args.layouts
@@ -108,6 +110,7 @@ def _selection(args):
         over["dtypes"] = args.dtypes
     if args.batch:
         over["batches"] = args.batch
+        over["op_batches"] = {}
     over["device"] = args.device
     return replace(sel, **over)
 

@@ -175,6 +175,7 @@ SHAPE_SETS: dict[str, list] = {
     "resnet18-cifar": _r18_cifar((16, 64)),
     "resnet18-imagenet": _r18_imagenet((4,)),
     "resnet50": _r50((4,)),
+    "resnet18-nf20": [ModelShape("resnet18-nf20", "resnet18", 20, (16,), 4)],
     "e2e": [
         ModelShape("resnet18-cifar", "resnet18", 64, (32,), 8),
         ModelShape("mlp", "mlp", 3072, (128,), 8),
@@ -259,6 +260,11 @@ class Selection:
     op_shapes: dict[str, list[str]] = field(default_factory=dict)  # per-op override of ``shapes``
     op_sparsities: dict[str, list[float]] = field(default_factory=dict)
     op_layouts: dict[str, list[str]] = field(default_factory=dict)
+    op_batches: dict[str, list[int]] = field(default_factory=dict)
+    # per-provider restrictions (e.g. the reference, whose speed does not depend on sparsity,
+    # at one sparsity only), applied to the kernel ops
+    provider_sparsities: dict[str, list[float]] = field(default_factory=dict)
+    provider_modes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def resolve_shapes(names: list[str]) -> list:
@@ -321,7 +327,7 @@ def expand(sel: Selection) -> list[Case]:
             sparsities = sel.op_sparsities.get(op, sel.sparsities)
             layouts = sel.op_layouts.get(op, sel.layouts)
         for shape in shapes:
-            for batch in sel.batches or shape.batches:
+            for batch in sel.op_batches.get(op) or sel.batches or shape.batches:
                 for dtype in sel.dtypes:
                     for mode in modes:
                         base = Case(op, "dense", mode, shape, batch, 0.0, "dense", dtype, sel.device)
@@ -335,6 +341,11 @@ def expand(sel: Selection) -> list[Case]:
                             for s in sparsities:
                                 for p in sel.providers:
                                     if p == "dense":
+                                        continue
+                                    if op not in ("train_step", "train_epoch") and (
+                                        s not in sel.provider_sparsities.get(p, [s])
+                                        or mode not in sel.provider_modes.get(p, [mode])
+                                    ):
                                         continue
                                     add(Case(op, p, mode, shape, batch, s, layout, dtype, sel.device))
     return cases
@@ -363,7 +374,8 @@ PRESETS: dict[str, Selection] = {
         batches=[32],
         sparsities=[0.9],
         layouts=["unstructured", "block32"],
-        op_shapes={"train_step": ["tiny-model"]},
+        op_shapes={"train_step": ["resnet18-nf20"]},
+        op_batches={"train_step": [16]},
         e2e_sparsities=[0.0, 0.9],
     ),
     "full": _sel(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 __all__ = ["Goal", "KERNEL_PROVIDERS", "goal_for"]
 
 KERNEL_PROVIDERS = ("cpp", "triton", "cuda")

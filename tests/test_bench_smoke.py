@@ -1,0 +1,184 @@
+"""The benchmark runner on tiny cases, so the suite cannot silently break (no speed is asserted)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from sparsekern.bench import PRESETS, Case, Selection, Skip, TimingConfig, expand, prepare
+from sparsekern.bench.__main__ import main
+from sparsekern.bench.cases import SHAPE_SETS
+from sparsekern.bench.goals import goal_for
+from sparsekern.bench.report import README_END, README_START, update_readme
+from sparsekern.bench.timing import time_cpu
+from sparsekern.formats import BSRMeta
+
+TINY_LINEAR = SHAPE_SETS["tiny-linear"][0]
+TINY_CONV = SHAPE_SETS["tiny-conv"][0]
+TINY_MODEL = SHAPE_SETS["tiny-model"][0]
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_smoke_preset_writes_csv_markdown_and_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nkept text\n")
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--name", "smoke", "--threads", "1", "--readme", str(readme)]
+    assert main(argv) == 0
+    rows = _rows(tmp_path / "smoke.csv")
+    assert len(rows) == len(expand(PRESETS["smoke"]))
+    by_provider = {}
+    for r in rows:
+        by_provider.setdefault(r["provider"], []).append(r)
+        assert r["status"] in ("ok", "skipped"), (r["case_id"], r["reason"])
+        assert r["threads"] == "1" and r["torch"] == torch.__version__ and r["commit"]
+        if r["status"] == "skipped":
+            assert r["reason"], r["case_id"]
+        else:
+            p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+            assert 0 < p20 <= p50 <= p80 and r["unit"] == "ms"
+            assert float(r["gflops"]) > 0
+    (dense,) = by_provider["dense"]
+    assert dense["status"] == "ok" and float(dense["speedup_vs_dense"]) == 1.0
+    for r in by_provider["reference"]:  # always available: measured, with its ratio to the dense row
+        assert r["status"] == "ok"
+        assert math.isclose(float(r["speedup_vs_dense"]), float(r["dense_p50"]) / float(r["p50"]), rel_tol=1e-3)
+        assert 0.05 < float(r["density"]) < 0.2  # sparsity 0.9
+    for r in by_provider["triton"] + by_provider["cuda"]:  # on a CPU run: listed, with the reason
+        assert r["status"] == "skipped" and "CUDA" in r["reason"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| linear |" in md and "reference" in md
+    text = readme.read_text()
+    assert text.startswith("# project\n\nkept text\n")
+    assert text.count(README_START) == 1 and text.count(README_END) == 1
+    assert "python -m sparsekern.bench --preset smoke" in text
+
+    # regenerating from the CSV replaces the section instead of adding a second one
+    assert main(["--from-csv", str(tmp_path / "smoke.csv"), "--readme", str(readme), "--no-plot"]) == 0
+    again = readme.read_text()
+    assert again.count(README_START) == 1 and again.startswith("# project\n\nkept text\n")
+
+
+def test_update_readme_keeps_text_after_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{README_START}\nold\n{README_END}\ntail\n")
+    update_readme(readme, "new table")
+    assert readme.read_text() == f"head\n{README_START}\nnew table\n{README_END}\ntail\n"
+
+
+def test_expand_puts_each_dense_baseline_before_its_cases():
+    sel = Selection(
+        ops=["linear", "conv2d", "rebuild"],
+        providers=["dense", "reference", "cpp"],
+        modes=["fwd", "fwd+bwd"],
+        shapes=["tiny-linear", "tiny-conv"],
+        sparsities=[0.5, 0.9],
+        layouts=["unstructured", "block16"],
+    )
+    cases = expand(sel)
+    seen_dense = set()
+    for c in cases:
+        if c.provider == "dense":
+            seen_dense.add(c.dense_key())
+        else:
+            assert c.dense_key() in seen_dense, c.id
+    assert len({c.id for c in cases}) == len(cases)
+    assert {c.op for c in cases} == {"linear", "conv2d", "rebuild"}
+    assert all(c.mode == "build" for c in cases if c.op == "rebuild")
+
+
+def test_provider_restrictions_apply():
+    sel = Selection(
+        ops=["linear"], providers=["dense", "reference", "cpp"], modes=["fwd", "fwd+bwd"], shapes=["tiny-linear"],
+        sparsities=[0.5, 0.9], provider_sparsities={"reference": [0.9]}, provider_modes={"reference": ["fwd+bwd"]},
+    )  # fmt: skip
+    ref = [c for c in expand(sel) if c.provider == "reference"]
+    assert [(c.mode, c.sparsity) for c in ref] == [("fwd+bwd", 0.9)]
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["--ops", "matmul"], "--ops"),
+        (["--layouts", "block7"], "--layouts"),
+        (["--sparsity", "1.5"], "--sparsity"),
+        (["--shapes", "nope"], "--shapes"),
+        (["--batch", "x"], "--batch"),
+    ],
+)
+def test_bad_arguments_name_the_argument(argv, name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--list", *argv])
+    msg = str(exc.value.code) + capsys.readouterr().err
+    assert name in msg
+
+
+def test_goal_table_matches_design_section_6():
+    row = dict(provider="cpp", device="cpu", dtype="float32", mode="fwd+bwd", op="linear", layout="unstructured")
+    assert goal_for({**row, "sparsity": "0.9"}).speedup == 5
+    assert goal_for({**row, "sparsity": "0.95"}).speedup == 8
+    assert goal_for({**row, "sparsity": "0.98"}).speedup == 15
+    assert goal_for({**row, "sparsity": "0.75"}) is None
+    assert goal_for({**row, "sparsity": "0.9", "provider": "reference"}) is None  # the spec has no speed goal
+    assert goal_for({**row, "sparsity": "0.9", "layout": "block32"}).speedup == 6
+    conv = {**row, "op": "conv2d", "family": "resnet18-cifar", "kernel": "3"}
+    assert goal_for({**conv, "sparsity": "0.95"}).speedup == 5
+    assert goal_for({**conv, "sparsity": "0.95", "kernel": "1"}) is None
+    epoch = {**row, "op": "train_epoch", "mode": "train", "model": "resnet18"}
+    assert goal_for({**epoch, "sparsity": "0.9"}).speedup == 2.5
+    gpu = {**row, "device": "cuda", "provider": "triton", "dtype": "bfloat16", "layout": "block64", "sparsity": "0.9"}
+    assert goal_for(gpu).speedup == 7
+    assert goal_for({**gpu, "provider": "cpp"}) is None
+
+
+def test_timing_percentiles_are_ordered():
+    x = torch.randn(64, 64)
+    t = time_cpu(lambda: x @ x, TimingConfig(threads=1, warmup=1, min_time=0.0, block_time=0.0, min_samples=5))
+    assert t.samples == 5 and t.calls_per_sample >= 1
+    assert 0 < t.p20 <= t.p50 <= t.p80
+
+
+@pytest.mark.parametrize("layout", ["unstructured", "block16"])
+def test_rebuild_and_conv_cases_prepare(layout):
+    conv = Case("conv2d", "reference", "fwd+bwd", TINY_CONV, 2, 0.9, layout, "float32", "cpu")
+    prep = prepare(conv)
+    dx, dw = prep.fn()
+    assert dx.shape == (2, TINY_CONV.cin, TINY_CONV.hw, TINY_CONV.hw) and dw.shape == TINY_CONV.weight_shape
+    rb = prepare(Case("rebuild", "formats", "build", TINY_CONV, 2, 0.9, layout, "float32", "cpu"))
+    meta = rb.fn()
+    meta.validate()
+    assert rb.flops is None and 0 < rb.density <= 1  # tiny-conv is a single 16x16 tile when blocked
+    assert isinstance(meta, BSRMeta) == (layout != "unstructured")
+
+
+def test_torch_sparse_skips_conv_with_a_reason():
+    with pytest.raises(Skip, match="conv2d"):
+        prepare(Case("conv2d", "torch.sparse", "fwd", TINY_CONV, 2, 0.9, "unstructured", "float32", "cpu"))
+
+
+@pytest.mark.parametrize("op", ["spmm", "sddmm"])
+@pytest.mark.parametrize("provider", ["dense", "torch.sparse", "reference"])
+def test_matmul_cases_compute_the_right_thing(op, provider):
+    prep = prepare(Case(op, provider, "fwd", TINY_LINEAR, 16, 0.75, "unstructured", "float32", "cpu"))
+    out = prep.fn()
+    if out.layout != torch.strided:
+        out = out.to_dense()
+    rows = TINY_LINEAR.out_features if op == "sddmm" else 16
+    cols = TINY_LINEAR.in_features if op == "sddmm" else TINY_LINEAR.out_features
+    assert out.shape == (rows, cols) and torch.isfinite(out).all()
+    assert prep.flops == pytest.approx(2 * 16 * prep.density * TINY_LINEAR.in_features * TINY_LINEAR.out_features)
+
+
+def test_training_step_runs_dense_and_sparsified():
+    dense = prepare(Case("train_step", "dense", "train", TINY_MODEL, 8, 0.0, "dense", "float32", "cpu"))
+    sparse = prepare(Case("train_step", "reference", "train", TINY_MODEL, 8, 0.9, "unstructured", "float32", "cpu"))
+    dense.fn()
+    sparse.fn()
+    assert dense.density == 1.0 and sparse.density < 0.5  # the classifier head stays dense
+    assert 0 < sparse.flops < dense.flops
