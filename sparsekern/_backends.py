@@ -84,6 +84,7 @@ class CallInfo:
     block_size: tuple[int, int] | None  # matrix-unit block of the weight mask
     grad_layout: str
     conv: ConvParams | None = None
+    weight_shape: tuple[int, ...] | None = None  # lets a verifier tell depthwise from other grouped convs
 
 
 class Backend:

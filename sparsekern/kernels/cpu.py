@@ -1,15 +1,236 @@
-"""The ``cpp`` backend: C++ CPU kernels from ``csrc/`` registered as ``torch.ops.sparsekern.*``."""
+"""The ``cpp`` backend: C++ CPU kernels from ``csrc/`` registered as ``torch.ops.sparsekern.*``.
+
+The compiled library ``sparsekern._C`` registers the ops (schemas and CPU implementations);
+this module imports it on first use, adds a ``register_fake`` per op (so ``torch.compile`` and
+``torch.library.opcheck`` can trace them), and adapts :class:`~sparsekern.formats.Pattern`
+metadata to the ops' arguments.
+
+Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstructured):
+
+* ``linear_fwd(x, weight, bias, crow, col, block)``, ``linear_dx(dy, weight, ccol, row, block)``,
+  ``linear_dw(dy, x, crow, col, block)``;
+* ``conv2d_fwd / conv2d_dx / conv2d_dw`` for ``groups=1`` (implicit GEMM on tiles of output
+  positions), the same plus ``stride``, ``padding``, ``dilation`` and the input / weight size;
+* ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
+* ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
+
+The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, which are cached per mask
+version; the values are read from the dense weight inside each op (they change every optimizer
+step), so nothing derived from the weight values is cached here.
+"""
 
 from __future__ import annotations
 
-from .._backends import Backend, CallInfo
+import torch
+
+from .._backends import Backend, BackendError, CallInfo
+
+__all__ = ["CppBackend", "load_library", "OP_NAMES"]
+
+OP_NAMES = (
+    "linear_fwd",
+    "linear_dx",
+    "linear_dw",
+    "conv2d_fwd",
+    "conv2d_dx",
+    "conv2d_dw",
+    "dwconv2d_fwd",
+    "dwconv2d_dx",
+    "dwconv2d_dw",
+)
+
+_STATE: dict = {}
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _register_fakes() -> None:
+    lib = "sparsekern::"
+
+    @torch.library.register_fake(lib + "linear_fwd")
+    def _(x, weight, bias, crow, col, block):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake(lib + "linear_dx")
+    def _(dy, weight, ccol, row, block):
+        return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake(lib + "linear_dw")
+    def _(dy, x, crow, col, block):
+        return x.new_empty((dy.shape[1], x.shape[1]))
+
+    def conv_out_shape(in_size, w_size, stride, padding, dilation):
+        ho = _conv_out(in_size[2], w_size[2], stride[0], padding[0], dilation[0])
+        wo = _conv_out(in_size[3], w_size[3], stride[1], padding[1], dilation[1])
+        return (in_size[0], w_size[0], ho, wo)
+
+    @torch.library.register_fake(lib + "conv2d_fwd")
+    def _(x, weight, bias, crow, col, block, stride, padding, dilation):
+        return x.new_empty(conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
+
+    @torch.library.register_fake(lib + "conv2d_dx")
+    def _(dy, weight, ccol, row, block, input_size, stride, padding, dilation):
+        return dy.new_empty(tuple(input_size))
+
+    @torch.library.register_fake(lib + "conv2d_dw")
+    def _(dy, x, crow, col, block, weight_size, stride, padding, dilation):
+        return x.new_empty(tuple(weight_size))
+
+    @torch.library.register_fake(lib + "dwconv2d_fwd")
+    def _(x, weight, bias, crow, col, stride, padding, dilation):
+        return x.new_empty(conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
+
+    @torch.library.register_fake(lib + "dwconv2d_dx")
+    def _(dy, weight, crow, col, input_size, stride, padding, dilation):
+        return dy.new_empty(tuple(input_size))
+
+    @torch.library.register_fake(lib + "dwconv2d_dw")
+    def _(dy, x, crow, col, weight_size, stride, padding, dilation):
+        return x.new_empty(tuple(weight_size))
+
+
+def load_library() -> tuple[bool, str]:
+    """Import ``sparsekern._C`` once; ``(ok, reason)``."""
+    if "ok" not in _STATE:
+        try:
+            from .. import _C  # noqa: F401  (loading it registers torch.ops.sparsekern.*)
+
+            missing = [n for n in OP_NAMES if not hasattr(torch.ops.sparsekern, n)]
+            if missing:
+                raise ImportError(f"sparsekern._C is loaded but lacks the ops {missing}; rebuild it")
+            _register_fakes()
+            _STATE["ok"], _STATE["why"] = True, ""
+        except Exception as exc:  # not built, or built against another torch
+            _STATE["ok"] = False
+            _STATE["why"] = (
+                f"the C++ kernels (sparsekern._C) are not built or do not load ({exc}); build them with "
+                "`pip install --no-build-isolation -e .` (needs a C++ compiler), or see setup.py"
+            )
+    return _STATE["ok"], _STATE["why"]
+
+
+def _i32(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype == torch.int32:
+        return t
+    raise BackendError(f"{name}: the cpp kernels take int32 indices; this pattern needs {t.dtype} (too large)")
+
+
+def _csr_args(pattern) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(crow, col, block)`` of a pattern in its own layout."""
+    if pattern.layout == "block":
+        meta = pattern.bsr()
+        return _i32(meta.crow_indices, "crow_indices"), _i32(meta.col_indices, "col_indices"), list(meta.block)
+    meta = pattern.csr()
+    return _i32(meta.crow_indices, "crow_indices"), _i32(meta.col_indices, "col_indices"), [1, 1]
+
+
+def _csc_args(pattern) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(ccol, row, block)``: the transposed metadata, for input gradients."""
+    if pattern.layout == "block":
+        meta = pattern.bsr()
+        return _i32(meta.ccol_indices, "ccol_indices"), _i32(meta.row_indices, "row_indices"), list(meta.block)
+    meta = pattern.csr()
+    return _i32(meta.ccol_indices, "ccol_indices"), _i32(meta.row_indices, "row_indices"), [1, 1]
+
+
+def _elem_csr(pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    meta = pattern.csr()
+    return _i32(meta.crow_indices, "crow_indices"), _i32(meta.col_indices, "col_indices")
+
+
+def _is_depthwise(weight_shape, groups: int) -> bool:
+    return groups > 1 and weight_shape[1] == 1 and weight_shape[0] % groups == 0
 
 
 class CppBackend(Backend):
+    """C++ CPU kernels: float32 / float64, unstructured and block layouts, linear and conv2d
+    (groups=1 and depthwise).  Results are bit-identical for any ``torch.get_num_threads()``."""
+
     name = "cpp"
 
     def available(self) -> tuple[bool, str]:
-        return False, "the C++ kernels (sparsekern._C) are not part of this build yet"
+        return load_library()
 
     def supports(self, info: CallInfo) -> tuple[bool, str]:
-        return False, "not available"
+        if info.device.type != "cpu":
+            return False, f"runs on CPU tensors only, got {info.device.type}"
+        if info.dtype not in _DTYPES:
+            return False, f"supports float32 and float64, got {info.dtype}"
+        if info.layout not in ("unstructured", "block") or info.grad_layout not in ("unstructured", "block"):
+            return False, f"unknown layout {info.layout!r} / {info.grad_layout!r}"
+        if info.op == "conv2d" and info.conv is not None and info.conv.groups != 1:
+            if info.weight_shape is None:
+                return False, "grouped conv without the weight shape: cannot tell whether it is depthwise"
+            if not _is_depthwise(info.weight_shape, info.conv.groups):
+                return False, (
+                    f"conv2d supports groups=1 and depthwise (weight [C_out, 1, kh, kw]); got groups="
+                    f"{info.conv.groups} with weight shape {tuple(info.weight_shape)}"
+                )
+        if info.op not in ("linear", "conv2d"):
+            return False, f"unknown op {info.op!r}"
+        return True, ""
+
+    # ---- linear -------------------------------------------------------------------------------
+    def linear_forward(self, x, weight, bias, pattern):
+        crow, col, block = _csr_args(pattern)
+        return torch.ops.sparsekern.linear_fwd(x, weight, bias, crow, col, block)
+
+    def linear_input_grad(self, dy, weight, pattern):
+        ccol, row, block = _csc_args(pattern)
+        return torch.ops.sparsekern.linear_dx(dy, weight, ccol, row, block)
+
+    def linear_weight_grad(self, dy, x, grad_pattern):
+        crow, col, block = _csr_args(grad_pattern)
+        return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block)
+
+    # ---- conv2d -------------------------------------------------------------------------------
+    @staticmethod
+    def _conv_args(conv):
+        return list(conv.stride), list(conv.padding), list(conv.dilation)
+
+    def conv2d_forward(self, x, weight, bias, pattern, conv):
+        s, p, d = self._conv_args(conv)
+        if conv.groups != 1:
+            self._need_depthwise(weight.shape, conv.groups)
+            crow, col = _elem_csr(pattern)
+            return torch.ops.sparsekern.dwconv2d_fwd(x, weight, bias, crow, col, s, p, d)
+        crow, col, block = _csr_args(pattern)
+        return torch.ops.sparsekern.conv2d_fwd(x, weight, bias, crow, col, block, s, p, d)
+
+    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
+        s, p, d = self._conv_args(conv)
+        if conv.groups != 1:
+            self._need_depthwise(weight.shape, conv.groups)
+            crow, col = _elem_csr(pattern)
+            return torch.ops.sparsekern.dwconv2d_dx(dy, weight, crow, col, list(input_shape), s, p, d)
+        ccol, row, block = _csc_args(pattern)
+        return torch.ops.sparsekern.conv2d_dx(dy, weight, ccol, row, block, list(input_shape), s, p, d)
+
+    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
+        s, p, d = self._conv_args(conv)
+        if conv.groups != 1:
+            self._need_depthwise(weight_shape, conv.groups)
+            crow, col = _elem_csr(grad_pattern)
+            return torch.ops.sparsekern.dwconv2d_dw(dy, x, crow, col, list(weight_shape), s, p, d)
+        crow, col, block = _csr_args(grad_pattern)
+        return torch.ops.sparsekern.conv2d_dw(dy, x, crow, col, block, list(weight_shape), s, p, d)
+
+    @staticmethod
+    def _need_depthwise(weight_shape, groups: int) -> None:
+        if not _is_depthwise(tuple(weight_shape), groups):
+            raise BackendError(
+                f"cpp conv2d supports groups=1 and depthwise only; got groups={groups}, weight shape "
+                f"{tuple(weight_shape)}"
+            )
+
+
+def cpu_isa(request: str = "") -> str:
+    """The instruction set the kernels use; ``request`` ("avx512", "avx2", "generic") switches it."""
+    ok, why = load_library()
+    if not ok:
+        raise BackendError(why)
+    return torch.ops.sparsekern.cpu_isa(request)
+

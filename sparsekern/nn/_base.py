@@ -113,7 +113,8 @@ class SparseMixin:
             pad = self.padding if isinstance(self.padding, tuple) else (0, 0)
             conv = ConvParams(self.stride, pad, self.dilation, self.groups)
         info = CallInfo(op, torch.device(device) if device is not None else self.weight.device,
-                        dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv)
+                        dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
+                        tuple(self.weight.shape))
         return select_backend(info, self.backend).name
 
     def _sparse_repr(self) -> str:

@@ -140,7 +140,10 @@ def sparse_conv2d(
             )
     pattern = weight_pattern(mask, layout, block_size)
     gpattern = grad_pattern(pattern, grad_mask)
-    info = CallInfo("conv2d", weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv)
+    info = CallInfo(
+        "conv2d", weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
+        tuple(weight.shape),
+    )
     be = select_backend(info, backend)
     y = SparseConv2dFunction.apply(x.contiguous(), weight, bias, pattern, gpattern, conv, be)
     return y.squeeze(0) if unbatched else y

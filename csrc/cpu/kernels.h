@@ -1,0 +1,48 @@
+// Dispatch table of the CPU tile kernels (kernels_impl.h), one per instruction set and dtype.
+// Torch-free: the op layer (ops.cpp) picks a table once and calls through it.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace sparsekern {
+
+// Conv2d geometry, all sizes explicit.
+struct ConvGeom {
+  int64_t N, C, H, W;   // input
+  int64_t O, kh, kw;    // weight [O, C / groups, kh, kw]
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t Ho, Wo;       // output
+};
+
+template <typename S>
+struct Kernels {
+  const char* isa;
+  int64_t panel_width;  // T of panel tiles
+  int64_t dot_width;    // T of weight-gradient tiles
+  void (*tile_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*tile_to_rows)(const S*, int64_t, int64_t, int64_t, const S*, S*, int64_t);
+  void (*panel_csr)(const int32_t*, const int32_t*, const S*, int64_t, int64_t, const S*, S*);
+  void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, int64_t, int64_t, int64_t,
+                    int64_t, const S*, S*, std::vector<int32_t>&);
+  void (*sddmm_tile)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*, S*,
+                     int64_t, std::vector<int32_t>&);
+  void (*im2col_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*col2im_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*conv_out_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, S*);
+  void (*conv_in_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*dw_fwd_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S, S*);
+  void (*dw_dx_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S*);
+  void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
+};
+
+// The table for the instruction set in use (the best the CPU supports unless overridden).
+template <typename S>
+const Kernels<S>& kernels();
+
+// Names of the instruction sets this CPU can run, best first ("avx512", "avx2", "generic").
+std::vector<const char*> supported_isas();
+// The instruction set in use; `request` (if not empty) selects one of supported_isas() first.
+// Returns nullptr if `request` is unknown or unsupported here.
+const char* select_isa(const char* request);
+
+}  // namespace sparsekern

@@ -1,0 +1,468 @@
+// Tile kernels of the C++ CPU backend.  Torch-free, included once per instruction set inside a
+// namespace (see kernels.cpp), so the same source compiles to AVX-512, AVX2 and baseline code.
+//
+// Layout convention: a *tile* holds T consecutive batch positions (rows of x for linear, output
+// pixels for conv) transposed, i.e. `bt[c * T + t]`, so one nonzero weight multiplies a
+// contiguous vector of T values (SparseProp's idea).  Every kernel here works on one tile and on
+// a range of output rows; threading, allocation and argument checks live in the op layer.
+//
+// Determinism: each output element is produced by exactly one call, which sums its terms in a
+// fixed order (nonzeros in metadata order, tiles in batch order), so results do not depend on
+// how rows or tiles are spread over threads.
+//
+// Requires <cstdint>, <cstring>, <algorithm>, <vector> to be included before.
+
+template <typename S>
+struct VT;
+template <>
+struct VT<float> {
+  typedef float v __attribute__((vector_size(64), may_alias));
+  typedef int32_t m __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+};
+template <>
+struct VT<double> {
+  typedef double v __attribute__((vector_size(64), may_alias));
+  typedef int64_t m __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+};
+
+// Tile widths: panels (forward / input gradient) use NV_PANEL vectors, the weight gradient
+// NV_DOT vectors (its horizontal sums are amortised over a longer dot product).
+constexpr int NV_PANEL = 4;
+constexpr int NV_DOT = 8;
+
+template <typename S>
+constexpr int64_t panel_width() { return NV_PANEL * VT<S>::L; }
+template <typename S>
+constexpr int64_t dot_width() { return NV_DOT * VT<S>::L; }
+
+inline float hsum(VT<float>::v x) {
+  typedef VT<float>::m M;
+  x += __builtin_shuffle(x, M{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, M{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, M{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x += __builtin_shuffle(x, M{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return x[0];
+}
+inline double hsum(VT<double>::v x) {
+  typedef VT<double>::m M;
+  x += __builtin_shuffle(x, M{4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, M{2, 3, 0, 1, 6, 7, 4, 5});
+  x += __builtin_shuffle(x, M{1, 0, 3, 2, 5, 4, 7, 6});
+  return x[0];
+}
+
+// ------------------------------------------------------------------------------------------
+// transposes between row-major matrices and tiles
+// ------------------------------------------------------------------------------------------
+
+// dst[c * T + t] = src[t * ld + c] for t < nt, c < ncols; zero for nt <= t < T.
+template <typename S>
+void tile_from_rows(const S* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* __restrict dst) {
+  constexpr int64_t B = 16;
+  for (int64_t c0 = 0; c0 < ncols; c0 += B) {
+    const int64_t c1 = std::min(c0 + B, ncols);
+    for (int64_t t0 = 0; t0 < nt; t0 += B) {
+      const int64_t t1 = std::min(t0 + B, nt);
+      for (int64_t c = c0; c < c1; ++c) {
+        S* d = dst + c * T;
+        for (int64_t t = t0; t < t1; ++t) d[t] = src[t * ld + c];
+      }
+    }
+    if (nt < T)
+      for (int64_t c = c0; c < c1; ++c) std::fill(dst + c * T + nt, dst + (c + 1) * T, S(0));
+  }
+}
+
+// dst[t * ld + r] = src[r * T + t] (+ bias[r]) for r < nr, t < nt.
+template <typename S>
+void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, const S* __restrict bias, S* __restrict dst,
+                  int64_t ld) {
+  constexpr int64_t B = 16;
+  for (int64_t t0 = 0; t0 < nt; t0 += B) {
+    const int64_t t1 = std::min(t0 + B, nt);
+    for (int64_t t = t0; t < t1; ++t) {
+      S* d = dst + t * ld;
+      if (bias)
+        for (int64_t r = 0; r < nr; ++r) d[r] = src[r * T + t] + bias[r];
+      else
+        for (int64_t r = 0; r < nr; ++r) d[r] = src[r * T + t];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// panels: ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for rows r0 <= r < r1
+// ------------------------------------------------------------------------------------------
+
+// Unstructured A, values packed in CSR order (val[j] belongs to idx[j]).  Two accumulator sets
+// (even / odd nonzeros) give the FMA units enough independent chains.
+template <typename S>
+void panel_csr(const int32_t* __restrict ptr, const int32_t* __restrict idx, const S* __restrict val, int64_t r0,
+               int64_t r1, const S* __restrict bt, S* __restrict ot) {
+  using V = typename VT<S>::v;
+  constexpr int NV = NV_PANEL;
+  constexpr int64_t T = NV * VT<S>::L;
+  for (int64_t r = r0; r < r1; ++r) {
+    V a[NV] = {}, b[NV] = {};
+    int64_t j = ptr[r];
+    const int64_t e = ptr[r + 1];
+    for (; j + 1 < e; j += 2) {
+      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+      const V* x1 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 1]) * T);
+      const S w0 = val[j], w1 = val[j + 1];
+      for (int v = 0; v < NV; ++v) a[v] += w0 * x0[v];
+      for (int v = 0; v < NV; ++v) b[v] += w1 * x1[v];
+    }
+    if (j < e) {
+      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+      const S w0 = val[j];
+      for (int v = 0; v < NV; ++v) a[v] += w0 * x0[v];
+    }
+    V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
+    for (int v = 0; v < NV; ++v) o[v] = a[v] + b[v];
+  }
+}
+
+// Columns of block row rb of a BSR grid (block columns idx[ptr[rb]:ptr[rb+1]] of width bk,
+// clipped to ncols), expanded into a list.
+inline void block_row_columns(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_t bk, int64_t ncols,
+                              std::vector<int32_t>& cols) {
+  cols.clear();
+  for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+    const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+    for (int64_t c = c0; c < c1; ++c) cols.push_back(int32_t(c));
+  }
+}
+
+// Block A (tiles bo x bk over a grid in CSR form), values read in place from the dense matrix:
+// A[r, c] = a[r * ars + c * acs].  Four rows of a block row share every tile load.
+template <typename S>
+void panel_bsr(const int32_t* __restrict ptr, const int32_t* __restrict idx, int64_t bo, int64_t bk, int64_t ncols,
+               const S* __restrict a, int64_t ars, int64_t acs, int64_t r0, int64_t r1, const S* __restrict bt,
+               S* __restrict ot, std::vector<int32_t>& cols) {
+  using V = typename VT<S>::v;
+  constexpr int NV = NV_PANEL;
+  constexpr int64_t T = NV * VT<S>::L;
+  int64_t cur = -1;
+  int64_t r = r0;
+  while (r < r1) {
+    const int64_t rb = r / bo;
+    if (rb != cur) {
+      block_row_columns(ptr, idx, rb, bk, ncols, cols);
+      cur = rb;
+    }
+    const int64_t rend = std::min(r1, (rb + 1) * bo);
+    const int64_t nc = int64_t(cols.size());
+    const int32_t* cl = cols.data();
+    for (; r + 4 <= rend; r += 4) {
+      V c0[NV] = {}, c1[NV] = {}, c2[NV] = {}, c3[NV] = {};
+      const S* a0 = a + r * ars;
+      for (int64_t i = 0; i < nc; ++i) {
+        const int64_t c = cl[i];
+        const V* x = reinterpret_cast<const V*>(bt + c * T);
+        const S* ap = a0 + c * acs;
+        const S w0 = ap[0], w1 = ap[ars], w2 = ap[2 * ars], w3 = ap[3 * ars];
+        for (int v = 0; v < NV; ++v) {
+          const V xv = x[v];
+          c0[v] += w0 * xv;
+          c1[v] += w1 * xv;
+          c2[v] += w2 * xv;
+          c3[v] += w3 * xv;
+        }
+      }
+      V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
+      for (int v = 0; v < NV; ++v) {
+        o[v] = c0[v];
+        o[NV + v] = c1[v];
+        o[2 * NV + v] = c2[v];
+        o[3 * NV + v] = c3[v];
+      }
+    }
+    for (; r < rend; ++r) {
+      V c0[NV] = {};
+      const S* a0 = a + r * ars;
+      for (int64_t i = 0; i < nc; ++i) {
+        const int64_t c = cl[i];
+        const V* x = reinterpret_cast<const V*>(bt + c * T);
+        const S w0 = a0[c * acs];
+        for (int v = 0; v < NV; ++v) c0[v] += w0 * x[v];
+      }
+      V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
+      for (int v = 0; v < NV; ++v) o[v] = c0[v];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// sampled dense-dense: out[r * ldo + c] += dot(at[(r - r0) * T], bt[c * T]) for (r, c) in the
+// pattern, rows r0 <= r < r1 (T = dot_width).  bo = bk = 1 is the unstructured layout.
+// ------------------------------------------------------------------------------------------
+template <typename S>
+void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, int64_t bo, int64_t bk, int64_t ncols,
+                int64_t r0, int64_t r1, const S* __restrict at, const S* __restrict bt, S* __restrict out, int64_t ldo,
+                std::vector<int32_t>& cols) {
+  using V = typename VT<S>::v;
+  constexpr int NV = NV_DOT;
+  constexpr int64_t T = NV * VT<S>::L;
+  int64_t cur = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t rb = r / bo;
+    if (rb != cur) {
+      block_row_columns(ptr, idx, rb, bk, ncols, cols);
+      cur = rb;
+    }
+    const int64_t nc = int64_t(cols.size());
+    if (nc == 0) continue;
+    const int32_t* cl = cols.data();
+    const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
+    V av[NV];
+    for (int v = 0; v < NV; ++v) av[v] = ar[v];
+    S* orow = out + r * ldo;
+    int64_t i = 0;
+    for (; i + 4 <= nc; i += 4) {
+      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
+      const V* x1 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 1]) * T);
+      const V* x2 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 2]) * T);
+      const V* x3 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 3]) * T);
+      V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
+      for (int v = 0; v < NV; v += 2) {
+        s0 += av[v] * x0[v];
+        s1 += av[v] * x1[v];
+        s2 += av[v] * x2[v];
+        s3 += av[v] * x3[v];
+        u0 += av[v + 1] * x0[v + 1];
+        u1 += av[v + 1] * x1[v + 1];
+        u2 += av[v + 1] * x2[v + 1];
+        u3 += av[v + 1] * x3[v + 1];
+      }
+      orow[cl[i]] += hsum(s0 + u0);
+      orow[cl[i + 1]] += hsum(s1 + u1);
+      orow[cl[i + 2]] += hsum(s2 + u2);
+      orow[cl[i + 3]] += hsum(s3 + u3);
+    }
+    for (; i < nc; ++i) {
+      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
+      V s0 = {}, u0 = {};
+      for (int v = 0; v < NV; v += 2) {
+        s0 += av[v] * x0[v];
+        u0 += av[v + 1] * x0[v + 1];
+      }
+      orow[cl[i]] += hsum(s0 + u0);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// conv2d tiles.  A tile covers T consecutive output positions q = n * P + p (P = Ho * Wo), which
+// may span images; the matrix view of the weight is [O, C * kh * kw] with k = (c * kh + i) * kw + j.
+// ------------------------------------------------------------------------------------------
+
+inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t ceildiv(int64_t a, int64_t b) { return -floordiv(-a, b); }
+
+// Valid range [lo, hi) of i in [0, len) with 0 <= (ow0 + i) * s + off < W.
+inline void valid_range(int64_t ow0, int64_t len, int64_t s, int64_t off, int64_t W, int64_t& lo, int64_t& hi) {
+  lo = std::min<int64_t>(len, std::max<int64_t>(0, ceildiv(-off, s) - ow0));
+  hi = std::min<int64_t>(len, ceildiv(W - off, s) - ow0);
+  if (hi < lo) hi = lo;
+}
+
+// bt[(k - c0 * kh * kw) * T + t] = im2col(x)[q0 + t, k] for channels c0 <= c < c1; zero past nt.
+template <typename S>
+void im2col_tile(const S* __restrict x, const ConvGeom& g, int64_t q0, int64_t nt, int64_t T, int64_t c0, int64_t c1,
+                 S* __restrict bt) {
+  const int64_t P = g.Ho * g.Wo, taps = g.kh * g.kw;
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, oh = p / g.Wo, ow0 = p % g.Wo;
+    const int64_t len = std::min(g.Wo - ow0, nt - t);
+    for (int64_t c = c0; c < c1; ++c) {
+      const S* xc = x + (n * g.C + c) * g.H * g.W;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          S* d = bt + ((c - c0) * taps + i * g.kw + j) * T + t;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(d, d + len, S(0));
+            continue;
+          }
+          const S* xr = xc + ih * g.W;
+          const int64_t off = j * g.dw - g.pw;
+          int64_t lo, hi;
+          valid_range(ow0, len, g.sw, off, g.W, lo, hi);
+          std::fill(d, d + lo, S(0));
+          if (g.sw == 1) {
+            const S* s = xr + ow0 + off;
+            for (int64_t k = lo; k < hi; ++k) d[k] = s[k];
+          } else {
+            for (int64_t k = lo; k < hi; ++k) d[k] = xr[(ow0 + k) * g.sw + off];
+          }
+          std::fill(d + hi, d + len, S(0));
+        }
+      }
+    }
+    t += len;
+  }
+  if (nt < T)
+    for (int64_t k = 0; k < (c1 - c0) * taps; ++k) std::fill(bt + k * T + nt, bt + (k + 1) * T, S(0));
+}
+
+// dx[n, c, ih, iw] += ot[(k - c0 * kh * kw) * T + t] over the tile, channels c0 <= c < c1 (the
+// adjoint of im2col_tile).  Terms are added in tile order, then k order: a fixed order.
+template <typename S>
+void col2im_tile(const S* __restrict ot, const ConvGeom& g, int64_t q0, int64_t nt, int64_t T, int64_t c0, int64_t c1,
+                 S* __restrict dx) {
+  const int64_t P = g.Ho * g.Wo, taps = g.kh * g.kw;
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, oh = p / g.Wo, ow0 = p % g.Wo;
+    const int64_t len = std::min(g.Wo - ow0, nt - t);
+    for (int64_t c = c0; c < c1; ++c) {
+      S* xc = dx + (n * g.C + c) * g.H * g.W;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        S* xr = xc + ih * g.W;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const S* s = ot + ((c - c0) * taps + i * g.kw + j) * T + t;
+          const int64_t off = j * g.dw - g.pw;
+          int64_t lo, hi;
+          valid_range(ow0, len, g.sw, off, g.W, lo, hi);
+          if (g.sw == 1) {
+            S* d = xr + ow0 + off;
+            for (int64_t k = lo; k < hi; ++k) d[k] += s[k];
+          } else {
+            for (int64_t k = lo; k < hi; ++k) xr[(ow0 + k) * g.sw + off] += s[k];
+          }
+        }
+      }
+    }
+    t += len;
+  }
+}
+
+// y[n, o, p] = ot[(o - o0) * T + t] (+ bias[o]) for o0 <= o < o1.
+template <typename S>
+void conv_out_tile(const S* __restrict ot, int64_t O, int64_t P, int64_t q0, int64_t nt, int64_t T, int64_t o0,
+                   int64_t o1, const S* __restrict bias, S* __restrict y) {
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, len = std::min(P - p, nt - t);
+    for (int64_t o = o0; o < o1; ++o) {
+      const S* s = ot + (o - o0) * T + t;
+      S* d = y + (n * O + o) * P + p;
+      if (bias) {
+        const S b = bias[o];
+        for (int64_t k = 0; k < len; ++k) d[k] = s[k] + b;
+      } else {
+        for (int64_t k = 0; k < len; ++k) d[k] = s[k];
+      }
+    }
+    t += len;
+  }
+}
+
+// bt[(o - o0) * T + t] = dy[n, o, p] for o0 <= o < o1; zero past nt.
+template <typename S>
+void conv_in_tile(const S* __restrict dy, int64_t O, int64_t P, int64_t q0, int64_t nt, int64_t T, int64_t o0, int64_t o1,
+                  S* __restrict bt) {
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, len = std::min(P - p, nt - t);
+    for (int64_t o = o0; o < o1; ++o) {
+      const S* s = dy + (n * O + o) * P + p;
+      S* d = bt + (o - o0) * T + t;
+      for (int64_t k = 0; k < len; ++k) d[k] = s[k];
+    }
+    t += len;
+  }
+  if (nt < T)
+    for (int64_t o = o0; o < o1; ++o) std::fill(bt + (o - o0) * T + nt, bt + (o - o0 + 1) * T, S(0));
+}
+
+// ------------------------------------------------------------------------------------------
+// depthwise conv2d (groups == C, weight [O, 1, kh, kw], O = C * mult), direct; the taps of
+// output channel o are the CSR row o over kh * kw columns.
+// ------------------------------------------------------------------------------------------
+
+// y[n, o] for one plane: sum over the taps of o of w * shifted x[n, o / mult] (+ bias).
+template <typename S>
+void dw_fwd_plane(const S* __restrict xc, const S* __restrict w, const int32_t* __restrict ptr,
+                  const int32_t* __restrict idx, int64_t o, const ConvGeom& g, S bias, S* __restrict y) {
+  const int64_t P = g.Ho * g.Wo, taps = g.kh * g.kw;
+  std::fill(y, y + P, S(0));
+  for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
+    const int64_t tap = idx[e], i = tap / g.kw, j = tap % g.kw;
+    const S wv = w[o * taps + tap];
+    const int64_t off = j * g.dw - g.pw;
+    int64_t lo, hi;
+    valid_range(0, g.Wo, g.sw, off, g.W, lo, hi);
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      const S* xr = xc + ih * g.W;
+      S* yr = y + oh * g.Wo;
+      if (g.sw == 1) {
+        const S* s = xr + off;
+        for (int64_t k = lo; k < hi; ++k) yr[k] += wv * s[k];
+      } else {
+        for (int64_t k = lo; k < hi; ++k) yr[k] += wv * xr[k * g.sw + off];
+      }
+    }
+  }
+  if (bias != S(0))
+    for (int64_t k = 0; k < P; ++k) y[k] += bias;
+}
+
+// dx[n, c] += the adjoint of dw_fwd_plane for output channel o (whose input channel is c).
+template <typename S>
+void dw_dx_plane(const S* __restrict dyo, const S* __restrict w, const int32_t* __restrict ptr,
+                 const int32_t* __restrict idx, int64_t o, const ConvGeom& g, S* __restrict dxc) {
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
+    const int64_t tap = idx[e], i = tap / g.kw, j = tap % g.kw;
+    const S wv = w[o * taps + tap];
+    const int64_t off = j * g.dw - g.pw;
+    int64_t lo, hi;
+    valid_range(0, g.Wo, g.sw, off, g.W, lo, hi);
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      S* xr = dxc + ih * g.W;
+      const S* dr = dyo + oh * g.Wo;
+      if (g.sw == 1) {
+        S* d = xr + off;
+        for (int64_t k = lo; k < hi; ++k) d[k] += wv * dr[k];
+      } else {
+        for (int64_t k = lo; k < hi; ++k) xr[k * g.sw + off] += wv * dr[k];
+      }
+    }
+  }
+}
+
+// dW[o, tap] = sum over n, oh, ow of dy[n, o] * shifted x[n, o / mult] for the taps in row o of
+// the gradient pattern.  Sixteen partial sums (a fixed lane split) keep the loop vectorisable.
+template <typename S>
+void dw_dw_row(const S* __restrict x, const S* __restrict dy, const int32_t* __restrict ptr,
+               const int32_t* __restrict idx, int64_t o, int64_t mult, const ConvGeom& g, S* __restrict dw) {
+  const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo, c = o / mult;
+  for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
+    const int64_t tap = idx[e], i = tap / g.kw, j = tap % g.kw;
+    const int64_t off = j * g.dw - g.pw;
+    int64_t lo, hi;
+    valid_range(0, g.Wo, g.sw, off, g.W, lo, hi);
+    S part[16] = {};
+    for (int64_t n = 0; n < g.N; ++n) {
+      const S* xc = x + (n * g.C + c) * g.H * g.W;
+      const S* dyo = dy + (n * g.O + o) * P;
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        const S* xr = xc + ih * g.W;
+        const S* dr = dyo + oh * g.Wo;
+        for (int64_t k = lo; k < hi; ++k) part[k & 15] += dr[k] * xr[k * g.sw + off];
+      }
+    }
+    S s = 0;
+    for (int k = 0; k < 16; ++k) s += part[k];
+    dw[o * taps + tap] = s;
+  }
+}

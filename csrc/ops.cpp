@@ -1,0 +1,653 @@
+// sparsekern custom ops: schemas (TORCH_LIBRARY) and CPU implementations (TORCH_LIBRARY_IMPL).
+//
+// Every op takes the dense weight plus the index metadata of its pattern (int32 CSR, see
+// sparsekern/formats.py) and reads only the weight entries inside the pattern.  `block` is the
+// tile (bo, bk) of a block pattern in matrix units; (1, 1) is the unstructured layout, whose
+// metadata is plain CSR over elements.  For the input gradients the metadata is the transposed one
+// (CSC: ccol_indices / row_indices).
+//
+// Threading uses at::parallel_for (so torch.set_num_threads applies).  Work is split so that each
+// output element is computed by one task in a fixed order: results are bit-identical for any
+// thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace sparsekern {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// checks
+// ---------------------------------------------------------------------------------------------
+
+void check_float(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": expected dtype float32 or float64, got ", t.scalar_type());
+}
+
+void check_same_dtype(const Tensor& a, const char* an, const Tensor& b, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), bn, ": expected dtype ", a.scalar_type(), " (the dtype of ", an,
+              "), got ", b.scalar_type());
+}
+
+std::pair<int64_t, int64_t> check_block(at::IntArrayRef block) {
+  TORCH_CHECK(block.size() == 2, "block: expected two ints (bo, bk), got ", block.size());
+  TORCH_CHECK(block[0] >= 1 && block[1] >= 1, "block: expected positive sides, got ", block);
+  return {block[0], block[1]};
+}
+
+// Compressed index metadata: int32, contiguous, 1-D, ptr non-decreasing from 0 to idx.numel(),
+// every idx entry in [0, n_minor).  O(rows + nnz), cheap next to the product it guards.
+void check_compressed(const Tensor& ptr, const Tensor& idx, int64_t n_major, int64_t n_minor, const char* pname,
+                      const char* iname) {
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{ptr, pname}, {idx, iname}}) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  }
+  TORCH_CHECK(ptr.numel() == n_major + 1, pname, ": expected ", n_major + 1, " entries, got ", ptr.numel());
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t nnz = idx.numel();
+  TORCH_CHECK(p[0] == 0 && p[n_major] == nnz, pname, ": must start at 0 and end at ", iname,
+              ".numel() = ", nnz, ", got ", p[0], " .. ", p[n_major]);
+  bool mono = true;
+  for (int64_t i = 0; i < n_major; ++i) mono &= p[i] <= p[i + 1];
+  TORCH_CHECK(mono, pname, ": must be non-decreasing");
+  const int32_t* x = idx.data_ptr<int32_t>();
+  int32_t lo = 0, hi = 0;
+  if (nnz) {
+    lo = hi = x[0];
+    for (int64_t i = 0; i < nnz; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
+  }
+  TORCH_CHECK(nnz == 0 || (lo >= 0 && hi < n_minor), iname, ": entries must lie in [0, ", n_minor, "), got ", lo,
+              " .. ", hi);
+}
+
+std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, name, ": expected two ints, got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// scratch buffers: 64-byte aligned, one set per task
+// ---------------------------------------------------------------------------------------------
+
+template <typename S>
+struct Buf {
+  std::unique_ptr<S, void (*)(void*)> p{nullptr, std::free};
+  explicit Buf(int64_t n) {
+    const size_t bytes = std::max<size_t>(64, (size_t(n) * sizeof(S) + 63) / 64 * 64);
+    p.reset(static_cast<S*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(p, "sparsekern: out of memory allocating a ", bytes, "-byte scratch buffer");
+  }
+  S* get() const { return p.get(); }
+};
+
+constexpr int64_t kRowBlock = 32;  // panel rows per output transpose (a multiple of 4)
+
+// Splits [0, rows) into `parts` ranges of about equal cost (cost[r] >= 0), each a multiple of
+// `align` rows except the last.
+std::vector<int64_t> balanced_split(const std::vector<int64_t>& cost, int64_t parts, int64_t align) {
+  const int64_t rows = int64_t(cost.size());
+  std::vector<int64_t> bounds{0};
+  int64_t total = 0;
+  for (auto c : cost) total += c + 1;
+  int64_t acc = 0, next = 1;
+  for (int64_t r = 0; r < rows && next < parts; ++r) {
+    acc += cost[r] + 1;
+    if (acc * parts >= total * next && (r + 1) % align == 0 && r + 1 < rows) {
+      bounds.push_back(r + 1);
+      ++next;
+    }
+  }
+  bounds.push_back(rows);
+  return bounds;
+}
+
+// Nonzeros per row of a (block) CSR pattern, expanded to element rows.
+std::vector<int64_t> row_costs(const int32_t* ptr, int64_t rows, int64_t bo, int64_t bk) {
+  std::vector<int64_t> cost(rows);
+  for (int64_t r = 0; r < rows; ++r) cost[r] = int64_t(ptr[r / bo + 1] - ptr[r / bo]) * bk;
+  return cost;
+}
+
+// Values of an unstructured pattern packed in metadata order: val[e] = a[major * ms + idx[e] * is].
+template <typename S>
+Tensor pack_values(const S* a, const int32_t* ptr, const int32_t* idx, int64_t n_major, int64_t ms, int64_t is,
+                   int64_t nnz, const at::TensorOptions& opt) {
+  Tensor v = at::empty({nnz}, opt);
+  S* out = v.data_ptr<S>();
+  at::parallel_for(0, n_major, 256, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t j = ptr[m]; j < ptr[m + 1]; ++j) out[j] = a[m * ms + int64_t(idx[j]) * is];
+  });
+  return v;
+}
+
+// A sparse matrix A [R, C] in one of the two forms the panels take.
+template <typename S>
+struct SparseA {
+  const int32_t* ptr;
+  const int32_t* idx;
+  int64_t bo, bk, R, C;
+  const S* vals;  // packed values (unstructured) or nullptr
+  const S* a;     // dense storage, A[r, c] = a[r * ars + c * acs] (block)
+  int64_t ars, acs;
+  void panel(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
+    if (vals)
+      k.panel_csr(ptr, idx, vals, r0, r1, bt, ot);
+    else
+      k.panel_bsr(ptr, idx, bo, bk, C, a, ars, acs, r0, r1, bt, ot, cols);
+  }
+};
+
+// Tasks = tiles x row chunks, with enough chunks that every thread has work.
+int64_t row_chunks(int64_t ntiles, int64_t rows) {
+  const int64_t threads = at::get_num_threads();
+  if (ntiles >= 2 * threads) return 1;
+  return std::max<int64_t>(1, std::min(cdiv(2 * threads, std::max<int64_t>(ntiles, 1)), cdiv(rows, kRowBlock)));
+}
+
+// out [N, R] = b [N, C] @ A^T (+ bias), A sparse.
+template <typename S>
+void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out) {
+  const Kernels<S>& k = kernels<S>();
+  const int64_t T = k.panel_width, R = A.R, C = A.C;
+  const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
+  const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<S> bt(C * T), ot(kRowBlock * T);
+    std::vector<int32_t> cols;
+    int64_t last = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      if (tile != last) {
+        k.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        last = tile;
+      }
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        A.panel(k, rr, re, bt.get(), ot.get(), cols);
+        k.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+// ---------------------------------------------------------------------------------------------
+
+Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<Tensor>& bias_, const Tensor& crow,
+                  const Tensor& col, at::IntArrayRef block) {
+  check_float(x_, "x", 2);
+  check_float(weight_, "weight", 2);
+  check_same_dtype(weight_, "weight", x_, "x");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = x_.size(0), K = x_.size(1), M = weight_.size(0);
+  TORCH_CHECK(weight_.size(1) == K, "weight: expected shape [out_features, ", K, "] (x has ", K,
+              " features), got ", weight_.sizes());
+  Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    check_float(*bias_, "bias", 1);
+    check_same_dtype(weight_, "weight", *bias_, "bias");
+    TORCH_CHECK(bias_->size(0) == M, "bias: expected shape [", M, "], got ", bias_->sizes());
+    bias = bias_->contiguous();
+  }
+  check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
+  Tensor x = x_.contiguous(), w = weight_.contiguous();
+  Tensor y = at::empty({N, M}, x.options());
+  if (N == 0 || M == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
+    using S = scalar_t;
+    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, nullptr, w.data_ptr<S>(), K, 1};
+    Tensor packed;
+    if (bo == 1 && bk == 1) {
+      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, M, K, 1, col.numel(), x.options());
+      A.vals = packed.data_ptr<S>();
+    }
+    spmm_rows<S>(x.data_ptr<S>(), N, A, bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
+  });
+  return y;
+}
+
+Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, const Tensor& row,
+                 at::IntArrayRef block) {
+  check_float(dy_, "dy", 2);
+  check_float(weight_, "weight", 2);
+  check_same_dtype(weight_, "weight", dy_, "dy");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = dy_.size(0), M = weight_.size(0), K = weight_.size(1);
+  TORCH_CHECK(dy_.size(1) == M, "dy: expected shape [N, ", M, "] (weight has ", M, " rows), got ", dy_.sizes());
+  check_compressed(ccol, row, cdiv(K, bk), cdiv(M, bo), "ccol_indices", "row_indices");
+  Tensor dy = dy_.contiguous(), w = weight_.contiguous();
+  Tensor dx = at::empty({N, K}, dy.options());
+  if (N == 0 || K == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::linear_dx", [&] {
+    using S = scalar_t;
+    // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
+    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, nullptr, w.data_ptr<S>(), 1, K};
+    Tensor packed;
+    if (bo == 1 && bk == 1) {
+      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, K, 1, K, row.numel(), dy.options());
+      A.vals = packed.data_ptr<S>();
+    }
+    spmm_rows<S>(dy.data_ptr<S>(), N, A, nullptr, dx.data_ptr<S>());
+  });
+  return dx;
+}
+
+Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block) {
+  check_float(dy_, "dy", 2);
+  check_float(x_, "x", 2);
+  check_same_dtype(dy_, "dy", x_, "x");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = dy_.size(0), M = dy_.size(1), K = x_.size(1);
+  TORCH_CHECK(x_.size(0) == N, "x: expected ", N, " rows (dy has ", N, "), got shape ", x_.sizes());
+  check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  Tensor dw = at::zeros({M, K}, x.options());
+  if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return dw;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const int32_t* ptr = crow.data_ptr<int32_t>();
+    const int32_t* idx = col.data_ptr<int32_t>();
+    const int64_t T = k.dot_width, ntiles = cdiv(N, T);
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
+    const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
+    const S* xp = x.data_ptr<S>();
+    const S* dyp = dy.data_ptr<S>();
+    S* out = dw.data_ptr<S>();
+    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+      Buf<S> bt(K * T), at_(kRowBlock * T);
+      std::vector<int32_t> cols;
+      for (int64_t part = pb; part < pe; ++part) {
+        const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+        if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+          k.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+          for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+            const int64_t re = std::min(r1, rr + kRowBlock);
+            k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+            k.sddmm_tile(ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), out, K, cols);
+          }
+        }
+      }
+    });
+  });
+  return dw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv2d, groups = 1 (implicit GEMM on tiles of output positions)
+// ---------------------------------------------------------------------------------------------
+
+ConvGeom make_geom(at::IntArrayRef in_size, at::IntArrayRef w_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation) {
+  const auto [sh, sw] = pair_arg(stride, "stride", 1);
+  const auto [ph, pw] = pair_arg(padding, "padding", 0);
+  const auto [dh, dw] = pair_arg(dilation, "dilation", 1);
+  ConvGeom g{in_size[0], in_size[1], in_size[2], in_size[3], w_size[0], w_size[2], w_size[3], sh, sw, ph, pw, dh, dw,
+             0, 0};
+  g.Ho = (g.H + 2 * ph - dh * (g.kh - 1) - 1) / sh + 1;
+  g.Wo = (g.W + 2 * pw - dw * (g.kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "x: input of spatial size ", g.H, "x", g.W,
+              " is too small for the kernel, padding and dilation (output would be ", g.Ho, "x", g.Wo, ")");
+  return g;
+}
+
+void check_size_arg(at::IntArrayRef s, const char* name) {
+  TORCH_CHECK(s.size() == 4, name, ": expected 4 sizes, got ", s.size());
+  for (auto v : s) TORCH_CHECK(v >= 0, name, ": expected non-negative sizes, got ", s);
+}
+
+Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<Tensor>& bias_, const Tensor& crow,
+                  const Tensor& col, at::IntArrayRef block, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation) {
+  check_float(x_, "x", 4);
+  check_float(weight_, "weight", 4);
+  check_same_dtype(weight_, "weight", x_, "x");
+  const auto [bo, bk] = check_block(block);
+  TORCH_CHECK(weight_.size(1) == x_.size(1), "weight: expected ", x_.size(1),
+              " input channels (groups=1; x has that many), got shape ", weight_.sizes());
+  const ConvGeom g = make_geom(x_.sizes(), weight_.sizes(), stride, padding, dilation);
+  const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
+  Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    check_float(*bias_, "bias", 1);
+    check_same_dtype(weight_, "weight", *bias_, "bias");
+    TORCH_CHECK(bias_->size(0) == g.O, "bias: expected shape [", g.O, "], got ", bias_->sizes());
+    bias = bias_->contiguous();
+  }
+  check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
+  Tensor x = x_.contiguous(), w = weight_.contiguous();
+  Tensor y = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
+  if (g.N == 0 || g.O == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_fwd", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, g.O, Kc, nullptr, w.data_ptr<S>(), Kc, 1};
+    Tensor packed;
+    if (bo == 1 && bk == 1) {
+      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, g.O, Kc, 1, col.numel(), x.options());
+      A.vals = packed.data_ptr<S>();
+    }
+    const S* xp = x.data_ptr<S>();
+    const S* bp = bias.defined() ? bias.data_ptr<S>() : nullptr;
+    S* yp = y.data_ptr<S>();
+    const int64_t T = k.panel_width, Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
+    const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
+    at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+      Buf<S> bt(Kc * T), ot(kRowBlock * T);
+      std::vector<int32_t> cols;
+      int64_t last = -1;
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
+        if (r0 >= r1) continue;
+        const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+        if (tile != last) {
+          k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
+          last = tile;
+        }
+        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+          const int64_t re = std::min(r1, rr + kRowBlock);
+          A.panel(k, rr, re, bt.get(), ot.get(), cols);
+          k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, const Tensor& row,
+                 at::IntArrayRef block, at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation) {
+  check_float(dy_, "dy", 4);
+  check_float(weight_, "weight", 4);
+  check_same_dtype(weight_, "weight", dy_, "dy");
+  check_size_arg(input_size, "input_size");
+  const auto [bo, bk] = check_block(block);
+  TORCH_CHECK(weight_.size(1) == input_size[1], "weight: expected ", input_size[1],
+              " input channels (groups=1; input_size has that many), got shape ", weight_.sizes());
+  const ConvGeom g = make_geom(input_size, weight_.sizes(), stride, padding, dilation);
+  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo, taps = g.kh * g.kw;
+  check_compressed(ccol, row, cdiv(Kc, bk), cdiv(g.O, bo), "ccol_indices", "row_indices");
+  Tensor dy = dy_.contiguous(), w = weight_.contiguous();
+  Tensor dx = at::zeros({g.N, g.C, g.H, g.W}, dy.options());
+  if (g.N == 0 || g.C == 0 || row.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::conv2d_dx", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, Kc, g.O, nullptr, w.data_ptr<S>(), 1, Kc};
+    Tensor packed;
+    if (bo == 1 && bk == 1) {
+      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, Kc, 1, Kc, row.numel(), dy.options());
+      A.vals = packed.data_ptr<S>();
+    }
+    // Each task owns a range of input channels of dx: all their rows of W^T, every tile, in order.
+    std::vector<int64_t> cost(g.C, 0);
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t t = c * taps; t < (c + 1) * taps; ++t)
+        cost[c] += int64_t(A.ptr[t / bk + 1] - A.ptr[t / bk]) * bo;
+    const auto bounds = balanced_split(cost, std::min<int64_t>(g.C, at::get_num_threads()), 1);
+    const int64_t T = k.panel_width, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int64_t cgrp = std::max<int64_t>(1, kRowBlock / taps);  // channels per panel call
+    const S* dyp = dy.data_ptr<S>();
+    S* dxp = dx.data_ptr<S>();
+    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+      Buf<S> bt(g.O * T), ot(cgrp * taps * T);
+      std::vector<int32_t> cols;
+      for (int64_t part = pb; part < pe; ++part) {
+        const int64_t c0 = bounds[part], c1 = bounds[part + 1];
+        if (c0 >= c1) continue;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+          k.conv_in_tile(dyp, g.O, P, q0, nt, T, 0, g.O, bt.get());
+          for (int64_t cc = c0; cc < c1; cc += cgrp) {
+            const int64_t ce = std::min(c1, cc + cgrp);
+            A.panel(k, cc * taps, ce * taps, bt.get(), ot.get(), cols);
+            k.col2im_tile(ot.get(), g, q0, nt, T, cc, ce, dxp);
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                 at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation) {
+  check_float(dy_, "dy", 4);
+  check_float(x_, "x", 4);
+  check_same_dtype(dy_, "dy", x_, "x");
+  check_size_arg(weight_size, "weight_size");
+  const auto [bo, bk] = check_block(block);
+  TORCH_CHECK(weight_size[1] == x_.size(1), "weight_size: expected ", x_.size(1),
+              " input channels (groups=1; x has that many), got ", weight_size);
+  const ConvGeom g = make_geom(x_.sizes(), weight_size, stride, padding, dilation);
+  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
+  check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  Tensor dw = at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
+  if (g.N == 0 || col.numel() == 0) return dw;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_dw", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const int32_t* ptr = crow.data_ptr<int32_t>();
+    const int32_t* idx = col.data_ptr<int32_t>();
+    const int64_t T = k.dot_width, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(g.O, 4));
+    const auto bounds = balanced_split(row_costs(ptr, g.O, bo, bk), parts, 1);
+    const S* xp = x.data_ptr<S>();
+    const S* dyp = dy.data_ptr<S>();
+    S* out = dw.data_ptr<S>();
+    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+      Buf<S> bt(Kc * T), at_(kRowBlock * T);
+      std::vector<int32_t> cols;
+      for (int64_t part = pb; part < pe; ++part) {
+        const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+        if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+          k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
+          for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+            const int64_t re = std::min(r1, rr + kRowBlock);
+            k.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
+            k.sddmm_tile(ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), out, Kc, cols);
+          }
+        }
+      }
+    });
+  });
+  return dw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise conv2d (groups = C_in, weight [C_out, 1, kh, kw], C_out a multiple of C_in), direct
+// ---------------------------------------------------------------------------------------------
+
+void check_depthwise(const ConvGeom& g, int64_t w_in) {
+  TORCH_CHECK(w_in == 1, "weight: expected shape [C_out, 1, kh, kw] for a depthwise conv, got ", w_in,
+              " input channels per group");
+  TORCH_CHECK(g.C > 0 && g.O % g.C == 0, "weight: depthwise conv needs C_out (", g.O,
+              ") to be a multiple of the input channels (", g.C, ")");
+}
+
+Tensor dwconv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<Tensor>& bias_, const Tensor& crow,
+                    const Tensor& col, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_float(x_, "x", 4);
+  check_float(weight_, "weight", 4);
+  check_same_dtype(weight_, "weight", x_, "x");
+  const ConvGeom g = make_geom(x_.sizes(), weight_.sizes(), stride, padding, dilation);
+  check_depthwise(g, weight_.size(1));
+  Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    check_float(*bias_, "bias", 1);
+    check_same_dtype(weight_, "weight", *bias_, "bias");
+    TORCH_CHECK(bias_->size(0) == g.O, "bias: expected shape [", g.O, "], got ", bias_->sizes());
+    bias = bias_->contiguous();
+  }
+  check_compressed(crow, col, g.O, g.kh * g.kw, "crow_indices", "col_indices");
+  Tensor x = x_.contiguous(), w = weight_.contiguous();
+  Tensor y = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::dwconv2d_fwd", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const int64_t P = g.Ho * g.Wo, mult = g.O / g.C;
+    const S* xp = x.data_ptr<S>();
+    const S* wp = w.data_ptr<S>();
+    const S* bp = bias.defined() ? bias.data_ptr<S>() : nullptr;
+    S* yp = y.data_ptr<S>();
+    at::parallel_for(0, g.N * g.O, 4, [&](int64_t b, int64_t e) {
+      for (int64_t pl = b; pl < e; ++pl) {
+        const int64_t n = pl / g.O, o = pl % g.O;
+        k.dw_fwd_plane(xp + (n * g.C + o / mult) * g.H * g.W, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                       o, g, bp ? bp[o] : S(0), yp + pl * P);
+      }
+    });
+  });
+  return y;
+}
+
+Tensor dwconv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& crow, const Tensor& col,
+                   at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation) {
+  check_float(dy_, "dy", 4);
+  check_float(weight_, "weight", 4);
+  check_same_dtype(weight_, "weight", dy_, "dy");
+  check_size_arg(input_size, "input_size");
+  const ConvGeom g = make_geom(input_size, weight_.sizes(), stride, padding, dilation);
+  check_depthwise(g, weight_.size(1));
+  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_compressed(crow, col, g.O, g.kh * g.kw, "crow_indices", "col_indices");
+  Tensor dy = dy_.contiguous(), w = weight_.contiguous();
+  Tensor dx = at::zeros({g.N, g.C, g.H, g.W}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::dwconv2d_dx", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const int64_t P = g.Ho * g.Wo, mult = g.O / g.C;
+    const S* dyp = dy.data_ptr<S>();
+    const S* wp = w.data_ptr<S>();
+    S* dxp = dx.data_ptr<S>();
+    at::parallel_for(0, g.N * g.C, 4, [&](int64_t b, int64_t e) {
+      for (int64_t pl = b; pl < e; ++pl) {
+        const int64_t n = pl / g.C, c = pl % g.C;
+        for (int64_t o = c * mult; o < (c + 1) * mult; ++o)
+          k.dw_dx_plane(dyp + (n * g.O + o) * P, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g,
+                        dxp + pl * g.H * g.W);
+      }
+    });
+  });
+  return dx;
+}
+
+Tensor dwconv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col,
+                   at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation) {
+  check_float(dy_, "dy", 4);
+  check_float(x_, "x", 4);
+  check_same_dtype(dy_, "dy", x_, "x");
+  check_size_arg(weight_size, "weight_size");
+  const ConvGeom g = make_geom(x_.sizes(), weight_size, stride, padding, dilation);
+  check_depthwise(g, weight_size[1]);
+  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_compressed(crow, col, g.O, g.kh * g.kw, "crow_indices", "col_indices");
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  Tensor dw = at::zeros({g.O, 1, g.kh, g.kw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::dwconv2d_dw", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const S* xp = x.data_ptr<S>();
+    const S* dyp = dy.data_ptr<S>();
+    S* out = dw.data_ptr<S>();
+    at::parallel_for(0, g.O, 1, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o)
+        k.dw_dw_row(xp, dyp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g.O / g.C, g, out);
+    });
+  });
+  return dw;
+}
+
+std::string cpu_isa(c10::string_view request) {
+  const std::string req(request.data(), request.size());
+  const char* got = select_isa(req.c_str());
+  if (!got) {
+    std::string have;
+    for (auto s : supported_isas()) have += std::string(have.empty() ? "" : ", ") + s;
+    TORCH_CHECK(false, "request: unknown or unsupported instruction set '", req, "'; this CPU supports: ", have);
+  }
+  return got;
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY(sparsekern, m) {
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block) -> Tensor");
+  m.def("linear_dx(Tensor dy, Tensor weight, Tensor ccol_indices, Tensor row_indices, int[2] block) -> Tensor");
+  m.def("linear_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block) -> Tensor");
+  m.def(
+      "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_dx(Tensor dy, Tensor weight, Tensor ccol_indices, Tensor row_indices, int[2] block, int[4] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, int[4] weight_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_dx(Tensor dy, Tensor weight, Tensor crow_indices, Tensor col_indices, int[4] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  // Not a tensor op: reports (or, for tests, selects) the instruction set the kernels use.
+  m.def("cpu_isa(str request=\"\") -> str", &sparsekern::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("linear_fwd", &sparsekern::linear_fwd);
+  m.impl("linear_dx", &sparsekern::linear_dx);
+  m.impl("linear_dw", &sparsekern::linear_dw);
+  m.impl("conv2d_fwd", &sparsekern::conv2d_fwd);
+  m.impl("conv2d_dx", &sparsekern::conv2d_dx);
+  m.impl("conv2d_dw", &sparsekern::conv2d_dw);
+  m.impl("dwconv2d_fwd", &sparsekern::dwconv2d_fwd);
+  m.impl("dwconv2d_dx", &sparsekern::dwconv2d_dx);
+  m.impl("dwconv2d_dw", &sparsekern::dwconv2d_dw);
+}

@@ -1,0 +1,89 @@
+"""Build of sparsekern: the pure-Python package plus the C++ CPU kernels (``sparsekern._C``).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
+already installed (torch is deliberately not a build requirement; a build never pulls a second
+one).  Switches, read from the environment:
+
+  SPARSEKERN_CPP=0      skip the C++ extension; install the pure-Python package only
+                        (the ``cpp`` backend then reports itself unavailable and the reference runs).
+  SPARSEKERN_NATIVE=1   add -march=native (fastest on the build machine, not portable).  Off by
+                        default: the kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64
+                        in one library and pick at run time (see csrc/cpu/kernels.cpp).
+  SPARSEKERN_DEBUG=1    -O0 -g instead of -O3.
+  MAX_JOBS=N            parallel compile jobs (torch's BuildExtension honours it).
+
+When torch or a C++ compiler is missing the extension is skipped with one message and the
+pure-Python package is installed.  Every decision is printed as one ``[sparsekern]`` line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"[sparsekern] {msg}", file=sys.stderr)
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _extensions():
+    if not _flag("SPARSEKERN_CPP", "1"):
+        _say("SPARSEKERN_CPP=0: skipping the C++ kernels; installing the pure-Python package")
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # no torch in the build environment (e.g. build isolation)
+        _say(
+            f"torch is not importable ({exc}); skipping the C++ kernels. "
+            "Install torch first and use `pip install --no-build-isolation` to build them."
+        )
+        return [], {}
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        _say(f"no C++ compiler found ({cxx!r} / g++); skipping the C++ kernels, the reference backend will run")
+        return [], {}
+    _say(f"building the C++ CPU kernels against torch {torch.__version__}")
+    debug = _flag("SPARSEKERN_DEBUG", "0")
+    cflags = ["-O0", "-g"] if debug else ["-O3"]
+    _say("SPARSEKERN_DEBUG=1: -O0 -g" if debug else "optimisation: -O3")
+    # FMA contraction is off in ISO C++ modes by default; the kernels want it.
+    cflags += ["-std=c++17", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
+    if _flag("SPARSEKERN_NATIVE", "0"):
+        cflags.append("-march=native")
+        _say("SPARSEKERN_NATIVE=1: adding -march=native")
+    else:
+        _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
+    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+    ext = CppExtension(
+        "sparsekern._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cflags},
+    )
+
+    class _Build(BuildExtension):
+        """BuildExtension that falls back to the pure-Python package if compiling fails."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                if _flag("SPARSEKERN_REQUIRE_BUILD", "0"):
+                    raise
+                _say(f"building the C++ kernels failed ({exc}); installing the pure-Python package only")
+
+    return [ext], {"build_ext": _Build.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
