@@ -4,6 +4,11 @@ import random
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when its kernels are defined, so it is set here, before any test
+# imports them: without a GPU, tests/test_triton_*.py run the kernels in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

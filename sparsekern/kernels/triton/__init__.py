@@ -84,25 +84,6 @@ class TritonBackend(Backend):
         if info.op != "linear":
             return False, f"op {info.op!r}: the Triton backend has linear kernels only (conv2d is not implemented yet)"
         interp = self._interpreted()
-        dev = info.device
-        if dev.type == "cpu":
-            if not interp:
-                if _kernels_interpreted() is False:
-                    return False, (
-                        "CPU tensors need the Triton interpreter, but the kernels were already compiled for the "
-                        "GPU in this process (set TRITON_INTERPRET=1 before sparsekern's Triton kernels are first used)"
-                    )
-                return False, "CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 (slow; for testing)"
-        elif dev.type == "cuda":
-            if not interp and torch.version.hip is None:
-                cap = torch.cuda.get_device_capability(dev)
-                if cap < _MIN_CAPABILITY:
-                    return False, (
-                        f"device {dev}: compute capability {cap[0]}.{cap[1]}; the Triton kernels need "
-                        f"{_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}+ (Ampere or newer)"
-                    )
-        else:
-            return False, f"device type {dev.type!r}: Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
         if info.dtype == torch.float64:
             if not interp:
                 return False, "dtype torch.float64: supported only under the Triton interpreter (TRITON_INTERPRET=1)"
@@ -113,6 +94,31 @@ class TritonBackend(Backend):
                 return False, f"{what} layout {layout!r}: expected 'unstructured' or 'block'"
             if layout == "block" and block is not None and any(s not in _BLOCK_SIDES for s in block):
                 return False, f"block size {tuple(block)}: tile sides must be one of {_BLOCK_SIDES}"
+        dev = info.device
+        if dev.type == "cpu":
+            if not interp:
+                if _kernels_interpreted() is False:
+                    return False, (
+                        "CPU tensors need the Triton interpreter, but the kernels were already compiled for the "
+                        "GPU in this process (set TRITON_INTERPRET=1 before sparsekern's Triton kernels are first used)"
+                    )
+                return (
+                    False,
+                    "CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 (slow; for testing)",
+                )
+        elif dev.type == "cuda":
+            if not interp and torch.version.hip is None:
+                cap = torch.cuda.get_device_capability(dev)
+                if cap < _MIN_CAPABILITY:
+                    return False, (
+                        f"device {dev}: compute capability {cap[0]}.{cap[1]}; the Triton kernels need "
+                        f"{_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}+ (Ampere or newer)"
+                    )
+        else:
+            return (
+                False,
+                f"device type {dev.type!r}: Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
+            )
         return True, ""
 
     # ----------------------------------------------------------------------------------------

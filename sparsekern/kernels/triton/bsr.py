@@ -207,9 +207,7 @@ def _sddmm_configs():
         (32, 32, 128, 4, 3),
         (16, 16, 128, 4, 3),
     ]
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=s) for m, k, n, w, s in space
-    ]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=s) for m, k, n, w, s in space]
 
 
 _spmm = Tuned(
@@ -274,7 +272,9 @@ def _check_meta(meta: BSRMeta, weight_shape) -> None:
             raise ValueError(f"meta: block sides must be powers of two >= 16, got {meta.block}")
 
 
-def _spmm_launch(a, weight, bias, out, ptr, idx, order, R, C, n_rblocks, stride_wr, stride_wc, BR, BC, precision, config):
+def _spmm_launch(
+    a, weight, bias, out, ptr, idx, order, R, C, n_rblocks, stride_wr, stride_wc, BR, BC, precision, config
+):
     N = a.shape[0]
 
     def grid(m):

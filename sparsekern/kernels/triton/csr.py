@@ -143,9 +143,7 @@ def _spmm_configs():
         (2, 256, 4, 4, 1),
         (32, 128, 1, 8, 1),
     ]
-    return [
-        triton.Config(dict(BLOCK_R=r, BLOCK_N=n, UNROLL=u), num_warps=w, num_stages=s) for r, n, u, w, s in space
-    ]
+    return [triton.Config(dict(BLOCK_R=r, BLOCK_N=n, UNROLL=u), num_warps=w, num_stages=s) for r, n, u, w, s in space]
 
 
 def _sddmm_configs():
