@@ -91,6 +91,8 @@ class Backend:
     """Interface of a backend.  Subclasses override the trio for each op they support."""
 
     name: str = "?"
+    #: whether conv kernels take channels-last (NHWC-strided) tensors as they are
+    channels_last: bool = False
 
     def available(self) -> tuple[bool, str]:
         """Whether the backend can run at all here (built, importable); reason if not."""

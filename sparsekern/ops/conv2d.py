@@ -14,7 +14,11 @@ __all__ = ["sparse_conv2d", "normalize_conv_args"]
 
 
 class SparseConv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x, W⊙M) + b``; ``dW`` on the gradient pattern only.  x is 4-D and contiguous."""
+    """``y = conv2d(x, W⊙M) + b``; ``dW`` on the gradient pattern only.
+
+    ``x`` is 4-D and contiguous: NCHW, or channels-last for backends that declare
+    ``channels_last`` (their kernels read strides).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend):
@@ -27,7 +31,7 @@ class SparseConv2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dy = dy.contiguous()
+        dy = _dense_layout(dy, ctx.backend)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = ctx.backend.conv2d_input_grad(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
@@ -36,6 +40,13 @@ class SparseConv2dFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None, None, None, None
+
+
+def _dense_layout(t: torch.Tensor, backend) -> torch.Tensor:
+    """``t`` as is if it is dense channels-last and the backend reads that, else NCHW-contiguous."""
+    if backend.channels_last and t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
 
 
 def _pair(v, name: str, *, minimum: int) -> tuple[int, int]:
@@ -145,5 +156,5 @@ def sparse_conv2d(
         tuple(weight.shape),
     )
     be = select_backend(info, backend)
-    y = SparseConv2dFunction.apply(x.contiguous(), weight, bias, pattern, gpattern, conv, be)
+    y = SparseConv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be)
     return y.squeeze(0) if unbatched else y

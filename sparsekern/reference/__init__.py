@@ -67,6 +67,7 @@ class ReferenceBackend(Backend):
     """Dense masked PyTorch: runs everywhere, every dtype, every layout."""
 
     name = "reference"
+    channels_last = True
 
     def supports(self, info: CallInfo) -> tuple[bool, str]:
         return True, ""
