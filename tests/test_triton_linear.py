@@ -248,7 +248,8 @@ def test_verifier_states_why_a_call_is_refused(monkeypatch):
     be = tk.TritonBackend()
     assert be.available() == (True, "")
     cases = [
-        (_info(op="conv2d", conv=ConvParams()), "conv2d is not implemented"),
+        (_info(op="conv2d", conv=ConvParams(groups=2), weight_shape=(4, 1, 3, 3)), "groups=2"),
+        (_info(op="conv2d", conv=ConvParams(), block_size=(16, 20), weight_shape=(16, 16, 3, 3)), "input channels"),
         (_info(dtype=torch.int32), "dtype torch.int32"),
         (_info(block_size=(16, 48)), r"block size \(16, 48\)"),
         (_info(layout="diagonal"), "weight layout 'diagonal'"),
@@ -282,9 +283,9 @@ def test_unavailable_without_triton(monkeypatch):
 
 
 def test_explicit_backend_error_carries_the_reason():
-    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
-    with pytest.raises(BackendError, match="backend 'triton'.*conv2d is not implemented"):
-        sk.sparse_conv2d(x, w, None, torch.ones(3, 2, 3, 3, dtype=torch.bool), backend="triton")
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    with pytest.raises(BackendError, match="backend 'triton'.*groups=4"):
+        sk.sparse_conv2d(x, w, None, torch.ones(4, 1, 3, 3, dtype=torch.bool), None, 1, 1, 1, 4, backend="triton")
 
 
 def test_fp32_precision_argument_is_checked():

@@ -7,7 +7,8 @@ which load on first use, so ``import sparsekern`` neither needs Triton nor initi
 
 What the verifier (:meth:`TritonBackend.supports`) accepts, and why it refuses the rest:
 
-* op ``linear`` (conv2d has no Triton kernel yet);
+* ops ``linear`` and ``conv2d`` (groups=1; block tiles of 16..128 output by 16..128 input
+  channels spanning every kernel tap);
 * CUDA tensors on compute capability 8.0+ (ROCm devices are passed through to Triton), or CPU
   tensors under the interpreter;
 * float32, float16, bfloat16 (fp32 accumulation); float64 only under the interpreter (fp64
@@ -52,6 +53,20 @@ def _kernels_interpreted() -> bool | None:
     return None if mod is None else bool(mod.INTERPRET)
 
 
+def _conv_supported(info: CallInfo) -> tuple[bool, str]:
+    """conv2d: groups=1; a block tile must cover 16..128 output by 16..128 input channels."""
+    if info.conv is not None and info.conv.groups != 1:
+        return False, f"conv2d groups={info.conv.groups}: the Triton conv kernels support groups=1"
+    if info.layout == "block" and info.block_size is not None:
+        if info.weight_shape is None:
+            return False, "conv2d block layout without the weight shape: cannot tell the channel tile"
+        taps = info.weight_shape[2] * info.weight_shape[3]
+        bo, bkk = info.block_size
+        if bkk % taps or bo not in _BLOCK_SIDES or bkk // taps not in _BLOCK_SIDES:
+            return False, f"conv2d block {info.block_size}: tiles must cover 16..128 output x 16..128 input channels"
+    return True, ""
+
+
 class TritonBackend(Backend):
     """Triton kernels for ``sparse_linear`` (forward, input gradient, weight gradient on ``G``).
 
@@ -61,6 +76,7 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
+    channels_last = True  # the conv kernels read NCHW and channels-last tensors through strides
 
     def __init__(self, fp32_precision: str | None = None) -> None:
         if fp32_precision not in (None, "ieee", "tf32", "tf32x3"):
@@ -81,8 +97,12 @@ class TritonBackend(Backend):
         return _interpret_requested() if built is None else built
 
     def supports(self, info: CallInfo) -> tuple[bool, str]:
-        if info.op != "linear":
-            return False, f"op {info.op!r}: the Triton backend has linear kernels only (conv2d is not implemented yet)"
+        if info.op not in ("linear", "conv2d"):
+            return False, f"op {info.op!r}: the Triton backend has linear and conv2d kernels"
+        if info.op == "conv2d":
+            ok, why = _conv_supported(info)
+            if not ok:
+                return False, why
         interp = self._interpreted()
         if info.dtype == torch.float64:
             if not interp:
@@ -92,7 +112,9 @@ class TritonBackend(Backend):
         for layout, block, what in ((info.layout, info.block_size, "weight"), (info.grad_layout, None, "gradient")):
             if layout not in ("unstructured", "block"):
                 return False, f"{what} layout {layout!r}: expected 'unstructured' or 'block'"
-            if layout == "block" and block is not None and any(s not in _BLOCK_SIDES for s in block):
+            if info.op == "linear" and layout == "block" and block is not None and any(
+                s not in _BLOCK_SIDES for s in block
+            ):
                 return False, f"block size {tuple(block)}: tile sides must be one of {_BLOCK_SIDES}"
         dev = info.device
         if dev.type == "cpu":
@@ -164,3 +186,31 @@ class TritonBackend(Backend):
         from .csr import csr_linear_weight_grad
 
         return csr_linear_weight_grad(dy, x, grad_pattern.csr())
+
+    # ----------------------------------------------------------------------------------------
+    # conv2d trio (implicit GEMM, see conv.py)
+    # ----------------------------------------------------------------------------------------
+
+    def conv2d_forward(self, x, weight, bias, pattern, conv):
+        from . import conv as tc
+
+        if pattern.layout == "block":
+            return tc.bsr_conv2d_forward(x, weight.contiguous(), bias, pattern.bsr(), conv,
+                                         precision=self.fp32_precision)
+        return tc.csr_conv2d_forward(x, weight.contiguous(), bias, pattern.csr(), conv)
+
+    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
+        from . import conv as tc
+
+        if pattern.layout == "block":
+            return tc.bsr_conv2d_input_grad(dy, weight.contiguous(), pattern.bsr(), input_shape, conv,
+                                            precision=self.fp32_precision)
+        return tc.csr_conv2d_input_grad(dy, weight.contiguous(), pattern.csr(), input_shape, conv)
+
+    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
+        from . import conv as tc
+
+        if grad_pattern.layout == "block":
+            return tc.bsr_conv2d_weight_grad(dy, x, grad_pattern.bsr(), weight_shape, conv,
+                                             precision=self.fp32_precision)
+        return tc.csr_conv2d_weight_grad(dy, x, grad_pattern.csr(), weight_shape, conv)
