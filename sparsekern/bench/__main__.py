@@ -20,7 +20,7 @@ __all__ = ["main", "build_parser"]
 _TIMING = {
     "smoke": dict(warmup=1, min_time=0.0, block_time=0.0, min_samples=2, max_samples=2),
     "quick": dict(warmup=1, min_time=0.15, block_time=0.01, min_samples=3, max_samples=20),
-    "full": dict(warmup=2, min_time=0.3, block_time=0.02, min_samples=5, max_samples=40),
+    "full": dict(warmup=2, min_time=0.2, block_time=0.02, min_samples=5, max_samples=30),
 }
 
 
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = expand(sel)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if not cases:
+        raise SystemExit("no case matches the selection (check that --shapes fit --ops; see --list)")
     if args.list:
         for c in cases:
             print(c.id)

@@ -128,7 +128,7 @@ def _r18_cifar(batches) -> list[ConvShape]:
     # the 3x3 conv layers of a CIFAR ResNet-18 (3x3 stem, no max-pool), one per distinct shape
     return [
         ConvShape("r18c-stem", 3, 64, 32, 3, 1, 1, batches),
-        ConvShape("r18c-l1", 64, 64, 32, 3, 1, 1, batches),
+        ConvShape("r18c-l1", 64, 64, 32, 3, 1, 1, tuple(sorted({*batches, 4 * batches[0]}))),
         ConvShape("r18c-l2-down", 64, 128, 32, 3, 2, 1, batches),
         ConvShape("r18c-l2", 128, 128, 16, 3, 1, 1, batches),
         ConvShape("r18c-l3-down", 128, 256, 16, 3, 2, 1, batches),
@@ -160,7 +160,7 @@ def _r50(batches) -> list[ConvShape]:
 
 def _mlp(batches) -> list[LinearShape]:
     return [
-        LinearShape("mlp-768x3072", 768, 3072, batches),
+        LinearShape("mlp-768x3072", 768, 3072, tuple(sorted({*batches, 4 * batches[0]}))),
         LinearShape("mlp-3072x768", 3072, 768, batches),
         LinearShape("mlp-4096x4096", 4096, 4096, batches),
     ]
@@ -171,14 +171,20 @@ SHAPE_SETS: dict[str, list] = {
     "tiny-linear": [LinearShape("tiny", 64, 48, (16,), "tiny")],
     "tiny-conv": [ConvShape("tiny-conv", 8, 16, 8, 3, 1, 1, (2,), "tiny")],
     "tiny-model": [ModelShape("tiny-mlp", "mlp", 64, (8,), 2, "tiny")],
-    "mlp": _mlp((128, 512)),
-    "resnet18-cifar": _r18_cifar((16, 64)),
+    # the first layer of each set is also timed at 4x the batch
+    "mlp": _mlp((128,)),
+    "resnet18-cifar": _r18_cifar((16,)),
     "resnet18-imagenet": _r18_imagenet((4,)),
     "resnet50": _r50((4,)),
-    "resnet18-nf20": [ModelShape("resnet18-nf20", "resnet18", 20, (16,), 4)],
+    "e2e-resnet18-nf20": [ModelShape("e2e-resnet18-nf20", "resnet18", 20, (16,), 4)],
     "e2e": [
-        ModelShape("resnet18-cifar", "resnet18", 64, (32,), 8),
-        ModelShape("mlp", "mlp", 3072, (128,), 8),
+        ModelShape("e2e-resnet18", "resnet18", 64, (32,), 4),
+        ModelShape("e2e-mlp", "mlp", 3072, (64,), 4),
+    ],
+    # the reduced ResNet-18 of the continual-learning literature (nf=20)
+    "e2e-small": [
+        ModelShape("e2e-resnet18-nf20-N32", "resnet18", 20, (32,), 4),
+        ModelShape("e2e-mlp", "mlp", 3072, (64,), 4),
     ],
 }
 
@@ -342,9 +348,9 @@ def expand(sel: Selection) -> list[Case]:
                                 for p in sel.providers:
                                     if p == "dense":
                                         continue
-                                    if op not in ("train_step", "train_epoch") and (
-                                        s not in sel.provider_sparsities.get(p, [s])
-                                        or mode not in sel.provider_modes.get(p, [mode])
+                                    if s not in sel.provider_sparsities.get(p, [s]) or (
+                                        op not in ("train_step", "train_epoch")
+                                        and mode not in sel.provider_modes.get(p, [mode])
                                     ):
                                         continue
                                     add(Case(op, p, mode, shape, batch, s, layout, dtype, sel.device))
@@ -374,21 +380,31 @@ PRESETS: dict[str, Selection] = {
         batches=[32],
         sparsities=[0.9],
         layouts=["unstructured", "block32"],
-        op_shapes={"train_step": ["resnet18-nf20"]},
+        op_shapes={"train_step": ["e2e-resnet18-nf20"]},
         op_batches={"train_step": [16]},
         e2e_sparsities=[0.0, 0.9],
     ),
+    # "full": the CPU sweep, sized to about a quarter of an hour on 2 shared cores
     "full": _sel(
         ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch"],
         providers=list(PROVIDERS),
         modes=["fwd+bwd"],
-        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"], "linear": ["fwd", "bwd", "fwd+bwd"]},
-        shapes=["mlp", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e"],
-        sparsities=[0.5, 0.75, 0.9, 0.95, 0.98],
+        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
+        shapes=["mlp-768x3072", "mlp-4096x4096", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e-small"],
+        sparsities=[0.75, 0.9, 0.95, 0.98],
         layouts=["unstructured", "block16", "block32", "block64"],
-        op_sparsities={"conv2d": [0.75, 0.9, 0.95], "rebuild": [0.9]},
+        op_sparsities={"spmm": [0.5, 0.75, 0.9, 0.95, 0.98], "conv2d": [0.9, 0.95], "rebuild": [0.9]},
         op_layouts={"conv2d": ["unstructured", "block16", "block32"]},
-        op_shapes={"rebuild": ["mlp-4096x4096", "r18c-l4", "r50-s3-3x3"]},
+        op_shapes={
+            "spmm": ["mlp-768x3072"],
+            "sddmm": ["mlp-768x3072"],
+            "rebuild": ["mlp-4096x4096", "r18c-l4", "r50-s3-3x3"],
+        },
+        op_batches={"spmm": [128], "sddmm": [128], "linear": [128]},
+        # the reference's speed does not depend on sparsity (dense masked math): one level;
+        # torch.sparse's CSR backward is far slower than dense, so its forward only
+        provider_sparsities={"reference": [0.9]},
+        provider_modes={"torch.sparse": ["fwd"]},
         e2e_sparsities=[0.0, 0.75, 0.9, 0.95],
     ),
 }

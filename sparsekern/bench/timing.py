@@ -63,9 +63,13 @@ def time_cpu(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    calls = 0
     for _ in range(max(1, cfg.warmup)):
         fn()
-    per_call = (time.perf_counter() - t0) / max(1, cfg.warmup)
+        calls += 1
+        if time.perf_counter() - t0 > 1.0:  # one warm-up call is enough for a slow case
+            break
+    per_call = (time.perf_counter() - t0) / calls
     number = max(1, int(cfg.block_time / max(per_call, 1e-9)))
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=cfg.threads)
     samples: list[float] = []
