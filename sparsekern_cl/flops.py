@@ -114,9 +114,21 @@ class FlopCounter:
         return d
 
     def _add(self, name: str, part: str, flops: float, dense: float) -> None:
-        self.totals[part] += flops
-        self.dense_totals[part] += dense
+        self.totals[part] = self.totals.get(part, 0.0) + flops
+        self.dense_totals[part] = self.dense_totals.get(part, 0.0) + dense
         self.per_layer[name] += flops
+
+    def add(self, layer: str, part: str, flops: float, dense_flops: float = 0.0) -> None:
+        """Count work a method does outside the layers' own calls (only while ``active``).
+
+        Args:
+            layer: the layer it belongs to (for ``per_layer``).
+            part: a part name; a new one (e.g. ``"dense_grad"``) gets its own entry in ``totals``.
+            flops: FLOPs done; ``dense_flops``: what the dense equivalent run does for it (0 for
+                work a dense model never needs, such as a dense gradient for growth decisions).
+        """
+        if self.active:
+            self._add(layer, part, float(flops), float(dense_flops))
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -24,7 +25,8 @@ __all__ = ["run", "evaluate", "build_run"]
 
 SETTINGS = ("task_il", "class_il")
 # keys that may differ between a run and its resumption
-_RESUME_FREE = {"resume", "stop_after_epochs", "progress", "output_dir", "threads", "plots", "compare_dense"}
+_RESUME_FREE = {"resume", "stop_after_epochs", "progress", "output_dir", "threads", "plots", "compare_dense",
+                "save_checkpoints"}
 _METHOD_PLUGINS: dict = {}
 
 
@@ -40,12 +42,14 @@ def register_method(name: str, base: str, make_plugins) -> None:
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, scenario: Scenario, trained_upto: int, device, batch_size: int = 256) -> dict[str, list[float]]:
+def evaluate(model, scenario: Scenario, trained_upto: int, device, batch_size: int = 256,
+             task_context=None) -> dict[str, list[float]]:
     """Accuracy (%) on every task's evaluation data, Task-IL and Class-IL.
 
     Task-IL predicts within the task's own classes.  Class-IL predicts among the classes of all
     tasks seen so far (``0..trained_upto``); for a task not yet trained (``j > trained_upto``,
-    used by FWT) the candidates are the classes of tasks ``0..j``.
+    used by FWT) the candidates are the classes of tasks ``0..j``.  ``task_context(j)``, if
+    given, returns a context manager inside which task ``j`` is evaluated (per-task masks/heads).
     """
     was_training = model.training
     model.eval()
@@ -55,12 +59,13 @@ def evaluate(model, scenario: Scenario, trained_upto: int, device, batch_size: i
         lo, hi = scenario.task_classes(j)
         hi_c = (max(trained_upto, j) + 1) * k
         correct_t = correct_c = 0
-        for s in range(0, len(data), batch_size):
-            x = scenario.preprocess(data.x[s : s + batch_size], train=False).to(device)
-            y = data.y[s : s + batch_size].to(device)
-            logits = model(x)
-            correct_t += int((logits[:, lo:hi].argmax(1) + lo == y).sum())
-            correct_c += int((logits[:, :hi_c].argmax(1) == y).sum())
+        with task_context(j) if task_context is not None else nullcontext():
+            for s in range(0, len(data), batch_size):
+                x = scenario.preprocess(data.x[s : s + batch_size], train=False).to(device)
+                y = data.y[s : s + batch_size].to(device)
+                logits = model(x)
+                correct_t += int((logits[:, lo:hi].argmax(1) + lo == y).sum())
+                correct_c += int((logits[:, :hi_c].argmax(1) == y).sum())
         n = max(len(data), 1)
         out["task_il"].append(100.0 * correct_t / n)
         out["class_il"].append(100.0 * correct_c / n)
@@ -90,6 +95,7 @@ def build_run(cfg: dict):
     plugins = _METHOD_PLUGINS[cfg["method"]](cfg, model, scenario) if cfg["method"] in _METHOD_PLUGINS else []
     strategy = make_strategy(cfg["method"], model, scenario, cfg, device, plugins)
     counter = FlopCounter(model)
+    strategy.flop_counter = counter
     return scenario, model, strategy, counter
 
 
@@ -138,10 +144,18 @@ def _save(path: str, obj) -> None:
 
 # --------------------------------------------------------------------------- one run
 def _run_one(cfg: dict) -> dict:
+    threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a run leaves the process as it found it
+
+
+def _train(cfg: dict) -> dict:
     out_dir = cfg["output_dir"]
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir and cfg["save_checkpoints"] else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     scenario, model, strategy, counter = build_run(cfg)
@@ -173,7 +187,8 @@ def _run_one(cfg: dict) -> dict:
                               "torch_rng": torch.get_rng_state()})
 
     if state["init_acc"] is None:
-        state["init_acc"] = evaluate(model, scenario, -1, strategy.device, cfg["eval_batch_size"])
+        state["init_acc"] = evaluate(model, scenario, -1, strategy.device, cfg["eval_batch_size"],
+                                     task_context=strategy.eval_task)
 
     epochs_run = 0
     stopped = False
@@ -222,7 +237,7 @@ def _run_one(cfg: dict) -> dict:
         state["task_flops"].append(counter.total - f0)
         state["task_dense_flops"].append(counter.dense_total - d0)
         t0 = time.perf_counter()
-        acc = evaluate(model, scenario, t, strategy.device, cfg["eval_batch_size"])
+        acc = evaluate(model, scenario, t, strategy.device, cfg["eval_batch_size"], task_context=strategy.eval_task)
         state["eval_time"] += time.perf_counter() - t0
         for s in SETTINGS:
             state["rows"][s].append(acc[s])
@@ -272,6 +287,9 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
     res["layers"] = lay
     res["model_sparsity"] = sparsity
     res["model_capacity"] = model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks())
+    report = strategy.method_report()
+    if report:
+        res["method_report"] = report
     rows = cfg["batch_size"] * strategy.forward_rows_per_example()
     res["memory_footprint"] = memory_footprint(model, scenario.input_shape, rows)
     if complete:

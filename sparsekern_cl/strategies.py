@@ -22,6 +22,7 @@ extra forward/backward pass.  Masks and gradient masks are changed through
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,9 @@ class Plugin:
     """Extension point for sparse methods; every hook defaults to doing nothing.
 
     ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity).
+    ``eval_task(strategy, task)`` may return a context manager inside which task ``task`` is
+    evaluated (methods with per-task masks or heads switch to them there); ``report(strategy)``
+    may return a JSON-able dict stored in the results under the plugin's ``name``.
     """
 
     name = "plugin"
@@ -88,6 +92,10 @@ class Plugin:
     def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None: ...
     def end_task(self, strategy: Strategy, task: int) -> None: ...
     def n_stored_masks(self, strategy: Strategy) -> int | None:
+        return None
+    def eval_task(self, strategy: Strategy, task: int) -> contextlib.AbstractContextManager | None:
+        return None
+    def report(self, strategy: Strategy) -> dict | None:
         return None
     def state_dict(self) -> dict:
         return {}
@@ -119,6 +127,7 @@ class Strategy:
         self.global_step = 0
         self.aug_generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + 1)
         self.multihead = cfg.get("head", "single") == "multi"
+        self.flop_counter = None  # the run's FlopCounter (set by the runner), for FLOPs a plugin adds itself
 
     # ---------------------------------------------------------------- helpers
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -205,6 +214,16 @@ class Strategy:
         for p in self.plugins:
             p.end_task(self, task)
 
+    def eval_task(self, task: int) -> contextlib.AbstractContextManager:
+        """Context in which task ``task`` is evaluated: the plugins' ``eval_task`` contexts, entered in order."""
+        stack = contextlib.ExitStack()
+        with stack:
+            for p in self.plugins:
+                cm = p.eval_task(self, task)
+                if cm is not None:
+                    stack.enter_context(cm)
+            return stack.pop_all()
+
     # ---------------------------------------------------------------- bookkeeping
     def forward_rows_per_example(self) -> int:
         """Forward rows per current-batch example in one step (for the activation footprint)."""
@@ -217,6 +236,15 @@ class Strategy:
             if n is not None:
                 return n
         return 1 if self.sparse_layers() else 0
+
+    def method_report(self) -> dict:
+        """``{plugin name: report}`` of the plugins that report something (see :class:`Plugin`)."""
+        out = {}
+        for p in self.plugins:
+            r = p.report(self)
+            if r is not None:
+                out[p.name] = r
+        return out
 
     def state_dict(self) -> dict:
         return {
