@@ -9,7 +9,11 @@ one).  Switches, read from the environment:
   SPARSEKERN_NATIVE=1   add -march=native (fastest on the build machine, not portable).  Off by
                         default: the kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64
                         in one library and pick at run time (see csrc/cpu/kernels.cpp).
+  SPARSEKERN_CUDA=1     also compile the CUDA kernels (csrc/cuda/sparse_cuda.cu) into sparsekern._C;
+                        needs a CUDA build of torch and nvcc.  Off by default.
   SPARSEKERN_DEBUG=1    -O0 -g instead of -O3.
+  SPARSEKERN_REQUIRE_BUILD=1  make a failed compile fail the install (default: fall back to the
+                        pure-Python package with a message).
   MAX_JOBS=N            parallel compile jobs (torch's BuildExtension honours it).
 
 When torch or a C++ compiler is missing the extension is skipped with one message and the
@@ -64,11 +68,23 @@ def _extensions():
     else:
         _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
     sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
-    ext = CppExtension(
+    ext_cls, extra = CppExtension, {"cxx": cflags}
+    if _flag("SPARSEKERN_CUDA", "0"):
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+        if torch.version.cuda is None or CUDA_HOME is None:
+            _say("SPARSEKERN_CUDA=1 but torch has no CUDA or nvcc is missing; building the CPU kernels only")
+        else:
+            _say(f"SPARSEKERN_CUDA=1: adding the CUDA kernels (CUDA {torch.version.cuda}, {CUDA_HOME})")
+            sources.append("csrc/cuda/sparse_cuda.cu")
+            ext_cls, extra = CUDAExtension, {"cxx": cflags, "nvcc": ["-O3", "-std=c++17"]}
+    else:
+        _say("CUDA kernels not requested (SPARSEKERN_CUDA=1 to add them)")
+    ext = ext_cls(
         "sparsekern._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cflags},
+        extra_compile_args=extra,
     )
 
     class _Build(BuildExtension):

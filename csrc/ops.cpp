@@ -131,33 +131,75 @@ std::vector<int64_t> row_costs(const int32_t* ptr, int64_t rows, int64_t bo, int
   return cost;
 }
 
-// Values of an unstructured pattern packed in metadata order: val[e] = a[major * ms + idx[e] * is].
-template <typename S>
-Tensor pack_values(const S* a, const int32_t* ptr, const int32_t* idx, int64_t n_major, int64_t ms, int64_t is,
-                   int64_t nnz, const at::TensorOptions& opt) {
-  Tensor v = at::empty({nnz}, opt);
-  S* out = v.data_ptr<S>();
-  at::parallel_for(0, n_major, 256, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m)
-      for (int64_t j = ptr[m]; j < ptr[m + 1]; ++j) out[j] = a[m * ms + int64_t(idx[j]) * is];
-  });
-  return v;
-}
-
-// A sparse matrix A [R, C] in one of the two forms the panels take.
+// A sparse matrix A [R, C] in the form the panels take.  Block patterns read A in place from the
+// dense weight (A[r, c] = a[r * ars + c * acs]).  Unstructured patterns are repacked per call into
+// column windows (window-major CSR with the values gathered from the weight), so that the part of
+// a tile one window touches stays in L1; the weight values change every step, the packing is O(nnz).
 template <typename S>
 struct SparseA {
   const int32_t* ptr;
   const int32_t* idx;
   int64_t bo, bk, R, C;
-  const S* vals;  // packed values (unstructured) or nullptr
-  const S* a;     // dense storage, A[r, c] = a[r * ars + c * acs] (block)
+  const S* a;
   int64_t ars, acs;
-  void panel(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
-    if (vals)
-      k.panel_csr(ptr, idx, vals, r0, r1, bt, ot);
-    else
+  // unstructured: windows of `win` columns
+  bool unstructured() const { return bo == 1 && bk == 1; }
+  int64_t win = 0, nwin = 0;
+  std::vector<int32_t> wptr;  // [nwin][R + 1], positions into widx / wval
+  std::vector<int32_t> widx;
+  std::vector<S> wval;
+
+  int64_t width(const Kernels<S>& k) const { return unstructured() ? k.csr_width : k.panel_width; }
+
+  void pack(const Kernels<S>& k) {
+    if (!unstructured()) return;
+    const int64_t T = k.csr_width;
+    win = std::max<int64_t>(16, (32 * 1024) / (T * int64_t(sizeof(S))));  // 32 KiB of tile per window
+    nwin = std::max<int64_t>(1, cdiv(C, win));
+    const int64_t nnz = ptr[R];
+    // a parallel region costs more than packing a small pattern serially
+    const int64_t grain = nnz < (int64_t(1) << 18) ? std::max<int64_t>(R, 1) : 512;
+    wptr.assign(nwin * (R + 1), 0);
+    widx.resize(nnz);
+    wval.resize(nnz);
+    // counts: wptr[w][r + 1] = nonzeros of row r in window w
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) ++wptr[(idx[j] / win) * (R + 1) + r + 1];
+    });
+    int64_t acc = 0;
+    for (int64_t w = 0; w < nwin; ++w) {
+      int32_t* p = wptr.data() + w * (R + 1);
+      p[0] = int32_t(acc);
+      for (int64_t r = 0; r < R; ++r) {
+        acc += p[r + 1];
+        p[r + 1] = int32_t(acc);
+      }
+    }
+    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+      std::vector<int32_t> pos(nwin);
+      for (int64_t r = b; r < e; ++r) {
+        for (int64_t w = 0; w < nwin; ++w) pos[w] = wptr[w * (R + 1) + r];
+        const S* ar = a + r * ars;
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+          const int32_t c = idx[j];
+          const int32_t q = pos[c / win]++;
+          widx[q] = c;
+          wval[q] = ar[int64_t(c) * acs];
+        }
+      }
+    });
+  }
+
+  // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
+  void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
+    if (!unstructured()) {
       k.panel_bsr(ptr, idx, bo, bk, C, a, ars, acs, r0, r1, bt, ot, cols);
+      return;
+    }
+    std::fill(ot, ot + (r1 - r0) * k.csr_width, S(0));
+    for (int64_t w = 0; w < nwin; ++w)
+      k.panel_csr(wptr.data() + w * (R + 1), widx.data(), wval.data(), r0, r1, bt, ot);
   }
 };
 
@@ -172,11 +214,11 @@ int64_t row_chunks(int64_t ntiles, int64_t rows) {
 template <typename S>
 void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out) {
   const Kernels<S>& k = kernels<S>();
-  const int64_t T = k.panel_width, R = A.R, C = A.C;
+  const int64_t T = A.width(k), R = A.R, C = A.C;
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
   const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<S> bt(C * T), ot(kRowBlock * T);
+    Buf<S> bt(C * T), ot(chunk_rows * T);
     std::vector<int32_t> cols;
     int64_t last = -1;
     for (int64_t task = tb; task < te; ++task) {
@@ -187,11 +229,8 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
         k.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
         last = tile;
       }
-      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-        const int64_t re = std::min(r1, rr + kRowBlock);
-        A.panel(k, rr, re, bt.get(), ot.get(), cols);
-        k.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
-      }
+      A.rows(k, r0, r1, bt.get(), ot.get(), cols);
+      k.tile_to_rows(ot.get(), r1 - r0, nt, T, bias ? bias + r0 : nullptr, out + n0 * R + r0, R);
     }
   });
 }
@@ -222,12 +261,8 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   if (N == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
     using S = scalar_t;
-    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, nullptr, w.data_ptr<S>(), K, 1};
-    Tensor packed;
-    if (bo == 1 && bk == 1) {
-      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, M, K, 1, col.numel(), x.options());
-      A.vals = packed.data_ptr<S>();
-    }
+    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, w.data_ptr<S>(), K, 1};
+    A.pack(kernels<S>());
     spmm_rows<S>(x.data_ptr<S>(), N, A, bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
   });
   return y;
@@ -248,12 +283,8 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::linear_dx", [&] {
     using S = scalar_t;
     // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
-    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, nullptr, w.data_ptr<S>(), 1, K};
-    Tensor packed;
-    if (bo == 1 && bk == 1) {
-      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, K, 1, K, row.numel(), dy.options());
-      A.vals = packed.data_ptr<S>();
-    }
+    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, w.data_ptr<S>(), 1, K};
+    A.pack(kernels<S>());
     spmm_rows<S>(dy.data_ptr<S>(), N, A, nullptr, dx.data_ptr<S>());
   });
   return dx;
@@ -350,19 +381,15 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_fwd", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
-    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, g.O, Kc, nullptr, w.data_ptr<S>(), Kc, 1};
-    Tensor packed;
-    if (bo == 1 && bk == 1) {
-      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, g.O, Kc, 1, col.numel(), x.options());
-      A.vals = packed.data_ptr<S>();
-    }
+    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, g.O, Kc, w.data_ptr<S>(), Kc, 1};
+    A.pack(k);
     const S* xp = x.data_ptr<S>();
     const S* bp = bias.defined() ? bias.data_ptr<S>() : nullptr;
     S* yp = y.data_ptr<S>();
-    const int64_t T = k.panel_width, Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
+    const int64_t T = A.width(k), Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
     const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
     at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-      Buf<S> bt(Kc * T), ot(kRowBlock * T);
+      Buf<S> bt(Kc * T), ot(chunk_rows * T);
       std::vector<int32_t> cols;
       int64_t last = -1;
       for (int64_t task = tb; task < te; ++task) {
@@ -373,11 +400,8 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
           k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
           last = tile;
         }
-        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-          const int64_t re = std::min(r1, rr + kRowBlock);
-          A.panel(k, rr, re, bt.get(), ot.get(), cols);
-          k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
-        }
+        A.rows(k, r0, r1, bt.get(), ot.get(), cols);
+        k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, r0, r1, bp, yp);
       }
     });
   });
@@ -405,19 +429,15 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::conv2d_dx", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
-    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, Kc, g.O, nullptr, w.data_ptr<S>(), 1, Kc};
-    Tensor packed;
-    if (bo == 1 && bk == 1) {
-      packed = pack_values<S>(w.data_ptr<S>(), A.ptr, A.idx, Kc, 1, Kc, row.numel(), dy.options());
-      A.vals = packed.data_ptr<S>();
-    }
+    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, Kc, g.O, w.data_ptr<S>(), 1, Kc};
+    A.pack(k);
     // Each task owns a range of input channels of dx: all their rows of W^T, every tile, in order.
     std::vector<int64_t> cost(g.C, 0);
     for (int64_t c = 0; c < g.C; ++c)
       for (int64_t t = c * taps; t < (c + 1) * taps; ++t)
         cost[c] += int64_t(A.ptr[t / bk + 1] - A.ptr[t / bk]) * bo;
     const auto bounds = balanced_split(cost, std::min<int64_t>(g.C, at::get_num_threads()), 1);
-    const int64_t T = k.panel_width, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int64_t T = A.width(k), Q = g.N * P, ntiles = cdiv(Q, T);
     const int64_t cgrp = std::max<int64_t>(1, kRowBlock / taps);  // channels per panel call
     const S* dyp = dy.data_ptr<S>();
     S* dxp = dx.data_ptr<S>();
@@ -432,7 +452,7 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
           k.conv_in_tile(dyp, g.O, P, q0, nt, T, 0, g.O, bt.get());
           for (int64_t cc = c0; cc < c1; cc += cgrp) {
             const int64_t ce = std::min(c1, cc + cgrp);
-            A.panel(k, cc * taps, ce * taps, bt.get(), ot.get(), cols);
+            A.rows(k, cc * taps, ce * taps, bt.get(), ot.get(), cols);
             k.col2im_tile(ot.get(), g, q0, nt, T, cc, ce, dxp);
           }
         }

@@ -9,15 +9,21 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace sparsekern {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPARSEKERN_X86_MULTI 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define SPARSEKERN_ISA_AVX512 1
 namespace isa_avx512 {
 #include "kernels_impl.h"
 }
+#undef SPARSEKERN_ISA_AVX512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -33,7 +39,7 @@ namespace isa_generic {
 
 #define SPARSEKERN_TABLE(NS, S, NAME)                                                                     \
   Kernels<S> {                                                                                            \
-    NAME, NS::panel_width<S>(), NS::dot_width<S>(), &NS::tile_from_rows<S>, &NS::tile_to_rows<S>,        \
+    NAME, NS::panel_width<S>(), NS::csr_width<S>(), NS::dot_width<S>(), &NS::tile_from_rows<S>, &NS::tile_to_rows<S>,        \
         &NS::panel_csr<S>, &NS::panel_bsr<S>, &NS::sddmm_tile<S>, &NS::im2col_tile<S>, &NS::col2im_tile<S>, \
         &NS::conv_out_tile<S>, &NS::conv_in_tile<S>, &NS::dw_fwd_plane<S>, &NS::dw_dx_plane<S>,             \
         &NS::dw_dw_row<S>                                                                                 \

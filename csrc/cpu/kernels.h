@@ -17,7 +17,8 @@ struct ConvGeom {
 template <typename S>
 struct Kernels {
   const char* isa;
-  int64_t panel_width;  // T of panel tiles
+  int64_t panel_width;  // T of block panel tiles
+  int64_t csr_width;    // T of unstructured panel tiles
   int64_t dot_width;    // T of weight-gradient tiles
   void (*tile_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*tile_to_rows)(const S*, int64_t, int64_t, int64_t, const S*, S*, int64_t);

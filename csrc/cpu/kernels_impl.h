@@ -27,13 +27,17 @@ struct VT<double> {
   static constexpr int L = 8;
 };
 
-// Tile widths: panels (forward / input gradient) use NV_PANEL vectors, the weight gradient
-// NV_DOT vectors (its horizontal sums are amortised over a longer dot product).
+// Tile widths: block panels (forward / input gradient) use NV_PANEL vectors, unstructured panels
+// NV_CSR (their column windows must fit L1), the weight gradient NV_DOT vectors (its horizontal
+// sums are amortised over a longer dot product).
 constexpr int NV_PANEL = 4;
+constexpr int NV_CSR = 2;
 constexpr int NV_DOT = 8;
 
 template <typename S>
 constexpr int64_t panel_width() { return NV_PANEL * VT<S>::L; }
+template <typename S>
+constexpr int64_t csr_width() { return NV_CSR * VT<S>::L; }
 template <typename S>
 constexpr int64_t dot_width() { return NV_DOT * VT<S>::L; }
 
@@ -57,13 +61,64 @@ inline double hsum(VT<double>::v x) {
 // transposes between row-major matrices and tiles
 // ------------------------------------------------------------------------------------------
 
+#if SPARSEKERN_ISA_AVX512
+// In-register 16x16 transpose: rows r[i] become columns.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for a full 16 x 16 float block (+ bias[j] per output row).
+inline void block16(const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  transpose16(r);
+  if (bias) {
+    const __m512 b = _mm512_loadu_ps(bias);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ldd, _mm512_add_ps(r[j], b));
+  } else {
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ldd, r[j]);
+  }
+}
+template <typename S>
+constexpr bool fast_transpose() { return sizeof(S) == 4; }
+inline void block16(const double*, int64_t, double*, int64_t, const double*) {}
+#else
+template <typename S>
+constexpr bool fast_transpose() { return false; }
+inline void block16(const float*, int64_t, float*, int64_t, const float*) {}
+inline void block16(const double*, int64_t, double*, int64_t, const double*) {}
+#endif
+
 // dst[c * T + t] = src[t * ld + c] for t < nt, c < ncols; zero for nt <= t < T.
 template <typename S>
 void tile_from_rows(const S* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* __restrict dst) {
   constexpr int64_t B = 16;
   for (int64_t c0 = 0; c0 < ncols; c0 += B) {
     const int64_t c1 = std::min(c0 + B, ncols);
-    for (int64_t t0 = 0; t0 < nt; t0 += B) {
+    int64_t t0 = 0;
+    if (fast_transpose<S>() && c1 - c0 == B)
+      for (; t0 + B <= nt; t0 += B) block16(src + t0 * ld + c0, ld, dst + c0 * T + t0, T, nullptr);
+    for (; t0 < nt; t0 += B) {
       const int64_t t1 = std::min(t0 + B, nt);
       for (int64_t c = c0; c < c1; ++c) {
         S* d = dst + c * T;
@@ -80,14 +135,24 @@ template <typename S>
 void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, const S* __restrict bias, S* __restrict dst,
                   int64_t ld) {
   constexpr int64_t B = 16;
-  for (int64_t t0 = 0; t0 < nt; t0 += B) {
-    const int64_t t1 = std::min(t0 + B, nt);
-    for (int64_t t = t0; t < t1; ++t) {
+  int64_t r0 = 0;
+  if (fast_transpose<S>()) {
+    for (; r0 + B <= nr; r0 += B) {
+      int64_t t0 = 0;
+      for (; t0 + B <= nt; t0 += B) block16(src + r0 * T + t0, T, dst + t0 * ld + r0, ld, bias ? bias + r0 : nullptr);
+      for (int64_t t = t0; t < nt; ++t) {
+        S* d = dst + t * ld;
+        for (int64_t r = r0; r < r0 + B; ++r) d[r] = src[r * T + t] + (bias ? bias[r] : S(0));
+      }
+    }
+  }
+  if (r0 < nr) {
+    for (int64_t t = 0; t < nt; ++t) {
       S* d = dst + t * ld;
       if (bias)
-        for (int64_t r = 0; r < nr; ++r) d[r] = src[r * T + t] + bias[r];
+        for (int64_t r = r0; r < nr; ++r) d[r] = src[r * T + t] + bias[r];
       else
-        for (int64_t r = 0; r < nr; ++r) d[r] = src[r * T + t];
+        for (int64_t r = r0; r < nr; ++r) d[r] = src[r * T + t];
     }
   }
 }
@@ -96,32 +161,41 @@ void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, co
 // panels: ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for rows r0 <= r < r1
 // ------------------------------------------------------------------------------------------
 
-// Unstructured A, values packed in CSR order (val[j] belongs to idx[j]).  Two accumulator sets
-// (even / odd nonzeros) give the FMA units enough independent chains.
+// Unstructured A, one column window: ot[(r - r0) * T + t] += sum over the window's nonzeros of
+// row r (positions wptr[r]..wptr[r+1] of idx / val, values packed) of val * bt[idx * T + t].
+// The caller sizes windows so their part of bt stays in L1; four accumulator sets (nonzeros taken
+// round-robin) keep enough independent FMA chains in flight.
 template <typename S>
-void panel_csr(const int32_t* __restrict ptr, const int32_t* __restrict idx, const S* __restrict val, int64_t r0,
+void panel_csr(const int32_t* __restrict wptr, const int32_t* __restrict idx, const S* __restrict val, int64_t r0,
                int64_t r1, const S* __restrict bt, S* __restrict ot) {
   using V = typename VT<S>::v;
-  constexpr int NV = NV_PANEL;
+  constexpr int NV = NV_CSR;
   constexpr int64_t T = NV * VT<S>::L;
   for (int64_t r = r0; r < r1; ++r) {
-    V a[NV] = {}, b[NV] = {};
-    int64_t j = ptr[r];
-    const int64_t e = ptr[r + 1];
-    for (; j + 1 < e; j += 2) {
+    int64_t j = wptr[r];
+    const int64_t e = wptr[r + 1];
+    if (j == e) continue;
+    V a[NV] = {}, b[NV] = {}, c[NV] = {}, d[NV] = {};
+    for (; j + 3 < e; j += 4) {
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
       const V* x1 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 1]) * T);
-      const S w0 = val[j], w1 = val[j + 1];
-      for (int v = 0; v < NV; ++v) a[v] += w0 * x0[v];
-      for (int v = 0; v < NV; ++v) b[v] += w1 * x1[v];
+      const V* x2 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 2]) * T);
+      const V* x3 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 3]) * T);
+      const S w0 = val[j], w1 = val[j + 1], w2 = val[j + 2], w3 = val[j + 3];
+      for (int v = 0; v < NV; ++v) {
+        a[v] += w0 * x0[v];
+        b[v] += w1 * x1[v];
+        c[v] += w2 * x2[v];
+        d[v] += w3 * x3[v];
+      }
     }
-    if (j < e) {
+    for (; j < e; ++j) {
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
       const S w0 = val[j];
       for (int v = 0; v < NV; ++v) a[v] += w0 * x0[v];
     }
     V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
-    for (int v = 0; v < NV; ++v) o[v] = a[v] + b[v];
+    for (int v = 0; v < NV; ++v) o[v] += (a[v] + b[v]) + (c[v] + d[v]);
   }
 }
 
