@@ -112,8 +112,11 @@ class TritonBackend(Backend):
         for layout, block, what in ((info.layout, info.block_size, "weight"), (info.grad_layout, None, "gradient")):
             if layout not in ("unstructured", "block"):
                 return False, f"{what} layout {layout!r}: expected 'unstructured' or 'block'"
-            if info.op == "linear" and layout == "block" and block is not None and any(
-                s not in _BLOCK_SIDES for s in block
+            if (
+                info.op == "linear"
+                and layout == "block"
+                and block is not None
+                and any(s not in _BLOCK_SIDES for s in block)
             ):
                 return False, f"block size {tuple(block)}: tile sides must be one of {_BLOCK_SIDES}"
         dev = info.device
@@ -195,22 +198,25 @@ class TritonBackend(Backend):
         from . import conv as tc
 
         if pattern.layout == "block":
-            return tc.bsr_conv2d_forward(x, weight.contiguous(), bias, pattern.bsr(), conv,
-                                         precision=self.fp32_precision)
+            return tc.bsr_conv2d_forward(
+                x, weight.contiguous(), bias, pattern.bsr(), conv, precision=self.fp32_precision
+            )
         return tc.csr_conv2d_forward(x, weight.contiguous(), bias, pattern.csr(), conv)
 
     def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
         from . import conv as tc
 
         if pattern.layout == "block":
-            return tc.bsr_conv2d_input_grad(dy, weight.contiguous(), pattern.bsr(), input_shape, conv,
-                                            precision=self.fp32_precision)
+            return tc.bsr_conv2d_input_grad(
+                dy, weight.contiguous(), pattern.bsr(), input_shape, conv, precision=self.fp32_precision
+            )
         return tc.csr_conv2d_input_grad(dy, weight.contiguous(), pattern.csr(), input_shape, conv)
 
     def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
         from . import conv as tc
 
         if grad_pattern.layout == "block":
-            return tc.bsr_conv2d_weight_grad(dy, x, grad_pattern.bsr(), weight_shape, conv,
-                                             precision=self.fp32_precision)
+            return tc.bsr_conv2d_weight_grad(
+                dy, x, grad_pattern.bsr(), weight_shape, conv, precision=self.fp32_precision
+            )
         return tc.csr_conv2d_weight_grad(dy, x, grad_pattern.csr(), weight_shape, conv)

@@ -111,9 +111,10 @@ class Tuned:
                         out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
                 return out
 
-            self._tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(
-                kernel
-            )
+            # cache_results: tuned choices persist in Triton's cache dir, so a new process skips the search
+            self._tuned = triton.autotune(
+                configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True
+            )(kernel)
 
     def __call__(self, grid, args: dict, config: dict | None = None):
         """Launch with ``args`` (runtime arguments and fixed constexprs) on ``grid(meta)``.

@@ -49,6 +49,7 @@ def _spmm_bsr_kernel(
     n_rblocks,
     stride_wr,  # weight element (r, c) lives at w_ptr + r * stride_wr + c * stride_wc
     stride_wc,
+    n_hint,  # N rounded up to a power of two: the tuning key, so a new batch size does not re-tune
     BR: tl.constexpr,  # block side along the output columns
     BC: tl.constexpr,  # block side along the reduction
     BLOCK_N: tl.constexpr,
@@ -117,6 +118,7 @@ def _sddmm_bsr_kernel(
     N,
     M,
     K,
+    n_hint,
     BO: tl.constexpr,
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,  # sub-tile of BO
@@ -213,14 +215,14 @@ def _sddmm_configs():
 _spmm = Tuned(
     _spmm_bsr_kernel,
     _spmm_configs(),
-    key=["N", "R", "C", "BR", "BC", "PRECISION"],
+    key=["n_hint", "R", "C", "BR", "BC", "PRECISION"],
     interpret_config=dict(BLOCK_N=32, BLOCK_R=32, BLOCK_C=32, GROUP_N=2),
     fit=_fit_spmm,
 )
 _sddmm = Tuned(
     _sddmm_bsr_kernel,
     _sddmm_configs(),
-    key=["N", "M", "K", "BO", "BK", "PRECISION"],
+    key=["n_hint", "M", "K", "BO", "BK", "PRECISION"],
     interpret_config=dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32),
     fit=_fit_sddmm,
 )
@@ -294,6 +296,7 @@ def _spmm_launch(
         n_rblocks=n_rblocks,
         stride_wr=stride_wr,
         stride_wc=stride_wc,
+        n_hint=triton.next_power_of_2(N),
         BR=BR,
         BC=BC,
         HAS_BIAS=bias is not None,
@@ -429,6 +432,7 @@ def bsr_linear_weight_grad(
         N=N,
         M=M,
         K=K,
+        n_hint=triton.next_power_of_2(N),
         BO=bo,
         BK=bk,
         PRECISION=resolve_precision(x.dtype, precision),

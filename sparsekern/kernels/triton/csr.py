@@ -51,6 +51,8 @@ def _spmm_csr_kernel(
     R,
     stride_wr,  # weight value of entry (r, c) at w_ptr + r * stride_wr + c * stride_wc
     stride_wc,
+    n_hint,  # N rounded up to a power of two: the tuning key, so a new batch size does not re-tune
+    len_hint,  # mean row length, a power of two: also only a tuning key (denser rows want other tiles)
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UNROLL: tl.constexpr,
@@ -102,6 +104,8 @@ def _sddmm_csr_kernel(
     nnz,
     N,
     K,
+    n_hint,  # tuning keys only: N and nnz rounded up to powers of two, so a mask update does not re-tune
+    nnz_hint,
     BLOCK_Z: tl.constexpr,  # entries per program
     BLOCK_N: tl.constexpr,  # reduction step over the batch
     ACC: tl.constexpr,
@@ -155,13 +159,13 @@ def _sddmm_configs():
 _spmm = Tuned(
     _spmm_csr_kernel,
     _spmm_configs(),
-    key=["N", "R"],
+    key=["n_hint", "R", "len_hint"],
     interpret_config=dict(BLOCK_R=16, BLOCK_N=32, UNROLL=2),
 )
 _sddmm = Tuned(
     _sddmm_csr_kernel,
     _sddmm_configs(),
-    key=["nnz", "N", "K"],
+    key=["n_hint", "nnz_hint", "K"],
     interpret_config=dict(BLOCK_Z=64, BLOCK_N=32),
 )
 
@@ -178,7 +182,7 @@ def _check_meta(meta: CSRMeta, shape) -> None:
         raise ValueError(f"meta: describes a {tuple(meta.shape)} matrix, expected {tuple(shape)}")
 
 
-def _spmm_launch(b, weight, bias, ptr, idx, order, R, stride_wr, stride_wc, config):
+def _spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc, config):
     """``out[n, r] = Σ_{entries (r, c)} W(r, c) b[n, c]`` for ``b [N, C]``; returns ``[N, R]``."""
     N = b.shape[0]
     if N == 0 or R == 0:
@@ -201,6 +205,8 @@ def _spmm_launch(b, weight, bias, ptr, idx, order, R, stride_wr, stride_wc, conf
         R=R,
         stride_wr=stride_wr,
         stride_wc=stride_wc,
+        n_hint=triton.next_power_of_2(N),
+        len_hint=triton.next_power_of_2(max(1, nnz // max(R, 1))),
         HAS_BIAS=bias is not None,
         ACC=acc_dtype(b.dtype),
     )
@@ -240,7 +246,17 @@ def csr_linear_forward(
         raise ValueError(f"x: expected shape [N, {K}], got {tuple(x.shape)}")
     orders = walk_orders(meta)
     return _spmm_launch(
-        x, weight, bias, meta.crow_indices, meta.col_indices, orders["row_order"], M, weight.stride(0), 1, config
+        x,
+        weight,
+        bias,
+        meta.crow_indices,
+        meta.col_indices,
+        orders["row_order"],
+        M,
+        meta.nnz,
+        weight.stride(0),
+        1,
+        config,
     )
 
 
@@ -268,7 +284,17 @@ def csr_linear_input_grad(
         raise ValueError(f"dy: expected shape [N, {M}], got {tuple(dy.shape)}")
     orders = walk_orders(meta)
     return _spmm_launch(
-        dy, weight, None, meta.ccol_indices, meta.row_indices, orders["col_order"], K, 1, weight.stride(0), config
+        dy,
+        weight,
+        None,
+        meta.ccol_indices,
+        meta.row_indices,
+        orders["col_order"],
+        K,
+        meta.nnz,
+        1,
+        weight.stride(0),
+        config,
     )
 
 
@@ -314,6 +340,8 @@ def csr_linear_weight_grad(
         nnz=meta.nnz,
         N=N,
         K=K,
+        n_hint=triton.next_power_of_2(N),
+        nnz_hint=triton.next_power_of_2(meta.nnz),
         ACC=acc_dtype(x.dtype),
     )
     _sddmm(grid, args, config)
