@@ -1,0 +1,451 @@
+"""EsaCL: sharpness-aware directional pruning (SDP) and intelligent data selection (IDS).
+
+Registers ``esacl_er``, ``esacl_derpp`` and ``esacl_ewc``: the ER, DER++ and online-EWC
+strategies of the core plus one :class:`EsaCLPlugin`.  The run's ``sparsity`` is the target
+sparsity ``s`` of every pruned layer; the layers the core makes sparse (all but the backbone's
+``keep_dense`` layers, e.g. the MLP's head) are the ones EsaCL optimises with Frank-Wolfe, prunes,
+freezes and expands.  The paper (Ren & Honavar, arXiv 2401.05667, Algorithm 1) leaves many
+choices open and has no public code; every choice below is ours.
+
+One training step (``esacl_sa``, ``esacl_sse``, ``esacl_ere`` on)::
+
+    losses = per-example CE of the current batch B at θ          (one forward, no graph)
+    B_s = top-J_s of B by loss (SSE),  B_e = top-J_e of B by loss (ERE)
+    g_s = ∇ CE(θ; B_s)                                          (SAM's first pass)
+    ε = ρ g_s / ‖g_s‖ ;  θ ← θ + ε
+    g = ∇ strategy_loss(θ+ε; B_e, replay samples)                (SAM's second, "outer" pass)
+    θ ← θ − ε  (exact copy back)
+    per pruned layer, on its trainable coordinates G:
+        m ← m + g                     (eq. 3.15, α = 1, see below)
+        v = LMO_C(K, λ)(m)            (−λ sign(m) on the K largest |m|, 0 elsewhere)
+        θ ← θ + η (v − θ)             (Frank-Wolfe step)
+    other parameters (head, biases, norm layers): the strategy's optimizer with the outer gradient
+
+Choices (config keys in brackets):
+
+- **Support and redundant examples share one ranking.**  SSE and ERE both keep the top-J examples
+  of the batch by their loss at θ (ERE's influence bound ‖∇ℓ(x, θ+ε)‖ is approximated by the loss,
+  as the paper does); the loss is computed once, by a forward without a graph, so with both on and
+  equal fractions (``esacl_sse_frac`` = ``esacl_ere_frac`` = 0.4, the paper's 40 %) B_s = B_e.
+  Switching SSE off makes the perturbation use the whole batch; switching ERE off makes the outer
+  step use the whole batch.  Without SA there is no perturbation and SSE has no effect.
+- **The perturbation uses only the current task's cross-entropy on B_s** (Algorithm 1, line 5);
+  the outer pass is the strategy's full loss (replay or EWC terms included) on B_e, with the
+  replay samples drawn once per step.  ε covers every trainable parameter; frozen weights and
+  weights outside the mask get exact zeros from the kernels, so they are never perturbed.
+- **Momentum.**  ``esacl_momentum_form: sum`` is eq. 3.15, ``m ← m + α g``; the LMO depends on m only
+  through the signs and the ranking of ``|m|``, so α has no effect and is 1.  The usual exponential
+  form ``m ← β m + (1 − β) g`` (stochastic Frank-Wolfe's, β = ``esacl_momentum``) is offered as
+  ``esacl_momentum_form: ema``.  m is reset at every task start.
+- **LMO per layer over its trainable coordinates.**  K = round(``esacl_k`` × number of trainable
+  weights of the layer); the radius is λ = ``esacl_tau`` × the RMS of the layer's weights at
+  initialisation (a per-coordinate scale, so one τ fits layers of any width).
+- **Frank-Wolfe step size** ``esacl_fw_step``: ``rescaled`` (default) is stochastic Frank-Wolfe's
+  η = clamp(lr·‖g‖/‖θ − v‖, 0, 1) per layer; ``constant`` is Algorithm 1's η = lr, which pulls the
+  iterate to a single vertex within a few dozen steps.  The Frank-Wolfe layers leave the
+  optimizer (their gradient is cleared after the update); ``esacl_sp: false`` ("w/o SP") trains
+  them with the strategy's optimizer instead.
+- **Pruning budget.**  Each pruned layer keeps k = its number of weights at the run's initial mask
+  (the core's sparsification at ``sparsity``, so ``uniform`` and ``erk`` distributions both work).
+  At every task end the layer is magnitude-pruned in one shot, with no retraining: the frozen
+  weights stay and the largest trainable weights fill the rest of k, so the sparsity is exactly
+  the initial one (s for ``uniform``) after every task.
+- **Freezing.**  Tasks share the kept budget equally: after task t (of T) the frozen set holds
+  round(k (t+1)/T) weights, the newly frozen ones being the largest survivors of this task.  The
+  other survivors stay trainable; after the last task every survivor is frozen.  With one task
+  this is "freeze the surviving weights" literally; with T tasks it leaves every later task a
+  share of the budget (freezing all survivors after the first task would leave none).  Frozen
+  weights leave the gradient mask ``G`` for all later tasks, so the kernels skip their weight
+  gradient; their values are also restored after every optimizer step, so weight decay or
+  optimizer momentum cannot move them.
+- **Expansion.**  At the start of every task (task 0 included: the core's initial magnitude mask
+  is the kept set of "task −1") a fraction ``esacl_expand`` of the unused (pruned) weights, drawn
+  at random with a seeded generator, re-enters the mask and ``G``; with ``esacl_reinit: random``
+  they get fresh values from the layer's default initialisation U(−1/√fan_in, 1/√fan_in), with
+  ``zero`` they start at zero.  ``esacl_expand: 1`` (default) re-initialises all unused weights
+  (Algorithm 1, line 13); a smaller value keeps training itself sparse.  Evaluation after a task
+  sees the pruned model (expansion happens at the next task's start), and the final model is a
+  real sparse model at sparsity s running on the sparse kernels.
+- **EWC.**  After pruning, the online-EWC anchor is moved to the pruned weights and the Fisher is
+  zeroed outside the kept mask, so re-initialised weights are free capacity, not pulled back.
+- **Examples dropped by IDS** are never forwarded in the passes they are dropped from; the FLOP
+  counter sees the ranking forward, both SAM passes and the replay passes as they run.
+- **Stored masks** (model capacity, eq. 6.24): one shared mask (the frozen set is the mask
+  itself once the last task is done), T = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import register_config_keys
+from ..runner import register_method
+from ..strategies import Plugin, StepContext, Strategy
+
+__all__ = ["EsaCLPlugin", "lmo_ksparse", "fw_step", "sam_perturbation", "top_j", "CONFIG_KEYS"]
+
+CONFIG_KEYS = {
+    "esacl_rho": 0.05,
+    "esacl_tau": 5.0,
+    "esacl_k": 0.05,
+    "esacl_sse_frac": 0.4,
+    "esacl_ere_frac": 0.4,
+    "esacl_sa": True,
+    "esacl_sp": True,
+    "esacl_sse": True,
+    "esacl_ere": True,
+    "esacl_momentum_form": "sum",
+    "esacl_momentum": 0.9,
+    "esacl_fw_step": "rescaled",
+    "esacl_expand": 1.0,
+    "esacl_reinit": "random",
+}
+
+_HELP = {
+    "esacl_rho": "EsaCL: SAM neighbourhood radius rho",
+    "esacl_tau": "EsaCL: K-sparse polytope radius, in units of the layer's initial RMS weight",
+    "esacl_k": "EsaCL: fraction of a layer's trainable weights that are nonzero in an LMO vertex",
+    "esacl_sse_frac": "EsaCL: fraction J of the batch kept as support examples (SAM's perturbation)",
+    "esacl_ere_frac": "EsaCL: fraction J of the batch kept by redundant-example elimination (outer step)",
+    "esacl_sa": "EsaCL: sharpness-aware perturbation on (false: 'w/o SA')",
+    "esacl_sp": "EsaCL: sparse projection, Frank-Wolfe over the K-sparse polytope (false: 'w/o SP', plain optimizer)",
+    "esacl_sse": "EsaCL: support example selection on (false: 'w/o SSE')",
+    "esacl_ere": "EsaCL: redundant example elimination on (false: 'w/o ERE')",
+    "esacl_momentum_form": "EsaCL: 'sum' (m <- m + g, eq. 3.15) or 'ema' (m <- b m + (1-b) g)",
+    "esacl_momentum": "EsaCL: b of the 'ema' momentum",
+    "esacl_fw_step": "EsaCL: Frank-Wolfe step 'rescaled' (clamp(lr |g|/|theta-v|, 0, 1)) or 'constant' (lr)",
+    "esacl_expand": "EsaCL: fraction of unused weights re-entering the mask at each task start",
+    "esacl_reinit": "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'",
+}
+
+
+# --------------------------------------------------------------------------- building blocks
+def lmo_ksparse(m: torch.Tensor, k: int, radius: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear minimisation oracle of the K-sparse polytope C(K, λ) = conv{±λ on exactly K coordinates}.
+
+    Returns ``v = argmin_{v ∈ C} <m, v>``: ``−radius·sign(m)`` on the ``k`` entries of largest
+    ``|m|`` (among ``allowed`` ones), 0 elsewhere.  A zero entry of ``m`` among the top K gets
+    ``−radius`` (any sign is optimal there), so ``v`` always has exactly K nonzeros.
+
+    Args:
+        m: the direction (momentum), any shape.
+        k: number of nonzeros, ``0 <= k <= number of allowed entries``.
+        radius: λ > 0.
+        allowed: optional bool mask of the coordinates the polytope lives on (others stay 0).
+
+    Raises:
+        ValueError: ``k`` or ``radius`` out of range, or ``allowed`` of another shape.
+    """
+    if allowed is not None and allowed.shape != m.shape:
+        raise ValueError(f"allowed: expected the shape of m {tuple(m.shape)}, got {tuple(allowed.shape)}")
+    n = m.numel() if allowed is None else int(allowed.sum())
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k: expected an integer in [0, {n}], got {k!r}")
+    if not radius > 0:
+        raise ValueError(f"radius: expected a positive number, got {radius!r}")
+    flat = m.detach().reshape(-1)
+    score = flat.abs()
+    if allowed is not None:
+        score = score.masked_fill(~allowed.reshape(-1), -1.0)  # never chosen before an allowed entry
+    v = torch.zeros_like(flat)
+    if k > 0:
+        idx = torch.topk(score, k, sorted=False).indices
+        sgn = torch.where(flat[idx] > 0, 1.0, -1.0).to(flat.dtype)
+        v[idx] = -radius * sgn
+    return v.view_as(m)
+
+
+def fw_step(theta: torch.Tensor, v: torch.Tensor, eta: float, allowed: torch.Tensor | None = None) -> None:
+    """Frank-Wolfe update ``θ ← θ + η (v − θ)`` in place, on ``allowed`` coordinates only.
+
+    With ``η ∈ [0, 1]`` the new iterate is a convex combination of θ and the vertex v, so it
+    stays in the polytope's convex hull when θ starts there.
+
+    Raises:
+        ValueError: ``eta`` outside [0, 1].
+    """
+    if not 0.0 <= eta <= 1.0 or math.isnan(eta):
+        raise ValueError(f"eta: expected a step in [0, 1], got {eta!r}")
+    with torch.no_grad():
+        new = theta + eta * (v - theta)
+        if allowed is None:
+            theta.copy_(new)
+        else:
+            theta.copy_(torch.where(allowed, new, theta))
+
+
+def sam_perturbation(grads: list[torch.Tensor | None], rho: float) -> list[torch.Tensor | None]:
+    """SAM's ε = ρ·g/‖g‖₂ with the norm taken over all the tensors together (``None`` stays ``None``).
+
+    A zero gradient gives a zero perturbation.
+    """
+    if not rho >= 0:
+        raise ValueError(f"rho: expected a non-negative radius, got {rho!r}")
+    sq = sum(float((g.double() ** 2).sum()) for g in grads if g is not None)
+    norm = math.sqrt(sq)
+    scale = rho / norm if norm > 0 else 0.0
+    return [None if g is None else g * scale for g in grads]
+
+
+def top_j(losses: torch.Tensor, frac: float) -> torch.Tensor:
+    """Positions of the ``max(1, round(frac·n))`` largest per-example losses, in batch order."""
+    n = losses.numel()
+    j = max(1, min(n, int(round(frac * n))))
+    if j == n:
+        return torch.arange(n, device=losses.device)
+    return torch.topk(losses.detach(), j, sorted=False).indices.sort().values
+
+
+def _reinit_values(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fresh values from the default nn.Linear/nn.Conv2d initialisation, U(−1/√fan_in, 1/√fan_in)."""
+    fan_in = weight[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    vals = torch.rand(weight.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+    return vals.to(device=weight.device, dtype=weight.dtype)
+
+
+def _top_mask(score: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` candidates with the largest score."""
+    out = torch.zeros_like(candidates)
+    n = max(0, min(n, int(candidates.sum())))
+    if n == 0:
+        return out
+    s = score.reshape(-1).masked_fill(~candidates.reshape(-1), -math.inf)
+    out.view(-1)[torch.topk(s, n, sorted=False).indices] = True
+    return out
+
+
+# --------------------------------------------------------------------------- the plugin
+class EsaCLPlugin(Plugin):
+    """SDP + IDS on top of a core strategy (see the module docstring for every choice).
+
+    Args:
+        cfg: the run configuration (the ``esacl_*`` keys, ``lr``, ``seed``, ``sparsity``).
+        model: the backbone, already sparsified by the core at ``sparsity``.
+        n_tasks: number of tasks (sets the per-task freezing quota).
+    """
+
+    name = "esacl"
+
+    def __init__(self, cfg: dict, model, n_tasks: int) -> None:
+        import sparsekern
+
+        _validate(cfg)
+        self.cfg = cfg
+        self.n_tasks = int(n_tasks)
+        self.rho = float(cfg["esacl_rho"])
+        self.sa, self.sp = bool(cfg["esacl_sa"]), bool(cfg["esacl_sp"])
+        self.sse = bool(cfg["esacl_sse"]) and self.sa
+        self.ere = bool(cfg["esacl_ere"])
+        self.layers = sparsekern.sparse_modules(model)
+        if not self.layers:
+            raise ValueError("sparsity: EsaCL needs sparse layers to prune; expected a target sparsity > 0, got 0")
+        # kept budget and polytope radius per layer, fixed at the start of the run
+        self.budget = {n: int(m.weight_mask.sum()) for n, m in self.layers}
+        self.radius = {}
+        for n, m in self.layers:
+            w = m.weight.detach()
+            rms = float(w[m.weight_mask].pow(2).mean().sqrt()) if self.budget[n] else 0.0
+            if rms == 0.0:
+                rms = 1.0 / math.sqrt(w[0].numel())
+            self.radius[n] = float(cfg["esacl_tau"]) * rms
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.frozen_values: dict[str, torch.Tensor] = {}
+        self.task = 0
+
+    # ---------------------------------------------------------------- task boundaries
+    @torch.no_grad()
+    def begin_task(self, strategy: Strategy, task: int) -> None:
+        self.task = task
+        frac = float(self.cfg["esacl_expand"])
+        for i, (n, m) in enumerate(self.layers):
+            g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 1_000_003 + task * 7919 + i)
+            unused = ~m.weight_mask
+            if frac >= 1.0:
+                grow = unused
+            else:
+                score = torch.rand(m.weight.shape, generator=g).to(m.weight.device)
+                grow = _top_mask(score, unused, int(round(frac * int(unused.sum()))))
+            m.set_mask(m.weight_mask | grow, grad_mask=m.grad_mask | grow)
+            if self.cfg["esacl_reinit"] == "random":
+                vals = _reinit_values(m.weight, g)
+                m.weight.copy_(torch.where(grow, vals, m.weight))
+            frozen = m.weight_mask & ~m.grad_mask
+            self.frozen_values[n] = m.weight.detach()[frozen].clone()
+        self.momentum = {}
+
+    @torch.no_grad()
+    def end_task(self, strategy: Strategy, task: int) -> None:
+        last = task + 1 >= self.n_tasks
+        for n, m in self.layers:
+            k = self.budget[n]
+            frozen = m.weight_mask & ~m.grad_mask
+            trainable = m.grad_mask.clone()
+            mag = m.weight.detach().abs()
+            keep = _top_mask(mag, trainable, k - int(frozen.sum()))
+            quota = k if last else int(round(k * (task + 1) / self.n_tasks))
+            newly = _top_mask(mag, keep, quota - int(frozen.sum()))
+            m.set_mask(frozen | keep, grad_mask=keep & ~newly)
+        self.momentum = {}
+        _fix_ewc(strategy, self.layers)
+
+    def n_stored_masks(self, strategy: Strategy) -> int | None:
+        return 1
+
+    # ---------------------------------------------------------------- one step
+    def _ranking(self, strategy: Strategy, ctx: StepContext) -> torch.Tensor:
+        with torch.no_grad():
+            out = strategy.model(ctx.x)
+        ctx.extra["esacl_logits"] = out.detach()
+        return F.cross_entropy(strategy.masked_logits(out, ctx.task), ctx.y, reduction="none")
+
+    def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
+        ctx.extra["esacl_full"] = (ctx.x, ctx.x_raw, ctx.y, ctx.uid)
+        sse = self.sse and self.cfg["esacl_sse_frac"] < 1
+        ere = self.ere and self.cfg["esacl_ere_frac"] < 1
+        losses = self._ranking(strategy, ctx) if (sse or ere) else None
+        idx_e = top_j(losses, self.cfg["esacl_ere_frac"]) if ere else None
+        if self.sa:
+            idx_s = top_j(losses, self.cfg["esacl_sse_frac"]) if sse else None
+            self._perturb(strategy, ctx, idx_s)
+        if idx_e is not None:
+            ctx = _subset(ctx, idx_e)
+        return ctx
+
+    def _perturb(self, strategy: Strategy, ctx: StepContext, idx) -> None:
+        """SAM's first pass on the support examples; leaves the model at θ + ε."""
+        model = strategy.model
+        x, y = (ctx.x, ctx.y) if idx is None else (ctx.x[idx], ctx.y[idx])
+        params = [p for p in model.parameters() if p.requires_grad]
+        out = model(x)
+        if idx is None:
+            ctx.extra["esacl_logits"] = out.detach()
+        loss = F.cross_entropy(strategy.masked_logits(out, ctx.task), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        eps = sam_perturbation(list(grads), self.rho)
+        saved = []
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                if e is not None:
+                    saved.append((p, p.detach().clone()))
+                    p.add_(e)
+        ctx.extra["esacl_saved"] = saved
+
+    def after_backward(self, strategy: Strategy, ctx: StepContext) -> None:
+        with torch.no_grad():
+            for p, old in ctx.extra.pop("esacl_saved", []):
+                p.copy_(old)  # back to θ exactly; the gradient stays the one taken at θ + ε
+        if not self.sp:
+            return
+        lr = float(self.cfg["lr"])
+        for n, m in self.layers:
+            w = m.weight
+            g = w.grad
+            if g is None:
+                continue
+            allowed = m.grad_mask
+            n_tr = int(allowed.sum())
+            if n_tr == 0:
+                w.grad = None
+                continue
+            g = g.detach()
+            mom = self.momentum.get(n)
+            if mom is None:
+                mom = self.momentum[n] = torch.zeros_like(w)
+            if self.cfg["esacl_momentum_form"] == "sum":
+                mom.add_(g)
+            else:
+                b = float(self.cfg["esacl_momentum"])
+                mom.mul_(b).add_(g, alpha=1 - b)
+            k = int(round(float(self.cfg["esacl_k"]) * n_tr))
+            v = lmo_ksparse(mom, k, self.radius[n], allowed)
+            if self.cfg["esacl_fw_step"] == "constant":
+                eta = lr
+            else:
+                diff = float(((w.detach() - v) * allowed).norm())
+                eta = lr * float(g.norm()) / diff if diff > 0 else 0.0
+            fw_step(w.data, v, min(max(eta, 0.0), 1.0), allowed)
+            w.grad = None  # the optimizer leaves Frank-Wolfe layers alone
+
+    def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
+        with torch.no_grad():
+            for n, m in self.layers:
+                vals = self.frozen_values.get(n)
+                if vals is not None and vals.numel():
+                    frozen = m.weight_mask & ~m.grad_mask
+                    m.weight.data[frozen] = vals
+        # the buffer gets the whole batch with its logits at θ (as DER++ stores them)
+        x, x_raw, y, uid = ctx.extra.pop("esacl_full")
+        logits = ctx.extra.pop("esacl_logits", None)
+        if logits is not None:
+            ctx.x, ctx.x_raw, ctx.y, ctx.uid, ctx.logits = x, x_raw, y, uid, logits
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        return {"momentum": {k: v.clone() for k, v in self.momentum.items()},
+                "frozen_values": {k: v.clone() for k, v in self.frozen_values.items()},
+                "budget": dict(self.budget), "radius": dict(self.radius), "task": self.task}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum = {k: v.clone() for k, v in state["momentum"].items()}
+        self.frozen_values = {k: v.clone() for k, v in state["frozen_values"].items()}
+        self.budget = dict(state["budget"])
+        self.radius = dict(state["radius"])
+        self.task = state["task"]
+
+
+def _subset(ctx: StepContext, idx: torch.Tensor) -> StepContext:
+    ctx.x, ctx.x_raw, ctx.y = ctx.x[idx], ctx.x_raw[idx.cpu()], ctx.y[idx]
+    ctx.uid = ctx.uid[idx.cpu()]
+    return ctx
+
+
+@torch.no_grad()
+def _fix_ewc(strategy: Strategy, layers) -> None:
+    fisher, anchor = getattr(strategy, "fisher", None), getattr(strategy, "anchor", None)
+    if fisher is None or anchor is None:
+        return
+    for n, m in layers:
+        key = f"{n}.weight" if n else "weight"
+        if key in anchor:
+            anchor[key] = m.weight.detach().clone()
+            fisher[key] = fisher[key] * m.weight_mask
+
+
+def _validate(cfg: dict) -> None:
+    def num(key, lo, hi=None, lo_open=False):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise ValueError(f"{key}: expected a number, got {v!r}")
+        if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+            raise ValueError(f"{key}: expected a number in {rng}, got {v!r}")
+
+    num("esacl_rho", 0.0)
+    num("esacl_tau", 0.0, lo_open=True)
+    num("esacl_k", 0.0, 1.0)
+    num("esacl_sse_frac", 0.0, 1.0, lo_open=True)
+    num("esacl_ere_frac", 0.0, 1.0, lo_open=True)
+    num("esacl_momentum", 0.0, 1.0)
+    num("esacl_expand", 0.0, 1.0)
+    for key in ("esacl_sa", "esacl_sp", "esacl_sse", "esacl_ere"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key}: expected true or false, got {cfg[key]!r}")
+    for key, choices in (("esacl_momentum_form", ("sum", "ema")), ("esacl_fw_step", ("rescaled", "constant")),
+                         ("esacl_reinit", ("random", "zero"))):
+        if cfg[key] not in choices:
+            raise ValueError(f"{key}: expected one of {choices}, got {cfg[key]!r}")
+    if cfg["sparsity"] <= 0:
+        raise ValueError(f"sparsity: EsaCL prunes to a target sparsity; expected a value in (0, 1), got {cfg['sparsity']!r}")
+
+
+def _make_plugins(cfg: dict, model, scenario) -> list[Plugin]:
+    return [EsaCLPlugin(cfg, model, scenario.n_tasks)]
+
+
+register_config_keys(CONFIG_KEYS, _HELP)
+for _base in ("er", "derpp", "ewc"):
+    register_method(f"esacl_{_base}", _base, _make_plugins)
