@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import sparsekern
 import sparsekern_cl
 from sparsekern_cl.config import resolve_config
-from sparsekern_cl.methods.esacl import EsaCLPlugin, fw_step, lmo_ksparse, sam_perturbation, top_j
+from sparsekern_cl.methods.esacl import fw_step, lmo_ksparse, sam_perturbation, top_j
 from sparsekern_cl.runner import build_run
 
 TINY = {
@@ -65,7 +65,7 @@ def test_frank_wolfe_iterate_stays_in_the_polytope():
     # start inside C(K, λ): a convex combination of two vertices
     theta = 0.5 * lmo_ksparse(torch.randn(n, generator=g), k, lam) + 0.5 * lmo_ksparse(torch.randn(n, generator=g), k, lam)
     mom = torch.zeros(n)
-    for step in range(60):
+    for _ in range(60):
         mom += torch.randn(n, generator=g)
         v = lmo_ksparse(mom, k, lam)
         fw_step(theta, v, float(torch.rand(1, generator=g)))
@@ -179,7 +179,7 @@ def test_task_end_prunes_to_exactly_s_and_frozen_weights_never_change(method):
                 assert torch.equal(m.weight.detach()[f], vals)
     # the final model: every survivor frozen, inference on the sparse kernels matches the masked dense model
     x = torch.randn(5, 36)
-    for n, m in layers:
+    for _, m in layers:
         assert not bool(m.grad_mask.any())
         xin = torch.randn(5, m.in_features)
         ref = xin @ (m.weight.detach() * m.weight_mask).T + m.bias.detach()
