@@ -1,0 +1,684 @@
+"""SparCL (Wang et al., NeurIPS 2022) on real sparse compute: ``sparcl_er`` and ``sparcl_derpp``.
+
+SparCL keeps one sparse network for the whole continual-learning run and saves work in three ways:
+
+- **TDM**, task-aware dynamic masking: one binary weight mask ``M`` at sparsity ``s``, changed by the
+  continual weight importance ``CWI(w) = |w| + α|∂ℓ̃(D_t)/∂w| + β|∂ℓ(M)/∂w|`` (``ℓ̃``: cross-entropy
+  over the current task's classes only, on current-task data; ``ℓ``: cross-entropy on the replay
+  buffer).  Inside a task, every ``δ`` epochs, *shrink-and-expand*: drop the fraction ``q`` of active
+  weights with the lowest CWI and regrow as many unused weights at random, starting at zero.  At a
+  task switch, *expand-and-shrink*: add the fraction ``λ`` of unused weights at random, train at the
+  lower sparsity for ``warm-up`` epochs, then drop the lowest-CWI weights back to exactly ``s``.
+- **DDR**, dynamic data removal: the epochs of a task are cut into stages of ``δ`` epochs (the mask
+  updates).  Each example's misclassifications (or forgetting events) are counted within a stage;
+  at the end of each stage up to the cutoff the examples with the fewest are removed, in equal steps,
+  until the fraction ``ρ`` of the task is gone.  Removed examples are never visited again, so they
+  cost nothing (the core's ``train_indices`` hook, keyed by stable example ids).
+- **DGM**, dynamic gradient masking: a gradient mask ``G ⊆ M`` keeps the active weights with the
+  largest gradient importance and is refreshed every ``N`` iterations.  It is installed with
+  ``set_grad_mask``, so the kernels compute the weight gradient only on ``G`` (exact zeros
+  elsewhere); the refresh step itself computes the gradient on all of ``M`` (and is counted so).
+
+Every component is switchable (``sparcl_tdm``, ``sparcl_ddr``, ``sparcl_dgm``) for the ablation;
+with TDM off the initial mask stays fixed.  With ``sparsity: 0`` (what ``compare_dense`` runs) the
+method is its dense base strategy (ER or DER++), which is the comparison SparCL reports.
+
+Two presets, side by side (``preset: sparcl-paper`` / ``preset: sparcl-official``; config files
+``configs/sparcl_*.yaml``).  The paper's numeric settings that survive in its text are used as
+such; where the text does not give a value, the official code's value is used and marked (*):
+
+============================  ===================================  ====================================
+setting                       paper (``sparcl-paper``)             official code (``sparcl-official``)
+============================  ===================================  ====================================
+sparse layers (ResNet-18)     all convs (``all_convs``)            3x3 convs in residual blocks only
+                                                                   (``block_convs``: stem, shortcuts,
+                                                                   head dense)
+initial mask                  random                               per-layer magnitude
+CWI gradients                 ``data``: α|∇ℓ̃| on current-task     ``last_batch``: one coefficient
+                              data + β|∇ℓ| on buffer data,         (α=β merged, 0.5) on the gradient
+                              separately, α=β=0.5 (*)              of the last minibatch's combined loss
+intra-task update             every δ=5 epochs, q=0.04 of active   same (prune s+1 %, regrow to s)
+                              weights (*), random zero regrowth
+inter-task update             expand λ=0.04 of unused (*),         same; mask frozen for the last
+                              warm-up 5 epochs (*)                 5 of 50 epochs
+DDR count                     misclassifications per stage         forgetting events (correct →
+                                                                   incorrect); never-learned kept
+DDR schedule                  ρ=30 % in equal steps, cutoff        same (750 of 10 000 at epochs
+                              stage 4                              5, 10, 15, 20)
+DGM                           drop 20 % of active gradients        keep top 20 % of |grad| of each
+                              (gradient sparsity 0.80 at s=0.75,   tensor every 30 iterations
+                              0.92 at s=0.90), every 30 its (*)    (≈ the same 0.80 at s=0.75)
+DER++ α / β                   0.3 / 0.5 (the core's defaults)      0.1 / 0.5
+optimizer                     SGD lr 0.03, batch 32                SGD lr 0.03 constant, batch 32
+============================  ===================================  ====================================
+
+The gradient importance of DGM (the paper's CGI) is the magnitude of the gradient of the
+strategy's training loss on the refresh step's batch (current batch plus replay terms), in both
+presets; the CWI's gradients are computed on all of ``M`` (the gradient mask is lifted for that
+pass) with the model in eval mode, so BatchNorm statistics do not move.  Every extra pass runs
+while the FLOP counter is active, so it is counted.
+
+Example:
+    >>> import sparsekern_cl
+    >>> res = sparsekern_cl.run({"method": "sparcl_derpp", "preset": "sparcl-paper", "dataset": "mnist",
+    ...                          "backbone": "mlp", "sparsity": 0.75, "epochs": 5, "sparcl_delta": 1,
+    ...                          "sparcl_warmup": 1, "sparcl_ddr_cutoff": 2})
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+
+from ..backbones import build_backbone, sparsify_backbone
+from ..config import PRESETS, register_config_keys
+from ..runner import register_method
+from ..strategies import Plugin, StepContext, Strategy
+
+__all__ = [
+    "SPARCL_DEFAULTS",
+    "continual_weight_importance",
+    "shrink_and_expand",
+    "expand_mask",
+    "shrink_mask",
+    "top_gradient_mask",
+    "removal_schedule",
+    "select_removal",
+    "TaskAwareDynamicMasking",
+    "DynamicDataRemoval",
+    "DynamicGradientMasking",
+    "make_sparcl_plugins",
+]
+
+SPARCL_DEFAULTS: dict = {
+    "sparcl_tdm": True,
+    "sparcl_ddr": True,
+    "sparcl_dgm": True,
+    "sparcl_layers": "auto",
+    "sparcl_importance": "data",
+    "sparcl_cwi_alpha": 0.5,
+    "sparcl_cwi_beta": 0.5,
+    "sparcl_importance_samples": 256,
+    "sparcl_delta": 5,
+    "sparcl_shrink": 0.04,
+    "sparcl_expand": 0.04,
+    "sparcl_warmup": 5,
+    "sparcl_freeze_last": 0,
+    "sparcl_ddr_ratio": 0.3,
+    "sparcl_ddr_cutoff": 4,
+    "sparcl_ddr_count": "misclassified",
+    "sparcl_dgm_drop": 0.2,
+    "sparcl_dgm_interval": 30,
+}
+
+SPARCL_HELP: dict = {
+    "sparcl_tdm": "SparCL: task-aware dynamic masking on (false: the initial mask stays fixed)",
+    "sparcl_ddr": "SparCL: dynamic data removal on",
+    "sparcl_dgm": "SparCL: dynamic gradient masking on",
+    "sparcl_layers": "SparCL: sparse layers: auto (the backbone's default), all_convs, block_convs "
+                     "(3x3 convs inside residual blocks), mlp_hidden",
+    "sparcl_importance": "SparCL: CWI gradients: data (α on current-task data, β on the buffer) or "
+                         "last_batch (α times the last minibatch's gradient)",
+    "sparcl_cwi_alpha": "SparCL: CWI weight α of the current-task gradient (the merged coefficient for last_batch)",
+    "sparcl_cwi_beta": "SparCL: CWI weight β of the buffer gradient (importance=data)",
+    "sparcl_importance_samples": "SparCL: examples of the task and of the buffer used for the CWI gradients",
+    "sparcl_delta": "SparCL: epochs per mask-update stage (δ)",
+    "sparcl_shrink": "SparCL: fraction q of active weights dropped (and regrown) at an intra-task update",
+    "sparcl_expand": "SparCL: fraction λ of unused weights added at a task switch",
+    "sparcl_warmup": "SparCL: epochs at the lower sparsity after a task switch",
+    "sparcl_freeze_last": "SparCL: last epochs of each task without mask updates",
+    "sparcl_ddr_ratio": "SparCL: fraction ρ of each task's examples removed by the cutoff",
+    "sparcl_ddr_cutoff": "SparCL: stage after which no more examples are removed",
+    "sparcl_ddr_count": "SparCL: misclassified (count per stage) or forgetting (correct->incorrect events)",
+    "sparcl_dgm_drop": "SparCL: fraction of active weights whose gradient DGM removes",
+    "sparcl_dgm_interval": "SparCL: iterations between gradient-mask refreshes",
+}
+
+register_config_keys(SPARCL_DEFAULTS, SPARCL_HELP)
+
+# The two presets hold the method's settings only; add the dataset/backbone keys (configs/sparcl_*.yaml).
+PRESETS["sparcl-paper"] = {
+    "sparse_init": "random", "sparcl_layers": "all_convs", "sparcl_importance": "data",
+    "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.5, "sparcl_delta": 5, "sparcl_shrink": 0.04,
+    "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 0, "sparcl_ddr_ratio": 0.3,
+    "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "misclassified", "sparcl_dgm_drop": 0.2,
+    "sparcl_dgm_interval": 30, "alpha": 0.3, "beta": 0.5, "lr": 0.03, "batch_size": 32,
+}
+PRESETS["sparcl-official"] = {
+    "sparse_init": "magnitude", "sparcl_layers": "block_convs", "sparcl_importance": "last_batch",
+    "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.0, "sparcl_delta": 5, "sparcl_shrink": 0.04,
+    "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 5, "sparcl_ddr_ratio": 0.3,
+    "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "forgetting", "sparcl_dgm_drop": 0.2,
+    "sparcl_dgm_interval": 30, "alpha": 0.1, "beta": 0.5, "lr": 0.03, "batch_size": 32, "momentum": 0.0,
+    "weight_decay": 0.0,
+}
+
+_LAYER_CHOICES = ("auto", "all_convs", "block_convs", "mlp_hidden")
+
+
+# --------------------------------------------------------------------------- validation
+def _check(cfg: dict) -> None:
+    """Raise ``ValueError`` naming the SparCL key and what it expects."""
+
+    def fail(key, expected):
+        raise ValueError(f"{key}: expected {expected}, got {cfg[key]!r}")
+
+    def num(key, lo, hi, lo_open=False, hi_open=False):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            fail(key, "a number")
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            fail(key, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+    def integer(key, lo):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            fail(key, f"an integer >= {lo}")
+
+    for key in ("sparcl_tdm", "sparcl_ddr", "sparcl_dgm"):
+        if not isinstance(cfg[key], bool):
+            fail(key, "true or false")
+    if cfg["sparcl_layers"] not in _LAYER_CHOICES:
+        fail("sparcl_layers", f"one of {_LAYER_CHOICES}")
+    if cfg["sparcl_importance"] not in ("data", "last_batch"):
+        fail("sparcl_importance", "'data' or 'last_batch'")
+    if cfg["sparcl_ddr_count"] not in ("misclassified", "forgetting"):
+        fail("sparcl_ddr_count", "'misclassified' or 'forgetting'")
+    num("sparcl_cwi_alpha", 0.0, math.inf)
+    num("sparcl_cwi_beta", 0.0, math.inf)
+    integer("sparcl_importance_samples", 1)
+    integer("sparcl_delta", 1)
+    num("sparcl_shrink", 0.0, 1.0, hi_open=True)
+    num("sparcl_expand", 0.0, 1.0, hi_open=True)
+    integer("sparcl_warmup", 1)
+    integer("sparcl_freeze_last", 0)
+    num("sparcl_ddr_ratio", 0.0, 1.0, hi_open=True)
+    integer("sparcl_ddr_cutoff", 1)
+    num("sparcl_dgm_drop", 0.0, 1.0, hi_open=True)
+    integer("sparcl_dgm_interval", 1)
+
+
+# --------------------------------------------------------------------------- mask rules (pure)
+def continual_weight_importance(weight: torch.Tensor, grad_current: torch.Tensor | None,
+                                grad_buffer: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
+    """``CWI = |w| + α|g_current| + β|g_buffer|`` (a missing gradient contributes nothing)."""
+    score = weight.detach().abs().clone()
+    if grad_current is not None and alpha:
+        score += alpha * grad_current.abs()
+    if grad_buffer is not None and beta:
+        score += beta * grad_buffer.abs()
+    return score
+
+
+def _lowest(score: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` entries of ``among`` with the lowest ``score`` (ties: lowest index)."""
+    out = torch.zeros_like(among)
+    if k <= 0:
+        return out
+    idx = among.flatten().nonzero().squeeze(1)
+    vals = score.flatten()[idx].double()
+    # stable sort: equal scores go in index order, so the result is deterministic
+    order = torch.sort(vals, stable=True).indices[:k]
+    out.view(-1)[idx[order]] = True
+    return out
+
+
+def _random_pick(among: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool mask of ``k`` entries of ``among`` drawn uniformly at random."""
+    out = torch.zeros_like(among)
+    idx = among.flatten().nonzero().squeeze(1)
+    if k <= 0 or idx.numel() == 0:
+        return out
+    pick = idx[torch.randperm(idx.numel(), generator=generator)[: min(k, idx.numel())].to(idx.device)]
+    out.view(-1)[pick] = True
+    return out
+
+
+def shrink_mask(mask: torch.Tensor, score: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Keep the ``n_keep`` active entries of ``mask`` with the highest ``score`` (drop the rest)."""
+    n_active = int(mask.sum())
+    return mask & ~_lowest(score, mask, n_active - n_keep)
+
+
+def expand_mask(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Add ``round(fraction * #unused)`` unused entries at random (the inter-task expansion)."""
+    unused = ~mask
+    return mask | _random_pick(unused, round(fraction * int(unused.sum())), generator)
+
+
+def shrink_and_expand(mask: torch.Tensor, score: torch.Tensor, fraction: float,
+                      generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Intra-task update: drop ``round(fraction * #active)`` lowest-score entries, regrow as many at random.
+
+    Regrowth draws from the entries unused *before* the drop (so the update changes the mask); only
+    if there are too few does it also draw from the entries just dropped.  The count is unchanged.
+    Returns ``(new mask, number swapped)``.
+    """
+    n = round(fraction * int(mask.sum()))
+    n = min(n, int(mask.sum()))
+    dropped = _lowest(score, mask, n)
+    kept = mask & ~dropped
+    grow = _random_pick(~mask, n, generator)
+    short = n - int(grow.sum())
+    if short > 0:
+        grow |= _random_pick(dropped, short, generator)
+    return kept | grow, n
+
+
+def top_gradient_mask(mask: torch.Tensor, score: torch.Tensor, drop: float) -> torch.Tensor:
+    """Gradient mask inside ``mask``: drop the ``round(drop * #active)`` entries of lowest ``score``."""
+    return mask & ~_lowest(score, mask, round(drop * int(mask.sum())))
+
+
+def removal_schedule(n: int, ratio: float, cutoff: int) -> list[int]:
+    """Examples removed at the end of stages ``0..cutoff-1``: equal steps summing to ``round(ratio * n)``."""
+    total = round(ratio * n)
+    return [round(total * (k + 1) / cutoff) - round(total * k / cutoff) for k in range(cutoff)]
+
+
+def select_removal(counts: torch.Tensor, kept: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions of the ``k`` kept examples with the fewest ``counts`` (ties broken at random).
+
+    ``counts`` may hold ``inf`` for examples that must never be removed.
+    """
+    idx = kept.nonzero().squeeze(1)
+    if k <= 0 or idx.numel() == 0:
+        return idx[:0]
+    perm = idx[torch.randperm(idx.numel(), generator=generator)]
+    order = torch.sort(counts[perm].double(), stable=True).indices  # random order within equal counts
+    chosen = perm[order[: min(k, idx.numel())]]
+    return chosen[torch.isfinite(counts[chosen].double())]
+
+
+# --------------------------------------------------------------------------- helpers
+def _layers(strategy: Strategy) -> list[tuple[str, nn.Module]]:
+    return strategy.sparse_layers()
+
+
+class _FullGradients:
+    """Context: gradient masks lifted to the weight masks (restored on exit), model in eval mode."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def __enter__(self):
+        self.saved = [(m, m.grad_mask.clone()) for _, m in _layers(self.strategy)]
+        for m, _ in self.saved:
+            m.set_grad_mask(m.weight_mask)
+        self.was_training = self.strategy.model.training
+        self.strategy.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m, g in self.saved:
+            m.set_grad_mask(g & m.weight_mask)
+        self.strategy.model.train(self.was_training)
+        return False
+
+
+def _weight_grads(strategy: Strategy, loss: torch.Tensor) -> list[torch.Tensor]:
+    weights = [m.weight for _, m in _layers(strategy)]
+    return [g if g is not None else torch.zeros_like(w)
+            for g, w in zip(torch.autograd.grad(loss, weights, allow_unused=True), weights)]
+
+
+def _zero_optimizer_state(strategy: Strategy, layer: nn.Module, where: torch.Tensor) -> None:
+    """Clear momentum / Adam moments of the entries in ``where`` (regrown weights start fresh)."""
+    opt = strategy.optimizer
+    if opt is None:
+        return
+    for v in opt.state.get(layer.weight, {}).values():
+        if isinstance(v, torch.Tensor) and v.shape == where.shape:
+            v.masked_fill_(where, 0)
+
+
+# --------------------------------------------------------------------------- TDM
+class TaskAwareDynamicMasking(Plugin):
+    """TDM: CWI-driven shrink-and-expand inside a task, expand-and-shrink at task switches.
+
+    The number of active weights of each sparse layer is the one it had when the plugin was made
+    (the target sparsity); it is held exactly outside the warm-up after a task switch.
+    """
+
+    name = "sparcl_tdm"
+
+    def __init__(self, cfg: dict, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7727 + 11)
+        self.targets = {n: int(m.weight_mask.sum()) for n, m in sparsekern.sparse_modules(model)}
+        self.in_warmup = False
+        self.last_ctx: StepContext | None = None
+        self.history: list[dict] = []  # one record per mask change (task, epoch, kind, counts)
+
+    # -- importance
+    def importance(self, strategy: Strategy, task: int) -> list[torch.Tensor]:
+        """CWI of every sparse layer's weights (gradients computed on all of ``M``)."""
+        c = self.cfg
+        layers = _layers(strategy)
+        g_cur = g_buf = None
+        with _FullGradients(strategy):
+            if c["sparcl_importance"] == "last_batch":
+                if self.last_ctx is not None:
+                    g_cur = _weight_grads(strategy, strategy.loss(self.last_ctx))
+            else:
+                g_cur = self._current_task_grads(strategy, task)
+                g_buf = self._buffer_grads(strategy)
+        a, b = c["sparcl_cwi_alpha"], c["sparcl_cwi_beta"]
+        return [continual_weight_importance(m.weight, None if g_cur is None else g_cur[i],
+                                            None if g_buf is None else g_buf[i], a, b)
+                for i, (_, m) in enumerate(layers)]
+
+    def _current_task_grads(self, strategy: Strategy, task: int) -> list[torch.Tensor]:
+        data = strategy.scenario.train[task]
+        n = min(self.cfg["sparcl_importance_samples"], len(data))
+        sel = torch.randperm(len(data), generator=self.generator)[:n]
+        x = strategy.scenario.preprocess(data.x[sel], train=False).to(strategy.device)
+        y = data.y[sel].to(strategy.device)
+        lo, hi = strategy.scenario.task_classes(task)
+        # single-head cross-entropy: only the current task's logits compete
+        loss = F.cross_entropy(strategy.model(x)[:, lo:hi], y - lo)
+        return _weight_grads(strategy, loss)
+
+    def _buffer_grads(self, strategy: Strategy) -> list[torch.Tensor] | None:
+        buf = getattr(strategy, "buffer", None)
+        if buf is None or buf.is_empty():
+            return None
+        k = len(buf)
+        sel = torch.randperm(k, generator=self.generator)[: min(self.cfg["sparcl_importance_samples"], k)]
+        x = strategy.scenario.preprocess(buf.x[sel], train=False).to(strategy.device)
+        y, t = buf.y[sel].to(strategy.device), buf.task[sel]
+        loss = F.cross_entropy(strategy.masked_logits(strategy.model(x), t), y)
+        return _weight_grads(strategy, loss)
+
+    # -- mask changes
+    def _apply(self, strategy: Strategy, layer: nn.Module, new: torch.Tensor) -> int:
+        old = layer.weight_mask.clone()
+        grown = new & ~old
+        layer.set_mask(new)  # zeroes weights outside the new mask; new connections trainable
+        with torch.no_grad():
+            layer.weight.masked_fill_(grown, 0.0)  # regrown weights start at zero
+        _zero_optimizer_state(strategy, layer, grown | (old & ~new))
+        return int(grown.sum())
+
+    def shrink_expand(self, strategy: Strategy, task: int, epoch: int) -> None:
+        scores = self.importance(strategy, task)
+        rec = {"task": task, "epoch": epoch, "kind": "shrink_expand", "removed": 0, "regrown": 0}
+        for (_, m), s in zip(_layers(strategy), scores):
+            new, n = shrink_and_expand(m.weight_mask, s, self.cfg["sparcl_shrink"], self.generator)
+            rec["removed"] += n
+            rec["regrown"] += self._apply(strategy, m, new)
+        self.history.append(rec)
+
+    def shrink_to_target(self, strategy: Strategy, task: int, epoch: int) -> None:
+        scores = self.importance(strategy, task)
+        rec = {"task": task, "epoch": epoch, "kind": "shrink", "removed": 0, "regrown": 0}
+        for (name, m), s in zip(_layers(strategy), scores):
+            before = int(m.weight_mask.sum())
+            self._apply(strategy, m, shrink_mask(m.weight_mask, s, self.targets[name]))
+            rec["removed"] += before - int(m.weight_mask.sum())
+        self.history.append(rec)
+        self.in_warmup = False
+
+    # -- hooks
+    def begin_task(self, strategy: Strategy, task: int) -> None:
+        self.last_ctx = None
+        if task == 0 or self.cfg["sparcl_expand"] == 0:
+            return
+        rec = {"task": task, "epoch": -1, "kind": "expand", "removed": 0, "regrown": 0}
+        for _, m in _layers(strategy):
+            rec["regrown"] += self._apply(strategy, m, expand_mask(m.weight_mask, self.cfg["sparcl_expand"],
+                                                                    self.generator))
+        self.history.append(rec)
+        self.in_warmup = True
+
+    def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
+        self.last_ctx = ctx
+
+    def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None:
+        c = self.cfg
+        epochs, done = c["epochs"], epoch + 1
+        if self.in_warmup:
+            if done >= min(c["sparcl_warmup"], epochs) or done == epochs:
+                self.shrink_to_target(strategy, task, epoch)
+            return
+        update = done % c["sparcl_delta"] == 0 and done < epochs and done <= epochs - c["sparcl_freeze_last"]
+        if update and c["sparcl_shrink"] > 0:
+            self.shrink_expand(strategy, task, epoch)
+
+    def end_task(self, strategy: Strategy, task: int) -> None:
+        if self.in_warmup:  # a task shorter than the warm-up still ends at the target sparsity
+            self.shrink_to_target(strategy, task, self.cfg["epochs"] - 1)
+        self.last_ctx = None
+
+    def report(self, strategy: Strategy) -> dict:
+        return {"mask_updates": list(self.history)}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "targets": dict(self.targets),
+                "in_warmup": self.in_warmup, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.targets = dict(state["targets"])
+        self.in_warmup = state["in_warmup"]
+        self.history = list(state["history"])
+
+
+# --------------------------------------------------------------------------- DDR
+class DynamicDataRemoval(Plugin):
+    """DDR: per-stage misclassification (or forgetting-event) counts; the easiest examples are removed.
+
+    State per task: ``kept`` (bool per position of the task's training data), ``counts`` of the
+    current stage, and for the forgetting count the last correctness of each example.
+    """
+
+    name = "sparcl_ddr"
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(int(cfg["seed"]) * 4391 + 5)
+        self.task = -1
+        self.kept: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.learned: torch.Tensor | None = None  # ever correct within the stage (forgetting count)
+        self.last_correct: torch.Tensor | None = None
+        self.uid_sorted: torch.Tensor | None = None
+        self.uid_pos: torch.Tensor | None = None
+        self.removed_per_stage: list[list[int]] = []
+
+    def _reset_stage(self) -> None:
+        n = self.kept.numel()
+        self.counts = torch.zeros(n)
+        self.learned = torch.zeros(n, dtype=torch.bool)
+        self.last_correct = torch.zeros(n, dtype=torch.bool)
+
+    def _start(self, strategy: Strategy, task: int) -> None:
+        uid = strategy.scenario.train[task].uid
+        self.uid_sorted, self.uid_pos = torch.sort(uid)
+        self.task = task
+        self.kept = torch.ones(len(uid), dtype=torch.bool)
+        self.removed_per_stage.append([])
+        self._reset_stage()
+
+    def begin_task(self, strategy: Strategy, task: int) -> None:
+        self._start(strategy, task)
+
+    def train_indices(self, strategy: Strategy, task: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        if self.task != task:
+            self._start(strategy, task)
+        if indices.numel() != self.kept.numel():
+            raise ValueError(f"sparcl_ddr: expected the {self.kept.numel()} positions of task {task}'s data, "
+                             f"got {indices.numel()} (DDR supports strategies that train on one task at a time)")
+        return indices[self.kept[indices]]
+
+    def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
+        if ctx.logits is None or self.kept is None:
+            return
+        n = ctx.y.shape[0]
+        pred = strategy.masked_logits(ctx.logits[:n], ctx.task).argmax(1).cpu()
+        correct = pred == ctx.y.cpu()
+        loc = torch.searchsorted(self.uid_sorted, ctx.uid.cpu())
+        pos = self.uid_pos[loc.clamp(max=self.uid_sorted.numel() - 1)]
+        if self.cfg["sparcl_ddr_count"] == "misclassified":
+            self.counts.index_add_(0, pos, (~correct).float())
+        else:  # a forgetting event: correct at the previous visit, wrong now
+            self.counts.index_add_(0, pos, (self.last_correct[pos] & ~correct).float())
+            self.learned[pos] |= correct
+            self.last_correct[pos] = correct
+
+    def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None:
+        c = self.cfg
+        done = epoch + 1
+        if done % c["sparcl_delta"] != 0 or done >= c["epochs"]:
+            return
+        stage = done // c["sparcl_delta"] - 1
+        if stage < c["sparcl_ddr_cutoff"]:
+            k = removal_schedule(self.kept.numel(), c["sparcl_ddr_ratio"], c["sparcl_ddr_cutoff"])[stage]
+            counts = self.counts.clone()
+            if c["sparcl_ddr_count"] == "forgetting":
+                counts[~self.learned] = math.inf  # never learned in this stage: keep it
+            gone = select_removal(counts, self.kept, k, self.generator)
+            self.kept[gone] = False
+            self.removed_per_stage[-1].append(int(gone.numel()))
+        self._reset_stage()
+
+    def report(self, strategy: Strategy) -> dict:
+        return {"removed_per_stage": [list(r) for r in self.removed_per_stage]}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "task": self.task, "kept": self.kept,
+                "counts": self.counts, "learned": self.learned, "last_correct": self.last_correct,
+                "uid_sorted": self.uid_sorted, "uid_pos": self.uid_pos,
+                "removed_per_stage": [list(r) for r in self.removed_per_stage]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        for k in ("task", "kept", "counts", "learned", "last_correct", "uid_sorted", "uid_pos"):
+            setattr(self, k, state[k])
+        self.removed_per_stage = [list(r) for r in state["removed_per_stage"]]
+
+
+# --------------------------------------------------------------------------- DGM
+class DynamicGradientMasking(Plugin):
+    """DGM: ``G ⊆ M`` keeps the active weights with the largest gradient magnitude.
+
+    Every ``sparcl_dgm_interval`` iterations (and on the first step after the weight mask changed)
+    the step runs with ``G = M``; after its backward, ``G`` is set to the top ``1 - drop`` of the
+    active weights by ``|∂loss/∂w|`` and the step's gradient outside the new ``G`` is cleared, so
+    only ``G`` is updated.  The other steps compute the weight gradient only on ``G``, in the kernels.
+    """
+
+    name = "sparcl_dgm"
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.steps_since = 0
+        self.refreshing = False
+        self.mask_versions: list[int] | None = None
+        self.refreshes = 0
+
+    def _versions(self, strategy: Strategy) -> list[int]:
+        return [m.weight_mask._version for _, m in _layers(strategy)]
+
+    def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
+        due = self.steps_since % self.cfg["sparcl_dgm_interval"] == 0
+        if due or self._versions(strategy) != self.mask_versions:
+            self.refreshing = True
+            for _, m in _layers(strategy):
+                m.set_grad_mask(m.weight_mask)
+        return ctx
+
+    def after_backward(self, strategy: Strategy, ctx: StepContext) -> None:
+        if self.refreshing:
+            for _, m in _layers(strategy):
+                if m.weight.grad is None:
+                    continue
+                g = top_gradient_mask(m.weight_mask, m.weight.grad.abs(), self.cfg["sparcl_dgm_drop"])
+                m.set_grad_mask(g)
+                m.weight.grad.masked_fill_(~g, 0.0)
+            self.refreshing = False
+            self.refreshes += 1
+            self.steps_since = 0
+            self.mask_versions = self._versions(strategy)
+        self.steps_since += 1
+
+    def report(self, strategy: Strategy) -> dict:
+        return {"refreshes": self.refreshes,
+                "grad_density": {n: m.grad_density() for n, m in _layers(strategy)}}
+
+    def state_dict(self) -> dict:
+        return {"steps_since": self.steps_since, "mask_versions": self.mask_versions, "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_since = state["steps_since"]
+        self.refreshes = state["refreshes"]
+        self.mask_versions = None  # buffers were reloaded: version counters differ; refresh once
+
+
+# --------------------------------------------------------------------------- method
+def _wanted(choice: str, model: nn.Module) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if choice == "all_convs" and isinstance(m, nn.Conv2d):
+            out.append(name)
+        elif choice == "block_convs" and isinstance(m, nn.Conv2d) and name.startswith("layer") \
+                and tuple(m.kernel_size) == (3, 3):
+            out.append(name)
+        elif choice == "mlp_hidden" and isinstance(m, nn.Linear) and name != "head":
+            out.append(name)
+    return out
+
+
+def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
+    """Re-sparsify so that exactly the layers chosen by ``sparcl_layers`` are sparse (from the initial weights)."""
+    choice = cfg["sparcl_layers"]
+    if choice == "auto":
+        return
+    if cfg["keep_dense"] != "auto":
+        raise ValueError(f"sparcl_layers: {choice!r} chooses the sparse layers itself; leave keep_dense at 'auto' "
+                         f"(got keep_dense={cfg['keep_dense']!r})")
+    want = _wanted(choice, model)
+    if not want:
+        raise ValueError(f"sparcl_layers: {choice!r} selects no layer of backbone {cfg['backbone']!r}")
+    if sorted(n for n, _ in sparsekern.sparse_modules(model)) == sorted(want):
+        return
+    device = next(model.parameters()).device
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg["seed"])  # the same initial weights the runner drew
+    fresh = build_backbone(cfg["backbone"], scenario.input_shape, scenario.n_classes,
+                           hidden=cfg["mlp_hidden"], nf=cfg["nf"])
+    torch.set_rng_state(rng)
+    sparsekern.densify_(model)
+    model.load_state_dict(fresh.state_dict())
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    sparsify_backbone(model, cfg["sparsity"], distribution=cfg["sparse_distribution"], init=cfg["sparse_init"],
+                      layout=cfg["layout"], block_size=cfg["block_size"], backend=cfg["backend"],
+                      keep_dense=[n for n in names if n not in want], seed=cfg["seed"])
+    model.to(device)
+
+
+def make_sparcl_plugins(cfg: dict, model: nn.Module, scenario) -> list[Plugin]:
+    """The SparCL plugins for a validated configuration (none for a dense run)."""
+    _check(cfg)
+    if cfg["sparsity"] == 0:
+        return []  # the dense base strategy (what compare_dense measures against)
+    _choose_sparse_layers(cfg, model, scenario)
+    plugins: list[Plugin] = []
+    if cfg["sparcl_tdm"]:
+        plugins.append(TaskAwareDynamicMasking(cfg, model))
+    if cfg["sparcl_ddr"]:
+        plugins.append(DynamicDataRemoval(cfg))
+    if cfg["sparcl_dgm"]:
+        plugins.append(DynamicGradientMasking(cfg))
+    return plugins
+
+
+register_method("sparcl_er", "er", make_sparcl_plugins)
+register_method("sparcl_derpp", "derpp", make_sparcl_plugins)
