@@ -131,6 +131,41 @@ std::vector<int64_t> row_costs(const int32_t* ptr, int64_t rows, int64_t bo, int
   return cost;
 }
 
+// Weight-gradient accumulator in pattern order: base[r] = first slot of row r (block rows
+// expanded to their columns, clipped to ncols); scatter() writes it into the dense gradient.
+struct PackedRows {
+  std::vector<int64_t> base;
+  PackedRows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t bo, int64_t bk, int64_t ncols) : base(rows + 1) {
+    base[0] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t rb = r / bo;
+      int64_t n = 0;
+      if (r % bo == 0 || r == 0) {
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) n += std::min(bk, ncols - int64_t(idx[j]) * bk);
+      } else {
+        n = base[r] - base[r - 1];  // same block row as r - 1
+      }
+      base[r + 1] = base[r] + n;
+    }
+  }
+  int64_t size() const { return base.back(); }
+  template <typename S>
+  void scatter(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* acc, S* out) const {
+    const int64_t rows = int64_t(base.size()) - 1;
+    at::parallel_for(0, rows, size() < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 256, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t rb = r / bo;
+        const S* a = acc + base[r];
+        S* o = out + r * ncols;
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+          for (int64_t c = c0; c < c1; ++c) o[c] = *a++;
+        }
+      }
+    });
+  }
+};
+
 // A sparse matrix A [R, C] in the form the panels take.  Block patterns read A in place from the
 // dense weight (A[r, c] = a[r * ars + c * acs]).  Unstructured patterns are repacked per call into
 // column windows (window-major CSR with the values gathered from the weight), so that the part of
@@ -311,7 +346,8 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
     const S* dyp = dy.data_ptr<S>();
-    S* out = dw.data_ptr<S>();
+    const PackedRows packed(ptr, idx, M, bo, bk, K);
+    std::vector<S> acc(packed.size(), S(0));
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
       Buf<S> bt(K * T), at_(kRowBlock * T);
       std::vector<int32_t> cols;
@@ -324,11 +360,12 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
             k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
-            k.sddmm_tile(ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), out, K, cols);
+            k.sddmm_tile(ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
           }
         }
       }
     });
+    packed.scatter(ptr, idx, bo, bk, K, acc.data(), dw.data_ptr<S>());
   });
   return dw;
 }
@@ -490,7 +527,8 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const auto bounds = balanced_split(row_costs(ptr, g.O, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
     const S* dyp = dy.data_ptr<S>();
-    S* out = dw.data_ptr<S>();
+    const PackedRows packed(ptr, idx, g.O, bo, bk, Kc);
+    std::vector<S> acc(packed.size(), S(0));
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
       Buf<S> bt(Kc * T), at_(kRowBlock * T);
       std::vector<int32_t> cols;
@@ -503,11 +541,12 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
             k.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
-            k.sddmm_tile(ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), out, Kc, cols);
+            k.sddmm_tile(ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
           }
         }
       }
     });
+    packed.scatter(ptr, idx, bo, bk, Kc, acc.data(), dw.data_ptr<S>());
   });
   return dw;
 }

@@ -26,7 +26,7 @@ struct Kernels {
   void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, int64_t, int64_t, int64_t,
                     int64_t, const S*, S*, std::vector<int32_t>&);
   void (*sddmm_tile)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*, S*,
-                     int64_t, std::vector<int32_t>&);
+                     const int64_t*, std::vector<int32_t>&);
   void (*im2col_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*col2im_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*conv_out_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, S*);

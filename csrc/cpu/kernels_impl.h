@@ -270,13 +270,15 @@ void panel_bsr(const int32_t* __restrict ptr, const int32_t* __restrict idx, int
 }
 
 // ------------------------------------------------------------------------------------------
-// sampled dense-dense: out[r * ldo + c] += dot(at[(r - r0) * T], bt[c * T]) for (r, c) in the
-// pattern, rows r0 <= r < r1 (T = dot_width).  bo = bk = 1 is the unstructured layout.
+// sampled dense-dense: acc[base[r] + i] += dot(at[(r - r0) * T], bt[c_i * T]) for the i-th column
+// c_i of row r in the pattern (block rows expanded), rows r0 <= r < r1, T = dot_width.  The
+// accumulator is packed in pattern order, so its updates are sequential (the caller scatters it
+// into the dense gradient at the end).  bo = bk = 1 is the unstructured layout.
 // ------------------------------------------------------------------------------------------
 template <typename S>
 void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, int64_t bo, int64_t bk, int64_t ncols,
-                int64_t r0, int64_t r1, const S* __restrict at, const S* __restrict bt, S* __restrict out, int64_t ldo,
-                std::vector<int32_t>& cols) {
+                int64_t r0, int64_t r1, const S* __restrict at, const S* __restrict bt, S* __restrict acc,
+                const int64_t* __restrict base, std::vector<int32_t>& cols) {
   using V = typename VT<S>::v;
   constexpr int NV = NV_DOT;
   constexpr int64_t T = NV * VT<S>::L;
@@ -293,7 +295,7 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
     const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
     V av[NV];
     for (int v = 0; v < NV; ++v) av[v] = ar[v];
-    S* orow = out + r * ldo;
+    S* orow = acc + base[r];
     int64_t i = 0;
     for (; i + 4 <= nc; i += 4) {
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
@@ -311,10 +313,10 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
         u2 += av[v + 1] * x2[v + 1];
         u3 += av[v + 1] * x3[v + 1];
       }
-      orow[cl[i]] += hsum(s0 + u0);
-      orow[cl[i + 1]] += hsum(s1 + u1);
-      orow[cl[i + 2]] += hsum(s2 + u2);
-      orow[cl[i + 3]] += hsum(s3 + u3);
+      orow[i] += hsum(s0 + u0);
+      orow[i + 1] += hsum(s1 + u1);
+      orow[i + 2] += hsum(s2 + u2);
+      orow[i + 3] += hsum(s3 + u3);
     }
     for (; i < nc; ++i) {
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
@@ -323,7 +325,7 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
         s0 += av[v] * x0[v];
         u0 += av[v + 1] * x0[v + 1];
       }
-      orow[cl[i]] += hsum(s0 + u0);
+      orow[i] += hsum(s0 + u0);
     }
   }
 }
