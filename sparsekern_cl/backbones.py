@@ -127,11 +127,16 @@ def sparsify_backbone(
     backend: str | None = None,
     keep_dense="auto",
     seed: int = 0,
+    rescale: bool = True,
 ) -> nn.Module:
     """Swap the backbone's layers for sparse ones at ``sparsity`` (in place), keeping ``keep_dense`` dense.
 
     ``keep_dense="auto"`` keeps the backbone's defaults dense (the MLP's head; the ResNet's stem
     and head, as SparCL does).  ``sparsity == 0`` leaves the model as it is (plain PyTorch layers).
+
+    ``rescale``: multiply each sparse layer's kept weights by ``sqrt(sum w² / sum (w⊙M)²)`` so the
+    layer's output has the variance of the dense initialisation; without it a 90 % sparse layer
+    starts with activations (and gradients) about half as large per layer, which slows learning.
     """
     if sparsity == 0:
         return model
@@ -143,4 +148,13 @@ def sparsify_backbone(
         sparsity=sparsity, distribution=distribution, method=init, layout=layout,
         block_size=block_size if layout == "block" else None, backend=backend, seed=seed, keep_dense=keep,
     )
-    return sparsekern.sparsify_(model, cfg)
+    dense_sq = {n: m.weight.detach().pow(2).sum() for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d))}
+    sparsekern.sparsify_(model, cfg)
+    if rescale:
+        with torch.no_grad():
+            for name, m in sparsekern.sparse_modules(model):
+                kept = (m.weight * m.weight_mask).pow(2).sum()
+                if kept > 0:
+                    m.weight.mul_(torch.sqrt(dense_sq[name] / kept))
+    return model

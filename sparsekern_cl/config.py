@@ -38,6 +38,7 @@ DEFAULTS: dict = {
     "sparsity": 0.0,
     "sparse_distribution": "uniform",
     "sparse_init": "magnitude",
+    "sparse_rescale": True,
     "layout": "unstructured",
     "block_size": None,
     "backend": None,
@@ -63,6 +64,7 @@ DEFAULTS: dict = {
     "device": "cpu",
     "output_dir": None,
     "checkpoint_every": 0,
+    "save_checkpoints": True,
     "resume": False,
     "stop_after_epochs": None,
     "compare_dense": False,
@@ -87,6 +89,7 @@ HELP: dict = {
     "sparsity": "fraction of zero weights in the sparse layers (0: a dense model of plain PyTorch layers)",
     "sparse_distribution": "uniform or erk",
     "sparse_init": "magnitude, random or global_magnitude",
+    "sparse_rescale": "scale each sparse layer's kept initial weights so its output variance matches the dense init",
     "layout": "unstructured or block",
     "block_size": "block size for layout=block",
     "backend": "force a sparsekern backend (cpp, reference, triton, cuda); default automatic",
@@ -104,6 +107,7 @@ HELP: dict = {
     "threads": "torch CPU threads (default: torch's)",
     "output_dir": "where results.json, plots and checkpoints go (default: no files)",
     "checkpoint_every": "also checkpoint every N epochs (0: only at task ends)",
+    "save_checkpoints": "write output_dir/checkpoint.pt (at task ends, every checkpoint_every epochs, at the end)",
     "resume": "continue from output_dir/checkpoint.pt",
     "stop_after_epochs": "stop after this many epochs in this process (for time-limited jobs; resume later)",
     "compare_dense": "also run the same configuration dense and report the wall-clock ratio",
@@ -116,7 +120,7 @@ PRESETS: dict[str, dict] = {
     "demo": {
         "method": "derpp", "dataset": "mnist", "n_tasks": 5, "backbone": "mlp", "mlp_hidden": [1000, 1000],
         "sparsity": 0.9, "compare_dense": True, "epochs": 1, "batch_size": 32, "buffer_size": 500,
-        "lr": 0.05, "alpha": 0.3, "beta": 0.5, "output_dir": "runs/demo",
+        "lr": 0.2, "alpha": 0.3, "beta": 0.5, "output_dir": "runs/demo",
     },
     # the benchmark table's setting: MNIST subset, MLP 2x100, 1 epoch per task (mammoth's seq-MNIST)
     "mnist-mlp": {"dataset": "mnist", "n_tasks": 5, "backbone": "mlp", "mlp_hidden": [100, 100], "epochs": 1,
@@ -306,6 +310,7 @@ def validate_config(cfg: dict) -> dict:
     _num(cfg, "sparsity", 0.0, 1.0, hi_open=True)
     _choice(cfg, "sparse_distribution", ("uniform", "erk"))
     _choice(cfg, "sparse_init", ("magnitude", "random", "global_magnitude"))
+    _bool(cfg, "sparse_rescale")
     _choice(cfg, "layout", ("unstructured", "block"))
     if cfg["layout"] == "block":
         bs = cfg["block_size"]
@@ -341,6 +346,7 @@ def validate_config(cfg: dict) -> dict:
     if cfg["output_dir"] is not None and not isinstance(cfg["output_dir"], str):
         _fail("output_dir", "a folder path", cfg["output_dir"])
     _int(cfg, "checkpoint_every", 0)
+    _bool(cfg, "save_checkpoints")
     _bool(cfg, "resume")
     if cfg["resume"] and not cfg["output_dir"]:
         _fail("resume", "an output_dir to resume from (resume=true needs output_dir)", cfg["resume"])

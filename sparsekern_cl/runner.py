@@ -89,7 +89,7 @@ def build_run(cfg: dict):
     sparsify_backbone(
         model, cfg["sparsity"], distribution=cfg["sparse_distribution"], init=cfg["sparse_init"],
         layout=cfg["layout"], block_size=cfg["block_size"], backend=cfg["backend"], keep_dense=cfg["keep_dense"],
-        seed=cfg["seed"],
+        seed=cfg["seed"], rescale=cfg["sparse_rescale"],
     )
     model.to(device)
     plugins = _METHOD_PLUGINS[cfg["method"]](cfg, model, scenario) if cfg["method"] in _METHOD_PLUGINS else []

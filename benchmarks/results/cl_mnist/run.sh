@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The 5-seed table on the embedded MNIST subset (5 tasks of 2 digits, MLP 2x100, 1 epoch per task,
+# batch 10), every run made with the CLI.
+#   stage 1: hyperparameters chosen on a validation split (20 % of each class's training images,
+#            split_seed 0; seeds 0 and 1), never on the test split;
+#   stage 2: the chosen hyperparameters, seeds 0..4, evaluated on the test split;
+#   stage 3: the table (mean ± std) and the pairwise comparison.
+# Usage: bash benchmarks/results/cl_mnist/run.sh [val|test|table|all]   (from the repository root)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+PY=${PY:-.venv/bin/python}
+OUT=benchmarks/results/cl_mnist
+COMMON="--preset mnist-mlp --threads 1 --progress false --plots false --save-checkpoints false"
+stage=${1:-all}
+
+run() {  # run NAME SEED SPLIT_ARGS... FLAGS...
+  local dir=$1; shift
+  [ -f "$dir/results.json" ] || $PY -m sparsekern_cl $COMMON --output-dir "$dir" "$@" > /dev/null
+}
+
+if [ "$stage" = val ] || [ "$stage" = all ]; then
+  for seed in 0 1; do
+    for lr in 0.01 0.03 0.1 0.3; do
+      run $OUT/val/finetune_lr$lr/s$seed --method finetune --lr $lr --seed $seed --validation 0.2
+      run $OUT/val/joint_lr$lr/s$seed --method joint --lr $lr --seed $seed --validation 0.2
+      for buf in 200 500; do
+        run $OUT/val/er$buf\_lr$lr/s$seed --method er --buffer-size $buf --lr $lr --seed $seed --validation 0.2
+      done
+    done
+    for lr in 0.03 0.1 0.3; do
+      for ab in "0.2 0.5" "0.5 0.5" "0.5 1.0" "1.0 1.0"; do
+        set -- $ab
+        for buf in 200 500; do
+          run $OUT/val/derpp$buf\_lr$lr\_a$1\_b$2/s$seed --method derpp --buffer-size $buf --lr $lr --alpha $1 \
+            --beta $2 --seed $seed --validation 0.2
+        done
+      done
+      for lam in 1 10 100 1000; do
+        run $OUT/val/ewc_lr$lr\_l$lam/s$seed --method ewc --lr $lr --ewc-lambda $lam --seed $seed --validation 0.2
+      done
+    done
+  done
+  $PY -m sparsekern_cl.table --select $OUT/val/*/s*/results.json --out $OUT/selected
+fi
+
+if [ "$stage" = test ] || [ "$stage" = all ]; then
+  # the flags of each method's best validation configuration, read from selected.json
+  $PY - "$OUT/selected.json" > $OUT/test_flags.txt <<'PYEOF'
+import json, sys
+best = json.load(open(sys.argv[1]))
+for label, b in best.items():
+    method = label.split()[0]
+    h = b["hyperparameters"]
+    flags = f"--method {method} --lr {h['lr']}"
+    if "buffer" in label:
+        flags += " --buffer-size " + label.split("buffer ")[1].rstrip(")")
+    if method == "derpp":
+        flags += f" --alpha {h['alpha']} --beta {h['beta']}"
+    if method == "ewc":
+        flags += f" --ewc-lambda {h['ewc_lambda']}"
+    print(label.replace(" ", "_").replace("(", "").replace(")", "") + " " + flags)
+PYEOF
+  while read -r name flags; do
+    for seed in 0 1 2 3 4; do
+      run $OUT/test/$name/s$seed $flags --seed $seed
+    done
+  done < $OUT/test_flags.txt
+fi
+
+if [ "$stage" = table ] || [ "$stage" = all ]; then
+  $PY -m sparsekern_cl.table $OUT/test/*/s*/results.json --out $OUT/table
+  $PY -m sparsekern_cl.table $OUT/test/*/s*/results.json --setting task_il --out $OUT/table_task_il > /dev/null
+fi
