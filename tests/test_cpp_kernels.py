@@ -15,7 +15,7 @@ import torch
 import sparsekern
 from sparsekern import reference as ref
 from sparsekern._backends import BackendError, CallInfo, ConvParams, select_backend
-from sparsekern.formats import Pattern, pattern_of
+from sparsekern.formats import Pattern, expand_block_mask, pattern_of
 from sparsekern.kernels import cpu as cppmod
 from sparsekern.testing import assert_close, conv_cases, linear_cases, make_block_mask, make_mask
 
@@ -245,9 +245,8 @@ def test_depthwise_block_layout_and_multiplier(be, mult):
 def test_gradcheck_sparse_linear(layout):
     M, K = 20, 18
     if layout == "block":
-        mask = make_block_mask((M, K), (16, 16), 0.7)
-        mask[0, 0] = True
-        mask = make_block_mask((M, K), (16, 16), 1.0) & mask.view(M, K).any(1, keepdim=True).expand(M, K)
+        tiles = torch.tensor([[True, False], [True, True]])  # a 2 x 2 grid of 16-tiles, cropped to 20 x 18
+        mask = expand_block_mask(tiles, (16, 16), (M, K))
     else:
         mask = make_mask((M, K), "random", 0.3)
     gmask = _sub_mask(mask)
@@ -268,12 +267,12 @@ def test_gradcheck_sparse_linear(layout):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_gradcheck_sparse_conv2d(groups):
-    C, O = 4, 8
-    wshape = (O, C // groups, 3, 3)
+    cin, cout = 4, 8
+    wshape = (cout, cin // groups, 3, 3)
     mask = make_mask(wshape, "random", 0.5)
-    x = torch.randn(2, C, 5, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, cin, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(wshape, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(O, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
         return sparsekern.sparse_conv2d(x, w, b, mask, None, 2, 1, 1, groups, backend="cpp")
