@@ -238,6 +238,13 @@ def _lengths_order(ptr: torch.Tensor) -> torch.Tensor:
     return torch.argsort(lengths, descending=True, stable=True).to(ptr.dtype)
 
 
+def _row_ids(meta: CSRMeta) -> torch.Tensor:
+    counts = (meta.crow_indices[1:] - meta.crow_indices[:-1]).long()
+    rows = torch.arange(meta.shape[0], device=meta.device, dtype=meta.col_indices.dtype)
+    # output_size: the count is known on the host, so CUDA needs no device-to-host sync here
+    return torch.repeat_interleave(rows, counts, output_size=meta.nnz)
+
+
 def walk_orders(meta: CSRMeta) -> dict[str, torch.Tensor]:
     """Heaviest-first order of rows and of columns, and the row of each stored entry.
 
@@ -250,7 +257,7 @@ def walk_orders(meta: CSRMeta) -> dict[str, torch.Tensor]:
     orders = {
         "row_order": _lengths_order(meta.crow_indices),
         "col_order": _lengths_order(meta.ccol_indices),
-        "row_ids": meta.row_ids().to(meta.col_indices.dtype),
+        "row_ids": _row_ids(meta),
     }
     try:
         meta.crow_indices._sparsekern_triton_orders = orders
