@@ -56,7 +56,7 @@ def forgetting(R) -> float:
     T = _check(R)
     if T == 1:
         return 0.0
-    return sum(max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
+    return sum(max(R[i][j] for i in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
 
 
 def summarize(R, b: Sequence[float]) -> dict:

@@ -13,9 +13,14 @@ OUT=benchmarks/results/cl_mnist
 COMMON="--preset mnist-mlp --threads 1 --progress false --plots false --save-checkpoints false"
 stage=${1:-all}
 
-run() {  # run NAME SEED SPLIT_ARGS... FLAGS...
-  local dir=$1; shift
-  [ -f "$dir/results.json" ] || $PY -m sparsekern_cl $COMMON --output-dir "$dir" "$@" > /dev/null
+export COMMON
+QUEUE=$(mktemp)
+run() {  # run OUTPUT_DIR FLAGS...: queue `python -m sparsekern_cl $COMMON --output-dir OUTPUT_DIR FLAGS...`
+  echo "$*" >> "$QUEUE"
+}
+flush() {  # execute the queue through the CLI entry point, in one process (see drive.py)
+  $PY $OUT/drive.py "$QUEUE" >> $OUT/drive.log
+  : > "$QUEUE"
 }
 
 if [ "$stage" = val ] || [ "$stage" = all ]; then
@@ -40,6 +45,7 @@ if [ "$stage" = val ] || [ "$stage" = all ]; then
       done
     done
   done
+  flush
   $PY -m sparsekern_cl.table --select $OUT/val/*/s*/results.json --out $OUT/selected
 fi
 
@@ -65,6 +71,7 @@ PYEOF
       run $OUT/test/$name/s$seed $flags --seed $seed
     done
   done < $OUT/test_flags.txt
+  flush
 fi
 
 if [ "$stage" = table ] || [ "$stage" = all ]; then
