@@ -26,6 +26,16 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 _TORCH_TO_TL_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` goes through Triton's constexpr machinery: slower)."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def empty(shape, *, dtype, device) -> torch.Tensor:
     """An output buffer that the kernel overwrites completely."""
     if FILL_OUTPUTS_WITH_NAN:

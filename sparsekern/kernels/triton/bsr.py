@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ...formats import BSRMeta, CSRMeta
 from . import _launch
-from ._launch import Tuned, acc_dtype, check_dtype, check_operand, dot_upcast, empty, resolve_precision
+from ._launch import Tuned, acc_dtype, cdiv, check_dtype, check_operand, dot_upcast, empty, pow2, resolve_precision
 
 __all__ = ["bsr_linear_forward", "bsr_linear_input_grad", "bsr_linear_weight_grad", "walk_orders"]
 
@@ -287,7 +287,7 @@ def _spmm_launch(
     N = a.shape[0]
 
     def grid(m):
-        return (triton.cdiv(N, m["BLOCK_N"]) * n_rblocks * (BR // m["BLOCK_R"]),)
+        return (cdiv(N, m["BLOCK_N"]) * n_rblocks * (BR // m["BLOCK_R"]),)
 
     args = dict(
         a_ptr=a,
@@ -303,7 +303,7 @@ def _spmm_launch(
         n_rblocks=n_rblocks,
         stride_wr=stride_wr,
         stride_wc=stride_wc,
-        n_hint=triton.next_power_of_2(N),
+        n_hint=pow2(N),
         BR=BR,
         BC=BC,
         HAS_BIAS=bias is not None,
@@ -439,7 +439,7 @@ def bsr_linear_weight_grad(
         N=N,
         M=M,
         K=K,
-        n_hint=triton.next_power_of_2(N),
+        n_hint=pow2(N),
         BO=bo,
         BK=bk,
         PRECISION=resolve_precision(x.dtype, precision),

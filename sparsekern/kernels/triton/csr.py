@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ...formats import CSRMeta
-from ._launch import Tuned, acc_dtype, check_dtype, check_operand, empty
+from ._launch import Tuned, acc_dtype, cdiv, check_dtype, check_operand, empty, pow2
 from .bsr import walk_orders
 
 __all__ = ["csr_linear_forward", "csr_linear_input_grad", "csr_linear_weight_grad"]
@@ -191,7 +191,7 @@ def _spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc,
     out_t = empty((R, N), dtype=b.dtype, device=b.device)
 
     def grid(m):
-        return (triton.cdiv(R, m["BLOCK_R"]) * triton.cdiv(N, m["BLOCK_N"]),)
+        return (cdiv(R, m["BLOCK_R"]) * cdiv(N, m["BLOCK_N"]),)
 
     args = dict(
         bt_ptr=bt,
@@ -205,8 +205,8 @@ def _spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc,
         R=R,
         stride_wr=stride_wr,
         stride_wc=stride_wc,
-        n_hint=triton.next_power_of_2(N),
-        len_hint=triton.next_power_of_2(max(1, nnz // max(R, 1))),
+        n_hint=pow2(N),
+        len_hint=pow2(max(1, nnz // max(R, 1))),
         HAS_BIAS=bias is not None,
         ACC=acc_dtype(b.dtype),
     )
@@ -329,7 +329,7 @@ def csr_linear_weight_grad(
     orders = walk_orders(meta)
 
     def grid(m):
-        return (triton.cdiv(meta.nnz, m["BLOCK_Z"]),)
+        return (cdiv(meta.nnz, m["BLOCK_Z"]),)
 
     args = dict(
         at_ptr=dyt,
@@ -340,8 +340,8 @@ def csr_linear_weight_grad(
         nnz=meta.nnz,
         N=N,
         K=K,
-        n_hint=triton.next_power_of_2(N),
-        nnz_hint=triton.next_power_of_2(meta.nnz),
+        n_hint=pow2(N),
+        nnz_hint=pow2(meta.nnz),
         ACC=acc_dtype(x.dtype),
     )
     _sddmm(grid, args, config)
