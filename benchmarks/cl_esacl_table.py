@@ -27,20 +27,18 @@ import time
 
 BASE = {"config": "configs/esacl_mnist_derpp.yaml", "threads": 1, "progress": False, "plots": False}
 
-# hyper-parameters chosen on the validation split (grid ``val``); see the report
-ESACL = {"method": "esacl_derpp"}
+# hyper-parameters chosen on the validation split (grid ``val``, seed 0): τ = 2 (Class-IL 70.2 against
+# 50.5 with τ = 5 at lr 0.1), keeping DER++'s lr 0.1 so the comparison with dense DER++ shares it
+ESACL = {"method": "esacl_derpp", "esacl_tau": 2.0}
 
 
 def _variants_val():
     out = {}
-    for lr in (0.05, 0.1, 0.2):
+    for lr in (0.05, 0.1):
         out[f"esacl lr={lr}"] = {**ESACL, "sparsity": 0.8, "lr": lr}
-    for tau in (2.0, 10.0):
-        out[f"esacl tau={tau}"] = {**ESACL, "sparsity": 0.8, "esacl_tau": tau}
-    out["esacl K=0.1"] = {**ESACL, "sparsity": 0.8, "esacl_k": 0.1}
+    out["esacl tau=2"] = {**ESACL, "sparsity": 0.8, "esacl_tau": 2.0}
     out["esacl reinit=zero"] = {**ESACL, "sparsity": 0.8, "esacl_reinit": "zero"}
     out["esacl ema"] = {**ESACL, "sparsity": 0.8, "esacl_momentum_form": "ema"}
-    out["esacl expand=0.25"] = {**ESACL, "sparsity": 0.8, "esacl_expand": 0.25}
     out["derpp dense lr=0.1"] = {"method": "derpp", "sparsity": 0.0}
     return out
 
@@ -51,8 +49,7 @@ def grid(name: str) -> dict[str, dict]:
         return {k: {**v, "validation": 0.1} for k, v in _variants_val().items()}
     if name == "main":
         rows = {"DER++ (dense)": {"method": "derpp", "sparsity": 0.0},
-                "EsaCL-DER++ s=0.8": {**ESACL, "sparsity": 0.8},
-                "EsaCL-DER++ s=0.8 expand=0.25": {**ESACL, "sparsity": 0.8, "esacl_expand": 0.25}}
+                "EsaCL-DER++ s=0.8": {**ESACL, "sparsity": 0.8}}
         import sparsekern_cl
 
         if "sparcl_derpp" in sparsekern_cl.STRATEGIES:
@@ -65,14 +62,20 @@ def grid(name: str) -> dict[str, dict]:
             rows[f"s={s} w/o SP"] = {**ESACL, "sparsity": s, "esacl_sp": False}
             rows[f"s={s} EsaCL"] = {**ESACL, "sparsity": s}
         return rows
+    if name == "abl08":  # both ablations at s = 0.8 only (the reduced grid)
+        return {"EsaCL": {**ESACL, "sparsity": 0.8},
+                "w/o SA": {**ESACL, "sparsity": 0.8, "esacl_sa": False},
+                "w/o SP": {**ESACL, "sparsity": 0.8, "esacl_sp": False},
+                "w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
+                "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False}}
     if name == "ids":
         return {"w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
                 "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False},
                 "w/o SSE, w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_sse": False, "esacl_ere": False},
                 "EsaCL": {**ESACL, "sparsity": 0.8}}
     if name == "rho":
-        return {f"rho={r}": {**ESACL, "sparsity": 0.8, "esacl_rho": r} for r in (0.0, 0.01, 0.05, 0.2, 0.5, 2.0)}
-    raise ValueError(f"grid: expected one of val, main, sasp, ids, rho, all, got {name!r}")
+        return {f"rho={r}": {**ESACL, "sparsity": 0.8, "esacl_rho": r} for r in (0.0, 0.01, 0.05, 0.5, 2.0)}
+    raise ValueError(f"grid: expected one of val, main, sasp, ids, abl08, rho, all, got {name!r}")
 
 
 def _worker_init():
@@ -87,7 +90,10 @@ def _one(job):
     label, seed, overrides = job
     import sparsekern_cl
 
-    res = sparsekern_cl.run({**BASE, **overrides, "seed": seed})
+    try:
+        res = sparsekern_cl.run({**BASE, **overrides, "seed": seed})
+    except ValueError as exc:  # a diverged run (NaN step) is reported, not hidden
+        return {"label": label, "seed": seed, "overrides": overrides, "failed": str(exc)}
     sparse_layers = {n: d for n, d in res["layers"].items() if d["weight"] < 1.0}
     return {
         "label": label, "seed": seed, "overrides": overrides,
@@ -116,10 +122,12 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
         if r["label"].startswith("DER++ (dense)"):
             dense_flops = r["train_flops"]
     for label in labels:
-        rs = [r for r in runs if r["label"] == label]
+        rs = [r for r in runs if r["label"] == label and "failed" not in r]
+        failed = sum(1 for r in runs if r["label"] == label and "failed" in r)
         if not rs:
+            rows.append({"label": label, "n": 0, "failed": failed})
             continue
-        row = {"label": label, "n": len(rs)}
+        row = {"label": label, "n": len(rs), "failed": failed}
         for key in ("task_il", "class_il", "bwt_class_il", "wall_clock_s", "train_flops", "model_capacity",
                     "model_sparsity"):
             row[key] = _ms([r[key] for r in rs])
@@ -152,15 +160,21 @@ def to_markdown(name: str, rows: list[dict], command: str) -> str:
              "| memory MB | wall-clock s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if not r["n"]:
+            lines.append(f"| {r['label']} | 0 ({r['failed']} diverged) |" + " – |" * 8)
+            continue
+
         def f(k, d=1, sc=1.0, r=r):
             return f"{r[k][0] * sc:.{d}f} ± {r[k][1] * sc:.{d}f}"
 
         vs = f"{r['flops_vs_dense_derpp']:.2f}" if "flops_vs_dense_derpp" in r else "–"
-        lines.append(f"| {r['label']} | {r['n']} | {f('task_il')} | {f('class_il')} | {f('bwt_class_il')} | "
+        seeds = f"{r['n']}" + (f" (+{r['failed']} diverged)" if r["failed"] else "")
+        lines.append(f"| {r['label']} | {seeds} | {f('task_il')} | {f('class_il')} | {f('bwt_class_il')} | "
                      f"{f('train_flops', 2, 1e-9)} | {vs} | {100 * r['model_capacity'][0]:.1f} | {r['memory_mb']:.2f} | "
                      f"{f('wall_clock_s')} |")
+    ok = [r for r in rows if r["n"]]
     for key, title in (("task_il", "Task-IL"), ("class_il", "Class-IL")):
-        notes = _spread_note(rows, key)
+        notes = _spread_note(ok, key)
         lines += ["", f"{title} differences larger than the summed seed std: "
                   + ("; ".join(notes) if notes else "none (every difference is within the seed-to-seed spread)")]
     return "\n".join(lines) + "\n"
@@ -168,7 +182,7 @@ def to_markdown(name: str, rows: list[dict], command: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--grid", default="main", help="val, main, sasp, ids, rho or all")
+    p.add_argument("--grid", default="main", help="val, main, sasp, ids, abl08, rho or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
@@ -181,7 +195,15 @@ def main(argv=None) -> int:
         jobs = [(label, seed, ov) for label, ov in g.items() for seed in a.seeds]
         t0 = time.perf_counter()
         with mp.get_context("fork").Pool(a.jobs, initializer=_worker_init) as pool:
-            runs = pool.map(_one, jobs, chunksize=1)
+            runs = []
+            for r in pool.imap_unordered(_one, jobs, chunksize=1):
+                runs.append(r)
+                if "failed" in r:
+                    print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: FAILED {r['failed']}", flush=True)
+                    continue
+                print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: Task-IL {r['task_il']:.1f} "
+                      f"Class-IL {r['class_il']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            runs.sort(key=lambda r: (list(g).index(r["label"]), r["seed"]))
         rows = summarize(runs, list(g))
         with open(os.path.join(a.out, f"cl_esacl_{name}.json"), "w") as f:
             json.dump({"command": command, "grid": name, "seeds": a.seeds, "base": BASE, "rows": rows, "runs": runs,

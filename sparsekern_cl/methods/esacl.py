@@ -367,6 +367,9 @@ class EsaCLPlugin(Plugin):
             else:
                 diff = float(((w.detach() - v) * allowed).norm())
                 eta = lr * float(g.norm()) / diff if diff > 0 else 0.0
+            if not math.isfinite(eta):
+                raise ValueError(f"lr: the Frank-Wolfe step of layer {n!r} is not finite (the run diverged at "
+                                 f"lr={lr}); expected a smaller lr or esacl_tau")
             fw_step(w.data, v, min(max(eta, 0.0), 1.0), allowed)
             w.grad = None  # the optimizer leaves Frank-Wolfe layers alone
 
