@@ -25,6 +25,8 @@ Usage (one command on a machine with a CUDA GPU)::
     python benchmarks/bench_triton_gpu.py --quick    # the goal cases and a few more (minutes)
     python benchmarks/bench_triton_gpu.py --full     # every shape / layout / sparsity / dtype
     python benchmarks/bench_triton_gpu.py --dry-run  # list the cases; needs no GPU
+    python benchmarks/bench_triton_gpu.py --compile-only 90   # compile every tuning configuration for
+                                                              # sm_90 with Triton's ptxas; needs no GPU
 """
 
 from __future__ import annotations
@@ -130,6 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile-only",
+        type=int,
+        metavar="SM",
+        help="compile every kernel x tuning configuration x block size for NVIDIA sm_SM (e.g. 80, 90) without a GPU "
+        "and check shared memory; --quick limits it to bf16 and fp32-tf32",
+    )
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     for key in ("shapes", "layouts", "sparsity", "dtypes"):
@@ -461,8 +470,105 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------
+# ahead-of-time compilation check (no GPU needed)
+# ------------------------------------------------------------------------------------------
+
+_SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def compile_only(arch: int, quick: bool) -> int:
+    """Compile every kernel / tuning configuration / block size / dtype for ``sm_<arch>``.
+
+    Uses Triton's bundled ptxas, so it runs on a machine without a GPU; the launches are
+    specialised as on 16-byte aligned tensors with sizes that are multiples of 16.
+    """
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
+        sys.exit("bench_triton_gpu: unset TRITON_INTERPRET for --compile-only (it compiles the GPU kernels).")
+    import time
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsekern.kernels.triton import bsr, csr
+
+    target = GPUTarget("cuda", arch, 32)
+    div16 = {"N", "R", "C", "M", "K", "stride_wr", "stride_wc"}
+    limit = _SMEM_LIMIT.get(arch, 99 * 1024)
+
+    def build(fn, types, consts, warps, stages):
+        sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, n in enumerate(fn.arg_names)
+            if n not in consts and (sig[n].startswith("*") or n in div16)
+        }
+        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+    variants = (
+        [("bf16", "ieee"), ("fp32", "tf32")]
+        if quick
+        else [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")]
+    )
+    blocks = (64,) if quick else (16, 32, 64, 128)
+    n = over = 0
+    worst = 0
+    t0 = time.time()
+    for dt, prec in variants:
+        p = "*" + dt
+        for blk in blocks:
+            for kernel, configs, fit, types, extra in (
+                (bsr._spmm_bsr_kernel, bsr._spmm_configs(), bsr._fit_spmm,
+                 dict(a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
+                      N="i32", R="i32", C="i32", n_rblocks="i32", stride_wr="i32", stride_wc="i32", n_hint="i32"),
+                 dict(BR=blk, BC=blk, HAS_BIAS=True)),
+                (bsr._sddmm_bsr_kernel, bsr._sddmm_configs(), bsr._fit_sddmm,
+                 dict(dy_ptr=p, x_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", N="i32", M="i32", K="i32",
+                      n_hint="i32"),
+                 dict(BO=blk, BK=blk)),
+            ):  # fmt: skip
+                seen = set()
+                for cfg in configs:
+                    meta = fit(dict(cfg.kwargs), extra)
+                    key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    consts = dict(extra, PRECISION=prec, UPCAST=False, ACC=tl.float32, **meta)
+                    k = build(kernel, types, consts, cfg.num_warps, cfg.num_stages)
+                    n += 1
+                    worst = max(worst, k.metadata.shared)
+                    if k.metadata.shared > limit:
+                        over += 1
+                        print(f"over the shared-memory limit: {kernel.__name__} {dt}/{prec} block {blk} {meta}")
+        if prec == "tf32":
+            continue
+        for kernel, configs, types, extra in (
+            (csr._spmm_csr_kernel, csr._spmm_configs(),
+             dict(bt_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
+                  N="i32", R="i32", stride_wr="i32", stride_wc="i32", n_hint="i32", len_hint="i32"),
+             dict(HAS_BIAS=True)),
+            (csr._sddmm_csr_kernel, csr._sddmm_configs(),
+             dict(at_ptr=p, bt_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", nnz="i32", N="i32", K="i32",
+                  n_hint="i32", nnz_hint="i32"),
+             {}),
+        ):  # fmt: skip
+            for cfg in configs:
+                k = build(kernel, types, dict(extra, ACC=tl.float32, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+                n += 1
+                worst = max(worst, k.metadata.shared)
+        print(f"{dt}/{prec}: {n} compiled so far ({time.time() - t0:.0f} s)", flush=True)
+    print(f"sm_{arch}: compiled {n} kernel variants; largest shared memory {worst} bytes (limit {limit}); {over} over")
+    return 1 if over else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_only is not None:
+        return compile_only(args.compile_only, args.quick)
     cases = cases_of(args)
     if args.dry_run:
         print(f"{len(cases)} cases x modes {args.modes} x providers {args.providers}:")
