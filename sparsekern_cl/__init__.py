@@ -15,8 +15,6 @@ from .metrics import average_accuracy, backward_transfer, forgetting, forward_tr
 from .runner import evaluate, register_method, run  # noqa: E402
 from .strategies import STRATEGIES, Plugin, StepContext, Strategy  # noqa: E402
 
-from . import methods  # noqa: E402,F401  (registers the sparse CL methods)
-
 __all__ = [
     "DATASETS",
     "DEFAULTS",
@@ -43,3 +41,6 @@ __all__ = [
     "resolve_config",
     "run",
 ]
+
+# imported last: the method modules use the names above when they register
+from . import methods  # noqa: E402,F401
