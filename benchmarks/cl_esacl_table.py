@@ -173,6 +173,10 @@ def to_markdown(name: str, rows: list[dict], command: str) -> str:
                      f"{f('train_flops', 2, 1e-9)} | {vs} | {100 * r['model_capacity'][0]:.1f} | {r['memory_mb']:.2f} | "
                      f"{f('wall_clock_s')} |")
     ok = [r for r in rows if r["n"]]
+    if any(r["n"] < 2 for r in ok):
+        lines += ["", "Fewer than two seeds in some rows: no seed-to-seed spread, so no difference here can be "
+                  "called larger than noise."]
+        return "\n".join(lines) + "\n"
     for key, title in (("task_il", "Task-IL"), ("class_il", "Class-IL")):
         notes = _spread_note(ok, key)
         lines += ["", f"{title} differences larger than the summed seed std: "
