@@ -265,14 +265,24 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
+    colors = {"cpp": "tab:blue", "reference": "tab:gray", "torch.sparse": "tab:orange", "triton": "tab:green", "cuda": "tab:red"}
+    styles = {"unstructured": ("o", "-"), "block16": ("s", "--"), "block32": ("^", "-."), "block64": ("D", ":")}
     for ax, (op, mode, rs) in zip(axes.flat, panels):
-        lines: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        # one line per provider/layout (and per model for the end-to-end panels)
+        lines: dict[tuple[str, str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in rs:
-            lines[(r["provider"], r["layout"])][float(r["sparsity"])].append(float(r["speedup_vs_dense"]))
+            model = r["shape"] if op in ("train_step", "train_epoch") else ""
+            lines[(r["provider"], r["layout"], model)][float(r["sparsity"])].append(float(r["speedup_vs_dense"]))
         all_s = sorted({s for d in lines.values() for s in d})
-        for (prov, layout), pts in sorted(lines.items()):
+        models = sorted({k[2] for k in lines})
+        for (prov, layout, model), pts in sorted(lines.items()):
             xs = sorted(pts)
-            ax.plot([x * 100 for x in xs], [_geomean(pts[x]) for x in xs], marker="o", label=f"{prov} / {layout}")
+            marker, ls = styles.get(layout, ("x", "-"))
+            if model and len(models) > 1:
+                ls = ("-", "--", "-.", ":")[models.index(model) % 4]
+            label = f"{prov} / {layout}" + (f" / {model}" if model else "")
+            ax.plot([x * 100 for x in xs], [_geomean(pts[x]) for x in xs], marker=marker, ls=ls,
+                    color=colors.get(prov), label=label)  # fmt: skip
         if all_s:
             lim = [s for s in all_s if s < 1]
             ax.plot([s * 100 for s in lim], [1 / (1 - s) for s in lim], ls=":", color="grey", label="FLOP limit 1/(1-s)")
