@@ -580,14 +580,35 @@ class DynamicGradientMasking(Plugin):
         self.steps_since = 0
         self.refreshing = False
         self.mask_versions: list[int] | None = None
+        self.mask_snapshot: list[torch.Tensor] | None = None  # weight masks at the last refresh
         self.refreshes = 0
 
     def _versions(self, strategy: Strategy) -> list[int]:
         return [m.weight_mask._version for _, m in _layers(strategy)]
 
+    def _masks_changed(self, strategy: Strategy) -> bool:
+        """Whether a weight mask changed since the last refresh.
+
+        Version counters answer in O(1); when they differ (a mask was written, or the model was
+        reloaded from a checkpoint) the masks are compared with the snapshot, so a resumed run
+        refreshes exactly when the uninterrupted run would have.
+        """
+        versions = self._versions(strategy)
+        if versions == self.mask_versions:
+            return False
+        if self.mask_snapshot is None:
+            return True
+        masks = [m.weight_mask for _, m in _layers(strategy)]
+        if len(masks) == len(self.mask_snapshot) and all(
+            torch.equal(a, b.to(a.device)) for a, b in zip(masks, self.mask_snapshot)
+        ):
+            self.mask_versions = versions
+            return False
+        return True
+
     def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
         due = self.steps_since % self.cfg["sparcl_dgm_interval"] == 0
-        if due or self._versions(strategy) != self.mask_versions:
+        if due or self._masks_changed(strategy):
             self.refreshing = True
             for _, m in _layers(strategy):
                 m.set_grad_mask(m.weight_mask)
@@ -605,6 +626,7 @@ class DynamicGradientMasking(Plugin):
             self.refreshes += 1
             self.steps_since = 0
             self.mask_versions = self._versions(strategy)
+            self.mask_snapshot = [m.weight_mask.detach().clone() for _, m in _layers(strategy)]
         self.steps_since += 1
 
     def report(self, strategy: Strategy) -> dict:
@@ -612,12 +634,13 @@ class DynamicGradientMasking(Plugin):
                 "grad_density": {n: m.grad_density() for n, m in _layers(strategy)}}
 
     def state_dict(self) -> dict:
-        return {"steps_since": self.steps_since, "mask_versions": self.mask_versions, "refreshes": self.refreshes}
+        return {"steps_since": self.steps_since, "refreshes": self.refreshes, "mask_snapshot": self.mask_snapshot}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_since = state["steps_since"]
         self.refreshes = state["refreshes"]
-        self.mask_versions = None  # buffers were reloaded: version counters differ; refresh once
+        self.mask_versions = None  # buffers were reloaded: their version counters differ
+        self.mask_snapshot = state.get("mask_snapshot")
 
 
 # --------------------------------------------------------------------------- method
