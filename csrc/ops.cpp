@@ -132,11 +132,16 @@ std::vector<int64_t> row_costs(const int32_t* ptr, int64_t rows, int64_t bo, int
 }
 
 // Weight-gradient accumulator in pattern order: base[r] = first slot of row r (block rows
-// expanded to their columns, clipped to ncols); scatter() writes it into the dense gradient.
+// expanded to their columns, clipped to ncols); scatter() writes it into the dense gradient,
+// zeros included, so the gradient needs no separate zero fill.
 struct PackedRows {
   std::vector<int64_t> base;
   PackedRows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t bo, int64_t bk, int64_t ncols) : base(rows + 1) {
     base[0] = 0;
+    if (bo == 1 && bk == 1) {  // unstructured: the CSR positions themselves
+      for (int64_t r = 0; r <= rows; ++r) base[r] = ptr[r];
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t rb = r / bo;
       int64_t n = 0;
@@ -152,11 +157,13 @@ struct PackedRows {
   template <typename S>
   void scatter(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* acc, S* out) const {
     const int64_t rows = int64_t(base.size()) - 1;
-    at::parallel_for(0, rows, size() < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 256, [&](int64_t b, int64_t e) {
+    const int64_t work = rows * ncols + size();
+    at::parallel_for(0, rows, work < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 64, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t rb = r / bo;
         const S* a = acc + base[r];
         S* o = out + r * ncols;
+        std::fill(o, o + ncols, S(0));
         for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
           const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
           for (int64_t c = c0; c < c1; ++c) o[c] = *a++;
@@ -166,10 +173,27 @@ struct PackedRows {
   }
 };
 
-// A sparse matrix A [R, C] in the form the panels take.  Block patterns read A in place from the
-// dense weight (A[r, c] = a[r * ars + c * acs]).  Unstructured patterns are repacked per call into
-// column windows (window-major CSR with the values gathered from the weight), so that the part of
-// a tile one window touches stays in L1; the weight values change every step, the packing is O(nnz).
+// Tile width for an unstructured panel or a weight-gradient tile: the widest of `choices`
+// (vectors, ascending) whose transposed tile of `cols` columns fits in about half of L2, and no
+// wider than needed to cover `q` batch positions.  Returns the index into `choices`.
+template <typename S>
+int pick_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t cols, int64_t q) {
+  constexpr int64_t kTileBytes = int64_t(1) << 20;
+  int best = 0;
+  for (int i = 1; i < int(choices.size()); ++i) {
+    if (cols * choices[i] * k.lanes * int64_t(sizeof(S)) > kTileBytes) break;
+    if (choices[i - 1] * k.lanes >= q) break;  // the narrower one already covers the batch
+    best = i;
+  }
+  return best;
+}
+
+// A sparse matrix A [R, C] in the form the panels take: (block) CSR metadata with the values read
+// from the dense weight (A[r, c] = a[r * ars + c * acs]).  Rows of A that are rows of the weight
+// (acs == 1) are read in place; for the transposed weight (input gradients) an unstructured
+// pattern's values are gathered once per call into CSR order of A, because reading them down the
+// weight's columns would miss the cache once per nonzero and tile (values change every step, so
+// nothing is kept between calls).
 template <typename S>
 struct SparseA {
   const int32_t* ptr;
@@ -177,64 +201,37 @@ struct SparseA {
   int64_t bo, bk, R, C;
   const S* a;
   int64_t ars, acs;
-  // unstructured: windows of `win` columns
+  int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
+  std::vector<S> packed;  // unstructured, acs != 1: values in A's CSR order
+
   bool unstructured() const { return bo == 1 && bk == 1; }
-  int64_t win = 0, nwin = 0;
-  std::vector<int32_t> wptr;  // [nwin][R + 1], positions into widx / wval
-  std::vector<int32_t> widx;
-  std::vector<S> wval;
+  int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
 
-  int64_t width(const Kernels<S>& k) const { return unstructured() ? k.csr_width : k.panel_width; }
-
-  void pack(const Kernels<S>& k) {
+  // Picks the tile width for `q` batch positions (call before width()).
+  void plan(const Kernels<S>& k, int64_t q) {
     if (!unstructured()) return;
-    const int64_t T = k.csr_width;
-    win = std::max<int64_t>(16, (32 * 1024) / (T * int64_t(sizeof(S))));  // 32 KiB of tile per window
-    nwin = std::max<int64_t>(1, cdiv(C, win));
+    nv = pick_width<S>(k, {2, 4, 8}, C, q);
+    if (acs == 1) return;
     const int64_t nnz = ptr[R];
-    // a parallel region costs more than packing a small pattern serially
-    const int64_t grain = nnz < (int64_t(1) << 18) ? std::max<int64_t>(R, 1) : 512;
-    wptr.assign(nwin * (R + 1), 0);
-    widx.resize(nnz);
-    wval.resize(nnz);
-    // counts: wptr[w][r + 1] = nonzeros of row r in window w
-    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) ++wptr[(idx[j] / win) * (R + 1) + r + 1];
-    });
-    int64_t acc = 0;
-    for (int64_t w = 0; w < nwin; ++w) {
-      int32_t* p = wptr.data() + w * (R + 1);
-      p[0] = int32_t(acc);
-      for (int64_t r = 0; r < R; ++r) {
-        acc += p[r + 1];
-        p[r + 1] = int32_t(acc);
-      }
-    }
-    at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
-      std::vector<int32_t> pos(nwin);
+    packed.resize(nnz);
+    // a parallel region costs more than gathering a small pattern serially
+    at::parallel_for(0, R, nnz < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        for (int64_t w = 0; w < nwin; ++w) pos[w] = wptr[w * (R + 1) + r];
         const S* ar = a + r * ars;
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
-          const int32_t c = idx[j];
-          const int32_t q = pos[c / win]++;
-          widx[q] = c;
-          wval[q] = ar[int64_t(c) * acs];
-        }
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = ar[int64_t(idx[j]) * acs];
       }
     });
   }
 
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
-    if (!unstructured()) {
+    if (unstructured()) {
+      if (acs == 1)
+        k.panel_csr[nv](ptr, idx, a, ars, 1, C, r0, r1, bt, ot);
+      else
+        k.panel_csr_packed[nv](ptr, idx, packed.data(), C, r0, r1, bt, ot);
+    } else
       k.panel_bsr(ptr, idx, bo, bk, C, a, ars, acs, r0, r1, bt, ot, cols);
-      return;
-    }
-    std::fill(ot, ot + (r1 - r0) * k.csr_width, S(0));
-    for (int64_t w = 0; w < nwin; ++w)
-      k.panel_csr(wptr.data() + w * (R + 1), widx.data(), wval.data(), r0, r1, bt, ot);
   }
 };
 
@@ -253,7 +250,7 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
   const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<S> bt(C * T), ot(chunk_rows * T);
+    Buf<S> bt(C * T), ot(kRowBlock * T);
     std::vector<int32_t> cols;
     int64_t last = -1;
     for (int64_t task = tb; task < te; ++task) {
@@ -264,8 +261,12 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
         k.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
         last = tile;
       }
-      A.rows(k, r0, r1, bt.get(), ot.get(), cols);
-      k.tile_to_rows(ot.get(), r1 - r0, nt, T, bias ? bias + r0 : nullptr, out + n0 * R + r0, R);
+      // row blocks small enough that the panel output is still in L1 when transposed out
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        A.rows(k, rr, re, bt.get(), ot.get(), cols);
+        k.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+      }
     }
   });
 }
@@ -297,7 +298,7 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
     using S = scalar_t;
     SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, w.data_ptr<S>(), K, 1};
-    A.pack(kernels<S>());
+    A.plan(kernels<S>(), N);
     spmm_rows<S>(x.data_ptr<S>(), N, A, bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
   });
   return y;
@@ -319,7 +320,7 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
     using S = scalar_t;
     // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
     SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, w.data_ptr<S>(), 1, K};
-    A.pack(kernels<S>());
+    A.plan(kernels<S>(), N);
     spmm_rows<S>(dy.data_ptr<S>(), N, A, nullptr, dx.data_ptr<S>());
   });
   return dx;
@@ -334,14 +335,15 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   TORCH_CHECK(x_.size(0) == N, "x: expected ", N, " rows (dy has ", N, "), got shape ", x_.sizes());
   check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
-  Tensor dw = at::zeros({M, K}, x.options());
-  if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return dw;
+  if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
+  Tensor dw = at::empty({M, K}, x.options());  // every element is written by the scatter
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
-    const int64_t T = k.dot_width, ntiles = cdiv(N, T);
+    const int nv = pick_width<S>(k, {8, 16}, K, N);
+    const int64_t T = (int64_t(8) << nv) * k.lanes, ntiles = cdiv(N, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
     const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
@@ -360,7 +362,7 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
             k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
-            k.sddmm_tile(ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
+            k.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
           }
         }
       }
@@ -419,14 +421,14 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
     SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, g.O, Kc, w.data_ptr<S>(), Kc, 1};
-    A.pack(k);
+    A.plan(k, g.N * P);
     const S* xp = x.data_ptr<S>();
     const S* bp = bias.defined() ? bias.data_ptr<S>() : nullptr;
     S* yp = y.data_ptr<S>();
     const int64_t T = A.width(k), Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
     const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
     at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-      Buf<S> bt(Kc * T), ot(chunk_rows * T);
+      Buf<S> bt(Kc * T), ot(kRowBlock * T);
       std::vector<int32_t> cols;
       int64_t last = -1;
       for (int64_t task = tb; task < te; ++task) {
@@ -437,8 +439,11 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
           k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
           last = tile;
         }
-        A.rows(k, r0, r1, bt.get(), ot.get(), cols);
-        k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, r0, r1, bp, yp);
+        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+          const int64_t re = std::min(r1, rr + kRowBlock);
+          A.rows(k, rr, re, bt.get(), ot.get(), cols);
+          k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
+        }
       }
     });
   });
@@ -467,7 +472,7 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
     SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, Kc, g.O, w.data_ptr<S>(), 1, Kc};
-    A.pack(k);
+    A.plan(k, g.N * P);
     // Each task owns a range of input channels of dx: all their rows of W^T, every tile, in order.
     std::vector<int64_t> cost(g.C, 0);
     for (int64_t c = 0; c < g.C; ++c)
@@ -515,14 +520,15 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
-  Tensor dw = at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
-  if (g.N == 0 || col.numel() == 0) return dw;
+  if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
+  Tensor dw = at::empty({g.O, g.C, g.kh, g.kw}, x.options());  // every element is written by the scatter
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_dw", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
-    const int64_t T = k.dot_width, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int nv = pick_width<S>(k, {8, 16}, Kc, g.N * P);
+    const int64_t T = (int64_t(8) << nv) * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(g.O, 4));
     const auto bounds = balanced_split(row_costs(ptr, g.O, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
@@ -541,7 +547,7 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
             k.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
-            k.sddmm_tile(ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
+            k.sddmm_tile[nv](ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
           }
         }
       }

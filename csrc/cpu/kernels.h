@@ -18,15 +18,19 @@ template <typename S>
 struct Kernels {
   const char* isa;
   int64_t panel_width;  // T of block panel tiles
-  int64_t csr_width;    // T of unstructured panel tiles
-  int64_t dot_width;    // T of weight-gradient tiles
+  int64_t lanes;        // scalars per vector; unstructured and weight-gradient tiles are multiples
   void (*tile_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*tile_to_rows)(const S*, int64_t, int64_t, int64_t, const S*, S*, int64_t);
-  void (*panel_csr)(const int32_t*, const int32_t*, const S*, int64_t, int64_t, const S*, S*);
+  // unstructured panels of width {2, 4, 8} * lanes
+  void (*panel_csr[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*,
+                       S*);
+  // the same with the values packed in CSR order (val[j] belongs to idx[j])
+  void (*panel_csr_packed[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, const S*, S*);
   void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, int64_t, int64_t, int64_t,
                     int64_t, const S*, S*, std::vector<int32_t>&);
-  void (*sddmm_tile)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*, S*,
-                     const int64_t*, std::vector<int32_t>&);
+  // weight-gradient tiles of width {8, 16} * lanes
+  void (*sddmm_tile[2])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
+                        S*, const int64_t*, std::vector<int32_t>&);
   void (*im2col_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*col2im_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*conv_out_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, S*);

@@ -27,19 +27,16 @@ struct VT<double> {
   static constexpr int L = 8;
 };
 
-// Tile widths: block panels (forward / input gradient) use NV_PANEL vectors, unstructured panels
-// NV_CSR (their column windows must fit L1), the weight gradient NV_DOT vectors (its horizontal
-// sums are amortised over a longer dot product).
+// Tile widths are NV vectors of VT<S>::L lanes.  Block panels use NV_PANEL (four rows share each
+// tile load, so a moderate width suffices).  Unstructured panels and the weight gradient come in
+// several widths; the op layer picks the widest whose transposed tile still fits in L2 (wider
+// tiles amortise the index and value loads and the horizontal sums over more batch columns).
 constexpr int NV_PANEL = 4;
-constexpr int NV_CSR = 2;
-constexpr int NV_DOT = 8;
 
 template <typename S>
 constexpr int64_t panel_width() { return NV_PANEL * VT<S>::L; }
 template <typename S>
-constexpr int64_t csr_width() { return NV_CSR * VT<S>::L; }
-template <typename S>
-constexpr int64_t dot_width() { return NV_DOT * VT<S>::L; }
+constexpr int64_t lanes() { return VT<S>::L; }
 
 inline float hsum(VT<float>::v x) {
   typedef VT<float>::m M;
@@ -161,42 +158,69 @@ void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, co
 // panels: ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for rows r0 <= r < r1
 // ------------------------------------------------------------------------------------------
 
-// Unstructured A, one column window: ot[(r - r0) * T + t] += sum over the window's nonzeros of
-// row r (positions wptr[r]..wptr[r+1] of idx / val, values packed) of val * bt[idx * T + t].
-// The caller sizes windows so their part of bt stays in L1; four accumulator sets (nonzeros taken
-// round-robin) keep enough independent FMA chains in flight.
-template <typename S>
-void panel_csr(const int32_t* __restrict wptr, const int32_t* __restrict idx, const S* __restrict val, int64_t r0,
-               int64_t r1, const S* __restrict bt, S* __restrict ot) {
+// Unstructured A in CSR form, values read in place from the dense matrix (A[r, c] =
+// a[r * ars + c * acs], so the transposed weight needs no repacking):
+// ot[(r - r0) * T + t] = sum_j A[r, idx[j]] * bt[idx[j] * T + t] over the nonzeros of row r, T = NV
+// lanes-vectors.  The row's accumulator stays in registers while its nonzeros stream by, so each
+// nonzero costs one broadcast and NV fused multiply-adds with operands loaded from the tile (L2).
+// U accumulator sets (nonzeros taken round-robin, summed in a fixed order at the end) keep at
+// least eight independent FMA chains in flight for the narrow widths.
+// PACKED: the values are a[j] (already in CSR order; ars and acs unused).  `ncols` is unused
+// here (the whole tile is addressed; it is kept in L2 by the op layer's choice of width).
+// Column windows that keep the tile in L1 were measured slower: with a cursor per row they add a
+// mispredicted loop exit and an accumulator reload per row and window, which costs more than the
+// L2 loads they save, most of all at high sparsity.
+template <typename S, int NV, bool PACKED>
+void panel_csr_impl(const int32_t* __restrict ptr, const int32_t* __restrict idx, const S* __restrict a, int64_t ars,
+                    int64_t acs, int64_t r0, int64_t r1, const S* __restrict bt, S* __restrict ot) {
   using V = typename VT<S>::v;
-  constexpr int NV = NV_CSR;
   constexpr int64_t T = NV * VT<S>::L;
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;
+  constexpr int64_t PF = 6;  // nonzeros ahead whose tile rows (and values) are prefetched
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t j = wptr[r];
-    const int64_t e = wptr[r + 1];
-    if (j == e) continue;
-    V a[NV] = {}, b[NV] = {}, c[NV] = {}, d[NV] = {};
-    for (; j + 3 < e; j += 4) {
-      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
-      const V* x1 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 1]) * T);
-      const V* x2 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 2]) * T);
-      const V* x3 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 3]) * T);
-      const S w0 = val[j], w1 = val[j + 1], w2 = val[j + 2], w3 = val[j + 3];
-      for (int v = 0; v < NV; ++v) {
-        a[v] += w0 * x0[v];
-        b[v] += w1 * x1[v];
-        c[v] += w2 * x2[v];
-        d[v] += w3 * x3[v];
+    int64_t j = ptr[r];
+    const int64_t e = ptr[r + 1];
+    const S* __restrict val = PACKED ? a : a + r * ars;
+    V acc[U][NV] = {};
+    for (; j + U <= e; j += U) {
+      for (int u = 0; u < U; ++u) {
+        if (j + u + PF < e) {
+          const int64_t c = idx[j + u + PF];
+          const char* pf = reinterpret_cast<const char*>(bt + c * T);
+          for (int64_t l = 0; l < int64_t(T * sizeof(S)); l += 64) __builtin_prefetch(pf + l);
+          // in place, the values of a sparse row are scattered over the weight row: fetch early
+          if (!PACKED) __builtin_prefetch(val + c * acs);
+        }
+        const V* x = reinterpret_cast<const V*>(bt + int64_t(idx[j + u]) * T);
+        const S w = PACKED ? val[j + u] : val[int64_t(idx[j + u]) * acs];
+        for (int v = 0; v < NV; ++v) acc[u][v] += w * x[v];
       }
     }
     for (; j < e; ++j) {
-      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
-      const S w0 = val[j];
-      for (int v = 0; v < NV; ++v) a[v] += w0 * x0[v];
+      const V* x = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+      const S w = PACKED ? val[j] : val[int64_t(idx[j]) * acs];
+      for (int v = 0; v < NV; ++v) acc[0][v] += w * x[v];
     }
     V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
-    for (int v = 0; v < NV; ++v) o[v] += (a[v] + b[v]) + (c[v] + d[v]);
+    for (int v = 0; v < NV; ++v) {
+      V s = acc[0][v];
+      for (int u = 1; u < U; ++u) s += acc[u][v];
+      o[v] = s;
+    }
   }
+}
+
+template <typename S, int NV>
+void panel_csr(const int32_t* ptr, const int32_t* idx, const S* a, int64_t ars, int64_t acs, int64_t ncols, int64_t r0,
+               int64_t r1, const S* bt, S* ot) {
+  (void)ncols;
+  panel_csr_impl<S, NV, false>(ptr, idx, a, ars, acs, r0, r1, bt, ot);
+}
+template <typename S, int NV>
+void panel_csr_packed(const int32_t* ptr, const int32_t* idx, const S* val, int64_t ncols, int64_t r0, int64_t r1,
+                      const S* bt, S* ot) {
+  (void)ncols;
+  panel_csr_impl<S, NV, true>(ptr, idx, val, 0, 0, r0, r1, bt, ot);
 }
 
 // Columns of block row rb of a BSR grid (block columns idx[ptr[rb]:ptr[rb+1]] of width bk,
@@ -269,35 +293,83 @@ void panel_bsr(const int32_t* __restrict ptr, const int32_t* __restrict idx, int
   }
 }
 
+// Horizontal sums of four vectors at once: pairs are folded together before the in-register
+// reduction, so the four sums cost about as many shuffles as two single ones.  Fixed order.
+inline void hsum4(VT<float>::v a, VT<float>::v b, VT<float>::v c, VT<float>::v d, float* out) {
+  typedef VT<float>::m M;
+  const VT<float>::v ab = __builtin_shuffle(a, b, M{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+                          __builtin_shuffle(a, b, M{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  const VT<float>::v cd = __builtin_shuffle(c, d, M{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+                          __builtin_shuffle(c, d, M{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  VT<float>::v u = __builtin_shuffle(ab, cd, M{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+                   __builtin_shuffle(ab, cd, M{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  u += __builtin_shuffle(u, M{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  u += __builtin_shuffle(u, M{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  out[0] += u[0];
+  out[1] += u[4];
+  out[2] += u[8];
+  out[3] += u[12];
+}
+inline void hsum4(VT<double>::v a, VT<double>::v b, VT<double>::v c, VT<double>::v d, double* out) {
+  typedef VT<double>::m M;
+  const VT<double>::v ab = __builtin_shuffle(a, b, M{0, 1, 2, 3, 8, 9, 10, 11}) +
+                           __builtin_shuffle(a, b, M{4, 5, 6, 7, 12, 13, 14, 15});
+  const VT<double>::v cd = __builtin_shuffle(c, d, M{0, 1, 2, 3, 8, 9, 10, 11}) +
+                           __builtin_shuffle(c, d, M{4, 5, 6, 7, 12, 13, 14, 15});
+  VT<double>::v u = __builtin_shuffle(ab, cd, M{0, 1, 4, 5, 8, 9, 12, 13}) +
+                    __builtin_shuffle(ab, cd, M{2, 3, 6, 7, 10, 11, 14, 15});
+  u += __builtin_shuffle(u, M{1, 0, 3, 2, 5, 4, 7, 6});
+  out[0] += u[0];
+  out[1] += u[2];
+  out[2] += u[4];
+  out[3] += u[6];
+}
+
 // ------------------------------------------------------------------------------------------
 // sampled dense-dense: acc[base[r] + i] += dot(at[(r - r0) * T], bt[c_i * T]) for the i-th column
-// c_i of row r in the pattern (block rows expanded), rows r0 <= r < r1, T = dot_width.  The
-// accumulator is packed in pattern order, so its updates are sequential (the caller scatters it
-// into the dense gradient at the end).  bo = bk = 1 is the unstructured layout.
+// c_i of row r in the pattern (block rows expanded), rows r0 <= r < r1, T = NV lanes-vectors.
+// The accumulator is packed in pattern order, so its updates are sequential (the caller scatters
+// it into the dense gradient at the end).  bo = bk = 1 is the unstructured layout.  The row of
+// `at` is held in registers; four nonzeros are dotted against it at a time (two chains each) and
+// reduced together.
 // ------------------------------------------------------------------------------------------
-template <typename S>
+template <typename S, int NV>
 void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, int64_t bo, int64_t bk, int64_t ncols,
                 int64_t r0, int64_t r1, const S* __restrict at, const S* __restrict bt, S* __restrict acc,
                 const int64_t* __restrict base, std::vector<int32_t>& cols) {
   using V = typename VT<S>::v;
-  constexpr int NV = NV_DOT;
   constexpr int64_t T = NV * VT<S>::L;
+  constexpr int64_t PF = 4;  // nonzeros ahead whose tile rows are prefetched
+  const bool unstructured = bo == 1 && bk == 1;
   int64_t cur = -1;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t rb = r / bo;
-    if (rb != cur) {
-      block_row_columns(ptr, idx, rb, bk, ncols, cols);
-      cur = rb;
+    const int32_t* cl;
+    int64_t nc;
+    if (unstructured) {
+      cl = idx + ptr[r];
+      nc = ptr[r + 1] - ptr[r];
+    } else {
+      const int64_t rb = r / bo;
+      if (rb != cur) {
+        block_row_columns(ptr, idx, rb, bk, ncols, cols);
+        cur = rb;
+      }
+      cl = cols.data();
+      nc = int64_t(cols.size());
     }
-    const int64_t nc = int64_t(cols.size());
     if (nc == 0) continue;
-    const int32_t* cl = cols.data();
     const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
     V av[NV];
     for (int v = 0; v < NV; ++v) av[v] = ar[v];
     S* orow = acc + base[r];
     int64_t i = 0;
     for (; i + 4 <= nc; i += 4) {
+      if (i + PF + 4 <= nc) {
+        for (int q = 0; q < 4; ++q) {
+          const char* pf = reinterpret_cast<const char*>(bt + int64_t(cl[i + PF + q]) * T);
+          for (int64_t l = 0; l < int64_t(T * sizeof(S)); l += 64) __builtin_prefetch(pf + l);
+        }
+      }
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
       const V* x1 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 1]) * T);
       const V* x2 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 2]) * T);
@@ -313,10 +385,7 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
         u2 += av[v + 1] * x2[v + 1];
         u3 += av[v + 1] * x3[v + 1];
       }
-      orow[i] += hsum(s0 + u0);
-      orow[i + 1] += hsum(s1 + u1);
-      orow[i + 2] += hsum(s2 + u2);
-      orow[i + 3] += hsum(s3 + u3);
+      hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, orow + i);
     }
     for (; i < nc; ++i) {
       const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
