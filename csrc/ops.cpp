@@ -342,6 +342,27 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
+    if (bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
+      // whole blocks of whole vectors: a dense GEMM per block on the row-major operands
+      dw.zero_();
+      const int64_t nrb = M / bo;
+      std::vector<int64_t> cost(nrb);
+      for (int64_t rb = 0; rb < nrb; ++rb) cost[rb] = int64_t(ptr[rb + 1] - ptr[rb]);
+      const auto bounds = balanced_split(cost, std::min<int64_t>(at::get_num_threads(), nrb), 1);
+      const S* xp = x.data_ptr<S>();
+      const S* dyp = dy.data_ptr<S>();
+      S* out = dw.data_ptr<S>();
+      Buf<S> xs(N * K);  // x as vector-wide column strips, each contiguous over the batch
+      const int64_t nstrips = K / k.lanes;
+      at::parallel_for(0, nstrips, N * K < (int64_t(1) << 16) ? std::max<int64_t>(nstrips, 1) : 4,
+                       [&](int64_t b, int64_t e) { k.strips_from_rows(xp, K, N, b * k.lanes, e * k.lanes, xs.get()); });
+      at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+        Buf<S> ds(N * 16);
+        for (int64_t part = pb; part < pe; ++part)
+          k.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
+      });
+      return;
+    }
     const int nv = pick_width<S>(k, {8, 16}, K, N);
     const int64_t T = (int64_t(8) << nv) * k.lanes, ntiles = cdiv(N, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));

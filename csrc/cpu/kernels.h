@@ -31,6 +31,9 @@ struct Kernels {
   // weight-gradient tiles of width {8, 16} * lanes
   void (*sddmm_tile[2])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, const int64_t*, std::vector<int32_t>&);
+  void (*strips_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*bsr_dw_rows)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*, int64_t, const S*,
+                      int64_t, S*, int64_t, S*);
   void (*im2col_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*col2im_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*conv_out_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, S*);

@@ -400,6 +400,58 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
 }
 
 // ------------------------------------------------------------------------------------------
+// block weight gradient as small dense GEMMs on vector-wide column strips:
+// out[r, c] = sum_n dy[n * ldy + r] * x[n, c] for every (r, c) inside the blocks of block rows
+// rb0 <= rb < rb1, with x given as strips xs[(c / L) * N * L + n * L + c % L] (strips_from_rows).
+// Needs bk a multiple of the vector width L and blocks inside the matrix.  A register tile of up
+// to RS rows x one vector of columns accumulates over n in order: one vector load of the strip
+// and RS broadcasts of the (contiguously repacked) dy strip per n, RS independent FMA chains.
+// ------------------------------------------------------------------------------------------
+
+// xs[(c / L) * N * L + n * L + c % L] = x[n * ld + c] for c in [c0, c1) (multiples of L).
+template <typename S>
+void strips_from_rows(const S* __restrict x, int64_t ld, int64_t N, int64_t c0, int64_t c1, S* __restrict xs) {
+  constexpr int64_t L = VT<S>::L;
+  for (int64_t c = c0; c < c1; c += L) {
+    S* d = xs + (c / L) * N * L;
+    for (int64_t n = 0; n < N; ++n) std::memcpy(d + n * L, x + n * ld + c, L * sizeof(S));
+  }
+}
+
+template <typename S>
+void bsr_dw_rows(const int32_t* __restrict ptr, const int32_t* __restrict idx, int64_t bo, int64_t bk, int64_t rb0,
+                 int64_t rb1, const S* __restrict dy, int64_t ldy, const S* __restrict xs, int64_t N,
+                 S* __restrict out, int64_t ldo, S* __restrict ds) {
+  using V = typename VT<S>::v;
+  constexpr int64_t L = VT<S>::L;
+  constexpr int64_t RS = 16;
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    if (ptr[rb] == ptr[rb + 1]) continue;
+    for (int64_t r = rb * bo; r < (rb + 1) * bo; r += RS) {
+      const int64_t rs = std::min(RS, (rb + 1) * bo - r);
+      // ds[n * RS + i] = dy[n, r + i]: contiguous broadcasts in the inner loop
+      for (int64_t n = 0; n < N; ++n) {
+        std::memcpy(ds + n * RS, dy + n * ldy + r, rs * sizeof(S));
+        std::fill(ds + n * RS + rs, ds + (n + 1) * RS, S(0));
+      }
+      for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+        const int64_t c0 = int64_t(idx[j]) * bk;
+        for (int64_t cv = c0; cv < c0 + bk; cv += L) {
+          V acc[RS] = {};
+          const V* xp = reinterpret_cast<const V*>(xs + (cv / L) * N * L);
+          for (int64_t n = 0; n < N; ++n) {
+            const V xv = xp[n];
+            const S* d = ds + n * RS;
+            for (int i = 0; i < RS; ++i) acc[i] += d[i] * xv;
+          }
+          for (int64_t i = 0; i < rs; ++i) std::memcpy(out + (r + i) * ldo + cv, &acc[i], sizeof(V));
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // conv2d tiles.  A tile covers T consecutive output positions q = n * P + p (P = Ho * Wo), which
 // may span images; the matrix view of the weight is [O, C * kh * kw] with k = (c * kh + i) * kw + j.
 // ------------------------------------------------------------------------------------------
