@@ -343,8 +343,7 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
     if (bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
-      // whole blocks of whole vectors: a dense GEMM per block on the row-major operands
-      dw.zero_();
+      // whole blocks of whole vectors: a dense GEMM per block on column strips of x
       const int64_t nrb = M / bo;
       std::vector<int64_t> cost(nrb);
       for (int64_t rb = 0; rb < nrb; ++rb) cost[rb] = int64_t(ptr[rb + 1] - ptr[rb]);

@@ -402,7 +402,7 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
 // ------------------------------------------------------------------------------------------
 // block weight gradient as small dense GEMMs on vector-wide column strips:
 // out[r, c] = sum_n dy[n * ldy + r] * x[n, c] for every (r, c) inside the blocks of block rows
-// rb0 <= rb < rb1, with x given as strips xs[(c / L) * N * L + n * L + c % L] (strips_from_rows).
+// rb0 <= rb < rb1 (zero elsewhere in those rows), with x given as strips xs[(c / L) * N * L + n * L + c % L] (strips_from_rows).
 // Needs bk a multiple of the vector width L and blocks inside the matrix.  A register tile of up
 // to RS rows x one vector of columns accumulates over n in order: one vector load of the strip
 // and RS broadcasts of the (contiguously repacked) dy strip per n, RS independent FMA chains.
@@ -426,6 +426,8 @@ void bsr_dw_rows(const int32_t* __restrict ptr, const int32_t* __restrict idx, i
   constexpr int64_t L = VT<S>::L;
   constexpr int64_t RS = 16;
   for (int64_t rb = rb0; rb < rb1; ++rb) {
+    // the block row's zeros, written by the task that owns it (no separate pass over the gradient)
+    std::fill(out + rb * bo * ldo, out + (rb + 1) * bo * ldo, S(0));
     if (ptr[rb] == ptr[rb + 1]) continue;
     for (int64_t r = rb * bo; r < (rb + 1) * bo; r += RS) {
       const int64_t rs = std::min(RS, (rb + 1) * bo - r);
