@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import Backend, CallInfo
+from .._backends import CallInfo
+from .cpu import CppBackend
 
 __all__ = ["CudaBackend"]
 
@@ -32,10 +33,15 @@ def _has_cuda_kernels() -> tuple[bool, str]:
     return True, ""
 
 
-class CudaBackend(Backend):
-    """CSR / BSR SpMM and SDDMM in plain CUDA: linear only, fp16 / bf16 / fp32 / fp64."""
+class CudaBackend(CppBackend):
+    """CSR / BSR SpMM and SDDMM in plain CUDA: linear only, fp16 / bf16 / fp32 / fp64.
+
+    The linear trio is the ``cpp`` backend's: the same ``torch.ops.sparsekern`` ops with the same
+    metadata, which dispatch to their CUDA kernels for CUDA tensors.
+    """
 
     name = "cuda"
+    channels_last = False
 
     def available(self) -> tuple[bool, str]:
         return _has_cuda_kernels()
@@ -48,21 +54,3 @@ class CudaBackend(Backend):
         if info.dtype not in _DTYPES:
             return False, f"supports {', '.join(str(d) for d in _DTYPES)}, got {info.dtype}"
         return True, ""
-
-    def linear_forward(self, x, weight, bias, pattern):
-        from .cpu import _csr_args
-
-        crow, col, block = _csr_args(pattern)
-        return torch.ops.sparsekern.linear_fwd(x, weight, bias, crow, col, block)
-
-    def linear_input_grad(self, dy, weight, pattern):
-        from .cpu import _csc_args
-
-        ccol, row, block = _csc_args(pattern)
-        return torch.ops.sparsekern.linear_dx(dy, weight, ccol, row, block)
-
-    def linear_weight_grad(self, dy, x, grad_pattern):
-        from .cpu import _csr_args
-
-        crow, col, block = _csr_args(grad_pattern)
-        return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block)
