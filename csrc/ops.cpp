@@ -189,11 +189,12 @@ int pick_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t
 }
 
 // A sparse matrix A [R, C] in the form the panels take: (block) CSR metadata with the values read
-// from the dense weight (A[r, c] = a[r * ars + c * acs]).  Rows of A that are rows of the weight
-// (acs == 1) are read in place; for the transposed weight (input gradients) an unstructured
-// pattern's values are gathered once per call into CSR order of A, because reading them down the
-// weight's columns would miss the cache once per nonzero and tile (values change every step, so
-// nothing is kept between calls).
+// from the dense weight (A[r, c] = a[r * ars + c * acs]).  An unstructured pattern's values are
+// gathered once per call into CSR order of A whenever the panels would otherwise read the dense
+// weight more than once (several batch tiles: each would stream the whole weight, since at
+// moderate sparsity every cache line of it holds a nonzero) or down its columns (the transposed
+// weight of input gradients: a cache miss per nonzero).  Values change every step, so nothing is
+// kept between calls.
 template <typename S>
 struct SparseA {
   const int32_t* ptr;
@@ -202,7 +203,7 @@ struct SparseA {
   const S* a;
   int64_t ars, acs;
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
-  std::vector<S> packed;  // unstructured, acs != 1: values in A's CSR order
+  std::vector<S> packed;  // unstructured, if gathered: values in A's CSR order
 
   bool unstructured() const { return bo == 1 && bk == 1; }
   int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
@@ -211,7 +212,8 @@ struct SparseA {
   void plan(const Kernels<S>& k, int64_t q) {
     if (!unstructured()) return;
     nv = pick_width<S>(k, {2, 4, 8}, C, q);
-    if (acs == 1) return;
+    // rows of the weight with one tile: read in place (one pass over the weight either way)
+    if (acs == 1 && q <= width(k)) return;
     const int64_t nnz = ptr[R];
     packed.resize(nnz);
     // a parallel region costs more than gathering a small pattern serially
@@ -226,8 +228,8 @@ struct SparseA {
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if (unstructured()) {
-      if (acs == 1)
-        k.panel_csr[nv](ptr, idx, a, ars, 1, C, r0, r1, bt, ot);
+      if (packed.empty())
+        k.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
       else
         k.panel_csr_packed[nv](ptr, idx, packed.data(), C, r0, r1, bt, ot);
     } else
@@ -362,8 +364,8 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
       });
       return;
     }
-    const int nv = pick_width<S>(k, {8, 16}, K, N);
-    const int64_t T = (int64_t(8) << nv) * k.lanes, ntiles = cdiv(N, T);
+    const int nv = pick_width<S>(k, {4, 8, 16}, K, N);
+    const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
     const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
@@ -547,8 +549,8 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
-    const int nv = pick_width<S>(k, {8, 16}, Kc, g.N * P);
-    const int64_t T = (int64_t(8) << nv) * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int nv = pick_width<S>(k, {4, 8, 16}, Kc, g.N * P);
+    const int64_t T = (int64_t(4) << nv) * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(g.O, 4));
     const auto bounds = balanced_split(row_costs(ptr, g.O, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();

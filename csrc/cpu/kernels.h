@@ -28,8 +28,8 @@ struct Kernels {
   void (*panel_csr_packed[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, const S*, S*);
   void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, int64_t, int64_t, int64_t,
                     int64_t, const S*, S*, std::vector<int32_t>&);
-  // weight-gradient tiles of width {8, 16} * lanes
-  void (*sddmm_tile[2])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
+  // weight-gradient tiles of width {4, 8, 16} * lanes
+  void (*sddmm_tile[3])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, const int64_t*, std::vector<int32_t>&);
   void (*strips_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*bsr_dw_rows)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*, int64_t, const S*,
