@@ -62,6 +62,16 @@ def _extensions():
     _say("SPARSEKERN_DEBUG=1: -O0 -g" if debug else "optimisation: -O3")
     # FMA contraction is off in ISO C++ modes by default; the kernels want it.
     cflags += ["-std=c++17", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
+    # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp it
+    # compiles to a serial loop.  The OpenMP runtime this links (soname libgomp.so.1) resolves to
+    # the one torch has already loaded, so torch.set_num_threads governs the kernels too.
+    ldflags = []
+    if sys.platform.startswith("linux") and torch.__config__.parallel_info().find("OpenMP") >= 0:
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+        _say("threads: OpenMP (at::parallel_for, as torch is built)")
+    else:
+        _say("threads: torch is not built with OpenMP here; the kernels run at::parallel_for's fallback")
     if _flag("SPARSEKERN_NATIVE", "0"):
         cflags.append("-march=native")
         _say("SPARSEKERN_NATIVE=1: adding -march=native")
@@ -85,6 +95,7 @@ def _extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=ldflags,
     )
 
     class _Build(BuildExtension):
