@@ -698,6 +698,16 @@ std::string cpu_isa(c10::string_view request) {
   return got;
 }
 
+// How at::parallel_for runs in this build: "openmp" when compiled with OpenMP (torch's own
+// runtime then spreads the work over torch.get_num_threads() threads), else "serial".
+std::string parallel_backend() {
+#ifdef _OPENMP
+  return "openmp";
+#else
+  return "serial";
+#endif
+}
+
 }  // namespace
 }  // namespace sparsekern
 
@@ -725,6 +735,8 @@ TORCH_LIBRARY(sparsekern, m) {
       "int[2] padding, int[2] dilation) -> Tensor");
   // Not a tensor op: reports (or, for tests, selects) the instruction set the kernels use.
   m.def("cpu_isa(str request=\"\") -> str", &sparsekern::cpu_isa);
+  // Not a tensor op: how the kernels are threaded ("openmp" or "serial").
+  m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -46,6 +46,16 @@ def test_extension_built_and_selected():
     assert select_backend(conv).name == "cpp"
 
 
+def test_kernels_threaded_like_torch():
+    # at::parallel_for is an OpenMP pragma in a header: a build without -fopenmp silently runs
+    # every kernel on one thread.  Where torch itself uses OpenMP, the kernels must too.
+    assert OK, WHY
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert torch.ops.sparsekern.parallel_backend() == "openmp"
+    else:
+        assert torch.ops.sparsekern.parallel_backend() in ("openmp", "serial")
+
+
 def test_supports_refuses_with_reason(be):
     bf16 = CallInfo("linear", torch.device("cpu"), torch.bfloat16, "unstructured", None, "unstructured")
     ok, why = be.supports(bf16)

@@ -13,6 +13,7 @@ Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstru
   positions), the same plus ``stride``, ``padding``, ``dilation`` and the input / weight size;
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
+* ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
 
 The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, which are cached per mask
 version; the values are read from the dense weight inside each op (they change every optimizer
