@@ -315,7 +315,8 @@ def write_results(rows, totals, meta, stem: str) -> None:
         "# CPU kernels: `cpp` backend vs dense PyTorch and torch.sparse (fwd+bwd, fp32)",
         "",
         f"- command: `{meta['command']}`",
-        f"- CPU: {meta['cpu']}; threads: {meta['threads']}; torch {meta['torch']}; kernels ISA: {meta['isa']}",
+        f"- CPU: {meta['cpu']}; threads: {meta['threads']}; torch {meta['torch']}; kernels ISA: {meta['isa']}; "
+        f"kernel threading: {meta['parallel']}",
         f"- date: {meta['date']}; commit: {meta['commit']}; load average before / after: "
         f"{meta['load_before']} / {meta['load_after']}",
         "- time = one step: forward + input gradient + weight gradient; median of `torch.utils.benchmark` "
@@ -370,6 +371,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "isa": torch.ops.sparsekern.cpu_isa(),
+        "parallel": torch.ops.sparsekern.parallel_backend(),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "commit": _commit(),
         "load_before": load_before,

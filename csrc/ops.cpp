@@ -551,29 +551,43 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const int32_t* idx = col.data_ptr<int32_t>();
     const int nv = pick_width<S>(k, {4, 8, 16}, Kc, g.N * P);
     const int64_t T = (int64_t(4) << nv) * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
-    const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(g.O, 4));
-    const auto bounds = balanced_split(row_costs(ptr, g.O, bo, bk), parts, 1);
     const S* xp = x.data_ptr<S>();
     const S* dyp = dy.data_ptr<S>();
     const PackedRows packed(ptr, idx, g.O, bo, bk, Kc);
-    std::vector<S> acc(packed.size(), S(0));
-    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+    const int64_t nnz = packed.size();
+    // Work is split over the batch: a fixed number of tile chunks (from the shapes only, never the
+    // thread count), each accumulating into its own buffer, summed in chunk order afterwards.  So
+    // each im2col tile is built once (a split over rows would rebuild every tile per thread) and the
+    // result is the same for any thread count.
+    const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(ntiles / 2, 8));
+    const int64_t per = cdiv(ntiles, nchunks);
+    std::vector<S> part_acc(nchunks * nnz, S(0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       Buf<S> bt(Kc * T), at_(kRowBlock * T);
       std::vector<int32_t> cols;
-      for (int64_t part = pb; part < pe; ++part) {
-        const int64_t r0 = bounds[part], r1 = bounds[part + 1];
-        if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
-        for (int64_t tile = 0; tile < ntiles; ++tile) {
+      for (int64_t ch = cb; ch < ce; ++ch) {
+        S* acc = part_acc.data() + ch * nnz;
+        for (int64_t tile = ch * per; tile < std::min(ntiles, (ch + 1) * per); ++tile) {
           const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
           k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
-          for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-            const int64_t re = std::min(r1, rr + kRowBlock);
+          for (int64_t rr = 0; rr < g.O; rr += kRowBlock) {
+            const int64_t re = std::min(g.O, rr + kRowBlock);
+            if (ptr[rr / bo] == ptr[cdiv(re, bo)]) continue;
             k.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
-            k.sddmm_tile[nv](ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
+            k.sddmm_tile[nv](ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc, packed.base.data(), cols);
           }
         }
       }
     });
+    std::vector<S> acc(nnz);
+    at::parallel_for(0, nnz, nnz * nchunks < (int64_t(1) << 16) ? std::max<int64_t>(nnz, 1) : 4096,
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t i = b; i < e; ++i) {
+                         S s0 = part_acc[i];
+                         for (int64_t ch = 1; ch < nchunks; ++ch) s0 += part_acc[ch * nnz + i];
+                         acc[i] = s0;
+                       }
+                     });
     packed.scatter(ptr, idx, bo, bk, Kc, acc.data(), dw.data_ptr<S>());
   });
   return dw;
