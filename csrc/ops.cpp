@@ -92,15 +92,39 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // scratch buffers: 64-byte aligned, one set per task
 // ---------------------------------------------------------------------------------------------
 
+// Scratch slots: buffers that are in use at the same time on one thread need different slots.
+enum Slot { kTile = 0, kPanel, kStrip, kMainA, kMainB, kMainC, kSlots };
+
+// Grow-only scratch memory, one set of slots per thread (the pool's threads persist), so that
+// steady-state calls do not page-fault freshly mapped allocations: with several megabytes of
+// scratch per call the kernel's page clearing cost as much as the kernels themselves.
+inline void* scratch_bytes(int slot, size_t bytes) {
+  struct Pool {
+    void* p[kSlots] = {};
+    size_t n[kSlots] = {};
+    ~Pool() {
+      for (auto q : p) std::free(q);
+    }
+  };
+  thread_local Pool pool;
+  if (pool.n[slot] < bytes) {
+    std::free(pool.p[slot]);
+    const size_t want = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+    pool.p[slot] = std::aligned_alloc(64, want);
+    pool.n[slot] = pool.p[slot] ? want : 0;
+    TORCH_CHECK(pool.p[slot], "sparsekern: out of memory allocating a ", want, "-byte scratch buffer");
+  }
+  return pool.p[slot];
+}
+
+// n scalars of 64-byte aligned scratch in `slot` of the calling thread (contents undefined).
 template <typename S>
 struct Buf {
-  std::unique_ptr<S, void (*)(void*)> p{nullptr, std::free};
-  explicit Buf(int64_t n) {
-    const size_t bytes = std::max<size_t>(64, (size_t(n) * sizeof(S) + 63) / 64 * 64);
-    p.reset(static_cast<S*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(p, "sparsekern: out of memory allocating a ", bytes, "-byte scratch buffer");
-  }
-  S* get() const { return p.get(); }
+  S* p;
+  Buf(int64_t n, Slot slot) : p(static_cast<S*>(scratch_bytes(slot, size_t(std::max<int64_t>(n, 1)) * sizeof(S)))) {}
+  S* get() const { return p; }
+  S* data() const { return p; }
+  S& operator[](int64_t i) const { return p[i]; }
 };
 
 constexpr int64_t kRowBlock = 32;  // panel rows per output transpose (a multiple of 4)
@@ -203,7 +227,7 @@ struct SparseA {
   const S* a;
   int64_t ars, acs;
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
-  std::vector<S> packed;  // unstructured, if gathered: values in A's CSR order
+  S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
 
   bool unstructured() const { return bo == 1 && bk == 1; }
   int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
@@ -215,7 +239,7 @@ struct SparseA {
     // rows of the weight with one tile: read in place (one pass over the weight either way)
     if (acs == 1 && q <= width(k)) return;
     const int64_t nnz = ptr[R];
-    packed.resize(nnz);
+    packed = Buf<S>(nnz, kMainC).get();
     // a parallel region costs more than gathering a small pattern serially
     at::parallel_for(0, R, nnz < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -228,10 +252,10 @@ struct SparseA {
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if (unstructured()) {
-      if (packed.empty())
+      if (!packed)
         k.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
       else
-        k.panel_csr_packed[nv](ptr, idx, packed.data(), C, r0, r1, bt, ot);
+        k.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
     } else
       k.panel_bsr(ptr, idx, bo, bk, C, a, ars, acs, r0, r1, bt, ot, cols);
   }
@@ -252,7 +276,7 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
   const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<S> bt(C * T), ot(kRowBlock * T);
+    Buf<S> bt(C * T, kTile), ot(kRowBlock * T, kPanel);
     std::vector<int32_t> cols;
     int64_t last = -1;
     for (int64_t task = tb; task < te; ++task) {
@@ -353,12 +377,12 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
       const S* xp = x.data_ptr<S>();
       const S* dyp = dy.data_ptr<S>();
       S* out = dw.data_ptr<S>();
-      Buf<S> xs(N * K);  // x as vector-wide column strips, each contiguous over the batch
+      Buf<S> xs(N * K, kMainA);  // x as vector-wide column strips, each contiguous over the batch
       const int64_t nstrips = K / k.lanes;
       at::parallel_for(0, nstrips, N * K < (int64_t(1) << 16) ? std::max<int64_t>(nstrips, 1) : 4,
                        [&](int64_t b, int64_t e) { k.strips_from_rows(xp, K, N, b * k.lanes, e * k.lanes, xs.get()); });
       at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
-        Buf<S> ds(N * 16);
+        Buf<S> ds(N * 16, kStrip);
         for (int64_t part = pb; part < pe; ++part)
           k.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
       });
@@ -371,9 +395,10 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const S* xp = x.data_ptr<S>();
     const S* dyp = dy.data_ptr<S>();
     const PackedRows packed(ptr, idx, M, bo, bk, K);
-    std::vector<S> acc(packed.size(), S(0));
+    Buf<S> acc(packed.size(), kMainA);
+    std::fill(acc.data(), acc.data() + packed.size(), S(0));
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
-      Buf<S> bt(K * T), at_(kRowBlock * T);
+      Buf<S> bt(K * T, kTile), at_(kRowBlock * T, kPanel);
       std::vector<int32_t> cols;
       for (int64_t part = pb; part < pe; ++part) {
         const int64_t r0 = bounds[part], r1 = bounds[part + 1];
@@ -450,7 +475,7 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
     const int64_t T = A.width(k), Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
     const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
     at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-      Buf<S> bt(Kc * T), ot(kRowBlock * T);
+      Buf<S> bt(Kc * T, kTile), ot(kRowBlock * T, kPanel);
       std::vector<int32_t> cols;
       int64_t last = -1;
       for (int64_t task = tb; task < te; ++task) {
@@ -506,7 +531,7 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
     const S* dyp = dy.data_ptr<S>();
     S* dxp = dx.data_ptr<S>();
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
-      Buf<S> bt(g.O * T), ot(cgrp * taps * T);
+      Buf<S> bt(g.O * T, kTile), ot(cgrp * taps * T, kPanel);
       std::vector<int32_t> cols;
       for (int64_t part = pb; part < pe; ++part) {
         const int64_t c0 = bounds[part], c1 = bounds[part + 1];
@@ -561,9 +586,10 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     // result is the same for any thread count.
     const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(ntiles / 2, 8));
     const int64_t per = cdiv(ntiles, nchunks);
-    std::vector<S> part_acc(nchunks * nnz, S(0));
+    Buf<S> part_acc(nchunks * nnz, kMainA);
+    std::fill(part_acc.data(), part_acc.data() + nchunks * nnz, S(0));
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-      Buf<S> bt(Kc * T), at_(kRowBlock * T);
+      Buf<S> bt(Kc * T, kTile), at_(kRowBlock * T, kPanel);
       std::vector<int32_t> cols;
       for (int64_t ch = cb; ch < ce; ++ch) {
         S* acc = part_acc.data() + ch * nnz;
@@ -579,7 +605,7 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         }
       }
     });
-    std::vector<S> acc(nnz);
+    Buf<S> acc(nnz, kMainB);
     at::parallel_for(0, nnz, nnz * nchunks < (int64_t(1) << 16) ? std::max<int64_t>(nnz, 1) : 4096,
                      [&](int64_t b, int64_t e) {
                        for (int64_t i = b; i < e; ++i) {
