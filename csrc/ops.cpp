@@ -15,7 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <memory>
 #include <vector>
 
@@ -91,6 +95,23 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // scratch buffers: 64-byte aligned, one set per task
 // ---------------------------------------------------------------------------------------------
+
+// A freshly allocated output of many megabytes is mapped page by page on first touch, and at 98 %
+// sparsity clearing those 4 KiB pages costs more than the kernels.  Asking for transparent huge
+// pages on the 2 MiB-aligned interior (where the system allows it, as torch does under
+// THP_MEM_ALLOC_ENABLE) cuts the faults by 512x.  Only a hint: nothing changes if it is refused.
+inline Tensor huge_page_hint(Tensor t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
 
 // Scratch slots: buffers that are in use at the same time on one thread need different slots.
 enum Slot { kTile = 0, kPanel, kStrip, kMainA, kMainB, kMainC, kSlots };
@@ -319,7 +340,7 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   }
   check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
   Tensor x = x_.contiguous(), w = weight_.contiguous();
-  Tensor y = at::empty({N, M}, x.options());
+  Tensor y = huge_page_hint(at::empty({N, M}, x.options()));
   if (N == 0 || M == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
     using S = scalar_t;
@@ -340,7 +361,7 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   TORCH_CHECK(dy_.size(1) == M, "dy: expected shape [N, ", M, "] (weight has ", M, " rows), got ", dy_.sizes());
   check_compressed(ccol, row, cdiv(K, bk), cdiv(M, bo), "ccol_indices", "row_indices");
   Tensor dy = dy_.contiguous(), w = weight_.contiguous();
-  Tensor dx = at::empty({N, K}, dy.options());
+  Tensor dx = huge_page_hint(at::empty({N, K}, dy.options()));
   if (N == 0 || K == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::linear_dx", [&] {
     using S = scalar_t;
@@ -362,7 +383,7 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
   if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
-  Tensor dw = at::empty({M, K}, x.options());  // every element is written by the scatter
+  Tensor dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
@@ -568,7 +589,7 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
   if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
-  Tensor dw = at::empty({g.O, g.C, g.kh, g.kw}, x.options());  // every element is written by the scatter
+  Tensor dw = huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));  // all written by the scatter
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_dw", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
