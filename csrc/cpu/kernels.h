@@ -41,6 +41,8 @@ struct Kernels {
   void (*dw_fwd_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S, S*);
   void (*dw_dx_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S*);
   void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
+  // unstructured window-major panels of width {2, 4, 8} * lanes (panel_win)
+  void (*panel_win[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, const S*, S*);
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).

@@ -223,6 +223,42 @@ void panel_csr_packed(const int32_t* ptr, const int32_t* idx, const S* val, int6
   panel_csr_impl<S, NV, true>(ptr, idx, val, 0, 0, r0, r1, bt, ot);
 }
 
+// Unstructured A in window-major CSR form: the columns are cut into windows of a fixed width and
+// the nonzeros of window w, row r are idx/val[wp[r] .. wp[r + 1]) with wp = wptr + w * (R + 1)
+// (built once per pattern by the op layer; values packed in that order per call).  Windows go
+// outermost, so one window of the tile (window x T scalars, sized by the caller to stay in L1)
+// serves every row of the range before the next is loaded: each nonzero's tile row comes from L1
+// instead of L2, at the price of reloading and storing each row's accumulator once per window
+// (from the panel `ot`, which the caller keeps in L2).  Per element the terms are added in column
+// order, the same for any split of rows over threads.
+template <typename S, int NV>
+void panel_win(const int32_t* __restrict wptr, const int32_t* __restrict idx, const S* __restrict val, int64_t R,
+               int64_t nw, int64_t r0, int64_t r1, const S* __restrict bt, S* __restrict ot) {
+  using V = typename VT<S>::v;
+  constexpr int64_t T = NV * VT<S>::L;
+  for (int64_t w = 0; w < nw; ++w) {
+    const int32_t* __restrict wp = wptr + w * (R + 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = wp[r];
+      const int64_t e = wp[r + 1];
+      V* o = reinterpret_cast<V*>(ot + (r - r0) * T);
+      V acc[NV];
+      if (w == 0) {
+        for (int v = 0; v < NV; ++v) acc[v] = V{};
+      } else {
+        if (j == e) continue;  // nothing to add: the stored partial sum stands
+        for (int v = 0; v < NV; ++v) acc[v] = o[v];
+      }
+      for (; j < e; ++j) {
+        const V* x = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+        const S a = val[j];
+        for (int v = 0; v < NV; ++v) acc[v] += a * x[v];
+      }
+      for (int v = 0; v < NV; ++v) o[v] = acc[v];
+    }
+  }
+}
+
 // Columns of block row rb of a BSR grid (block columns idx[ptr[rb]:ptr[rb+1]] of width bk,
 // clipped to ncols), expanded into a list.
 inline void block_row_columns(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_t bk, int64_t ncols,
