@@ -296,4 +296,3 @@ def cpu_isa(request: str = "") -> str:
     if not ok:
         raise BackendError(why)
     return torch.ops.sparsekern.cpu_isa(request)
-
