@@ -10,9 +10,10 @@ inputs built outside the timed region, median with p20 / p80), at a pinned threa
 
 * ``dense``: ``F.linear`` / ``F.conv2d`` with autograd (MKL / oneDNN);
 * ``cpp``: ``sparsekern.sparse_linear`` / ``sparse_conv2d`` with ``backend="cpp"``;
-* ``torch_sparse`` (linear, unstructured only): CSR weight, ``W @ xᵀ`` forward, ``Wᵀ @ dyᵀ``
-  input gradient (transposed CSR built outside the timed region), ``torch.sparse.sampled_addmm``
-  weight gradient.
+* ``torch_sparse`` (linear): CSR weight (BSR for block layouts), ``W @ xᵀ`` forward, ``Wᵀ @ dyᵀ``
+  input gradient (transposed weight built outside the timed region), ``torch.sparse.sampled_addmm``
+  weight gradient on the pattern in CSR form.  PyTorch has no sparse conv2d, so conv cases have
+  none.
 
 The speedup is ``dense / cpp`` measured in the same run, printed with its goal (DESIGN.md section
 6) and met / missed.  Results go to ``benchmarks/results/cpu_kernels.{md,csv}``.  The case lists
@@ -28,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -158,12 +160,29 @@ def _linear_steps(c: LinearBench) -> dict:
         sparsekern.sparse_linear(x, w, None, mask, backend="cpp", **kw).backward(dy)
 
     steps = {"dense": dense, "cpp": cpp}
+    wd, xd = w.detach(), x.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR / BSR support is in beta state"
+        mask_csr = mask.to(torch.float32).to_sparse_csr()
+    if c.layout == "block":
+        # torch.sparse BSR: forward and input gradient as BSR @ dense (CPU kernels exist for both),
+        # the weight gradient through sampled_addmm on the block pattern in CSR form (no BSR variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w_bsr = wd.to_sparse_bsr((c.block, c.block))
+            wt_bsr = wd.t().contiguous().to_sparse_bsr((c.block, c.block))
+
+        def torch_sparse_bsr():
+            y_t = torch.sparse.mm(w_bsr, xd.t())
+            dx_t = torch.sparse.mm(wt_bsr, dy.t())
+            dw = torch.sparse.sampled_addmm(mask_csr, dy.t(), xd, beta=0.0)
+            return y_t, dx_t, dw
+
+        if c.in_features % c.block == 0 and c.out_features % c.block == 0:
+            steps["torch_sparse"] = torch_sparse_bsr
     if c.layout == "unstructured":
-        wd = w.detach()
         w_csr = wd.to_sparse_csr()
         wt_csr = wd.t().contiguous().to_sparse_csr()
-        mask_csr = mask.to(torch.float32).to_sparse_csr()
-        xd = x.detach()
 
         def torch_sparse():
             y_t = torch.sparse.mm(w_csr, xd.t())  # forward, [M, N]
