@@ -511,7 +511,8 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   return dx;
 }
 
-Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block) {
+Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                 const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx, int64_t window) {
   check_float(dy_, "dy", 2);
   check_float(x_, "x", 2);
   check_same_dtype(dy_, "dy", x_, "x");
@@ -522,11 +523,45 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
   if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
   Tensor dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
+  const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
     using S = scalar_t;
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
+    if (win.on()) {
+      // window-major: tiles of 64 or 128 batch columns (a window of the x tile is then 16-32 KiB
+      // of float), rows in blocks whose transposed dy slice stays in L2 across the windows
+      const int nv = N > 4 * k.lanes ? 1 : 0;
+      const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
+      constexpr int64_t kRows = 256;
+      const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
+      const auto bounds = balanced_split(row_costs(ptr, M, 1, 1), parts, 1);
+      const S* xp = x.data_ptr<S>();
+      const S* dyp = dy.data_ptr<S>();
+      Buf<S> acc(col.numel(), kMainA);
+      std::fill(acc.data(), acc.data() + col.numel(), S(0));
+      at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+        Buf<S> bt(K * T, kTile), at_(kRows * T, kPanel);
+        std::vector<int32_t> cursor(kRows);
+        for (int64_t part = pb; part < pe; ++part) {
+          const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+          if (r0 >= r1 || ptr[r0] == ptr[r1]) continue;
+          for (int64_t tile = 0; tile < ntiles; ++tile) {
+            const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+            k.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+            for (int64_t rr = r0; rr < r1; rr += kRows) {
+              const int64_t re = std::min(r1, rr + kRows);
+              k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+              k.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc.data(), cursor.data());
+            }
+          }
+        }
+      });
+      const PackedRows packed(ptr, idx, M, 1, 1, K);
+      packed.scatter(ptr, idx, 1, 1, K, acc.data(), dw.data_ptr<S>());
+      return;
+    }
     if (bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
       // whole blocks of whole vectors: a dense GEMM per block on column strips of x
       const int64_t nrb = M / bo;
@@ -918,7 +953,9 @@ TORCH_LIBRARY(sparsekern, m) {
       "linear_dx(Tensor dy, Tensor weight, Tensor ccol_indices, Tensor row_indices, int[2] block, "
       "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
   m.def("csr_windows(Tensor crow_indices, Tensor col_indices, int ncols, int window) -> (Tensor, Tensor)");
-  m.def("linear_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block) -> Tensor");
+  m.def(
+      "linear_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
   m.def(
       "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");

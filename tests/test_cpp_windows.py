@@ -1,6 +1,6 @@
 """The window-major path of the ``cpp`` unstructured linear ops (``csr_windows`` metadata, the
-``win_ptr`` / ``win_idx`` / ``window`` arguments of ``linear_fwd`` / ``linear_dx``) against the
-reference, on small windows so every case spans several of them."""
+``win_ptr`` / ``win_idx`` / ``window`` arguments of ``linear_fwd``, ``linear_dx`` and
+``linear_dw``) against the reference, on small windows so every case spans several of them."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def test_windowed_linear_vs_reference(case, window, dtype):
     tw = _windows(csr.ccol_indices, csr.row_indices, M, window)
     dx = torch.ops.sparsekern.linear_dx(dy, wp, csr.ccol_indices, csr.row_indices, [1, 1], *tw, window)
     assert_close(dx, ref.linear_input_grad(dy, w, mask), dtype=dtype)
+    dw = torch.ops.sparsekern.linear_dw(dy, x, csr.crow_indices, csr.col_indices, [1, 1], *fw, window)
+    assert_close(dw, ref.linear_weight_grad(dy, x, mask), dtype=dtype)
+    assert bool((dw[~mask] == 0).all()), "dW must be exactly zero outside the pattern"
 
 
 def test_windowed_bit_identical_across_thread_counts():
@@ -86,6 +89,7 @@ def test_windowed_bit_identical_across_thread_counts():
         return (
             torch.ops.sparsekern.linear_fwd(x, w, None, csr.crow_indices, csr.col_indices, [1, 1], *fw, 16),
             torch.ops.sparsekern.linear_dx(dy, w, csr.ccol_indices, csr.row_indices, [1, 1], *tw, 16),
+            torch.ops.sparsekern.linear_dw(dy, x, csr.crow_indices, csr.col_indices, [1, 1], *fw, 16),
         )
 
     before = torch.get_num_threads()
@@ -129,6 +133,7 @@ def test_window_gates():
     assert cppmod._window_args(pat, 256, transposed=False)["window"] == cppmod.WINDOW
     assert cppmod._window_args(pat, 8, transposed=False) == {}  # small batch
     assert cppmod._window_args(pat, 256, transposed=True) == {}  # 64 columns in the transpose
+    assert cppmod._window_args(pat, 2048, transposed=True)["window"] == cppmod.WINDOW  # ... but a large batch
     sparse = pattern_of(make_mask((64, 4096), "random", 0.02))
     assert cppmod._window_args(sparse, 256, transposed=False) == {}  # too few nonzeros per window
 
@@ -157,6 +162,9 @@ def test_windows_bad_input():
     with pytest.raises(RuntimeError, match="unstructured"):
         bsr = pattern_of(make_block_mask((6, 10), (16, 16), 1.0), "block", 16).bsr()
         fwd(x, w, None, bsr.crow_indices, bsr.col_indices, list(bsr.block), wptr, widx, 4)
+    dy = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="win_ptr: expected"):
+        torch.ops.sparsekern.linear_dw(dy, x, csr.crow_indices, csr.col_indices, [1, 1], wptr, widx, 5)
     with pytest.raises(RuntimeError, match="window: expected a positive"):
         _windows(csr.crow_indices, csr.col_indices, 10, 0)
 
@@ -171,3 +179,4 @@ def test_opcheck_windowed():
     torch.library.opcheck(ops.csr_windows.default, (csr.crow_indices, csr.col_indices, 20, 8))
     torch.library.opcheck(ops.linear_fwd.default, (x, w, None, csr.crow_indices, csr.col_indices, [1, 1], *fw, 8))
     torch.library.opcheck(ops.linear_dx.default, (dy, w, csr.ccol_indices, csr.row_indices, [1, 1], *tw, 8))
+    torch.library.opcheck(ops.linear_dw.default, (dy, x, csr.crow_indices, csr.col_indices, [1, 1], *fw, 8))

@@ -43,6 +43,9 @@ struct Kernels {
   void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
   // unstructured window-major panels of width {2, 4, 8} * lanes (panel_win)
   void (*panel_win[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, const S*, S*);
+  // unstructured window-major weight-gradient tiles of width {4, 8, 16} * lanes (sddmm_win)
+  void (*sddmm_win[3])(const int32_t*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*,
+                       const S*, S*, int32_t*);
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).

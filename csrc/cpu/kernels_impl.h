@@ -435,6 +435,60 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
   }
 }
 
+// The same for an unstructured pattern in window-major form (panel_win's metadata): windows go
+// outermost, so a window of the tile `bt` stays in L1 for every row of r0 <= r < r1 while each
+// row's slice of `at` is reloaded once per window.  acc is in CSR order: crow[r] is row r's first
+// slot and `cursor` (r1 - r0 scratch entries) tracks how far each row has got, since the windows
+// visit a row's nonzeros in column order.  Per element one dot per call, as in sddmm_tile.
+template <typename S, int NV>
+void sddmm_win(const int32_t* __restrict wptr, const int32_t* __restrict idx, const int32_t* __restrict crow, int64_t R,
+               int64_t nw, int64_t r0, int64_t r1, const S* __restrict at, const S* __restrict bt, S* __restrict acc,
+               int32_t* __restrict cursor) {
+  using V = typename VT<S>::v;
+  constexpr int64_t T = NV * VT<S>::L;
+  for (int64_t r = r0; r < r1; ++r) cursor[r - r0] = crow[r];
+  for (int64_t w = 0; w < nw; ++w) {
+    const int32_t* __restrict wp = wptr + w * (R + 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = wp[r];
+      const int64_t e = wp[r + 1];
+      if (j == e) continue;
+      S* out = acc + cursor[r - r0];
+      cursor[r - r0] += int32_t(e - j);
+      const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
+      V av[NV];
+      for (int v = 0; v < NV; ++v) av[v] = ar[v];
+      for (; j + 4 <= e; j += 4, out += 4) {
+        const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+        const V* x1 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 1]) * T);
+        const V* x2 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 2]) * T);
+        const V* x3 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 3]) * T);
+        V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
+        for (int v = 0; v < NV; v += 2) {
+          s0 += av[v] * x0[v];
+          s1 += av[v] * x1[v];
+          s2 += av[v] * x2[v];
+          s3 += av[v] * x3[v];
+          u0 += av[v + 1] * x0[v + 1];
+          u1 += av[v + 1] * x1[v + 1];
+          u2 += av[v + 1] * x2[v + 1];
+          u3 += av[v + 1] * x3[v + 1];
+        }
+        hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, out);
+      }
+      for (; j < e; ++j, ++out) {
+        const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
+        V s0 = {}, u0 = {};
+        for (int v = 0; v < NV; v += 2) {
+          s0 += av[v] * x0[v];
+          u0 += av[v + 1] * x0[v + 1];
+        }
+        *out += hsum(s0 + u0);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // block weight gradient as small dense GEMMs on vector-wide column strips:
 // out[r, c] = sum_n dy[n * ldy + r] * x[n, c] for every (r, c) inside the blocks of block rows

@@ -9,10 +9,10 @@ Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstru
 
 * ``linear_fwd(x, weight, bias, crow, col, block, win_ptr=None, win_idx=None, window=0)``,
   ``linear_dx(dy, weight, ccol, row, block, win_ptr=None, win_idx=None, window=0)``,
-  ``linear_dw(dy, x, crow, col, block)``; with the window-major metadata of
-  ``csr_windows(crow, col, ncols, window)`` (unstructured only) the products run window by window
-  over the columns so each window of the transposed input stays in L1 (see ``WINDOW_*`` below for
-  when the backend passes it);
+  ``linear_dw(dy, x, crow, col, block, win_ptr=None, win_idx=None, window=0)``; with the
+  window-major metadata of ``csr_windows(crow, col, ncols, window)`` (unstructured only) the
+  products run window by window over the columns so each window of the transposed input stays in
+  L1 (see ``WINDOW_*`` below for when the backend passes it);
 * ``conv2d_fwd / conv2d_dx / conv2d_dw`` for ``groups=1`` (implicit GEMM on tiles of output
   positions), the same plus ``stride``, ``padding``, ``dilation`` and the input / weight size;
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
@@ -67,7 +67,7 @@ def _register_fakes() -> None:
         return dy.new_empty((dy.shape[0], weight.shape[1]))
 
     @torch.library.register_fake(lib + "linear_dw")
-    def _(dy, x, crow, col, block):
+    def _(dy, x, crow, col, block, win_ptr=None, win_idx=None, window=0):
         return x.new_empty((dy.shape[1], x.shape[1]))
 
     def conv_out_shape(in_size, w_size, stride, padding, dilation):
@@ -153,13 +153,15 @@ def _csc_args(pattern) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 # into windows of this many, so one window of a 128-column float tile is 32 KiB (float64 tiles are
 # half as wide, the same bytes).
 WINDOW = 64
-# When the window-major path runs (measured with 1 and 2 threads on a 2 MB-L2 core, 768->3072 and
-# 4096->4096 at batch 256 / 2048): it beat the plain panels when the whole tile would not stay in
-# L2 (the input gradient of 768->3072: 3072 columns), by 10-35 % at 90 % sparsity, and lost at
-# 95-98 % (one or two nonzeros per row and window: the per-window reload and loop exit cost more
-# than the L2 loads saved) and when the tile fits in L2 anyway.  Below these it is off.
+# When the window-major path runs (measured op by op with 1 and 2 threads on a 2 MB-L2 core,
+# 768->3072 and 4096->4096 at batch 256 / 2048, fwd / dx / dw): at 90 % sparsity it beat the
+# plain panels by 10-35 % when the tile is wide (3072-4096 columns: the whole tile does not stay in
+# L2) or the batch is large (2048: many tiles per step), and was level or slower for 768 columns
+# at batch 256; at 95-98 % it lost everywhere (one to three nonzeros per row and window: the
+# per-window reload and loop exit cost more than the L2 loads saved).  Outside these it is off.
 WINDOW_MIN_BATCH = 64
 WINDOW_MIN_COLS = 2048
+WINDOW_MIN_BATCH_ANY_COLS = 1024
 WINDOW_MIN_DENSITY = 1.0 / 16
 
 
@@ -191,7 +193,7 @@ def _window_args(pattern, batch: int, transposed: bool) -> dict:
         return {}
     meta = pattern.csr()
     cols = meta.shape[0] if transposed else meta.shape[1]
-    if cols < WINDOW_MIN_COLS or meta.density < WINDOW_MIN_DENSITY:
+    if meta.density < WINDOW_MIN_DENSITY or (cols < WINDOW_MIN_COLS and batch < WINDOW_MIN_BATCH_ANY_COLS):
         return {}
     wptr, widx = _windows(meta, transposed)
     return {"win_ptr": wptr, "win_idx": widx, "window": WINDOW}
@@ -247,7 +249,8 @@ class CppBackend(Backend):
 
     def linear_weight_grad(self, dy, x, grad_pattern):
         crow, col, block = _csr_args(grad_pattern)
-        return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block)
+        win = _window_args(grad_pattern, dy.shape[0], transposed=False)
+        return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block, **win)
 
     # ---- conv2d -------------------------------------------------------------------------------
     @staticmethod
