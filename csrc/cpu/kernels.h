@@ -41,6 +41,10 @@ struct Kernels {
   void (*dw_fwd_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S, S*);
   void (*dw_dx_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S*);
   void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
+  // direct conv2d on shifted views (conv_direct_impl.h): panels of width {2, 4, 8} * lanes and
+  // weight-gradient tiles of width {4, 8, 16} * lanes
+  void (*direct_panel[3])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
+  void (*direct_sddmm[3])(const int64_t*, const int64_t*, int64_t, int64_t, const S*, int64_t, const S*, S*);
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).
