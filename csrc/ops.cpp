@@ -494,17 +494,17 @@ struct DirectGeom {
 int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
 // Index into `choices` (vectors, ascending) of the tile width for the direct kernels: the widest
-// whose window (rows x (T + largest shift)) stays within about half of L2, and no wider than
-// needed to give every thread two tiles.
+// whose window (rows x (T + largest shift)) stays within about half of L2 and that still leaves
+// eight tiles.  From the shapes only: the width fixes the summation order, so it must not depend
+// on the thread count.
 template <typename S>
 int direct_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t rows, const DirectGeom& d) {
   constexpr int64_t kWindowBytes = int64_t(1) << 20;
-  const int64_t threads = at::get_num_threads();
   int best = 0;
   for (int i = 1; i < int(choices.size()); ++i) {
     const int64_t T = choices[i] * k.lanes;
     if (rows * (T + d.maxoff) * int64_t(sizeof(S)) > kWindowBytes) break;
-    if (cdiv(d.G, T) < 2 * threads) break;
+    if (cdiv(d.G, T) < 8) break;
     best = i;
   }
   return best;
@@ -802,14 +802,29 @@ int forced_algo() {
   TORCH_CHECK(false, "SPARSEKERN_CPU_CONV_ALGO: expected 'auto', 'direct' or 'gemm', got '", v, "'");
 }
 
-// Deterministic choice from the shapes and the pattern's density (never from timings).
+// Deterministic choice from the shapes (never from timings: the result must not depend on the
+// run).  Measured on this project's 2-core AVX-512 machine, fp32, N = 32, 90 % unstructured, per op
+// (direct / implicit-GEMM time, median of torch.utils.benchmark; see benchmarks/results and the
+// conv section of bench_cpu.py):
+//   output 32x32 (64 ch, s1)   fwd 0.67  dx 0.55  dw 0.73   waste 1.13
+//   output 16x16 (64->128, s2) fwd 0.84  dx 0.95  dw 0.85   waste 1.13
+//   output 16x16 (128, s1)     fwd 0.96  dx 0.94  dw 0.82   waste 1.27
+//   output  8x8  (128->256 s2) fwd 1.04  dx 1.50  dw 1.33   waste 1.27
+//   output  8x8  (256, s1)     fwd 0.93  dx 1.07  dw 1.10   waste 1.56
+//   output  4x4  (256->512 s2) fwd 1.56  dx 2.03  dw 1.96   waste 1.56
+//   output  4x4  (512, s1)     fwd 1.27  dx 2.36  dw 1.16   waste 2.25
+// The direct kernels load every tile row unaligned (two cache lines per vector) and compute the
+// dropped grid positions, so they win only when the im2col / col2im copies they avoid are large
+// next to the products, i.e. on large planes with little waste: at least 16x16 outputs and at most
+// 1.4 grid positions per output.  The op and density did not move the crossover in these
+// measurements, so they are not part of the rule.
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
   (void)op;
   (void)nnz;
   (void)bo;
   (void)bk;
   const DirectGeom d(g);
-  return d.waste() <= 1.6;
+  return g.Ho * g.Wo >= 256 && d.waste() <= 1.4;
 }
 
 bool use_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
@@ -1123,6 +1138,31 @@ Tensor dwconv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, cons
   return dw;
 }
 
+// Which algorithm conv2d_{fwd,dx,dw} run for a shape: "direct" or "gemm" (the automatic choice,
+// or the one SPARSEKERN_CPU_CONV_ALGO forces).  nnz = elements inside the pattern.
+std::string conv2d_algo(c10::string_view op_, at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef block,
+                        int64_t nnz) {
+  const std::string op(op_.data(), op_.size());
+  ConvOp o;
+  if (op == "fwd")
+    o = ConvOp::kFwd;
+  else if (op == "dx")
+    o = ConvOp::kDx;
+  else if (op == "dw")
+    o = ConvOp::kDw;
+  else
+    TORCH_CHECK(false, "op: expected 'fwd', 'dx' or 'dw', got '", op, "'");
+  check_size_arg(input_size, "input_size");
+  check_size_arg(weight_size, "weight_size");
+  TORCH_CHECK(weight_size[1] == input_size[1], "weight_size: expected ", input_size[1],
+              " input channels (groups=1; input_size has that many), got ", weight_size);
+  const auto [bo, bk] = check_block(block);
+  TORCH_CHECK(nnz >= 0, "nnz: expected a non-negative count, got ", nnz);
+  const ConvGeom g = make_geom(input_size, weight_size, stride, padding, dilation);
+  return use_direct(o, g, nnz, bo, bk) ? "direct" : "gemm";
+}
+
 std::string cpu_isa(c10::string_view request) {
   const std::string req(request.data(), request.size());
   const char* got = select_isa(req.c_str());
@@ -1171,6 +1211,11 @@ TORCH_LIBRARY(sparsekern, m) {
       "int[2] padding, int[2] dilation) -> Tensor");
   // Not a tensor op: reports (or, for tests, selects) the instruction set the kernels use.
   m.def("cpu_isa(str request=\"\") -> str", &sparsekern::cpu_isa);
+  // Not a tensor op: the conv2d algorithm ("direct" or "gemm") the ops pick for a shape.
+  m.def(
+      "conv2d_algo(str op, int[4] input_size, int[4] weight_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int[2] block, int nnz) -> str",
+      &sparsekern::conv2d_algo);
   // Not a tensor op: how the kernels are threaded ("openmp" or "serial").
   m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
 }
