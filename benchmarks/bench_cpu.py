@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
 import sparsekern
-from sparsekern.kernels.cpu import load_library
+from sparsekern.kernels.cpu import conv2d_algo, load_library
 from sparsekern.testing import make_block_mask, make_mask
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -199,6 +199,20 @@ def _conv_steps(c: ConvBench) -> dict:
     return {"dense": dense, "cpp": cpp}
 
 
+def conv_algos(c: ConvBench) -> str:
+    """The cpp algorithm auto picks for the case's forward / input gradient / weight gradient
+    ("direct" or "gemm", see ``sparsekern.kernels.cpu.conv2d_algo``), as "fwd/dx/dw"."""
+    from sparsekern.formats import Pattern
+
+    shape = (c.out_channels, c.in_channels, 3, 3)
+    if c.layout == "block":
+        pat = Pattern(make_block_mask(shape, (c.block, c.block), 1 - c.sparsity), "block", (c.block, c.block))
+    else:
+        pat = Pattern(make_mask(shape, "random", 1 - c.sparsity))
+    xs = [c.batch, c.in_channels, c.hw, c.hw]
+    return "/".join(conv2d_algo(op, xs, list(shape), c.stride, 1, pattern=pat) for op in ("fwd", "dx", "dw"))
+
+
 def _time(fn, min_run_time: float) -> dict:
     fn()  # warm-up (also builds and caches the pattern metadata)
     m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
@@ -258,13 +272,16 @@ def run(cases, min_run_time: float) -> list[dict]:
             "speedup_vs_torch_sparse": (ts / cpp) if ts else None,
             "goal": goal,
             "met": (speedup >= goal) if goal else None,
+            "conv_algo": conv_algos(c) if isinstance(c, ConvBench) else None,
         }
         rows.append(row)
         ts_txt = f"{ts:9.2f} ms ({ts / cpp:5.1f}x)" if ts else "        n/a        "
         verdict = "" if goal is None else ("met" if row["met"] else "MISSED")
         goal_txt = f">= {goal:g}x {verdict}" if goal else ""
+        algo_txt = f"   algo {row['conv_algo']}" if row["conv_algo"] else ""
         print(
-            f"{c.name:52s} dense {dense:9.2f} ms  cpp {cpp:9.2f} ms  {speedup:5.2f}x   torch.sparse {ts_txt}   {goal_txt}",
+            f"{c.name:52s} dense {dense:9.2f} ms  cpp {cpp:9.2f} ms  {speedup:5.2f}x   torch.sparse {ts_txt}   {goal_txt}"
+            f"{algo_txt}",
             flush=True,
         )
     return rows
@@ -321,16 +338,18 @@ def write_results(rows, totals, meta, stem: str) -> None:
         f"{meta['load_before']} / {meta['load_after']}",
         "- time = one step: forward + input gradient + weight gradient; median of `torch.utils.benchmark` "
         "runs (p20-p80 in brackets); speedup = dense / cpp in the same run",
+        "- conv algo: what the cpp conv2d ops auto-pick for forward / input gradient / weight gradient "
+        "(direct sparse convolution or implicit GEMM)",
         "",
-        "| case | dense ms | cpp ms [p20-p80] | torch.sparse ms | speedup vs dense | vs torch.sparse | goal | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | dense ms | cpp ms [p20-p80] | torch.sparse ms | speedup vs dense | vs torch.sparse | goal | met | conv algo |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['case']} | {r['dense_ms']:.2f} | {r['cpp_ms']:.2f} [{r['cpp_p20_ms']:.2f}-{r['cpp_p80_ms']:.2f}] | "
             f"{_fmt(r['torch_sparse_ms'])} | {r['speedup_vs_dense']:.2f}x | {_fmt(r['speedup_vs_torch_sparse'])}"
             f"{'x' if r['speedup_vs_torch_sparse'] else ''} | {_fmt(r['goal'], 'g')} | "
-            f"{'' if r['met'] is None else ('yes' if r['met'] else '**no**')} |"
+            f"{'' if r['met'] is None else ('yes' if r['met'] else '**no**')} | {r.get('conv_algo') or ''} |"
         )
     if totals:
         md += ["", "Summed over ResNet-18's 3x3 convs (each shape times its count in the network):", "",
