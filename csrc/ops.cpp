@@ -682,18 +682,19 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
   build_dy_grid(dyp, d, M, DS, dyg);
   // columns k of W (rows of W^T, block (bk, bo)) expanded over the output channels
   const std::vector<int64_t> kptr = expanded_ptr(ccol, row, Kc, bk, bo, g.O);
-  // rows of the product: planes (phase, c), each the taps of channel c with that phase in order
+  // rows of the product: planes (c, phase), each the taps of channel c with that phase in order;
+  // the phases of a channel are neighbours, so their interleaved writes to dx meet in cache
   std::vector<int64_t> eptr(R + 1, 0), tap_start(Kc);
   {
     std::vector<int64_t> count(R, 0);
     for (int64_t kk = 0; kk < Kc; ++kk) {
       const int64_t c = kk / taps, tap = kk % taps;
-      count[d.phase(tap / g.kw, tap % g.kw) * g.C + c] += kptr[kk + 1] - kptr[kk];
+      count[c * d.phases + d.phase(tap / g.kw, tap % g.kw)] += kptr[kk + 1] - kptr[kk];
     }
     for (int64_t r = 0; r < R; ++r) eptr[r + 1] = eptr[r] + count[r];
     std::vector<int64_t> fill(eptr.begin(), eptr.end() - 1);
     for (int64_t kk = 0; kk < Kc; ++kk) {
-      const int64_t c = kk / taps, tap = kk % taps, pr = d.phase(tap / g.kw, tap % g.kw) * g.C + c;
+      const int64_t c = kk / taps, tap = kk % taps, pr = c * d.phases + d.phase(tap / g.kw, tap % g.kw);
       tap_start[kk] = fill[pr];
       fill[pr] += kptr[kk + 1] - kptr[kk];
     }
@@ -717,7 +718,7 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
         k.direct_panel[nv](eptr.data(), off, val, rr, re, dyg + q0, ot.get());
         grid_runs(d, q0, nt, [&](int64_t n, int64_t yq, int64_t x0, int64_t t, int64_t len) {
           for (int64_t pr = rr; pr < re; ++pr) {
-            const int64_t c = pr % g.C, ph = pr / g.C, a = ph / g.sw, b = ph % g.sw;
+            const int64_t c = pr / d.phases, ph = pr % d.phases, a = ph / g.sw, b = ph % g.sw;
             const int64_t u = a + g.sh * yq - g.ph;
             if (u < 0 || u >= g.H) continue;
             // x' in [x0, x0 + len) with 0 <= b + sw * x' - pw < W
