@@ -13,7 +13,9 @@
 //                zero margin, off = output channel - tap shift (the transposed product);
 //   weight grad  an SDDMM: row r of the output gradient on the grid dotted with the shifted
 //                input view of each of its nonzeros.
-// Loads from x + off are unaligned (offsets are arbitrary), hence the VU type.
+// Loads from x + off are unaligned (offsets are arbitrary), hence the VU type.  No software
+// prefetch: a tile's window is already in L1 / L2, and the prefetch loop (as in panel_csr_impl)
+// measured slower here.
 
 template <typename S>
 struct VUT;
@@ -37,17 +39,12 @@ void direct_panel(const int64_t* __restrict ptr, const int64_t* __restrict off, 
   using VU = typename VUT<S>::v;
   constexpr int64_t T = NV * VT<S>::L;
   constexpr int U = NV >= 8 ? 1 : 8 / NV;
-  constexpr int64_t PF = 6;
   for (int64_t r = r0; r < r1; ++r) {
     int64_t j = ptr[r];
     const int64_t e = ptr[r + 1];
     V acc[U][NV] = {};
     for (; j + U <= e; j += U) {
       for (int u = 0; u < U; ++u) {
-        if (j + u + PF < e) {
-          const char* pf = reinterpret_cast<const char*>(x + off[j + u + PF]);
-          for (int64_t l = 0; l < int64_t(T * sizeof(S)) + 64; l += 64) __builtin_prefetch(pf + l);
-        }
         const VU* xv = reinterpret_cast<const VU*>(x + off[j + u]);
         const S w = val[j + u];
         for (int v = 0; v < NV; ++v) acc[u][v] += w * xv[v];
@@ -75,8 +72,6 @@ void direct_sddmm(const int64_t* __restrict ptr, const int64_t* __restrict off, 
                   const S* __restrict a, int64_t lda, const S* __restrict x, S* __restrict acc) {
   using V = typename VT<S>::v;
   using VU = typename VUT<S>::v;
-  constexpr int64_t PF = 4;
-  constexpr int64_t T = NV * VT<S>::L;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = ptr[r], nc = ptr[r + 1] - b;
     if (nc == 0) continue;
@@ -87,12 +82,6 @@ void direct_sddmm(const int64_t* __restrict ptr, const int64_t* __restrict off, 
     S* orow = acc + b;
     int64_t i = 0;
     for (; i + 4 <= nc; i += 4) {
-      if (i + PF + 4 <= nc) {
-        for (int q = 0; q < 4; ++q) {
-          const char* pf = reinterpret_cast<const char*>(x + ol[i + PF + q]);
-          for (int64_t l = 0; l < int64_t(T * sizeof(S)) + 64; l += 64) __builtin_prefetch(pf + l);
-        }
-      }
       const VU* x0 = reinterpret_cast<const VU*>(x + ol[i]);
       const VU* x1 = reinterpret_cast<const VU*>(x + ol[i + 1]);
       const VU* x2 = reinterpret_cast<const VU*>(x + ol[i + 2]);
