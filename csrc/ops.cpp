@@ -626,7 +626,11 @@ void direct_fwd(const ConvGeom& g, const S* xp, const S* wp, const S* bp, const 
   const Kernels<S>& k = kernels<S>();
   const DirectGeom d(g);
   const int64_t taps = g.kh * g.kw, Kc = g.C * taps, P = g.Ho * g.Wo;
-  const int nv = direct_width<S>(k, {2, 4, 8}, d.phases * g.C, d);
+  // block rows: four rows at a time share every window load (direct_panel4, up to 4 vectors wide);
+  // only for bo a multiple of 4, so the groups never straddle a row chunk (kRowBlock rows)
+  const bool grouped = bo % 4 == 0;
+  const int nv = direct_width<S>(k, grouped ? std::vector<int64_t>{2, 4} : std::vector<int64_t>{2, 4, 8},
+                                 d.phases * g.C, d);
   const int64_t T = (int64_t(2) << nv) * k.lanes, ntiles = cdiv(d.G, T);
   const int64_t CS = round_up(ntiles * T + d.maxoff, k.lanes);
   S* xq = Buf<S>(d.phases * g.C * CS, kDirX).get();
@@ -649,7 +653,19 @@ void direct_fwd(const ConvGeom& g, const S* xp, const S* wp, const S* bp, const 
       const int64_t q0 = tile * T, nt = std::min(T, d.G - q0);
       for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
         const int64_t re = std::min(r1, rr + kRowBlock);
-        k.direct_panel[nv](eptr.data(), off, val, rr, re, xq + q0, ot.get());
+        if (grouped) {
+          for (int64_t r = rr; r < re;) {
+            if (r + 4 <= re && r / bo == (r + 3) / bo) {
+              k.direct_panel4[nv](eptr.data(), off, val, r, 1, xq + q0, ot.get() + (r - rr) * T);
+              r += 4;
+            } else {
+              k.direct_panel[nv](eptr.data(), off, val, r, r + 1, xq + q0, ot.get() + (r - rr) * T);
+              ++r;
+            }
+          }
+        } else {
+          k.direct_panel[nv](eptr.data(), off, val, rr, re, xq + q0, ot.get());
+        }
         grid_runs(d, q0, nt, [&](int64_t n, int64_t y, int64_t x0, int64_t t, int64_t len) {
           if (y >= g.Ho || x0 >= g.Wo) return;
           const int64_t m = std::min(len, g.Wo - x0);
@@ -675,7 +691,12 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
   const Kernels<S>& k = kernels<S>();
   const DirectGeom d(g);
   const int64_t taps = g.kh * g.kw, Kc = g.C * taps, R = d.phases * g.C;
-  const int nv = direct_width<S>(k, {2, 4, 8}, g.O, d);
+  // channels of one block row of W^T (cg of them, all taps) have the same offsets: four at a time
+  // share every window load (direct_panel4) when cg is a multiple of 4 and a row chunk holds whole
+  // groups of 4 channels x phases
+  const int64_t cg = bk % taps == 0 ? bk / taps : 0;
+  const bool grouped = cg > 0 && cg % 4 == 0 && kRowBlock % (4 * d.phases) == 0;
+  const int nv = direct_width<S>(k, grouped ? std::vector<int64_t>{2, 4} : std::vector<int64_t>{2, 4, 8}, g.O, d);
   const int64_t T = (int64_t(2) << nv) * k.lanes, ntiles = cdiv(d.G, T);
   const int64_t M = round_up(d.maxoff, k.lanes), DS = M + ntiles * T;
   S* dyg = Buf<S>(g.O * DS, kDirY).get();
@@ -715,7 +736,21 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
       const int64_t q0 = tile * T, nt = std::min(T, d.G - q0);
       for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
         const int64_t re = std::min(r1, rr + kRowBlock);
-        k.direct_panel[nv](eptr.data(), off, val, rr, re, dyg + q0, ot.get());
+        if (grouped) {
+          // rr is a multiple of 4 * phases rows: walk groups of 4 channels, each phase in turn
+          for (int64_t r = rr; r < re; r += 4 * d.phases) {
+            const int64_t c = r / d.phases;
+            if (r + 4 * d.phases <= re && c / cg == (c + 3) / cg) {
+              for (int64_t ph = 0; ph < d.phases; ++ph)
+                k.direct_panel4[nv](eptr.data(), off, val, r + ph, d.phases, dyg + q0, ot.get() + (r + ph - rr) * T);
+            } else {
+              const int64_t e = std::min(re, r + 4 * d.phases);
+              k.direct_panel[nv](eptr.data(), off, val, r, e, dyg + q0, ot.get() + (r - rr) * T);
+            }
+          }
+        } else {
+          k.direct_panel[nv](eptr.data(), off, val, rr, re, dyg + q0, ot.get());
+        }
         grid_runs(d, q0, nt, [&](int64_t n, int64_t yq, int64_t x0, int64_t t, int64_t len) {
           for (int64_t pr = rr; pr < re; ++pr) {
             const int64_t c = pr / d.phases, ph = pr % d.phases, a = ph / g.sw, b = ph % g.sw;

@@ -64,6 +64,42 @@ void direct_panel(const int64_t* __restrict ptr, const int64_t* __restrict off, 
   }
 }
 
+// Four rows with the same offsets (rows of one block row): rows r + i * rs, i < 4, whose
+// nonzeros are val[ptr[r + i * rs] + m] at offset off[ptr[r] + m]; each window load feeds four
+// FMAs.  ot[i * rs * T + t] = row r + i * rs.  NV <= 4 (4 x NV accumulators in registers).
+template <typename S, int NV>
+void direct_panel4(const int64_t* __restrict ptr, const int64_t* __restrict off, const S* __restrict val, int64_t r,
+                   int64_t rs, const S* __restrict x, S* __restrict ot) {
+  using V = typename VT<S>::v;
+  using VU = typename VUT<S>::v;
+  const int64_t b = ptr[r], n = ptr[r + 1] - b;
+  const S* v0 = val + b;
+  const S* v1 = val + ptr[r + rs];
+  const S* v2 = val + ptr[r + 2 * rs];
+  const S* v3 = val + ptr[r + 3 * rs];
+  const int64_t* ol = off + b;
+  V c0[NV] = {}, c1[NV] = {}, c2[NV] = {}, c3[NV] = {};
+  for (int64_t m = 0; m < n; ++m) {
+    const VU* xv = reinterpret_cast<const VU*>(x + ol[m]);
+    const S w0 = v0[m], w1 = v1[m], w2 = v2[m], w3 = v3[m];
+    for (int v = 0; v < NV; ++v) {
+      const V xx = xv[v];
+      c0[v] += w0 * xx;
+      c1[v] += w1 * xx;
+      c2[v] += w2 * xx;
+      c3[v] += w3 * xx;
+    }
+  }
+  V* o = reinterpret_cast<V*>(ot);
+  const int64_t step = rs * NV;  // output rows are rs * T scalars apart
+  for (int v = 0; v < NV; ++v) {
+    o[v] = c0[v];
+    o[step + v] = c1[v];
+    o[2 * step + v] = c2[v];
+    o[3 * step + v] = c3[v];
+  }
+}
+
 // acc[j] += sum_t a[r * lda + t] * x[off[j] + t] for j in [ptr[r], ptr[r + 1]), rows r0 <= r < r1,
 // T = NV vectors (NV even); `a` is 64-byte aligned with lda a multiple of the vector width.  The
 // row of `a` stays in registers; four nonzeros are dotted at a time and reduced together (hsum4).

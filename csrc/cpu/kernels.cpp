@@ -46,7 +46,8 @@ namespace isa_generic {
         &NS::conv_out_tile<S>, &NS::conv_in_tile<S>, &NS::dw_fwd_plane<S>, &NS::dw_dx_plane<S>,             \
         &NS::dw_dw_row<S>,                                                                                \
         {&NS::direct_panel<S, 2>, &NS::direct_panel<S, 4>, &NS::direct_panel<S, 8>},                       \
-        {&NS::direct_sddmm<S, 4>, &NS::direct_sddmm<S, 8>, &NS::direct_sddmm<S, 16>}                       \
+        {&NS::direct_sddmm<S, 4>, &NS::direct_sddmm<S, 8>, &NS::direct_sddmm<S, 16>},                      \
+        {&NS::direct_panel4<S, 2>, &NS::direct_panel4<S, 4>}                                                \
   }
 
 namespace {

@@ -45,6 +45,8 @@ struct Kernels {
   // weight-gradient tiles of width {4, 8, 16} * lanes
   void (*direct_panel[3])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
   void (*direct_sddmm[3])(const int64_t*, const int64_t*, int64_t, int64_t, const S*, int64_t, const S*, S*);
+  // four rows sharing their offsets (block layouts), widths {2, 4} * lanes
+  void (*direct_panel4[2])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).
