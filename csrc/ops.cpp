@@ -839,29 +839,33 @@ int forced_algo() {
   TORCH_CHECK(false, "SPARSEKERN_CPU_CONV_ALGO: expected 'auto', 'direct' or 'gemm', got '", v, "'");
 }
 
-// Deterministic choice from the shapes (never from timings: the result must not depend on the
-// run).  Measured on this project's 2-core AVX-512 machine, fp32, N = 32, 90 % unstructured, per op
-// (direct / implicit-GEMM time, median of torch.utils.benchmark; see benchmarks/results and the
-// conv section of bench_cpu.py):
-//   output 32x32 (64 ch, s1)   fwd 0.67  dx 0.55  dw 0.73   waste 1.13
-//   output 16x16 (64->128, s2) fwd 0.84  dx 0.95  dw 0.85   waste 1.13
-//   output 16x16 (128, s1)     fwd 0.96  dx 0.94  dw 0.82   waste 1.27
-//   output  8x8  (128->256 s2) fwd 1.04  dx 1.50  dw 1.33   waste 1.27
-//   output  8x8  (256, s1)     fwd 0.93  dx 1.07  dw 1.10   waste 1.56
-//   output  4x4  (256->512 s2) fwd 1.56  dx 2.03  dw 1.96   waste 1.56
-//   output  4x4  (512, s1)     fwd 1.27  dx 2.36  dw 1.16   waste 2.25
-// The direct kernels load every tile row unaligned (two cache lines per vector) and compute the
-// dropped grid positions, so they win only when the im2col / col2im copies they avoid are large
-// next to the products, i.e. on large planes with little waste: at least 16x16 outputs and at most
-// 1.4 grid positions per output.  The op and density did not move the crossover in these
-// measurements, so they are not part of the rule.
+// Deterministic choice from the shapes and the layout (never from timings: results must not
+// depend on the run).  Fitted to `python benchmarks/bench_conv_algo.py [--block B]` on this
+// project's 2-core AVX-512 machine (fp32, N = 32, 90 %, 2 threads); direct / gemm time per op, the
+// median of 5-7 interleaved rounds ("waste" = grid positions per output, DirectGeom::waste):
+//                                  unstructured         block 16            block 32
+//   output (layer)        waste   fwd   dx    dw      fwd   dx    dw      fwd   dx    dw
+//   32x32 (64, s1)         1.13   0.59  0.47  0.73    0.57  0.65  0.73    0.56  0.57  0.64
+//   16x16 (64->128, s2)    1.13   0.92  0.72  0.90    0.98  0.76  0.86    0.71  0.65  0.79
+//   16x16 (128, s1)        1.27   0.83  0.78  0.87    0.64  0.97  0.63    0.61  1.01  0.73
+//    8x8  (128->256, s2)   1.27   1.09  1.30  1.37    0.82  0.87  0.81    0.90  1.19  0.94
+//    8x8  (256, s1)        1.56   0.92  1.46  1.36    0.58  1.05  0.78    0.44  0.57  0.64
+//    4x4  (256->512, s2)   1.56   1.74  2.03  2.24    1.35  1.93  1.71    1.32  1.86  1.49
+//    4x4  (512, s1)        2.25   1.67  2.00  2.23    1.24  2.25  1.36    1.26  2.52  1.89
+// The direct kernels load every window row unaligned (two cache lines per vector) and compute the
+// dropped grid positions, so they win when the im2col / col2im copies they avoid are large next
+// to the products: at least 16x16 outputs with at most 1.4 grid positions per output.  Block rows
+// (bo a multiple of 4) share each window load across four rows in the forward (direct_panel4) and
+// their weight gradient wins as well, which moves that crossover down to 8x8 outputs with at most
+// 1.6 grid positions per output; their input gradient is mixed there and keeps the first rule.
+// The density did not move the crossovers, so it is not part of the rule.
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
-  (void)op;
   (void)nnz;
-  (void)bo;
   (void)bk;
   const DirectGeom d(g);
-  return g.Ho * g.Wo >= 256 && d.waste() <= 1.4;
+  const int64_t out = g.Ho * g.Wo;
+  if (out >= 256 && d.waste() <= 1.4) return true;
+  return bo % 4 == 0 && op != ConvOp::kDx && out >= 64 && d.waste() <= 1.6;
 }
 
 bool use_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
