@@ -681,10 +681,11 @@ void direct_fwd(const ConvGeom& g, const S* xp, const S* wp, const S* bp, const 
   });
 }
 
-// The transposed product: plane (phase, c) of dXq gathers, at grid position q, w * dyg[o][q -
-// shift] over the nonzeros (o, c, i, j) whose tap has that phase; dyg has a leading zero margin
-// of the largest shift, and its dropped positions are zero, so reads that wrap into a previous
-// row or image pick up zeros.  Pixels of Xpad that no tap reads get zero.
+// The transposed product: plane (c, phase) of the input gradient on the grid gathers, at grid
+// position q, w * dyg[o][q - shift] over the nonzeros (o, c, i, j) whose tap has that phase; dyg
+// has a leading zero margin of the largest shift and zeros at its dropped positions, so reads
+// that wrap into a previous row or image pick up zeros.  The planes are then written into dx
+// (cropping the padding); pixels that no tap reads keep the zero of the allocation.
 template <typename S>
 void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol, const int32_t* row, int64_t bo,
                int64_t bk, S* dxp) {
