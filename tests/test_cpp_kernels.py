@@ -636,3 +636,24 @@ def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
     algo_env("auto")
     with pytest.raises(RuntimeError, match="op: expected"):
         cppmod.conv2d_algo("bwd", [1, 2, 3, 3], [2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv_algo_every_instruction_set(be, algo_env, algo):
+    algo_env(algo)
+    before = torch.ops.sparsekern.cpu_isa()
+    try:
+        for isa in [i for i in ("avx512", "avx2", "generic") if _isa_ok(i)]:
+            assert cppmod.cpu_isa(isa) == isa
+            for s in (1, 2):
+                wc = torch.randn(12, 5, 3, 3, dtype=torch.float64)
+                cm = make_mask(wc.shape, "random", 0.4)
+                conv = ConvParams((s, s), (1, 1), (1, 1), 1)
+                x = torch.randn(2, 5, 11, 9, dtype=torch.float64)
+                _check_conv(be, x, wc, torch.randn(12, dtype=torch.float64), Pattern(cm), Pattern(cm), conv,
+                            torch.float64)
+                bm = make_block_mask((32, 16, 3, 3), (16, 16), 0.6)
+                _check_conv(be, torch.randn(2, 16, 9, 10), torch.randn(32, 16, 3, 3), None,
+                            pattern_of(bm, "block", 16), Pattern(_sub_mask(bm)), conv, torch.float32)
+    finally:
+        cppmod.cpu_isa(before)
