@@ -489,6 +489,13 @@ struct DirectGeom {
   int64_t shift(int64_t i, int64_t j) const { return ((g.dh * i) / g.sh) * Wq + (g.dw * j) / g.sw; }
   // computed grid positions per useful output position
   double waste() const { return double(HW) / double(g.Ho * g.Wo); }
+  // how many of the phases some tap reads (a 1x1 kernel at stride 2 reads one of four)
+  int64_t used_phases() const {
+    std::vector<bool> used(phases, false);
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) used[phase(i, j)] = true;
+    return std::count(used.begin(), used.end(), true);
+  }
 };
 
 int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
@@ -859,11 +866,15 @@ int forced_algo() {
 // (bo a multiple of 4) share each window load across four rows in the forward (direct_panel4) and
 // their weight gradient wins as well, which moves that crossover down to 8x8 outputs with at most
 // 1.6 grid positions per output; their input gradient is mixed there and keeps the first rule.
-// The density did not move the crossovers, so it is not part of the rule.
+// The density did not move the crossovers, so it is not part of the rule.  Strides whose phases
+// no tap reads (a 1x1 kernel at stride 2) make the direct path copy planes it never uses: 1x1
+// 64->128 32x32 s2 measured 2.1-2.6x slower than implicit GEMM, so those stay on implicit GEMM
+// (1x1 64 ch 32x32 s1: fwd 0.77, dx 0.77, dw 1.13).
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
   (void)nnz;
   (void)bk;
   const DirectGeom d(g);
+  if (d.used_phases() < d.phases) return false;
   const int64_t out = g.Ho * g.Wo;
   if (out >= 256 && d.waste() <= 1.4) return true;
   return bo % 4 == 0 && op != ConvOp::kDx && out >= 64 && d.waste() <= 1.6;
