@@ -866,15 +866,21 @@ int forced_algo() {
 // (bo a multiple of 4) share each window load across four rows in the forward (direct_panel4) and
 // their weight gradient wins as well, which moves that crossover down to 8x8 outputs with at most
 // 1.6 grid positions per output; their input gradient is mixed there and keeps the first rule.
-// The density did not move the crossovers, so it is not part of the rule.  Strides whose phases
+// Denser patterns favour implicit GEMM (its copies are a fixed cost per tile, the products grow
+// with the density, and the direct products pay for the unaligned loads): direct / gemm at
+// density 0.05 / 0.1 / 0.2 / 0.3 (fwd, dx, dw):
+//   128 ch 16x16 s1   0.73 0.60 0.77 | 0.83 0.78 0.87 | 0.97 0.97 1.33 | 1.04 1.53 1.21
+//   64 ch 32x32 s1                   | 0.47 0.56 0.70 | 0.96 1.10 0.87 | 0.98 1.12 0.85
+// so the direct path needs a density of at most 0.15.  Strides whose phases
 // no tap reads (a 1x1 kernel at stride 2) make the direct path copy planes it never uses: 1x1
 // 64->128 32x32 s2 measured 2.1-2.6x slower than implicit GEMM, so those stay on implicit GEMM
 // (1x1 64 ch 32x32 s1: fwd 0.77, dx 0.77, dw 1.13).
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
-  (void)nnz;
   (void)bk;
   const DirectGeom d(g);
   if (d.used_phases() < d.phases) return false;
+  const int64_t size = g.O * g.C * g.kh * g.kw;
+  if (size == 0 || double(nnz) > 0.15 * double(size)) return false;
   const int64_t out = g.Ho * g.Wo;
   if (out >= 256 && d.waste() <= 1.4) return true;
   return bo % 4 == 0 && op != ConvOp::kDx && out >= 64 && d.waste() <= 1.6;

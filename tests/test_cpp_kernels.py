@@ -608,10 +608,11 @@ def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
         ([32, 512, 4, 4], [512, 512, 3, 3], 1), ([8, 16, 32, 32], [32, 16, 1, 1], 2), ([1, 2, 3, 3], [2, 2, 3, 3], 1),
     ]
     algo_env("auto")
-    picked = {}
+    picked, pats = {}, {}
     for xs, ws, s in shapes:
+        pats[tuple(ws)] = Pattern(make_mask(ws, "random", 0.1))
         for op in ("fwd", "dx", "dw"):
-            got = cppmod.conv2d_algo(op, xs, ws, s, 1)
+            got = cppmod.conv2d_algo(op, xs, ws, s, 1, pattern=pats[tuple(ws)])
             assert got in ("direct", "gemm")
             picked[(tuple(xs), tuple(ws), s, op)] = got
     # the documented rule: large planes go direct; 4x4 planes and a 1x1 kernel at stride 2 (which
@@ -619,10 +620,12 @@ def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
     assert picked[((32, 64, 32, 32), (64, 64, 3, 3), 1, "fwd")] == "direct"
     assert picked[((32, 512, 4, 4), (512, 512, 3, 3), 1, "dx")] == "gemm"
     assert picked[((8, 16, 32, 32), (32, 16, 1, 1), 2, "fwd")] == "gemm"
+    # and so do dense patterns (density above 0.15)
+    assert cppmod.conv2d_algo("fwd", [32, 64, 32, 32], [64, 64, 3, 3], 1, 1) == "gemm"
     # deterministic: the same answer again, and what the op runs agrees with a forced run bit for bit
     for key, got in picked.items():
-        assert cppmod.conv2d_algo(key[3], list(key[0]), list(key[1]), key[2], 1) == got
-    mask = make_mask((6, 4, 3, 3), "random", 0.3)
+        assert cppmod.conv2d_algo(key[3], list(key[0]), list(key[1]), key[2], 1, pattern=pats[key[1]]) == got
+    mask = make_mask((6, 4, 3, 3), "random", 0.1)
     pat = Pattern(mask)
     x, w = torch.randn(2, 4, 17, 16), torch.randn(6, 4, 3, 3)
     conv = ConvParams((1, 1), (1, 1), (1, 1), 1)
