@@ -196,19 +196,16 @@ def _conv_steps(c: ConvBench) -> dict:
         x.grad = w.grad = None
         sparsekern.sparse_conv2d(x, w, None, mask, None, c.stride, 1, backend="cpp", **kw).backward(dy)
 
-    return {"dense": dense, "cpp": cpp}
+    return {"dense": dense, "cpp": cpp, "_algo": conv_algos(c, mask)}
 
 
-def conv_algos(c: ConvBench) -> str:
-    """The cpp algorithm auto picks for the case's forward / input gradient / weight gradient
-    ("direct" or "gemm", see ``sparsekern.kernels.cpu.conv2d_algo``), as "fwd/dx/dw"."""
+def conv_algos(c: ConvBench, mask: torch.Tensor) -> str:
+    """The cpp algorithm auto picks for the case's forward / input gradient / weight gradient with
+    this mask ("direct" or "gemm", see ``sparsekern.kernels.cpu.conv2d_algo``), as "fwd/dx/dw"."""
     from sparsekern.formats import Pattern
 
-    shape = (c.out_channels, c.in_channels, 3, 3)
-    if c.layout == "block":
-        pat = Pattern(make_block_mask(shape, (c.block, c.block), 1 - c.sparsity), "block", (c.block, c.block))
-    else:
-        pat = Pattern(make_mask(shape, "random", 1 - c.sparsity))
+    shape = tuple(mask.shape)
+    pat = Pattern(mask, "block", (c.block, c.block)) if c.layout == "block" else Pattern(mask)
     xs = [c.batch, c.in_channels, c.hw, c.hw]
     return "/".join(conv2d_algo(op, xs, list(shape), c.stride, 1, pattern=pat) for op in ("fwd", "dx", "dw"))
 
@@ -252,6 +249,7 @@ def run(cases, min_run_time: float) -> list[dict]:
     rows = []
     for c in cases:
         steps = _linear_steps(c) if isinstance(c, LinearBench) else _conv_steps(c)
+        algo = steps.pop("_algo", None)  # not timed: what the conv ops pick for this case
         times = {name: _time(fn, min_run_time) for name, fn in steps.items()}
         dense, cpp = times["dense"]["median_ms"], times["cpp"]["median_ms"]
         ts = times.get("torch_sparse", {}).get("median_ms")
@@ -272,7 +270,7 @@ def run(cases, min_run_time: float) -> list[dict]:
             "speedup_vs_torch_sparse": (ts / cpp) if ts else None,
             "goal": goal,
             "met": (speedup >= goal) if goal else None,
-            "conv_algo": conv_algos(c) if isinstance(c, ConvBench) else None,
+            "conv_algo": algo,
         }
         rows.append(row)
         ts_txt = f"{ts:9.2f} ms ({ts / cpp:5.1f}x)" if ts else "        n/a        "
