@@ -871,10 +871,10 @@ int forced_algo() {
 // density 0.05 / 0.1 / 0.2 / 0.3 (fwd, dx, dw):
 //   128 ch 16x16 s1   0.73 0.60 0.77 | 0.83 0.78 0.87 | 0.97 0.97 1.33 | 1.04 1.53 1.21
 //   64 ch 32x32 s1                   | 0.47 0.56 0.70 | 0.96 1.10 0.87 | 0.98 1.12 0.85
-// so the direct path needs a density of at most 0.15.  Strides whose phases
-// no tap reads (a 1x1 kernel at stride 2) make the direct path copy planes it never uses: 1x1
-// 64->128 32x32 s2 measured 2.1-2.6x slower than implicit GEMM, so those stay on implicit GEMM
-// (1x1 64 ch 32x32 s1: fwd 0.77, dx 0.77, dw 1.13).
+// so the direct path needs a density of at most 0.15.  Strides whose phases no tap reads (a 1x1
+// kernel at stride 2) make the direct path copy planes it never uses: 1x1 64->128 32x32 s2
+// measured 2.1-2.6x slower than implicit GEMM, so those stay on implicit GEMM (1x1 64 ch 32x32
+// s1: fwd 0.77, dx 0.77, dw 1.13).
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
   (void)bk;
   const DirectGeom d(g);
