@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
 import sparsekern
-from sparsekern.kernels.cpu import load_library
+from sparsekern.kernels.cpu import conv2d_algo, load_library
 from sparsekern.testing import make_block_mask, make_mask
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -215,7 +215,18 @@ def _conv_steps(c: ConvBench) -> dict:
         x.grad = w.grad = None
         sparsekern.sparse_conv2d(x, w, None, mask, None, c.stride, 1, backend="cpp", **kw).backward(dy)
 
-    return {"dense": dense, "cpp": cpp}
+    return {"dense": dense, "cpp": cpp, "_algo": conv_algos(c, mask)}
+
+
+def conv_algos(c: ConvBench, mask: torch.Tensor) -> str:
+    """The cpp algorithm auto picks for the case's forward / input gradient / weight gradient with
+    this mask ("direct" or "gemm", see ``sparsekern.kernels.cpu.conv2d_algo``), as "fwd/dx/dw"."""
+    from sparsekern.formats import Pattern
+
+    shape = tuple(mask.shape)
+    pat = Pattern(mask, "block", (c.block, c.block)) if c.layout == "block" else Pattern(mask)
+    xs = [c.batch, c.in_channels, c.hw, c.hw]
+    return "/".join(conv2d_algo(op, xs, list(shape), c.stride, 1, pattern=pat) for op in ("fwd", "dx", "dw"))
 
 
 def _time(fn, min_run_time: float) -> dict:
@@ -257,6 +268,7 @@ def run(cases, min_run_time: float) -> list[dict]:
     rows = []
     for c in cases:
         steps = _linear_steps(c) if isinstance(c, LinearBench) else _conv_steps(c)
+        algo = steps.pop("_algo", None)  # not timed: what the conv ops pick for this case
         times = {name: _time(fn, min_run_time) for name, fn in steps.items()}
         dense, cpp = times["dense"]["median_ms"], times["cpp"]["median_ms"]
         ts = times.get("torch_sparse", {}).get("median_ms")
@@ -277,13 +289,16 @@ def run(cases, min_run_time: float) -> list[dict]:
             "speedup_vs_torch_sparse": (ts / cpp) if ts else None,
             "goal": goal,
             "met": (speedup >= goal) if goal else None,
+            "conv_algo": algo,
         }
         rows.append(row)
         ts_txt = f"{ts:9.2f} ms ({ts / cpp:5.1f}x)" if ts else "        n/a        "
         verdict = "" if goal is None else ("met" if row["met"] else "MISSED")
         goal_txt = f">= {goal:g}x {verdict}" if goal else ""
+        algo_txt = f"   algo {row['conv_algo']}" if row["conv_algo"] else ""
         print(
-            f"{c.name:52s} dense {dense:9.2f} ms  cpp {cpp:9.2f} ms  {speedup:5.2f}x   torch.sparse {ts_txt}   {goal_txt}",
+            f"{c.name:52s} dense {dense:9.2f} ms  cpp {cpp:9.2f} ms  {speedup:5.2f}x   torch.sparse {ts_txt}   {goal_txt}"
+            f"{algo_txt}",
             flush=True,
         )
     return rows
@@ -340,16 +355,18 @@ def write_results(rows, totals, meta, stem: str) -> None:
         f"{meta['load_before']} / {meta['load_after']}",
         "- time = one step: forward + input gradient + weight gradient; median of `torch.utils.benchmark` "
         "runs (p20-p80 in brackets); speedup = dense / cpp in the same run",
+        "- conv algo: what the cpp conv2d ops auto-pick for forward / input gradient / weight gradient "
+        "(direct sparse convolution or implicit GEMM)",
         "",
-        "| case | dense ms | cpp ms [p20-p80] | torch.sparse ms | speedup vs dense | vs torch.sparse | goal | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | dense ms | cpp ms [p20-p80] | torch.sparse ms | speedup vs dense | vs torch.sparse | goal | met | conv algo |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['case']} | {r['dense_ms']:.2f} | {r['cpp_ms']:.2f} [{r['cpp_p20_ms']:.2f}-{r['cpp_p80_ms']:.2f}] | "
             f"{_fmt(r['torch_sparse_ms'])} | {r['speedup_vs_dense']:.2f}x | {_fmt(r['speedup_vs_torch_sparse'])}"
             f"{'x' if r['speedup_vs_torch_sparse'] else ''} | {_fmt(r['goal'], 'g')} | "
-            f"{'' if r['met'] is None else ('yes' if r['met'] else '**no**')} |"
+            f"{'' if r['met'] is None else ('yes' if r['met'] else '**no**')} | {r.get('conv_algo') or ''} |"
         )
     if totals:
         md += ["", "Summed over ResNet-18's 3x3 convs (each shape times its count in the network):", "",

@@ -485,3 +485,180 @@ def test_module_training_step_matches_reference():
     b(x).square().sum().backward()
     assert_close(a.weight.grad, b.weight.grad)
     assert_close(a.bias.grad, b.bias.grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d algorithms: direct (shifted views) and implicit GEMM, forced through the environment
+# ------------------------------------------------------------------------------------------------
+
+ALGOS = ["direct", "gemm"]
+
+
+@pytest.fixture
+def algo_env(monkeypatch):
+    def force(algo):
+        monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
+
+    return force
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in conv_cases() if c.groups == 1], ids=lambda c: c.id)
+def test_conv_algo_unstructured_vs_reference(be, algo_env, case, dtype, algo):
+    algo_env(algo)
+    wshape = (case.out_channels, case.in_channels, case.kernel, case.kernel)
+    mask = make_mask(wshape, case.kind, case.density)
+    w = torch.randn(wshape, dtype=dtype)
+    x = torch.randn(case.batch, case.in_channels, *case.hw, dtype=dtype)
+    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, 1)
+    pat = Pattern(mask)
+    _check_conv(be, x, w, torch.randn(case.out_channels, dtype=dtype), pat, Pattern(_sub_mask(mask)), conv, dtype)
+
+
+# stride / padding / dilation mixes per axis, rectangular kernels, and planes large enough for
+# several tiles spanning images
+DIRECT_GEOMS = [
+    # (batch, C_in, C_out, hw, kernel, stride, padding, dilation)
+    (3, 5, 7, (19, 17), (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 4, 6, (17, 20), (3, 2), (2, 1), (0, 2), (1, 2)),
+    (2, 3, 5, (15, 16), (5, 3), (2, 3), (2, 1), (2, 1)),
+    (1, 6, 4, (9, 9), (1, 1), (2, 2), (0, 0), (1, 1)),
+    (2, 4, 4, (4, 5), (3, 3), (1, 1), (3, 2), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("n,c,o,hw,k,s,p,d", DIRECT_GEOMS, ids=lambda v: str(v))
+def test_conv_algo_geometries_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, algo):
+    algo_env(algo)
+    mask = make_mask((o, c, *k), "random", 0.4)
+    w, x = torch.randn(o, c, *k, dtype=torch.float64), torch.randn(n, c, *hw, dtype=torch.float64)
+    conv = ConvParams(s, p, d, 1)
+    _check_conv(be, x, w, torch.randn(o, dtype=torch.float64), Pattern(mask), Pattern(_sub_mask(mask)), conv,
+                torch.float64)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("n,c,o,hw,k,s,p,d,block,density,empty", BLOCK_CONV, ids=lambda v: str(v))
+def test_conv_algo_block_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, block, density, empty, algo):
+    algo_env(algo)
+    wshape, blk = (o, c, k, k), (block, block)
+    mask = make_block_mask(wshape, blk, density, empty_block_rows=empty)
+    w, x = torch.randn(wshape), torch.randn(n, c, *hw)
+    conv = ConvParams((s, s), (p, p), (d, d), 1)
+    pat = pattern_of(mask, "block", blk)
+    gblock = mask & make_block_mask(wshape, blk, 0.6)
+    _check_conv(be, x, w, torch.randn(o), pat, Pattern(gblock, "block", pat.block_size), conv, torch.float32)
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_gradcheck_sparse_conv2d_direct(algo_env, stride, dilation):
+    algo_env("direct")
+    mask = make_mask((5, 3, 3, 3), "random", 0.5)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return sparsekern.sparse_conv2d(x, w, b, mask, None, stride, 1, dilation, 1, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def _conv_passes(be, layout):
+    torch.manual_seed(5)
+    wshape = (40, 32, 3, 3)
+    if layout == "block":
+        mask = make_block_mask(wshape, (16, 16), 0.5)
+        pat = pattern_of(mask, "block", 16)
+    else:
+        mask = make_mask(wshape, "random", 0.2)
+        pat = Pattern(mask)
+    w, x = torch.randn(wshape), torch.randn(5, 32, 18, 17)  # 8 tiles or more, spanning images
+    outs = []
+    for s in (1, 2):
+        conv = ConvParams((s, s), (1, 1), (1, 1), 1)
+        y = be.conv2d_forward(x, w, torch.randn(40), pat, conv)
+        dy = torch.randn_like(y)
+        outs += [y, be.conv2d_input_grad(dy, w, pat, tuple(x.shape), conv), be.conv2d_weight_grad(dy, x, pat, wshape, conv)]
+    return outs
+
+
+@pytest.mark.parametrize("layout", ["unstructured", "block"])
+def test_conv_direct_bit_identical_across_thread_counts(be, algo_env, layout):
+    algo_env("direct")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _conv_passes(be, layout)
+        torch.set_num_threads(2)
+        two = _conv_passes(be, layout)
+        again = _conv_passes(be, layout)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
+    shapes = [  # (input, weight, stride): ResNet-18 CIFAR 3x3 layers, a 1x1 and a tiny one
+        ([32, 64, 32, 32], [64, 64, 3, 3], 1), ([32, 64, 32, 32], [128, 64, 3, 3], 2),
+        ([32, 128, 16, 16], [128, 128, 3, 3], 1), ([32, 256, 8, 8], [256, 256, 3, 3], 1),
+        ([32, 512, 4, 4], [512, 512, 3, 3], 1), ([8, 16, 32, 32], [32, 16, 1, 1], 2), ([1, 2, 3, 3], [2, 2, 3, 3], 1),
+    ]
+    algo_env("auto")
+    picked, pats = {}, {}
+    for xs, ws, s in shapes:
+        pats[tuple(ws)] = Pattern(make_mask(ws, "random", 0.1))
+        for op in ("fwd", "dx", "dw"):
+            got = cppmod.conv2d_algo(op, xs, ws, s, 1, pattern=pats[tuple(ws)])
+            assert got in ("direct", "gemm")
+            picked[(tuple(xs), tuple(ws), s, op)] = got
+    # the documented rule: large planes go direct; 4x4 planes and a 1x1 kernel at stride 2 (which
+    # reads one phase of four) stay on implicit GEMM
+    assert picked[((32, 64, 32, 32), (64, 64, 3, 3), 1, "fwd")] == "direct"
+    assert picked[((32, 512, 4, 4), (512, 512, 3, 3), 1, "dx")] == "gemm"
+    assert picked[((8, 16, 32, 32), (32, 16, 1, 1), 2, "fwd")] == "gemm"
+    # and so do dense patterns (density above 0.15)
+    assert cppmod.conv2d_algo("fwd", [32, 64, 32, 32], [64, 64, 3, 3], 1, 1) == "gemm"
+    # deterministic: the same answer again, and what the op runs agrees with a forced run bit for bit
+    for key, got in picked.items():
+        assert cppmod.conv2d_algo(key[3], list(key[0]), list(key[1]), key[2], 1, pattern=pats[key[1]]) == got
+    mask = make_mask((6, 4, 3, 3), "random", 0.1)
+    pat = Pattern(mask)
+    x, w = torch.randn(2, 4, 17, 16), torch.randn(6, 4, 3, 3)
+    conv = ConvParams((1, 1), (1, 1), (1, 1), 1)
+    auto_y = be.conv2d_forward(x, w, None, pat, conv)
+    algo_env(cppmod.conv2d_algo("fwd", list(x.shape), list(w.shape), 1, 1, pattern=pat))
+    assert torch.equal(auto_y, be.conv2d_forward(x, w, None, pat, conv))
+    for forced in ALGOS:
+        algo_env(forced)
+        assert cppmod.conv2d_algo("dw", [32, 512, 4, 4], [512, 512, 3, 3], 1, 1) == forced
+    algo_env("fastest")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_CONV_ALGO"):
+        be.conv2d_forward(x, w, None, pat, conv)
+    algo_env("auto")
+    with pytest.raises(RuntimeError, match="op: expected"):
+        cppmod.conv2d_algo("bwd", [1, 2, 3, 3], [2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv_algo_every_instruction_set(be, algo_env, algo):
+    algo_env(algo)
+    before = torch.ops.sparsekern.cpu_isa()
+    try:
+        for isa in [i for i in ("avx512", "avx2", "generic") if _isa_ok(i)]:
+            assert cppmod.cpu_isa(isa) == isa
+            for s in (1, 2):
+                wc = torch.randn(12, 5, 3, 3, dtype=torch.float64)
+                cm = make_mask(wc.shape, "random", 0.4)
+                conv = ConvParams((s, s), (1, 1), (1, 1), 1)
+                x = torch.randn(2, 5, 11, 9, dtype=torch.float64)
+                _check_conv(be, x, wc, torch.randn(12, dtype=torch.float64), Pattern(cm), Pattern(cm), conv,
+                            torch.float64)
+                bm = make_block_mask((32, 16, 3, 3), (16, 16), 0.6)
+                _check_conv(be, torch.randn(2, 16, 9, 10), torch.randn(32, 16, 3, 3), None,
+                            pattern_of(bm, "block", 16), Pattern(_sub_mask(bm)), conv, torch.float32)
+    finally:
+        cppmod.cpu_isa(before)

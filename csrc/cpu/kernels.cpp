@@ -45,7 +45,10 @@ namespace isa_generic {
         {&NS::sddmm_tile<S, 4>, &NS::sddmm_tile<S, 8>, &NS::sddmm_tile<S, 16>}, &NS::strips_from_rows<S>, &NS::bsr_dw_rows<S>, &NS::im2col_tile<S>, &NS::col2im_tile<S>,                 \
         &NS::conv_out_tile<S>, &NS::conv_in_tile<S>, &NS::dw_fwd_plane<S>, &NS::dw_dx_plane<S>,             \
         &NS::dw_dw_row<S>, {&NS::panel_win<S, 2>, &NS::panel_win<S, 4>, &NS::panel_win<S, 8>},           \
-        {&NS::sddmm_win<S, 4>, &NS::sddmm_win<S, 8>, &NS::sddmm_win<S, 16>}                               \
+        {&NS::sddmm_win<S, 4>, &NS::sddmm_win<S, 8>, &NS::sddmm_win<S, 16>},                              \
+        {&NS::direct_panel<S, 2>, &NS::direct_panel<S, 4>, &NS::direct_panel<S, 8>},                       \
+        {&NS::direct_sddmm<S, 4>, &NS::direct_sddmm<S, 8>, &NS::direct_sddmm<S, 16>},                      \
+        {&NS::direct_panel4<S, 2>, &NS::direct_panel4<S, 4>}                                                \
   }
 
 namespace {

@@ -46,6 +46,12 @@ struct Kernels {
   // unstructured window-major weight-gradient tiles of width {4, 8, 16} * lanes (sddmm_win)
   void (*sddmm_win[3])(const int32_t*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*,
                        const S*, S*, int32_t*);
+  // direct conv2d on shifted views (conv_direct_impl.h): panels of width {2, 4, 8} * lanes and
+  // weight-gradient tiles of width {4, 8, 16} * lanes
+  void (*direct_panel[3])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
+  void (*direct_sddmm[3])(const int64_t*, const int64_t*, int64_t, int64_t, const S*, int64_t, const S*, S*);
+  // four rows sharing their offsets (block layouts), widths {2, 4} * lanes
+  void (*direct_panel4[2])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).

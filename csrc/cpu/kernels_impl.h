@@ -755,3 +755,5 @@ void dw_dw_row(const S* __restrict x, const S* __restrict dy, const int32_t* __r
     dw[o * taps + tap] = s;
   }
 }
+
+#include "conv_direct_impl.h"

@@ -13,8 +13,12 @@ Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstru
   window-major metadata of ``csr_windows(crow, col, ncols, window)`` (unstructured only) the
   products run window by window over the columns so each window of the transposed input stays in
   L1 (see ``WINDOW_*`` below for when the backend passes it);
-* ``conv2d_fwd / conv2d_dx / conv2d_dw`` for ``groups=1`` (implicit GEMM on tiles of output
-  positions), the same plus ``stride``, ``padding``, ``dilation`` and the input / weight size;
+* ``conv2d_fwd / conv2d_dx / conv2d_dw`` for ``groups=1``, the same plus ``stride``, ``padding``,
+  ``dilation`` and the input / weight size.  Each picks per shape between direct sparse
+  convolution on shifted views of the input and implicit GEMM on im2col tiles (a fixed rule of
+  the shapes; ``SPARSEKERN_CPU_CONV_ALGO=auto|direct|gemm`` forces one);
+* ``conv2d_algo(op, input_size, weight_size, stride, padding, dilation, block, nnz)``: which of the
+  two a conv2d op runs for a shape (``"direct"`` or ``"gemm"``), see :func:`conv2d_algo`;
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
@@ -32,7 +36,7 @@ import torch
 
 from .._backends import Backend, BackendError, CallInfo
 
-__all__ = ["CppBackend", "load_library", "OP_NAMES"]
+__all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
 
 OP_NAMES = (
     "linear_fwd",
@@ -45,6 +49,7 @@ OP_NAMES = (
     "dwconv2d_dx",
     "dwconv2d_dw",
     "csr_windows",
+    "conv2d_algo",
 )
 
 _STATE: dict = {}
@@ -299,3 +304,41 @@ def cpu_isa(request: str = "") -> str:
     if not ok:
         raise BackendError(why)
     return torch.ops.sparsekern.cpu_isa(request)
+
+
+def conv2d_algo(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1, pattern=None) -> str:
+    """The algorithm the cpp ``conv2d`` op ``op`` ("fwd", "dx" or "dw") runs for these shapes:
+    ``"direct"`` (sparse convolution on shifted views of the input) or ``"gemm"`` (implicit GEMM
+    on im2col tiles).  ``input_shape`` is ``[N, C, H, W]``, ``weight_shape`` ``[O, C, kh, kw]``
+    (groups=1); ``stride`` / ``padding`` / ``dilation`` are ints or pairs; ``pattern`` (a
+    :class:`~sparsekern.formats.Pattern`, default dense) gives the layout and the density.  The
+    automatic choice is a fixed rule of the shapes (see ``auto_direct`` in ``csrc/ops.cpp``);
+    ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is reported here too."""
+    ok, why = load_library()
+    if not ok:
+        raise BackendError(why)
+
+    def pair(v, name):
+        if isinstance(v, int):
+            return [v, v]
+        v = list(v)
+        if len(v) != 2:
+            raise ValueError(f"{name}: expected an int or two ints, got {v}")
+        return v
+
+    input_shape, weight_shape = list(input_shape), list(weight_shape)
+    if pattern is None:
+        block, nnz = [1, 1], weight_shape[0] * weight_shape[1] * weight_shape[2] * weight_shape[3]
+    else:
+        block = list(pattern.bsr().block) if pattern.layout == "block" else [1, 1]
+        nnz = int(pattern.mask.sum())
+    return torch.ops.sparsekern.conv2d_algo(
+        op,
+        input_shape,
+        weight_shape,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        block,
+        nnz,
+    )
