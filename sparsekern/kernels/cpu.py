@@ -158,15 +158,13 @@ def _csc_args(pattern) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 # into windows of this many, so one window of a 128-column float tile is 32 KiB (float64 tiles are
 # half as wide, the same bytes).
 WINDOW = 64
-# When the window-major path runs (measured op by op with 1 and 2 threads on a 2 MB-L2 core,
-# 768->3072 and 4096->4096 at batch 256 / 2048, fwd / dx / dw): at 90 % sparsity it beat the
-# plain panels by 10-35 % when the tile is wide (3072-4096 columns: the whole tile does not stay in
-# L2) or the batch is large (2048: many tiles per step), and was level or slower for 768 columns
-# at batch 256; at 95-98 % it lost everywhere (one to three nonzeros per row and window: the
-# per-window reload and loop exit cost more than the L2 loads saved).  Outside these it is off.
+# When the window-major path runs, from op-by-op measurements on a 2 MB-L2 core (2 threads, quiet
+# machine; 768->3072 at batch 256 and 2048, 4096->4096 at batch 256): at 90 % sparsity it beat the
+# plain panels on every op and shape, by 5-20 % (the input gradient of wide layers most); at 95 %
+# it was level or up to 20 % slower and at 98 % up to 2x slower (one to three nonzeros per row and
+# window: the per-window reload and loop exit cost more than the L2 loads saved).  So it needs about
+# four nonzeros per row and window on average, and a batch of at least one 64-column tile.
 WINDOW_MIN_BATCH = 64
-WINDOW_MIN_COLS = 2048
-WINDOW_MIN_BATCH_ANY_COLS = 1024
 WINDOW_MIN_DENSITY = 1.0 / 16
 
 
@@ -197,8 +195,7 @@ def _window_args(pattern, batch: int, transposed: bool) -> dict:
     if pattern.layout != "unstructured" or batch < WINDOW_MIN_BATCH or not _windows_enabled():
         return {}
     meta = pattern.csr()
-    cols = meta.shape[0] if transposed else meta.shape[1]
-    if meta.density < WINDOW_MIN_DENSITY or (cols < WINDOW_MIN_COLS and batch < WINDOW_MIN_BATCH_ANY_COLS):
+    if meta.density < WINDOW_MIN_DENSITY:
         return {}
     wptr, widx = _windows(meta, transposed)
     return {"win_ptr": wptr, "win_idx": widx, "window": WINDOW}
