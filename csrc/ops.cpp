@@ -250,13 +250,18 @@ struct SparseA {
   int64_t ars, acs;
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
   S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
+                        // block: values per block row, column by column (see panel_bsr)
+  std::vector<int64_t> bbase;  // block: first expanded column of each block row
 
   bool unstructured() const { return bo == 1 && bk == 1; }
   int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
 
   // Picks the tile width for `q` batch positions (call before width()).
   void plan(const Kernels<S>& k, int64_t q) {
-    if (!unstructured()) return;
+    if (!unstructured()) {
+      pack_blocks();
+      return;
+    }
     nv = pick_width<S>(k, {2, 4, 8}, C, q);
     // rows of the weight with one tile: read in place (one pass over the weight either way)
     if (acs == 1 && q <= width(k)) return;
@@ -271,6 +276,43 @@ struct SparseA {
     });
   }
 
+  // Block values into panel_bsr's order: for block row rb and its i-th expanded column c (blocks
+  // clipped to C), the bo values A[rb * bo + q, c] contiguous (zero for rows past R).  One pass over
+  // the pattern's values per call; the panels then read each tile's weights from one short run.
+  void pack_blocks() {
+    const int64_t nrb = cdiv(R, bo);
+    bbase.assign(nrb + 1, 0);
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      int64_t n = 0;
+      for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) n += std::min(bk, C - int64_t(idx[j]) * bk);
+      bbase[rb + 1] = bbase[rb] + n;
+    }
+    packed = Buf<S>(bbase[nrb] * bo, kMainC).get();
+    S* pk = packed;
+    const int64_t total = bbase[nrb] * bo;
+    at::parallel_for(0, nrb, total < (int64_t(1) << 16) ? std::max<int64_t>(nrb, 1) : 4, [&](int64_t b, int64_t e) {
+      for (int64_t rb = b; rb < e; ++rb) {
+        S* out = pk + bbase[rb] * bo;
+        const int64_t qn = std::min(bo, R - rb * bo);
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, C);
+          if (acs == 1) {  // rows of A are contiguous: read along them
+            for (int64_t qq = 0; qq < qn; ++qq) {
+              const S* ar = a + (rb * bo + qq) * ars;
+              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = ar[c];
+            }
+          } else {
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t qq = 0; qq < qn; ++qq) out[(c - c0) * bo + qq] = a[(rb * bo + qq) * ars + c * acs];
+          }
+          for (int64_t qq = qn; qq < bo; ++qq)
+            for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(0);
+          out += (c1 - c0) * bo;
+        }
+      }
+    });
+  }
+
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if (unstructured()) {
@@ -279,7 +321,7 @@ struct SparseA {
       else
         k.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
     } else
-      k.panel_bsr(ptr, idx, bo, bk, C, a, ars, acs, r0, r1, bt, ot, cols);
+      k.panel_bsr(ptr, idx, bo, bk, C, packed, bbase.data(), r0, r1, bt, ot, cols);
   }
 };
 

@@ -26,8 +26,8 @@ struct Kernels {
                        S*);
   // the same with the values packed in CSR order (val[j] belongs to idx[j])
   void (*panel_csr_packed[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, const S*, S*);
-  void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, int64_t, int64_t, int64_t,
-                    int64_t, const S*, S*, std::vector<int32_t>&);
+  void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, const int64_t*, int64_t, int64_t,
+                    const S*, S*, std::vector<int32_t>&);
   // weight-gradient tiles of width {4, 8, 16} * lanes
   void (*sddmm_tile[3])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, const int64_t*, std::vector<int32_t>&);
