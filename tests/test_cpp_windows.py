@@ -129,11 +129,11 @@ def test_backend_uses_windows_and_gradcheck(monkeypatch):
 def test_window_gates():
     mask = make_mask((64, 4096), "random", 0.1)
     pat = pattern_of(mask)
-    assert cppmod._window_args(pat, 256, transposed=False)["window"] == cppmod.WINDOW
-    assert cppmod._window_args(pat, 8, transposed=False) == {}  # small batch
-    assert cppmod._window_args(pat, 256, transposed=True)["window"] == cppmod.WINDOW
+    assert cppmod._window_args(pat, 2048, transposed=False)["window"] == cppmod.WINDOW
+    assert cppmod._window_args(pat, 2048, transposed=True)["window"] == cppmod.WINDOW
+    assert cppmod._window_args(pat, 256, transposed=False) == {}  # small batch
     sparse = pattern_of(make_mask((64, 4096), "random", 0.02))
-    assert cppmod._window_args(sparse, 256, transposed=False) == {}  # too few nonzeros per window
+    assert cppmod._window_args(sparse, 2048, transposed=False) == {}  # too few nonzeros per window
 
 
 def test_windows_bad_input():

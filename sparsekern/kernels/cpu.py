@@ -158,13 +158,13 @@ def _csc_args(pattern) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 # into windows of this many, so one window of a 128-column float tile is 32 KiB (float64 tiles are
 # half as wide, the same bytes).
 WINDOW = 64
-# When the window-major path runs, from op-by-op measurements on a 2 MB-L2 core (2 threads, quiet
-# machine; 768->3072 at batch 256 and 2048, 4096->4096 at batch 256): at 90 % sparsity it beat the
-# plain panels on every op and shape, by 5-20 % (the input gradient of wide layers most); at 95 %
-# it was level or up to 20 % slower and at 98 % up to 2x slower (one to three nonzeros per row and
-# window: the per-window reload and loop exit cost more than the L2 loads saved).  So it needs about
-# four nonzeros per row and window on average, and a batch of at least one 64-column tile.
-WINDOW_MIN_BATCH = 64
+# When the window-major path runs, from op-by-op and whole-step measurements on a 2 MB-L2 core
+# (2 threads; 768->3072 at batch 128 / 256 / 2048, 4096->4096 at batch 128 / 256): at batch 2048 and
+# 90 % sparsity it beat the plain panels on every op (10-20 %; whole step 2.04-2.08x -> 2.39-2.49x
+# over dense); at batch 128-256 it was level to 30 % slower (one or two tiles: packing the values in
+# window order costs a pass the plain panels avoid, and each window reloads the accumulators); at
+# 95-98 % it lost everywhere (one to three nonzeros per row and window).  Hence the gates below.
+WINDOW_MIN_BATCH = 512
 WINDOW_MIN_DENSITY = 1.0 / 16
 
 
