@@ -159,7 +159,7 @@ def _linear_steps(c: LinearBench) -> dict:
         x.grad = w.grad = None
         sparsekern.sparse_linear(x, w, None, mask, backend="cpp", **kw).backward(dy)
 
-    steps = {"dense": dense, "cpp": cpp}
+    steps = {"dense": dense, "cpp": cpp, "_density": float(mask.float().mean())}
     wd, xd = w.detach(), x.detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR / BSR support is in beta state"
@@ -215,7 +215,7 @@ def _conv_steps(c: ConvBench) -> dict:
         x.grad = w.grad = None
         sparsekern.sparse_conv2d(x, w, None, mask, None, c.stride, 1, backend="cpp", **kw).backward(dy)
 
-    return {"dense": dense, "cpp": cpp, "_algo": conv_algos(c, mask)}
+    return {"dense": dense, "cpp": cpp, "_algo": conv_algos(c, mask), "_density": float(mask.float().mean())}
 
 
 def conv_algos(c: ConvBench, mask: torch.Tensor) -> str:
@@ -269,6 +269,7 @@ def run(cases, min_run_time: float) -> list[dict]:
     for c in cases:
         steps = _linear_steps(c) if isinstance(c, LinearBench) else _conv_steps(c)
         algo = steps.pop("_algo", None)  # not timed: what the conv ops pick for this case
+        density = steps.pop("_density")  # the mask's real density (block grids round it)
         times = {name: _time(fn, min_run_time) for name, fn in steps.items()}
         dense, cpp = times["dense"]["median_ms"], times["cpp"]["median_ms"]
         ts = times.get("torch_sparse", {}).get("median_ms")
@@ -290,12 +291,15 @@ def run(cases, min_run_time: float) -> list[dict]:
             "goal": goal,
             "met": (speedup >= goal) if goal else None,
             "conv_algo": algo,
+            "mask_density": density,
         }
         rows.append(row)
         ts_txt = f"{ts:9.2f} ms ({ts / cpp:5.1f}x)" if ts else "        n/a        "
         verdict = "" if goal is None else ("met" if row["met"] else "MISSED")
         goal_txt = f">= {goal:g}x {verdict}" if goal else ""
         algo_txt = f"   algo {row['conv_algo']}" if row["conv_algo"] else ""
+        if abs(density - (1 - c.sparsity)) > 0.02:
+            algo_txt += f"   (mask density {density:.2f}: the block grid cannot hold {1 - c.sparsity:.0%})"
         print(
             f"{c.name:52s} dense {dense:9.2f} ms  cpp {cpp:9.2f} ms  {speedup:5.2f}x   torch.sparse {ts_txt}   {goal_txt}"
             f"{algo_txt}",
@@ -327,6 +331,13 @@ def resnet_totals(rows: list[dict]) -> list[dict]:
             "speedup_vs_dense": s, "goal": goal, "met": (s >= goal) if goal else None,
         })
     return out
+
+
+def _density_note(r) -> str:
+    d = r.get("mask_density")
+    if d is None or abs(d - (1 - r["sparsity"])) <= 0.02:
+        return ""
+    return f" (mask density {d:.2f})"
 
 
 def _fmt(v, spec=".2f"):
@@ -363,7 +374,7 @@ def write_results(rows, totals, meta, stem: str) -> None:
     ]
     for r in rows:
         md.append(
-            f"| {r['case']} | {r['dense_ms']:.2f} | {r['cpp_ms']:.2f} [{r['cpp_p20_ms']:.2f}-{r['cpp_p80_ms']:.2f}] | "
+            f"| {r['case']}{_density_note(r)} | {r['dense_ms']:.2f} | {r['cpp_ms']:.2f} [{r['cpp_p20_ms']:.2f}-{r['cpp_p80_ms']:.2f}] | "
             f"{_fmt(r['torch_sparse_ms'])} | {r['speedup_vs_dense']:.2f}x | {_fmt(r['speedup_vs_torch_sparse'])}"
             f"{'x' if r['speedup_vs_torch_sparse'] else ''} | {_fmt(r['goal'], 'g')} | "
             f"{'' if r['met'] is None else ('yes' if r['met'] else '**no**')} | {r.get('conv_algo') or ''} |"
