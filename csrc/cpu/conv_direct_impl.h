@@ -15,18 +15,7 @@
 //                input view of each of its nonzeros.
 // Loads from x + off are unaligned (offsets are arbitrary), hence the VU type.  No software
 // prefetch: a tile's window is already in L1 / L2, and the prefetch loop (as in panel_csr_impl)
-// measured slower here.
-
-template <typename S>
-struct VUT;
-template <>
-struct VUT<float> {
-  typedef float v __attribute__((vector_size(64), may_alias, aligned(4)));
-};
-template <>
-struct VUT<double> {
-  typedef double v __attribute__((vector_size(64), may_alias, aligned(8)));
-};
+// measured slower here.  VUT (the unaligned vector type) is in kernels_impl.h.
 
 // ot[(r - r0) * T + t] = sum_j val[j] * x[off[j] + t] over j in [ptr[r], ptr[r + 1]), rows
 // r0 <= r < r1, T = NV vectors.  Nonzeros in metadata order per accumulator set, U sets summed
@@ -102,7 +91,7 @@ void direct_panel4(const int64_t* __restrict ptr, const int64_t* __restrict off,
 
 // acc[j] += sum_t a[r * lda + t] * x[off[j] + t] for j in [ptr[r], ptr[r + 1]), rows r0 <= r < r1,
 // T = NV vectors (NV even); `a` is 64-byte aligned with lda a multiple of the vector width.  The
-// row of `a` stays in registers; four nonzeros are dotted at a time and reduced together (hsum4).
+// row of `a` stays in registers; the dots run through dot_rows (kernels_impl.h).
 template <typename S, int NV>
 void direct_sddmm(const int64_t* __restrict ptr, const int64_t* __restrict off, int64_t r0, int64_t r1,
                   const S* __restrict a, int64_t lda, const S* __restrict x, S* __restrict acc) {
@@ -115,34 +104,7 @@ void direct_sddmm(const int64_t* __restrict ptr, const int64_t* __restrict off, 
     V av[NV];
     for (int v = 0; v < NV; ++v) av[v] = ar[v];
     const int64_t* ol = off + b;
-    S* orow = acc + b;
-    int64_t i = 0;
-    for (; i + 4 <= nc; i += 4) {
-      const VU* x0 = reinterpret_cast<const VU*>(x + ol[i]);
-      const VU* x1 = reinterpret_cast<const VU*>(x + ol[i + 1]);
-      const VU* x2 = reinterpret_cast<const VU*>(x + ol[i + 2]);
-      const VU* x3 = reinterpret_cast<const VU*>(x + ol[i + 3]);
-      V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
-      for (int v = 0; v < NV; v += 2) {
-        s0 += av[v] * x0[v];
-        s1 += av[v] * x1[v];
-        s2 += av[v] * x2[v];
-        s3 += av[v] * x3[v];
-        u0 += av[v + 1] * x0[v + 1];
-        u1 += av[v + 1] * x1[v + 1];
-        u2 += av[v + 1] * x2[v + 1];
-        u3 += av[v + 1] * x3[v + 1];
-      }
-      hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, orow + i);
-    }
-    for (; i < nc; ++i) {
-      const VU* x0 = reinterpret_cast<const VU*>(x + ol[i]);
-      V s0 = {}, u0 = {};
-      for (int v = 0; v < NV; v += 2) {
-        s0 += av[v] * x0[v];
-        u0 += av[v + 1] * x0[v + 1];
-      }
-      orow[i] += hsum(s0 + u0);
-    }
+    dot_rows<S, NV, false>(
+        av, nc, [&](int64_t i) { return x + ol[i]; }, [](int64_t) {}, acc + b);
   }
 }

@@ -363,6 +363,67 @@ inline void hsum4(VT<double>::v a, VT<double>::v b, VT<double>::v c, VT<double>:
   out[3] += u[6];
 }
 
+// The same vectors for loads from any scalar-aligned address (VT<S>::v assumes 64 bytes).
+template <typename S>
+struct VUT;
+template <>
+struct VUT<float> {
+  typedef float v __attribute__((vector_size(64), may_alias, aligned(4)));
+};
+template <>
+struct VUT<double> {
+  typedef double v __attribute__((vector_size(64), may_alias, aligned(8)));
+};
+// Picks one of the two.  A selector, not a type template argument: GCC drops the alignment
+// attribute of a typedef passed as a template argument.
+template <typename S, bool ALIGNED>
+struct VLoad {
+  typedef typename VT<S>::v v;
+};
+template <typename S>
+struct VLoad<S, false> {
+  typedef typename VUT<S>::v v;
+};
+
+// out[i] += dot(av, X_i) for i < n, where X_i = NV vectors at addr(i) (64-byte aligned when
+// ALIGNED, else any scalar-aligned address).  Four nonzeros are dotted at a time (two chains each) and reduced
+// together (hsum4); before(i) runs ahead of each group of four (prefetching, or nothing).  The one
+// dot loop of every SDDMM kernel, so they all sum in the same order.
+template <typename S, int NV, bool ALIGNED, typename Addr, typename Before>
+inline void dot_rows(const typename VT<S>::v (&av)[NV], int64_t n, Addr addr, Before before, S* __restrict out) {
+  using V = typename VT<S>::v;
+  using VX = typename VLoad<S, ALIGNED>::v;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    before(i);
+    const VX* x0 = reinterpret_cast<const VX*>(addr(i));
+    const VX* x1 = reinterpret_cast<const VX*>(addr(i + 1));
+    const VX* x2 = reinterpret_cast<const VX*>(addr(i + 2));
+    const VX* x3 = reinterpret_cast<const VX*>(addr(i + 3));
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
+    for (int v = 0; v < NV; v += 2) {
+      s0 += av[v] * x0[v];
+      s1 += av[v] * x1[v];
+      s2 += av[v] * x2[v];
+      s3 += av[v] * x3[v];
+      u0 += av[v + 1] * x0[v + 1];
+      u1 += av[v + 1] * x1[v + 1];
+      u2 += av[v + 1] * x2[v + 1];
+      u3 += av[v + 1] * x3[v + 1];
+    }
+    hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, out + i);
+  }
+  for (; i < n; ++i) {
+    const VX* x0 = reinterpret_cast<const VX*>(addr(i));
+    V s0 = {}, u0 = {};
+    for (int v = 0; v < NV; v += 2) {
+      s0 += av[v] * x0[v];
+      u0 += av[v + 1] * x0[v + 1];
+    }
+    out[i] += hsum(s0 + u0);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // sampled dense-dense: acc[base[r] + i] += dot(at[(r - r0) * T], bt[c_i * T]) for the i-th column
 // c_i of row r in the pattern (block rows expanded), rows r0 <= r < r1, T = NV lanes-vectors.
@@ -399,41 +460,16 @@ void sddmm_tile(const int32_t* __restrict ptr, const int32_t* __restrict idx, in
     const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
     V av[NV];
     for (int v = 0; v < NV; ++v) av[v] = ar[v];
-    S* orow = acc + base[r];
-    int64_t i = 0;
-    for (; i + 4 <= nc; i += 4) {
+    const auto addr = [&](int64_t i) { return bt + int64_t(cl[i]) * T; };
+    const auto prefetch = [&](int64_t i) {
       if (i + PF + 4 <= nc) {
         for (int q = 0; q < 4; ++q) {
-          const char* pf = reinterpret_cast<const char*>(bt + int64_t(cl[i + PF + q]) * T);
+          const char* pf = reinterpret_cast<const char*>(addr(i + PF + q));
           for (int64_t l = 0; l < int64_t(T * sizeof(S)); l += 64) __builtin_prefetch(pf + l);
         }
       }
-      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
-      const V* x1 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 1]) * T);
-      const V* x2 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 2]) * T);
-      const V* x3 = reinterpret_cast<const V*>(bt + int64_t(cl[i + 3]) * T);
-      V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
-      for (int v = 0; v < NV; v += 2) {
-        s0 += av[v] * x0[v];
-        s1 += av[v] * x1[v];
-        s2 += av[v] * x2[v];
-        s3 += av[v] * x3[v];
-        u0 += av[v + 1] * x0[v + 1];
-        u1 += av[v + 1] * x1[v + 1];
-        u2 += av[v + 1] * x2[v + 1];
-        u3 += av[v + 1] * x3[v + 1];
-      }
-      hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, orow + i);
-    }
-    for (; i < nc; ++i) {
-      const V* x0 = reinterpret_cast<const V*>(bt + int64_t(cl[i]) * T);
-      V s0 = {}, u0 = {};
-      for (int v = 0; v < NV; v += 2) {
-        s0 += av[v] * x0[v];
-        u0 += av[v + 1] * x0[v + 1];
-      }
-      orow[i] += hsum(s0 + u0);
-    }
+    };
+    dot_rows<S, NV, true>(av, nc, addr, prefetch, acc + base[r]);
   }
 }
 
@@ -460,33 +496,9 @@ void sddmm_win(const int32_t* __restrict wptr, const int32_t* __restrict idx, co
       const V* ar = reinterpret_cast<const V*>(at + (r - r0) * T);
       V av[NV];
       for (int v = 0; v < NV; ++v) av[v] = ar[v];
-      for (; j + 4 <= e; j += 4, out += 4) {
-        const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
-        const V* x1 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 1]) * T);
-        const V* x2 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 2]) * T);
-        const V* x3 = reinterpret_cast<const V*>(bt + int64_t(idx[j + 3]) * T);
-        V s0 = {}, s1 = {}, s2 = {}, s3 = {}, u0 = {}, u1 = {}, u2 = {}, u3 = {};
-        for (int v = 0; v < NV; v += 2) {
-          s0 += av[v] * x0[v];
-          s1 += av[v] * x1[v];
-          s2 += av[v] * x2[v];
-          s3 += av[v] * x3[v];
-          u0 += av[v + 1] * x0[v + 1];
-          u1 += av[v + 1] * x1[v + 1];
-          u2 += av[v + 1] * x2[v + 1];
-          u3 += av[v + 1] * x3[v + 1];
-        }
-        hsum4(s0 + u0, s1 + u1, s2 + u2, s3 + u3, out);
-      }
-      for (; j < e; ++j, ++out) {
-        const V* x0 = reinterpret_cast<const V*>(bt + int64_t(idx[j]) * T);
-        V s0 = {}, u0 = {};
-        for (int v = 0; v < NV; v += 2) {
-          s0 += av[v] * x0[v];
-          u0 += av[v + 1] * x0[v + 1];
-        }
-        *out += hsum(s0 + u0);
-      }
+      const int32_t* cl = idx + j;
+      dot_rows<S, NV, true>(
+          av, e - j, [&](int64_t i) { return bt + int64_t(cl[i]) * T; }, [](int64_t) {}, out);
     }
   }
 }
