@@ -674,6 +674,12 @@ ConvGeom make_geom(at::IntArrayRef in_size, at::IntArrayRef w_size, at::IntArray
   return g;
 }
 
+// dy of a conv2d must have the output shape of geometry g.
+void check_dy_shape(const Tensor& dy, const ConvGeom& g) {
+  TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.O && dy.size(2) == g.Ho && dy.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy.sizes());
+}
+
 void check_size_arg(at::IntArrayRef s, const char* name) {
   TORCH_CHECK(s.size() == 4, name, ": expected 4 sizes, got ", s.size());
   for (auto v : s) TORCH_CHECK(v >= 0, name, ": expected non-negative sizes, got ", s);
@@ -1179,8 +1185,7 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   TORCH_CHECK(weight_.size(1) == input_size[1], "weight: expected ", input_size[1],
               " input channels (groups=1; input_size has that many), got shape ", weight_.sizes());
   const ConvGeom g = make_geom(input_size, weight_.sizes(), stride, padding, dilation);
-  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
-              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_dy_shape(dy_, g);
   const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo, taps = g.kh * g.kw;
   check_compressed(ccol, row, cdiv(Kc, bk), cdiv(g.O, bo), "ccol_indices", "row_indices");
   Tensor dy = dy_.contiguous(), w = weight_.contiguous();
@@ -1241,8 +1246,7 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   TORCH_CHECK(weight_size[1] == x_.size(1), "weight_size: expected ", x_.size(1),
               " input channels (groups=1; x has that many), got ", weight_size);
   const ConvGeom g = make_geom(x_.sizes(), weight_size, stride, padding, dilation);
-  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
-              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_dy_shape(dy_, g);
   const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
@@ -1360,8 +1364,7 @@ Tensor dwconv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& crow,
   check_size_arg(input_size, "input_size");
   const ConvGeom g = make_geom(input_size, weight_.sizes(), stride, padding, dilation);
   check_depthwise(g, weight_.size(1));
-  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
-              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_dy_shape(dy_, g);
   check_compressed(crow, col, g.O, g.kh * g.kw, "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), w = weight_.contiguous();
   Tensor dx = at::zeros({g.N, g.C, g.H, g.W}, dy.options());
@@ -1393,8 +1396,7 @@ Tensor dwconv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, cons
   check_size_arg(weight_size, "weight_size");
   const ConvGeom g = make_geom(x_.sizes(), weight_size, stride, padding, dilation);
   check_depthwise(g, weight_size[1]);
-  TORCH_CHECK(dy_.size(0) == g.N && dy_.size(1) == g.O && dy_.size(2) == g.Ho && dy_.size(3) == g.Wo,
-              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy_.sizes());
+  check_dy_shape(dy_, g);
   check_compressed(crow, col, g.O, g.kh * g.kw, "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
   Tensor dw = at::zeros({g.O, 1, g.kh, g.kw}, x.options());
