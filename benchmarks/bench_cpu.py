@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import subprocess
 import sys
 import warnings
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
 import sparsekern
+from sparsekern.bench.runner import _cpu_model
 from sparsekern.kernels.cpu import conv2d_algo, load_library
 from sparsekern.testing import make_block_mask, make_mask
 
@@ -241,17 +241,6 @@ def _time(fn, min_run_time: float) -> dict:
         "p80_ms": float(t.quantile(0.8)) * 1e3,
         "runs": len(m.times),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _commit() -> str:
