@@ -2,7 +2,9 @@
 
 Run an experiment from Python with :func:`run` (``results = sparsekern_cl.run({"method": "derpp",
 "dataset": "mnist", "sparsity": 0.9})``) or from the shell with ``python -m sparsekern_cl``.
-Sparse methods plug in through :class:`Plugin` hooks and :func:`register_method`.
+Every method is listed in one table, :data:`sparsekern_cl.registry.METHODS`, with its configuration
+groups (dataclasses of its keys); methods defined elsewhere plug in through :class:`Plugin` hooks and
+:func:`register_method`.
 """
 
 __version__ = "0.1.0"
@@ -12,8 +14,9 @@ from .config import DEFAULTS, PRESETS, register_config_keys, resolve_config  # n
 from .data import DATASETS, DatasetError, Scenario, TaskData, build_scenario  # noqa: E402
 from .flops import FlopCounter, memory_footprint, model_capacity  # noqa: E402
 from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer  # noqa: E402
-from .runner import evaluate, register_method, run  # noqa: E402
-from .strategies import STRATEGIES, Plugin, StepContext, Strategy  # noqa: E402
+from .registry import STRATEGIES, register_method, unregister_method  # noqa: E402
+from .runner import evaluate, run  # noqa: E402
+from .strategies import Plugin, StepContext, Strategy  # noqa: E402
 
 __all__ = [
     "DATASETS",
@@ -40,7 +43,5 @@ __all__ = [
     "register_method",
     "resolve_config",
     "run",
+    "unregister_method",
 ]
-
-# imported last: the method modules use the names above when they register
-from . import methods  # noqa: E402,F401

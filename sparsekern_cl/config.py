@@ -4,118 +4,179 @@ A configuration is a flat dict.  Its keys are the command-line flags (``batch_si
 ``--batch-size``) and the keys of a YAML or JSON config file.  Precedence, lowest first: the
 defaults, a preset (``preset``), a config file (``config``), explicit keys (flags, or the dict
 handed to :func:`sparsekern_cl.run`).
+
+The keys are declared as fields of group dataclasses: the core groups here (:class:`CoreConfig`,
+:class:`DataConfig`, :class:`ModelConfig`, :class:`SparsityConfig`) and each method's groups in
+:mod:`sparsekern_cl.registry`.  ``DEFAULTS``, ``HELP`` and ``PRESETS`` are read-only views of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
-import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
+from . import registry
 from .backbones import BACKBONES
 from .data import DATASETS
+from .options import (
+    check_value,
+    choice,
+    custom,
+    fail,
+    flag,
+    group_defaults,
+    group_fields,
+    group_title,
+    integer,
+    number,
+    text,
+    unchecked,
+)
 
-__all__ = ["DEFAULTS", "PRESETS", "HELP", "resolve_config", "validate_config", "load_config_file",
-           "build_parser", "register_config_keys"]
+__all__ = ["DEFAULTS", "PRESETS", "HELP", "CORE_GROUPS", "CORE_PRESETS", "CoreConfig", "DataConfig", "ModelConfig",
+           "SparsityConfig", "resolve_config", "validate_config", "load_config_file", "build_parser",
+           "register_config_keys", "config_groups", "all_defaults"]
 
-DEFAULTS: dict = {
-    # what to run
-    "method": "derpp",
-    "dataset": "mnist",
-    "data_dir": None,
-    "n_tasks": 5,
-    "class_order": "fixed",
-    "validation": 0.0,
-    "split_seed": 0,
-    "augment": None,
-    # model
-    "backbone": "mlp",
-    "mlp_hidden": [100, 100],
-    "nf": 20,
-    "head": "single",
-    # sparsity of the backbone
-    "sparsity": 0.0,
-    "sparse_distribution": "uniform",
-    "sparse_init": "magnitude",
-    "sparse_rescale": True,
-    "layout": "unstructured",
-    "block_size": None,
-    "backend": None,
-    "keep_dense": "auto",
-    # training
-    "epochs": 1,
-    "batch_size": 10,
-    "minibatch_size": None,
-    "eval_batch_size": 256,
-    "optimizer": "sgd",
-    "lr": 0.1,
-    "momentum": 0.0,
-    "weight_decay": 0.0,
-    "buffer_size": 200,
-    "alpha": 0.3,
-    "beta": 0.5,
-    "ewc_lambda": 10.0,
-    "ewc_gamma": 1.0,
-    "ewc_fisher_samples": 0,
-    # running
-    "seed": 0,
-    "threads": None,
-    "device": "cpu",
-    "output_dir": None,
-    "checkpoint_every": 0,
-    "save_checkpoints": True,
-    "resume": False,
-    "stop_after_epochs": None,
-    "compare_dense": False,
-    "plots": True,
-    "progress": "auto",
-    "synthetic": None,
-}
 
-HELP: dict = {
-    "method": "strategy: finetune, joint, er, derpp, ewc (and any registered sparse method)",
-    "dataset": f"one of {', '.join(DATASETS)}",
-    "data_dir": "folder of a real dataset (cifar10, cifar100, tinyimagenet, miniimagenet)",
-    "n_tasks": "number of tasks (must divide the number of classes)",
-    "class_order": "fixed, seeded, or a JSON list of class ids",
-    "validation": "fraction of each class's training data held out as the evaluation set (0: test set)",
-    "split_seed": "seed of the validation split",
-    "augment": "random crop+flip for training (default: on for natural images, off for digits)",
-    "backbone": f"one of {', '.join(BACKBONES)}",
-    "mlp_hidden": "hidden widths of the MLP, e.g. [100,100]",
-    "nf": "ResNet-18 width (20 reduced, 64 full)",
-    "head": "single (one head over all classes) or multi (each task's logits trained as its own head)",
-    "sparsity": "fraction of zero weights in the sparse layers (0: a dense model of plain PyTorch layers)",
-    "sparse_distribution": "uniform or erk",
-    "sparse_init": "magnitude, random or global_magnitude",
-    "sparse_rescale": "scale each sparse layer's kept initial weights so its output variance matches the dense init",
-    "layout": "unstructured or block",
-    "block_size": "block size for layout=block",
-    "backend": "force a sparsekern backend (cpp, reference, triton, cuda); default automatic",
-    "keep_dense": "'auto' or a JSON list of layer names kept dense",
-    "epochs": "epochs per task",
-    "batch_size": "batch size of the current task's data",
-    "minibatch_size": "replay batch size (default: batch_size)",
-    "buffer_size": "replay buffer capacity (er, derpp)",
-    "alpha": "DER++ weight of the logit-matching term",
-    "beta": "DER++ weight of the replayed cross-entropy",
-    "ewc_lambda": "EWC penalty strength",
-    "ewc_gamma": "online-EWC decay of the running Fisher",
-    "ewc_fisher_samples": "examples used for the Fisher estimate (0: all of the task)",
-    "seed": "seed: a CPU run is repeatable bit for bit with the same seed and thread count",
-    "threads": "torch CPU threads (default: torch's)",
-    "output_dir": "where results.json, plots and checkpoints go (default: no files)",
-    "checkpoint_every": "also checkpoint every N epochs (0: only at task ends)",
-    "save_checkpoints": "write output_dir/checkpoint.pt (at task ends, every checkpoint_every epochs, at the end)",
-    "resume": "continue from output_dir/checkpoint.pt",
-    "stop_after_epochs": "stop after this many epochs in this process (for time-limited jobs; resume later)",
-    "compare_dense": "also run the same configuration dense and report the wall-clock ratio",
-    "plots": "write the accuracy-matrix and accuracy-over-time plots",
-    "progress": "progress bars: auto, true, false",
-}
+# --------------------------------------------------------------------------- core groups
+def _class_order(key, v):
+    if not (v in ("fixed", "seeded") or (isinstance(v, list) and all(isinstance(c, int) for c in v))):
+        fail(key, "'fixed', 'seeded' or a list of class ids", v)
+    return v
 
-PRESETS: dict[str, dict] = {
+
+def _mlp_hidden(key, v):
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in v):
+        fail(key, "a non-empty list of positive integers", v)
+    return v
+
+
+def _keep_dense(key, v):
+    if not (v == "auto" or (isinstance(v, list) and all(isinstance(n, str) for n in v))):
+        fail(key, "'auto' or a list of layer names", v)
+    return v
+
+
+def _mapping(key, v):
+    if v is not None and not isinstance(v, dict):
+        fail(key, "a mapping of synthetic-data options", v)
+    return v
+
+
+def _method_names() -> list[str]:
+    return registry.method_names()
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """core: the method, training and running"""
+
+    method: str = choice("derpp", "the method (each group below lists the methods using its keys)",
+                         _method_names)
+    epochs: int = integer(1, "epochs per task", min=1)
+    batch_size: int = integer(10, "batch size of the current task's data", min=1)
+    eval_batch_size: int = integer(256, "batch size of the evaluation passes", min=1)
+    optimizer: str = choice("sgd", "sgd or adam", ("sgd", "adam"))
+    lr: float = number(0.1, "learning rate", "(0, inf]")
+    momentum: float = number(0.0, "SGD momentum", "[0, 1)")
+    weight_decay: float = number(0.0, "weight decay", "[0, inf]")
+    seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
+    threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)
+    device: str = text("cpu", "torch device of the run", "a device string such as 'cpu' or 'cuda'")
+    output_dir: str | None = text(None, "where results.json, plots and checkpoints go (default: no files)",
+                                  "a folder path", nullable=True)
+    checkpoint_every: int = integer(0, "also checkpoint every N epochs (0: only at task ends)", min=0)
+    save_checkpoints: bool = flag(True, "write output_dir/checkpoint.pt (at task ends, every checkpoint_every "
+                                        "epochs, at the end)")
+    resume: bool = flag(False, "continue from output_dir/checkpoint.pt")
+    stop_after_epochs: int | None = integer(None, "stop after this many epochs in this process (for time-limited "
+                                                  "jobs; resume later)", min=1, nullable=True)
+    compare_dense: bool = flag(False, "also run the same configuration dense and report the wall-clock ratio")
+    plots: bool = flag(True, "write the accuracy-matrix and accuracy-over-time plots")
+    progress: str | bool = choice("auto", "progress bars: auto, true, false", ("auto", True, False),
+                                  expected="'auto', true or false")
+
+    @staticmethod
+    def check(cfg: dict) -> None:
+        """Rules across keys of the group."""
+        if cfg["resume"] and not cfg["output_dir"]:
+            fail("resume", "an output_dir to resume from (resume=true needs output_dir)", cfg["resume"])
+        if cfg["compare_dense"] and cfg["sparsity"] == 0:
+            fail("compare_dense", "a sparse run to compare (set sparsity > 0)", True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """data: the dataset and how it is split into tasks"""
+
+    dataset: str = choice("mnist", f"one of {', '.join(DATASETS)}", DATASETS)
+    data_dir: str | None = text(None, "folder of a real dataset (cifar10, cifar100, tinyimagenet, miniimagenet)",
+                                "a folder path", nullable=True)
+    n_tasks: int = integer(5, "number of tasks (must divide the number of classes)", min=1)
+    class_order: str | list = custom("fixed", "fixed, seeded, or a JSON list of class ids", _class_order,
+                                     "'fixed', 'seeded' or a list of class ids")
+    validation: float = number(0.0, "fraction of each class's training data held out as the evaluation set "
+                                    "(0: test set)", "[0, 1)")
+    split_seed: int = integer(0, "seed of the validation split", min=0)
+    augment: bool | None = flag(None, "random crop+flip for training (default: on for natural images, off for "
+                                      "digits)", nullable=True)
+    synthetic: dict | None = custom(None, "options of the synthetic test data (dataset=synthetic)", _mapping,
+                                    "a mapping of synthetic-data options")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """model: the backbone"""
+
+    backbone: str = choice("mlp", f"one of {', '.join(BACKBONES)}", BACKBONES)
+    mlp_hidden: list = custom([100, 100], "hidden widths of the MLP, e.g. [100,100]", _mlp_hidden,
+                              "a non-empty list of positive integers")
+    nf: int = integer(20, "ResNet-18 width (20 reduced, 64 full)", min=1)
+    head: str = choice("single", "single (one head over all classes) or multi (each task's logits trained as its "
+                                 "own head)", ("single", "multi"))
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """sparsity: which layers are sparse, how sparse, and on which backend"""
+
+    sparsity: float = number(0.0, "fraction of zero weights in the sparse layers (0: a dense model of plain "
+                                  "PyTorch layers)", "[0, 1)")
+    sparse_distribution: str = choice("uniform", "uniform or erk", ("uniform", "erk"))
+    sparse_init: str = choice("magnitude", "magnitude, random or global_magnitude",
+                              ("magnitude", "random", "global_magnitude"))
+    sparse_rescale: bool = flag(True, "scale each sparse layer's kept initial weights so its output variance "
+                                      "matches the dense init")
+    layout: str = choice("unstructured", "unstructured or block", ("unstructured", "block"))
+    block_size: int | list | None = unchecked(None, "block size for layout=block")
+    backend: str | None = choice(None, "force a sparsekern backend (cpp, reference, triton, cuda); default "
+                                       "automatic", ("triton", "cuda", "cpp", "reference"), nullable=True)
+    keep_dense: str | list = custom("auto", "'auto' or a JSON list of layer names kept dense", _keep_dense,
+                                    "'auto' or a list of layer names")
+
+    @staticmethod
+    def check(cfg: dict) -> None:
+        """Rules across keys of the group."""
+        if cfg["layout"] == "block":
+            bs = cfg["block_size"]
+            ok = (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0) or (
+                isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs))
+            if not ok:
+                fail("block_size", "a positive integer or [bo, bk] when layout is 'block'", bs)
+
+
+CORE_GROUPS: tuple[type, ...] = (CoreConfig, DataConfig, ModelConfig, SparsityConfig)
+
+# named configurations of the core keys; methods add theirs in the registry (sparsekern_cl.registry)
+CORE_PRESETS: Mapping[str, Mapping] = MappingProxyType({
     # DER++ on the embedded MNIST subset, dense against 90 % sparse: the README's main job
     "demo": {
         "method": "derpp", "dataset": "mnist", "n_tasks": 5, "backbone": "mlp", "mlp_hidden": [1000, 1000],
@@ -133,25 +194,65 @@ PRESETS: dict[str, dict] = {
                      "batch_size": 32, "lr": 0.03},
     "miniimagenet": {"dataset": "miniimagenet", "n_tasks": 10, "backbone": "resnet18", "nf": 20, "epochs": 50,
                      "batch_size": 32, "lr": 0.03},
-}
-
-# keys added by methods registered later (e.g. sparse CL methods), with their defaults
-_EXTRA_KEYS: dict = {}
+})
 
 
-def register_config_keys(defaults: dict, help: dict | None = None) -> None:
-    """Add configuration keys (with defaults) for a method defined outside this module."""
-    for k, v in defaults.items():
-        if k in DEFAULTS:
-            raise ValueError(f"register_config_keys: {k!r} is already a configuration key")
-        _EXTRA_KEYS[k] = v
-    HELP.update(help or {})
+# --------------------------------------------------------------------------- every key
+def config_groups() -> tuple[type, ...]:
+    """Every configuration group: the core ones, then the methods' (as registered), then extra keys."""
+    return CORE_GROUPS + registry.config_groups()
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    out: dict[str, dataclasses.Field] = {}
+    owner: dict[str, str] = {}
+    for g in config_groups():
+        for f in group_fields(g):
+            if f.name in out:
+                raise ValueError(f"{f.name}: expected one configuration group per key, got it in "
+                                 f"{owner[f.name]} and {g.__name__}")
+            out[f.name], owner[f.name] = f, g.__name__
+    return out
 
 
 def all_defaults() -> dict:
-    d = dict(DEFAULTS)
-    d.update(_EXTRA_KEYS)
-    return d
+    """``{key: default}`` of every configuration key (a fresh dict)."""
+    out = {}
+    for g in config_groups():
+        out.update(group_defaults(g))
+    return out
+
+
+def _help() -> dict:
+    return {k: f.metadata.get("help", "") for k, f in _fields().items()}
+
+
+def _presets() -> dict:
+    out = dict(CORE_PRESETS)
+    for name, preset in registry.method_presets().items():
+        if name in out:
+            raise ValueError(f"preset: expected a new name, got {name!r} from a method and from the core")
+        out[name] = preset
+    return copy.deepcopy(out)  # a caller may change what it gets; the presets stay
+
+
+# read-only views, recomputed from the groups and the registry on each access
+DEFAULTS: Mapping = registry.LiveView(all_defaults, "DEFAULTS")
+HELP: Mapping = registry.LiveView(_help, "HELP")
+PRESETS: Mapping = registry.LiveView(_presets, "PRESETS")
+
+
+def register_config_keys(defaults: dict, help: dict | None = None) -> None:
+    """Add configuration keys (with defaults, unchecked) for a method defined outside this package.
+
+    A method with checked keys declares a group dataclass instead and passes it to
+    :func:`sparsekern_cl.register_method` as ``config``.
+    """
+    known = _fields()
+    for k in defaults:
+        if k in known:
+            raise ValueError(f"register_config_keys: {k!r} is already a configuration key")
+    registry.add_config_group(registry.keys_group(defaults, help or {}))
 
 
 # --------------------------------------------------------------------------- files
@@ -248,117 +349,20 @@ def resolve_config(config: dict | None = None) -> dict:
     return validate_config(merged)
 
 
-def _fail(key, expected, value):
-    raise ValueError(f"{key}: expected {expected}, got {value!r}")
-
-
-def _int(cfg, key, lo=None, allow_none=False):
-    v = cfg[key]
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-        _fail(key, f"an integer >= {lo}" if lo is not None else "an integer", v)
-
-
-def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False):
-    v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        _fail(key, "a number", v)
-    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        _fail(key, f"a number in {lb}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{rb}", v)
-    cfg[key] = float(v)
-
-
-def _choice(cfg, key, choices):
-    if cfg[key] not in choices:
-        _fail(key, f"one of {tuple(choices)}", cfg[key])
-
-
-def _bool(cfg, key):
-    if not isinstance(cfg[key], bool):
-        _fail(key, "true or false", cfg[key])
-
-
 def validate_config(cfg: dict) -> dict:
-    """Check every key; raise ``ValueError`` naming the key and what it expects."""
-    from .strategies import STRATEGIES
+    """Check every key; raise ``ValueError`` naming the key and what it expects.
 
+    Every key is checked against its field (see :mod:`sparsekern_cl.options`), then the core groups'
+    rules across keys, then the chosen method's own rules.  Returns the normalised copy.
+    """
     cfg = dict(cfg)
-    _choice(cfg, "method", sorted(STRATEGIES))
-    _choice(cfg, "dataset", DATASETS)
-    if cfg["data_dir"] is not None and not isinstance(cfg["data_dir"], str):
-        _fail("data_dir", "a folder path", cfg["data_dir"])
-    _int(cfg, "n_tasks", 1)
-    co = cfg["class_order"]
-    if not (co in ("fixed", "seeded") or (isinstance(co, list) and all(isinstance(c, int) for c in co))):
-        _fail("class_order", "'fixed', 'seeded' or a list of class ids", co)
-    _num(cfg, "validation", 0.0, 1.0, hi_open=True)
-    _int(cfg, "split_seed", 0)
-    if cfg["augment"] is not None:
-        _bool(cfg, "augment")
-    _choice(cfg, "backbone", BACKBONES)
-    mh = cfg["mlp_hidden"]
-    if isinstance(mh, int) and not isinstance(mh, bool):
-        cfg["mlp_hidden"] = mh = [mh]
-    if not isinstance(mh, list) or not mh or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in mh):
-        _fail("mlp_hidden", "a non-empty list of positive integers", mh)
-    _int(cfg, "nf", 1)
-    _choice(cfg, "head", ("single", "multi"))
-    _num(cfg, "sparsity", 0.0, 1.0, hi_open=True)
-    _choice(cfg, "sparse_distribution", ("uniform", "erk"))
-    _choice(cfg, "sparse_init", ("magnitude", "random", "global_magnitude"))
-    _bool(cfg, "sparse_rescale")
-    _choice(cfg, "layout", ("unstructured", "block"))
-    if cfg["layout"] == "block":
-        bs = cfg["block_size"]
-        ok = (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0) or (
-            isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs))
-        if not ok:
-            _fail("block_size", "a positive integer or [bo, bk] when layout is 'block'", bs)
-    if cfg["backend"] is not None:
-        _choice(cfg, "backend", ("triton", "cuda", "cpp", "reference"))
-    kd = cfg["keep_dense"]
-    if not (kd == "auto" or (isinstance(kd, list) and all(isinstance(n, str) for n in kd))):
-        _fail("keep_dense", "'auto' or a list of layer names", kd)
-    _int(cfg, "epochs", 1)
-    _int(cfg, "batch_size", 1)
-    _int(cfg, "minibatch_size", 1, allow_none=True)
-    _int(cfg, "eval_batch_size", 1)
-    _choice(cfg, "optimizer", ("sgd", "adam"))
-    _num(cfg, "lr", 0.0, lo_open=True)
-    _num(cfg, "momentum", 0.0, 1.0, hi_open=True)
-    _num(cfg, "weight_decay", 0.0)
-    _int(cfg, "buffer_size", 0)
-    if cfg["method"] in ("er", "derpp") and cfg["buffer_size"] == 0:
-        _fail("buffer_size", f"a positive capacity for method {cfg['method']!r}", 0)
-    _num(cfg, "alpha", 0.0)
-    _num(cfg, "beta", 0.0)
-    _num(cfg, "ewc_lambda", 0.0)
-    _num(cfg, "ewc_gamma", 0.0, 1.0)
-    _int(cfg, "ewc_fisher_samples", 0)
-    _int(cfg, "seed", 0)
-    _int(cfg, "threads", 1, allow_none=True)
-    if not isinstance(cfg["device"], str):
-        _fail("device", "a device string such as 'cpu' or 'cuda'", cfg["device"])
-    if cfg["output_dir"] is not None and not isinstance(cfg["output_dir"], str):
-        _fail("output_dir", "a folder path", cfg["output_dir"])
-    _int(cfg, "checkpoint_every", 0)
-    _bool(cfg, "save_checkpoints")
-    _bool(cfg, "resume")
-    if cfg["resume"] and not cfg["output_dir"]:
-        _fail("resume", "an output_dir to resume from (resume=true needs output_dir)", cfg["resume"])
-    _int(cfg, "stop_after_epochs", 1, allow_none=True)
-    _bool(cfg, "compare_dense")
-    if cfg["compare_dense"] and cfg["sparsity"] == 0:
-        _fail("compare_dense", "a sparse run to compare (set sparsity > 0)", True)
-    _bool(cfg, "plots")
-    if cfg["progress"] not in ("auto", True, False):
-        _fail("progress", "'auto', true or false", cfg["progress"])
-    if cfg["synthetic"] is not None and not isinstance(cfg["synthetic"], dict):
-        _fail("synthetic", "a mapping of synthetic-data options", cfg["synthetic"])
+    for key, f in _fields().items():  # CoreConfig comes first, so `method` is checked first
+        cfg[key] = check_value(f, cfg[key])
+    for g in CORE_GROUPS:
+        check = getattr(g, "check", None)
+        if check is not None:
+            check(cfg)
+    registry.get_method(cfg["method"]).validate(cfg)
     return cfg
 
 
@@ -372,6 +376,7 @@ def _cli_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser: one flag per configuration key, in help groups (core, data, model, sparsity, methods)."""
     p = argparse.ArgumentParser(
         prog="python -m sparsekern_cl",
         description="Continual learning on sparse compute. Every configuration key is a flag; values are JSON "
@@ -379,9 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="a YAML or JSON file of configuration keys")
     p.add_argument("--preset", help=f"a named configuration: {', '.join(sorted(PRESETS))}")
-    for key, default in all_defaults().items():
-        flag = "--" + key.replace("_", "-")
-        extra = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--resume` alone means true
-        p.add_argument(flag, dest=key, type=_cli_value, default=argparse.SUPPRESS, metavar="V",
-                       help=f"{HELP.get(key, '')} (default: {json.dumps(default)})", **extra)
+    for g in config_groups():
+        fields = group_fields(g)
+        if not fields:
+            continue
+        used_by = registry.methods_using(g)
+        title = group_title(g) + (f" ({', '.join(used_by)})" if used_by else "")
+        arg_group = p.add_argument_group(title)
+        for f, default in zip(fields, group_defaults(g).values()):
+            flag_name = "--" + f.name.replace("_", "-")
+            extra = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--resume` alone means true
+            help_text = f.metadata.get("help", "")
+            if callable(f.metadata.get("choices")):  # a set known only now (the registered methods)
+                help_text += f": {', '.join(map(str, f.metadata['choices']()))}"
+            arg_group.add_argument(flag_name, dest=f.name, type=_cli_value, default=argparse.SUPPRESS, metavar="V",
+                                   help=f"{help_text} (default: {json.dumps(default)})", **extra)
     return p

@@ -19,25 +19,14 @@ from .config import resolve_config
 from .data import Scenario, TaskData, build_scenario
 from .flops import FlopCounter, layer_densities, memory_footprint, model_capacity
 from .metrics import summarize
-from .strategies import make_strategy
+from .registry import get_method, register_method
 
-__all__ = ["run", "evaluate", "build_run"]
+__all__ = ["run", "evaluate", "build_run", "register_method"]
 
 SETTINGS = ("task_il", "class_il")
 # keys that may differ between a run and its resumption
 _RESUME_FREE = {"resume", "stop_after_epochs", "progress", "output_dir", "threads", "plots", "compare_dense",
                 "save_checkpoints"}
-_METHOD_PLUGINS: dict = {}
-
-
-def register_method(name: str, base: str, make_plugins) -> None:
-    """Register a method ``name`` = the strategy ``base`` plus ``make_plugins(cfg, model, scenario) -> [Plugin]``."""
-    from .strategies import STRATEGIES
-
-    if base not in STRATEGIES:
-        raise ValueError(f"base: expected one of {sorted(STRATEGIES)}, got {base!r}")
-    STRATEGIES[name] = STRATEGIES[base]
-    _METHOD_PLUGINS[name] = make_plugins
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -92,8 +81,8 @@ def build_run(cfg: dict):
         seed=cfg["seed"], rescale=cfg["sparse_rescale"],
     )
     model.to(device)
-    plugins = _METHOD_PLUGINS[cfg["method"]](cfg, model, scenario) if cfg["method"] in _METHOD_PLUGINS else []
-    strategy = make_strategy(cfg["method"], model, scenario, cfg, device, plugins)
+    method = get_method(cfg["method"])
+    strategy = method.strategy(model, scenario, cfg, device, method.make_plugins(cfg, model, scenario))
     counter = FlopCounter(model)
     strategy.flop_counter = counter
     return scenario, model, strategy, counter

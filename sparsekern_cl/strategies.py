@@ -18,6 +18,9 @@ an epoch visits: data removal), ``end_epoch`` (mask updates every few epochs) an
 ``loss(ctx)`` reuses the replay samples drawn in ``prepare``, a plugin can call it again for an
 extra forward/backward pass.  Masks and gradient masks are changed through
 :meth:`Strategy.sparse_layers` and the layers' ``set_mask`` / ``set_grad_mask``.
+
+The strategies' own keys are declared here as configuration groups (:class:`ReplayConfig`,
+:class:`DERPPConfig`, :class:`EWCConfig`); which method uses which is in :mod:`sparsekern_cl.registry`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from torch import nn
 import sparsekern
 
 from .buffer import ReservoirBuffer
+from .options import integer, number
 
 __all__ = [
-    "STRATEGIES",
+    "STRATEGIES",  # noqa: F822 (the registry's view, served by the module's __getattr__)
+    "ReplayConfig",
+    "DERPPConfig",
+    "EWCConfig",
     "StepContext",
     "Plugin",
     "Strategy",
@@ -45,6 +52,31 @@ __all__ = [
     "EWCOnline",
     "make_strategy",
 ]
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """replay buffer"""
+
+    buffer_size: int = integer(200, "replay buffer capacity (er, derpp)", min=0)
+    minibatch_size: int | None = integer(None, "replay batch size (default: batch_size)", min=1, nullable=True)
+
+
+@dataclass(frozen=True)
+class DERPPConfig:
+    """DER++: weights of the replay terms"""
+
+    alpha: float = number(0.3, "DER++ weight of the logit-matching term", "[0, inf]")
+    beta: float = number(0.5, "DER++ weight of the replayed cross-entropy", "[0, inf]")
+
+
+@dataclass(frozen=True)
+class EWCConfig:
+    """online EWC"""
+
+    ewc_lambda: float = number(10.0, "EWC penalty strength", "[0, inf]")
+    ewc_gamma: float = number(1.0, "online-EWC decay of the running Fisher", "[0, 1]")
+    ewc_fisher_samples: int = integer(0, "examples used for the Fisher estimate (0: all of the task)", min=0)
 
 
 @dataclass
@@ -440,17 +472,16 @@ class EWCOnline(Strategy):
         self.fisher, self.anchor = state["fisher"], state["anchor"]
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "finetune": FineTune,
-    "joint": Joint,
-    "er": ER,
-    "derpp": DERPP,
-    "ewc": EWCOnline,
-}
-
-
 def make_strategy(name: str, model, scenario, cfg, device, plugins=()) -> Strategy:
-    """The strategy registered under ``name`` (see :data:`STRATEGIES`)."""
-    if name not in STRATEGIES:
-        raise ValueError(f"method: expected one of {sorted(STRATEGIES)}, got {name!r}")
-    return STRATEGIES[name](model, scenario, cfg, device, plugins)
+    """The strategy of the method registered under ``name`` (see :mod:`sparsekern_cl.registry`)."""
+    from .registry import get_method  # the registry imports this module
+
+    return get_method(name).strategy(model, scenario, cfg, device, plugins)
+
+
+def __getattr__(name: str):
+    if name == "STRATEGIES":  # the registry's view, {method: strategy class}
+        from .registry import STRATEGIES
+
+        return STRATEGIES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

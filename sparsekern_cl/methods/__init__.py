@@ -1,14 +1,6 @@
-"""Sparse continual-learning methods (SparCL, DST, EsaCL).
+"""Sparse continual-learning methods: SparCL (:mod:`.sparcl`), DST (:mod:`.dst`), EsaCL (:mod:`.esacl`).
 
-Each module here registers its method(s) with :func:`sparsekern_cl.register_method` (and its
-settings with :func:`sparsekern_cl.register_config_keys`) when imported; every module of this
-package is imported with it, so a method is available to ``sparsekern_cl.run`` and the CLI as soon
-as its file exists.
+Each module defines its plugins, its configuration group (a dataclass of its keys) and, for SparCL,
+its presets; importing one registers nothing.  The methods are put together from these parts in
+one table, :data:`sparsekern_cl.registry.METHODS`.  :mod:`.masking` holds the mask updates they share.
 """
-
-import importlib
-import pkgutil
-
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")

@@ -52,41 +52,49 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
 import sparsekern
 from sparsekern.masks import erk_densities, random_mask, uniform_densities
 
-from ..config import register_config_keys
-from ..runner import register_method
+from ..options import check_group, choice, fail, integer, number
 from ..strategies import Plugin, StepContext, Strategy
+from .masking import move_connections, pick
 
-__all__ = ["DSTPlugin", "GROWTH", "FIXED_GROWTH", "task_densities", "cosine_drop_rate", "magnitude_drop",
-           "choose_growth"]
+__all__ = ["DSTConfig", "DSTPlugin", "GROWTH", "FIXED_GROWTH", "task_densities", "cosine_drop_rate",
+           "magnitude_drop", "choose_growth", "check_config", "make_dst_plugins"]
 
 FIXED_GROWTH = ("random", "unfired", "gradient", "momentum")
 GROWTH = FIXED_GROWTH + ("adaptive_naive", "adaptive_capacity")
 _NEEDS_GRAD = ("gradient", "momentum")
 
-register_config_keys(
-    {
-        "dst_growth": "random",
-        "dst_update_every": 100,
-        "dst_drop_rate": 0.5,
-        "dst_drop_rate_final": 0.005,
-        "dst_naive_switch": 0.5,
-        "dst_capacity_threshold": 0.7,
-    },
-    {
-        "dst_growth": f"DST growth strategy: {', '.join(GROWTH)}",
-        "dst_update_every": "DST: topology update every this many steps within a task",
-        "dst_drop_rate": "DST: fraction of the task's own weights dropped at the first update (cosine-annealed)",
-        "dst_drop_rate_final": "DST: drop fraction at the end of a task",
-        "dst_naive_switch": "DST adaptive_naive: fraction of the tasks grown randomly before switching to gradient",
-        "dst_capacity_threshold": "DST adaptive_capacity: a layer grows randomly while this fraction of it is free",
-    },
-)
+
+@dataclass(frozen=True)
+class DSTConfig:
+    """DST: per-task sparse subnetworks, topology updates and adaptive growth"""
+
+    dst_growth: str = choice("random", f"DST growth strategy: {', '.join(GROWTH)}", GROWTH)
+    dst_update_every: int = integer(100, "DST: topology update every this many steps within a task", min=1)
+    dst_drop_rate: float = number(0.5, "DST: fraction of the task's own weights dropped at the first update "
+                                       "(cosine-annealed)", "[0, 1]")
+    dst_drop_rate_final: float = number(0.005, "DST: drop fraction at the end of a task", "[0, 1]")
+    dst_naive_switch: float = number(0.5, "DST adaptive_naive: fraction of the tasks grown randomly before "
+                                          "switching to gradient", "[0, 1]")
+    dst_capacity_threshold: float = number(0.7, "DST adaptive_capacity: a layer grows randomly while this fraction "
+                                                "of it is free", "[0, 1]")
+
+
+def check_config(cfg: dict) -> None:
+    """The DST keys of ``cfg``, and what DST needs of the core keys; ``ValueError`` naming the key."""
+    check_group(DSTConfig, cfg)
+    if cfg["sparsity"] > 0:
+        if cfg["weight_decay"] != 0:
+            fail("weight_decay", "0 for method 'dst' (decay would change the frozen weights of earlier tasks)",
+                 cfg["weight_decay"])
+        if cfg["layout"] != "unstructured":
+            fail("layout", "'unstructured' for method 'dst'", cfg["layout"])
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -111,32 +119,14 @@ def cosine_drop_rate(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * frac))
 
 
-def _ranked(candidates: torch.Tensor, k: int, scores: torch.Tensor | None, generator: torch.Generator,
-            largest: bool = True) -> torch.Tensor:
-    """Bool mask of ``k`` candidate positions with the best ``scores`` (random order breaks ties)."""
-    out = torch.zeros_like(candidates)
-    idx = torch.nonzero(candidates.reshape(-1)).flatten()
-    k = min(int(k), idx.numel())
-    if k <= 0:
-        return out
-    perm = torch.randperm(idx.numel(), generator=generator).to(idx.device)
-    idx = idx[perm]
-    if scores is not None:
-        s = scores.reshape(-1)[idx].float()
-        order = torch.argsort(s, descending=largest, stable=True)
-        idx = idx[order]
-    out.view(-1)[idx[:k]] = True
-    return out
-
-
 def magnitude_drop(weight: torch.Tensor, own: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Bool mask of the ``k`` smallest-``|w|`` positions of ``own`` (the weights a task may change)."""
-    return _ranked(own, k, weight.detach().abs(), generator, largest=False)
+    return pick(own, k, weight.detach().abs(), largest=False, generator=generator)
 
 
 def choose_growth(candidates: torch.Tensor, k: int, scores: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Bool mask of ``k`` positions among ``candidates``: largest ``scores``, or uniform when ``None``."""
-    return _ranked(candidates, k, scores, generator, largest=True)
+    return pick(candidates, k, scores, largest=True, generator=generator)
 
 
 # --------------------------------------------------------------------------- the plugin
@@ -154,7 +144,7 @@ class DSTPlugin(Plugin):
         self.cfg = cfg
         self.model = model
         self.scenario = scenario
-        self._validate(cfg)
+        check_config(cfg)
         self.growth = cfg["dst_growth"]
         self.layers = dict(sparsekern.sparse_modules(model))
         names = list(self.layers)
@@ -176,26 +166,6 @@ class DSTPlugin(Plugin):
         self._grads: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ configuration
-    @staticmethod
-    def _validate(cfg: dict) -> None:
-        def fail(key, expected):
-            raise ValueError(f"{key}: expected {expected}, got {cfg[key]!r}")
-
-        if cfg["dst_growth"] not in GROWTH:
-            fail("dst_growth", f"one of {GROWTH}")
-        u = cfg["dst_update_every"]
-        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
-            fail("dst_update_every", "an integer >= 1")
-        for key in ("dst_drop_rate", "dst_drop_rate_final", "dst_naive_switch", "dst_capacity_threshold"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                fail(key, "a number in [0, 1]")
-        if cfg["sparsity"] > 0:
-            if cfg["weight_decay"] != 0:
-                fail("weight_decay", "0 for method 'dst' (decay would change the frozen weights of earlier tasks)")
-            if cfg["layout"] != "unstructured":
-                fail("layout", "'unstructured' for method 'dst'")
-
     def _sparse_weight_keys(self) -> set[str]:
         keys = set()
         for n in self.layers:
@@ -360,23 +330,11 @@ class DSTPlugin(Plugin):
             return 0
         drop = magnitude_drop(layer.weight, own, k, generator)
         grow = choose_growth(candidates, k, None if growth in ("random", "unfired") else scores, generator)
-        new_mask = (mask & ~drop) | grow
-        new_own = (own & ~drop) | grow
-        layer.weight.masked_fill_(drop | grow, 0)
-        layer.set_mask(new_mask, grad_mask=new_own, zero_pruned=False)
+        # other tasks' weights outside the mask keep their values (zero_pruned=False)
+        move_connections(layer, drop, grow, optimizer=getattr(strategy, "optimizer", None),
+                         grad_mask=(own & ~drop) | grow, zero_pruned=False)
         self.fired[name] |= grow
-        if strategy is not None and strategy.optimizer is not None:
-            self._reset_optimizer_state(strategy.optimizer, layer.weight, drop | grow)
         return k
-
-    @staticmethod
-    def _reset_optimizer_state(optimizer, param, where: torch.Tensor) -> None:
-        # a regrown weight starts from zero with no history; a dropped one must not drift
-        state = optimizer.state.get(param, {})
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
-            buf = state.get(key)
-            if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-                buf.masked_fill_(where, 0)
 
     @staticmethod
     def _adam_constants(strategy) -> tuple[float, float, float]:
@@ -491,8 +449,6 @@ class DSTPlugin(Plugin):
             setattr(self, key, state[key])
 
 
-def _make_plugins(cfg: dict, model, scenario) -> list[Plugin]:
+def make_dst_plugins(cfg: dict, model, scenario) -> list[Plugin]:
+    """The DST plugin of a run (registered as method ``dst`` in :mod:`sparsekern_cl.registry`)."""
     return [DSTPlugin(cfg, model, scenario)]
-
-
-register_method("dst", "finetune", _make_plugins)

@@ -1,7 +1,7 @@
 """EsaCL: sharpness-aware directional pruning (SDP) and intelligent data selection (IDS).
 
-Registers ``esacl_er``, ``esacl_derpp`` and ``esacl_ewc``: the ER, DER++ and online-EWC
-strategies of the core plus one :class:`EsaCLPlugin`.  The run's ``sparsity`` is the target
+Methods ``esacl_er``, ``esacl_derpp`` and ``esacl_ewc`` (see :mod:`sparsekern_cl.registry`): the ER,
+DER++ and online-EWC strategies of the core plus one :class:`EsaCLPlugin`.  The run's ``sparsity`` is the target
 sparsity ``s`` of every pruned layer; the layers the core makes sparse (all but the backbone's
 ``keep_dense`` layers, e.g. the MLP's head) are the ones EsaCL optimises with Frank-Wolfe, prunes,
 freezes and expands.  The paper (Ren & Honavar, arXiv 2401.05667, Algorithm 1) leaves many
@@ -77,49 +77,58 @@ Choices (config keys in brackets):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 
-from ..config import register_config_keys
-from ..runner import register_method
+from ..options import check_group, choice, flag, group_defaults, number
 from ..strategies import Plugin, StepContext, Strategy
+from .masking import pick
 
-__all__ = ["EsaCLPlugin", "lmo_ksparse", "fw_step", "sam_perturbation", "top_j", "CONFIG_KEYS"]
+__all__ = ["EsaCLConfig", "EsaCLPlugin", "lmo_ksparse", "fw_step", "sam_perturbation", "top_j", "CONFIG_KEYS",
+           "check_config", "make_esacl_plugins"]
 
-CONFIG_KEYS = {
-    "esacl_rho": 0.05,
-    "esacl_tau": 5.0,
-    "esacl_k": 0.05,
-    "esacl_sse_frac": 0.4,
-    "esacl_ere_frac": 0.4,
-    "esacl_sa": True,
-    "esacl_sp": True,
-    "esacl_sse": True,
-    "esacl_ere": True,
-    "esacl_momentum_form": "sum",
-    "esacl_momentum": 0.9,
-    "esacl_fw_step": "rescaled",
-    "esacl_expand": 1.0,
-    "esacl_reinit": "random",
-}
 
-_HELP = {
-    "esacl_rho": "EsaCL: SAM neighbourhood radius rho",
-    "esacl_tau": "EsaCL: K-sparse polytope radius, in units of the layer's initial RMS weight",
-    "esacl_k": "EsaCL: fraction of a layer's trainable weights that are nonzero in an LMO vertex",
-    "esacl_sse_frac": "EsaCL: fraction J of the batch kept as support examples (SAM's perturbation)",
-    "esacl_ere_frac": "EsaCL: fraction J of the batch kept by redundant-example elimination (outer step)",
-    "esacl_sa": "EsaCL: sharpness-aware perturbation on (false: 'w/o SA')",
-    "esacl_sp": "EsaCL: sparse projection, Frank-Wolfe over the K-sparse polytope (false: 'w/o SP', plain optimizer)",
-    "esacl_sse": "EsaCL: support example selection on (false: 'w/o SSE')",
-    "esacl_ere": "EsaCL: redundant example elimination on (false: 'w/o ERE')",
-    "esacl_momentum_form": "EsaCL: 'sum' (m <- m + g, eq. 3.15) or 'ema' (m <- b m + (1-b) g)",
-    "esacl_momentum": "EsaCL: b of the 'ema' momentum",
-    "esacl_fw_step": "EsaCL: Frank-Wolfe step 'rescaled' (clamp(lr |g|/|theta-v|, 0, 1)) or 'constant' (lr)",
-    "esacl_expand": "EsaCL: fraction of unused weights re-entering the mask at each task start",
-    "esacl_reinit": "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'",
-}
+@dataclass(frozen=True)
+class EsaCLConfig:
+    """EsaCL: sharpness-aware directional pruning (SDP) and intelligent data selection (IDS)"""
+
+    esacl_rho: float = number(0.05, "EsaCL: SAM neighbourhood radius rho", "[0, inf]")
+    esacl_tau: float = number(5.0, "EsaCL: K-sparse polytope radius, in units of the layer's initial RMS weight",
+                              "(0, inf]")
+    esacl_k: float = number(0.05, "EsaCL: fraction of a layer's trainable weights that are nonzero in an LMO vertex",
+                            "[0, 1]")
+    esacl_sse_frac: float = number(0.4, "EsaCL: fraction J of the batch kept as support examples (SAM's "
+                                        "perturbation)", "(0, 1]")
+    esacl_ere_frac: float = number(0.4, "EsaCL: fraction J of the batch kept by redundant-example elimination "
+                                        "(outer step)", "(0, 1]")
+    esacl_sa: bool = flag(True, "EsaCL: sharpness-aware perturbation on (false: 'w/o SA')")
+    esacl_sp: bool = flag(True, "EsaCL: sparse projection, Frank-Wolfe over the K-sparse polytope (false: 'w/o SP', "
+                                "plain optimizer)")
+    esacl_sse: bool = flag(True, "EsaCL: support example selection on (false: 'w/o SSE')")
+    esacl_ere: bool = flag(True, "EsaCL: redundant example elimination on (false: 'w/o ERE')")
+    esacl_momentum_form: str = choice("sum", "EsaCL: 'sum' (m <- m + g, eq. 3.15) or 'ema' (m <- b m + (1-b) g)",
+                                      ("sum", "ema"))
+    esacl_momentum: float = number(0.9, "EsaCL: b of the 'ema' momentum", "[0, 1]")
+    esacl_fw_step: str = choice("rescaled", "EsaCL: Frank-Wolfe step 'rescaled' (clamp(lr |g|/|theta-v|, 0, 1)) or "
+                                            "'constant' (lr)", ("rescaled", "constant"))
+    esacl_expand: float = number(1.0, "EsaCL: fraction of unused weights re-entering the mask at each task start",
+                                 "[0, 1]")
+    esacl_reinit: str = choice("random", "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'",
+                               ("random", "zero"))
+
+
+CONFIG_KEYS: MappingProxyType = MappingProxyType(group_defaults(EsaCLConfig))
+
+
+def check_config(cfg: dict) -> None:
+    """The EsaCL keys of ``cfg``, and the target sparsity EsaCL needs; ``ValueError`` naming the key."""
+    check_group(EsaCLConfig, cfg)
+    if cfg["sparsity"] <= 0:
+        raise ValueError(f"sparsity: EsaCL prunes to a target sparsity; expected a value in (0, 1), "
+                         f"got {cfg['sparsity']!r}")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -207,17 +216,6 @@ def _reinit_values(weight: torch.Tensor, generator: torch.Generator) -> torch.Te
     return vals.to(device=weight.device, dtype=weight.dtype)
 
 
-def _top_mask(score: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool mask of the ``n`` candidates with the largest score."""
-    out = torch.zeros_like(candidates)
-    n = max(0, min(n, int(candidates.sum())))
-    if n == 0:
-        return out
-    s = score.reshape(-1).masked_fill(~candidates.reshape(-1), -math.inf)
-    out.view(-1)[torch.topk(s, n, sorted=False).indices] = True
-    return out
-
-
 # --------------------------------------------------------------------------- the plugin
 class EsaCLPlugin(Plugin):
     """SDP + IDS on top of a core strategy (see the module docstring for every choice).
@@ -233,7 +231,7 @@ class EsaCLPlugin(Plugin):
     def __init__(self, cfg: dict, model, n_tasks: int) -> None:
         import sparsekern
 
-        _validate(cfg)
+        check_config(cfg)
         self.cfg = cfg
         self.n_tasks = int(n_tasks)
         self.rho = float(cfg["esacl_rho"])
@@ -268,7 +266,7 @@ class EsaCLPlugin(Plugin):
                 grow = unused
             else:
                 score = torch.rand(m.weight.shape, generator=g).to(m.weight.device)
-                grow = _top_mask(score, unused, int(round(frac * int(unused.sum()))))
+                grow = pick(unused, int(round(frac * int(unused.sum()))), score, stable=False)
             m.set_mask(m.weight_mask | grow, grad_mask=m.grad_mask | grow)
             if self.cfg["esacl_reinit"] == "random":
                 vals = _reinit_values(m.weight, g)
@@ -285,9 +283,9 @@ class EsaCLPlugin(Plugin):
             frozen = m.weight_mask & ~m.grad_mask
             trainable = m.grad_mask.clone()
             mag = m.weight.detach().abs()
-            keep = _top_mask(mag, trainable, k - int(frozen.sum()))
+            keep = pick(trainable, k - int(frozen.sum()), mag, stable=False)
             quota = k if last else int(round(k * (task + 1) / self.n_tasks))
-            newly = _top_mask(mag, keep, quota - int(frozen.sum()))
+            newly = pick(keep, quota - int(frozen.sum()), mag, stable=False)
             m.set_mask(frozen | keep, grad_mask=keep & ~newly)
         self.momentum = {}
         _fix_ewc(strategy, self.layers)
@@ -418,37 +416,6 @@ def _fix_ewc(strategy: Strategy, layers) -> None:
             fisher[key] = fisher[key] * m.weight_mask
 
 
-def _validate(cfg: dict) -> None:
-    def num(key, lo, hi=None, lo_open=False):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise ValueError(f"{key}: expected a number, got {v!r}")
-        if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
-            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-            raise ValueError(f"{key}: expected a number in {rng}, got {v!r}")
-
-    num("esacl_rho", 0.0)
-    num("esacl_tau", 0.0, lo_open=True)
-    num("esacl_k", 0.0, 1.0)
-    num("esacl_sse_frac", 0.0, 1.0, lo_open=True)
-    num("esacl_ere_frac", 0.0, 1.0, lo_open=True)
-    num("esacl_momentum", 0.0, 1.0)
-    num("esacl_expand", 0.0, 1.0)
-    for key in ("esacl_sa", "esacl_sp", "esacl_sse", "esacl_ere"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"{key}: expected true or false, got {cfg[key]!r}")
-    for key, choices in (("esacl_momentum_form", ("sum", "ema")), ("esacl_fw_step", ("rescaled", "constant")),
-                         ("esacl_reinit", ("random", "zero"))):
-        if cfg[key] not in choices:
-            raise ValueError(f"{key}: expected one of {choices}, got {cfg[key]!r}")
-    if cfg["sparsity"] <= 0:
-        raise ValueError(f"sparsity: EsaCL prunes to a target sparsity; expected a value in (0, 1), got {cfg['sparsity']!r}")
-
-
-def _make_plugins(cfg: dict, model, scenario) -> list[Plugin]:
+def make_esacl_plugins(cfg: dict, model, scenario) -> list[Plugin]:
+    """The EsaCL plugin of a run (registered as ``esacl_er``, ``esacl_derpp``, ``esacl_ewc`` in the registry)."""
     return [EsaCLPlugin(cfg, model, scenario.n_tasks)]
-
-
-register_config_keys(CONFIG_KEYS, _HELP)
-for _base in ("er", "derpp", "ewc"):
-    register_method(f"esacl_{_base}", _base, _make_plugins)

@@ -68,6 +68,8 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -76,12 +78,14 @@ from torch import nn
 import sparsekern
 
 from ..backbones import build_backbone, sparsify_backbone
-from ..config import PRESETS, register_config_keys
-from ..runner import register_method
+from ..options import check_group, choice, flag, group_defaults, integer, number
 from ..strategies import Plugin, StepContext, Strategy
+from .masking import move_connections, pick
 
 __all__ = [
+    "SparCLConfig",
     "SPARCL_DEFAULTS",
+    "SPARCL_PRESETS",
     "continual_weight_importance",
     "shrink_and_expand",
     "expand_mask",
@@ -95,112 +99,61 @@ __all__ = [
     "make_sparcl_plugins",
 ]
 
-SPARCL_DEFAULTS: dict = {
-    "sparcl_tdm": True,
-    "sparcl_ddr": True,
-    "sparcl_dgm": True,
-    "sparcl_layers": "auto",
-    "sparcl_importance": "data",
-    "sparcl_cwi_alpha": 0.5,
-    "sparcl_cwi_beta": 0.5,
-    "sparcl_importance_samples": 256,
-    "sparcl_delta": 5,
-    "sparcl_shrink": 0.04,
-    "sparcl_expand": 0.04,
-    "sparcl_warmup": 5,
-    "sparcl_freeze_last": 0,
-    "sparcl_ddr_ratio": 0.3,
-    "sparcl_ddr_cutoff": 4,
-    "sparcl_ddr_count": "misclassified",
-    "sparcl_dgm_drop": 0.2,
-    "sparcl_dgm_interval": 30,
-}
-
-SPARCL_HELP: dict = {
-    "sparcl_tdm": "SparCL: task-aware dynamic masking on (false: the initial mask stays fixed)",
-    "sparcl_ddr": "SparCL: dynamic data removal on",
-    "sparcl_dgm": "SparCL: dynamic gradient masking on",
-    "sparcl_layers": "SparCL: sparse layers: auto (the backbone's default), all_convs, block_convs "
-                     "(3x3 convs inside residual blocks), mlp_hidden",
-    "sparcl_importance": "SparCL: CWI gradients: data (α on current-task data, β on the buffer) or "
-                         "last_batch (α times the last minibatch's gradient)",
-    "sparcl_cwi_alpha": "SparCL: CWI weight α of the current-task gradient (the merged coefficient for last_batch)",
-    "sparcl_cwi_beta": "SparCL: CWI weight β of the buffer gradient (importance=data)",
-    "sparcl_importance_samples": "SparCL: examples of the task and of the buffer used for the CWI gradients",
-    "sparcl_delta": "SparCL: epochs per mask-update stage (δ)",
-    "sparcl_shrink": "SparCL: fraction q of active weights dropped (and regrown) at an intra-task update",
-    "sparcl_expand": "SparCL: fraction λ of unused weights added at a task switch",
-    "sparcl_warmup": "SparCL: epochs at the lower sparsity after a task switch",
-    "sparcl_freeze_last": "SparCL: last epochs of each task without mask updates",
-    "sparcl_ddr_ratio": "SparCL: fraction ρ of each task's examples removed by the cutoff",
-    "sparcl_ddr_cutoff": "SparCL: stage after which no more examples are removed",
-    "sparcl_ddr_count": "SparCL: misclassified (count per stage) or forgetting (correct->incorrect events)",
-    "sparcl_dgm_drop": "SparCL: fraction of active weights whose gradient DGM removes",
-    "sparcl_dgm_interval": "SparCL: iterations between gradient-mask refreshes",
-}
-
-register_config_keys(SPARCL_DEFAULTS, SPARCL_HELP)
-
-# The two presets hold the method's settings only; add the dataset/backbone keys (configs/sparcl_*.yaml).
-PRESETS["sparcl-paper"] = {
-    "sparse_init": "random", "sparcl_layers": "all_convs", "sparcl_importance": "data",
-    "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.5, "sparcl_delta": 5, "sparcl_shrink": 0.04,
-    "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 0, "sparcl_ddr_ratio": 0.3,
-    "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "misclassified", "sparcl_dgm_drop": 0.2,
-    "sparcl_dgm_interval": 30, "alpha": 0.3, "beta": 0.5, "lr": 0.03, "batch_size": 32,
-}
-PRESETS["sparcl-official"] = {
-    "sparse_init": "magnitude", "sparcl_layers": "block_convs", "sparcl_importance": "last_batch",
-    "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.0, "sparcl_delta": 5, "sparcl_shrink": 0.04,
-    "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 5, "sparcl_ddr_ratio": 0.3,
-    "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "forgetting", "sparcl_dgm_drop": 0.2,
-    "sparcl_dgm_interval": 30, "alpha": 0.1, "beta": 0.5, "lr": 0.03, "batch_size": 32, "momentum": 0.0,
-    "weight_decay": 0.0,
-}
-
 _LAYER_CHOICES = ("auto", "all_convs", "block_convs", "mlp_hidden")
 
 
-# --------------------------------------------------------------------------- validation
-def _check(cfg: dict) -> None:
-    """Raise ``ValueError`` naming the SparCL key and what it expects."""
+@dataclass(frozen=True)
+class SparCLConfig:
+    """SparCL: dynamic masking (TDM), data removal (DDR) and gradient masking (DGM)"""
 
-    def fail(key, expected):
-        raise ValueError(f"{key}: expected {expected}, got {cfg[key]!r}")
+    sparcl_tdm: bool = flag(True, "SparCL: task-aware dynamic masking on (false: the initial mask stays fixed)")
+    sparcl_ddr: bool = flag(True, "SparCL: dynamic data removal on")
+    sparcl_dgm: bool = flag(True, "SparCL: dynamic gradient masking on")
+    sparcl_layers: str = choice("auto", "SparCL: sparse layers: auto (the backbone's default), all_convs, block_convs "
+                                        "(3x3 convs inside residual blocks), mlp_hidden", _LAYER_CHOICES)
+    sparcl_importance: str = choice("data", "SparCL: CWI gradients: data (α on current-task data, β on the buffer) "
+                                            "or last_batch (α times the last minibatch's gradient)",
+                                    ("data", "last_batch"))
+    sparcl_cwi_alpha: float = number(0.5, "SparCL: CWI weight α of the current-task gradient (the merged "
+                                          "coefficient for last_batch)", "[0, inf]")
+    sparcl_cwi_beta: float = number(0.5, "SparCL: CWI weight β of the buffer gradient (importance=data)", "[0, inf]")
+    sparcl_importance_samples: int = integer(256, "SparCL: examples of the task and of the buffer used for the CWI "
+                                                  "gradients", min=1)
+    sparcl_delta: int = integer(5, "SparCL: epochs per mask-update stage (δ)", min=1)
+    sparcl_shrink: float = number(0.04, "SparCL: fraction q of active weights dropped (and regrown) at an "
+                                        "intra-task update", "[0, 1)")
+    sparcl_expand: float = number(0.04, "SparCL: fraction λ of unused weights added at a task switch", "[0, 1)")
+    sparcl_warmup: int = integer(5, "SparCL: epochs at the lower sparsity after a task switch", min=1)
+    sparcl_freeze_last: int = integer(0, "SparCL: last epochs of each task without mask updates", min=0)
+    sparcl_ddr_ratio: float = number(0.3, "SparCL: fraction ρ of each task's examples removed by the cutoff",
+                                     "[0, 1)")
+    sparcl_ddr_cutoff: int = integer(4, "SparCL: stage after which no more examples are removed", min=1)
+    sparcl_ddr_count: str = choice("misclassified", "SparCL: misclassified (count per stage) or forgetting "
+                                                    "(correct->incorrect events)", ("misclassified", "forgetting"))
+    sparcl_dgm_drop: float = number(0.2, "SparCL: fraction of active weights whose gradient DGM removes", "[0, 1)")
+    sparcl_dgm_interval: int = integer(30, "SparCL: iterations between gradient-mask refreshes", min=1)
 
-    def num(key, lo, hi, lo_open=False, hi_open=False):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            fail(key, "a number")
-        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-            fail(key, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
-    def integer(key, lo):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            fail(key, f"an integer >= {lo}")
+SPARCL_DEFAULTS: MappingProxyType = MappingProxyType(group_defaults(SparCLConfig))
 
-    for key in ("sparcl_tdm", "sparcl_ddr", "sparcl_dgm"):
-        if not isinstance(cfg[key], bool):
-            fail(key, "true or false")
-    if cfg["sparcl_layers"] not in _LAYER_CHOICES:
-        fail("sparcl_layers", f"one of {_LAYER_CHOICES}")
-    if cfg["sparcl_importance"] not in ("data", "last_batch"):
-        fail("sparcl_importance", "'data' or 'last_batch'")
-    if cfg["sparcl_ddr_count"] not in ("misclassified", "forgetting"):
-        fail("sparcl_ddr_count", "'misclassified' or 'forgetting'")
-    num("sparcl_cwi_alpha", 0.0, math.inf)
-    num("sparcl_cwi_beta", 0.0, math.inf)
-    integer("sparcl_importance_samples", 1)
-    integer("sparcl_delta", 1)
-    num("sparcl_shrink", 0.0, 1.0, hi_open=True)
-    num("sparcl_expand", 0.0, 1.0, hi_open=True)
-    integer("sparcl_warmup", 1)
-    integer("sparcl_freeze_last", 0)
-    num("sparcl_ddr_ratio", 0.0, 1.0, hi_open=True)
-    integer("sparcl_ddr_cutoff", 1)
-    num("sparcl_dgm_drop", 0.0, 1.0, hi_open=True)
-    integer("sparcl_dgm_interval", 1)
+# The two presets hold the method's settings only; add the dataset/backbone keys (configs/sparcl_*.yaml).
+SPARCL_PRESETS: MappingProxyType = MappingProxyType({
+    "sparcl-paper": {
+        "sparse_init": "random", "sparcl_layers": "all_convs", "sparcl_importance": "data",
+        "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.5, "sparcl_delta": 5, "sparcl_shrink": 0.04,
+        "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 0, "sparcl_ddr_ratio": 0.3,
+        "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "misclassified", "sparcl_dgm_drop": 0.2,
+        "sparcl_dgm_interval": 30, "alpha": 0.3, "beta": 0.5, "lr": 0.03, "batch_size": 32,
+    },
+    "sparcl-official": {
+        "sparse_init": "magnitude", "sparcl_layers": "block_convs", "sparcl_importance": "last_batch",
+        "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.0, "sparcl_delta": 5, "sparcl_shrink": 0.04,
+        "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 5, "sparcl_ddr_ratio": 0.3,
+        "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "forgetting", "sparcl_dgm_drop": 0.2,
+        "sparcl_dgm_interval": 30, "alpha": 0.1, "beta": 0.5, "lr": 0.03, "batch_size": 32, "momentum": 0.0,
+        "weight_decay": 0.0,
+    },
+})
 
 
 # --------------------------------------------------------------------------- mask rules (pure)
@@ -215,40 +168,16 @@ def continual_weight_importance(weight: torch.Tensor, grad_current: torch.Tensor
     return score
 
 
-def _lowest(score: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` entries of ``among`` with the lowest ``score`` (ties: lowest index)."""
-    out = torch.zeros_like(among)
-    if k <= 0:
-        return out
-    idx = among.flatten().nonzero().squeeze(1)
-    vals = score.flatten()[idx].double()
-    # stable sort: equal scores go in index order, so the result is deterministic
-    order = torch.sort(vals, stable=True).indices[:k]
-    out.view(-1)[idx[order]] = True
-    return out
-
-
-def _random_pick(among: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Bool mask of ``k`` entries of ``among`` drawn uniformly at random."""
-    out = torch.zeros_like(among)
-    idx = among.flatten().nonzero().squeeze(1)
-    if k <= 0 or idx.numel() == 0:
-        return out
-    pick = idx[torch.randperm(idx.numel(), generator=generator)[: min(k, idx.numel())].to(idx.device)]
-    out.view(-1)[pick] = True
-    return out
-
-
 def shrink_mask(mask: torch.Tensor, score: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Keep the ``n_keep`` active entries of ``mask`` with the highest ``score`` (drop the rest)."""
     n_active = int(mask.sum())
-    return mask & ~_lowest(score, mask, n_active - n_keep)
+    return mask & ~pick(mask, n_active - n_keep, score, largest=False)
 
 
 def expand_mask(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
     """Add ``round(fraction * #unused)`` unused entries at random (the inter-task expansion)."""
     unused = ~mask
-    return mask | _random_pick(unused, round(fraction * int(unused.sum())), generator)
+    return mask | pick(unused, round(fraction * int(unused.sum())), generator=generator)
 
 
 def shrink_and_expand(mask: torch.Tensor, score: torch.Tensor, fraction: float,
@@ -261,18 +190,18 @@ def shrink_and_expand(mask: torch.Tensor, score: torch.Tensor, fraction: float,
     """
     n = round(fraction * int(mask.sum()))
     n = min(n, int(mask.sum()))
-    dropped = _lowest(score, mask, n)
+    dropped = pick(mask, n, score, largest=False)  # equal scores: lowest index first
     kept = mask & ~dropped
-    grow = _random_pick(~mask, n, generator)
+    grow = pick(~mask, n, generator=generator)
     short = n - int(grow.sum())
     if short > 0:
-        grow |= _random_pick(dropped, short, generator)
+        grow |= pick(dropped, short, generator=generator)
     return kept | grow, n
 
 
 def top_gradient_mask(mask: torch.Tensor, score: torch.Tensor, drop: float) -> torch.Tensor:
     """Gradient mask inside ``mask``: drop the ``round(drop * #active)`` entries of lowest ``score``."""
-    return mask & ~_lowest(score, mask, round(drop * int(mask.sum())))
+    return mask & ~pick(mask, round(drop * int(mask.sum())), score, largest=False)
 
 
 def removal_schedule(n: int, ratio: float, cutoff: int) -> list[int]:
@@ -325,16 +254,6 @@ def _weight_grads(strategy: Strategy, loss: torch.Tensor) -> list[torch.Tensor]:
     weights = [m.weight for _, m in _layers(strategy)]
     return [g if g is not None else torch.zeros_like(w)
             for g, w in zip(torch.autograd.grad(loss, weights, allow_unused=True), weights)]
-
-
-def _zero_optimizer_state(strategy: Strategy, layer: nn.Module, where: torch.Tensor) -> None:
-    """Clear momentum / Adam moments of the entries in ``where`` (regrown weights start fresh)."""
-    opt = strategy.optimizer
-    if opt is None:
-        return
-    for v in opt.state.get(layer.weight, {}).values():
-        if isinstance(v, torch.Tensor) and v.shape == where.shape:
-            v.masked_fill_(where, 0)
 
 
 # --------------------------------------------------------------------------- TDM
@@ -397,12 +316,10 @@ class TaskAwareDynamicMasking(Plugin):
 
     # -- mask changes
     def _apply(self, strategy: Strategy, layer: nn.Module, new: torch.Tensor) -> int:
-        old = layer.weight_mask.clone()
+        old = layer.weight_mask
         grown = new & ~old
-        layer.set_mask(new)  # zeroes weights outside the new mask; new connections trainable
-        with torch.no_grad():
-            layer.weight.masked_fill_(grown, 0.0)  # regrown weights start at zero
-        _zero_optimizer_state(strategy, layer, grown | (old & ~new))
+        # weights outside the new mask zeroed, regrown ones start at zero and trainable, with no history
+        move_connections(layer, old & ~new, grown, optimizer=strategy.optimizer)
         return int(grown.sum())
 
     def shrink_expand(self, strategy: Strategy, task: int, epoch: int) -> None:
@@ -689,7 +606,7 @@ def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
 
 def make_sparcl_plugins(cfg: dict, model: nn.Module, scenario) -> list[Plugin]:
     """The SparCL plugins for a validated configuration (none for a dense run)."""
-    _check(cfg)
+    check_group(SparCLConfig, cfg)
     if cfg["sparsity"] == 0:
         return []  # the dense base strategy (what compare_dense measures against)
     _choose_sparse_layers(cfg, model, scenario)
@@ -702,6 +619,3 @@ def make_sparcl_plugins(cfg: dict, model: nn.Module, scenario) -> list[Plugin]:
         plugins.append(DynamicGradientMasking(cfg))
     return plugins
 
-
-register_method("sparcl_er", "er", make_sparcl_plugins)
-register_method("sparcl_derpp", "derpp", make_sparcl_plugins)
