@@ -353,9 +353,39 @@ CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batches' content only: dicts, lists, bytes, str, ints and numpy arrays.
+
+    A plain ``pickle.load`` runs whatever callable the file names (``os.system`` included) before
+    the loader could look at the result; this one refuses every global but the few that rebuild a
+    numpy array, so a hostile file fails with a :class:`DatasetError` and runs nothing.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # numpy arrays at protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        if (module, name) == ("_codecs", "encode"):
+            import codecs
+
+            return codecs.encode
+        return super().find_class(module, name)
+
+
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
-        d = pickle.loads(blob, encoding="bytes")
+        d = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as exc:  # truncated or not a pickle
         raise DatasetError(f"{where}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(d, dict):

@@ -105,7 +105,7 @@ def _environment(model) -> dict:
         "sparsekern": sparsekern.__version__,
         "sparsekern_cl": __version__,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: checkpoints load with weights_only=True
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "layer_backends": {n: m.selected_backend() for n, m in sparsekern.sparse_modules(model)},
@@ -129,6 +129,20 @@ def _save(path: str, obj) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: str) -> dict:
+    """A run's checkpoint, loaded with ``weights_only=True``: tensors, containers and plain values
+    only, so a tampered file cannot run code; a truncated, empty or foreign file raises a
+    ``ValueError`` naming it."""
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file gets the same clear message
+        raise ValueError(f"resume: {path} is not a readable sparsekern_cl checkpoint "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(ck, dict) or not {"config", "state", "model", "strategy"} <= set(ck):
+        raise ValueError(f"resume: {path} is not a sparsekern_cl checkpoint (missing keys)")
+    return ck
 
 
 # --------------------------------------------------------------------------- one run
@@ -155,7 +169,7 @@ def _train(cfg: dict) -> dict:
              "eval_time": 0.0, "finished": False, "results": None}
 
     if cfg["resume"] and ckpt_path and os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         a = {k: v for k, v in ck["config"].items() if k not in _RESUME_FREE}
         b = {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
         if a != b:
