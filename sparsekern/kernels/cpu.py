@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .._backends import Backend, BackendError, CallInfo
+from .._backends import OPS, Backend, BackendError, CallInfo
 
 __all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
 
@@ -234,22 +234,22 @@ class CppBackend(Backend):
                     f"conv2d supports groups=1 and depthwise (weight [C_out, 1, kh, kw]); got groups="
                     f"{info.conv.groups} with weight shape {tuple(info.weight_shape)}"
                 )
-        if info.op not in ("linear", "conv2d"):
+        if info.op not in OPS:
             return False, f"unknown op {info.op!r}"
         return True, ""
 
     # ---- linear -------------------------------------------------------------------------------
-    def linear_forward(self, x, weight, bias, pattern):
+    def linear_fwd(self, x, weight, bias, pattern):
         crow, col, block = _csr_args(pattern)
         win = _window_args(pattern, x.shape[0], transposed=False)
         return torch.ops.sparsekern.linear_fwd(x, weight, bias, crow, col, block, **win)
 
-    def linear_input_grad(self, dy, weight, pattern):
+    def linear_dx(self, dy, weight, pattern):
         ccol, row, block = _csc_args(pattern)
         win = _window_args(pattern, dy.shape[0], transposed=True)
         return torch.ops.sparsekern.linear_dx(dy, weight, ccol, row, block, **win)
 
-    def linear_weight_grad(self, dy, x, grad_pattern):
+    def linear_dw(self, dy, x, grad_pattern):
         crow, col, block = _csr_args(grad_pattern)
         win = _window_args(grad_pattern, dy.shape[0], transposed=False)
         return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block, **win)
@@ -259,7 +259,7 @@ class CppBackend(Backend):
     def _conv_args(conv):
         return list(conv.stride), list(conv.padding), list(conv.dilation)
 
-    def conv2d_forward(self, x, weight, bias, pattern, conv):
+    def conv2d_fwd(self, x, weight, bias, pattern, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -268,7 +268,7 @@ class CppBackend(Backend):
         crow, col, block = _csr_args(pattern)
         return torch.ops.sparsekern.conv2d_fwd(x, weight, bias, crow, col, block, s, p, d)
 
-    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
+    def conv2d_dx(self, dy, weight, pattern, input_shape, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -277,7 +277,7 @@ class CppBackend(Backend):
         ccol, row, block = _csc_args(pattern)
         return torch.ops.sparsekern.conv2d_dx(dy, weight, ccol, row, block, list(input_shape), s, p, d)
 
-    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
+    def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight_shape, conv.groups)
