@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import BlockSize
+
 __all__ = [
     "BACKEND_NAMES",
     "OPS",
@@ -91,7 +93,7 @@ class CallInfo:
     device: torch.device
     dtype: torch.dtype
     layout: str  # weight-mask layout
-    block_size: tuple[int, int] | None  # matrix-unit block of the weight mask
+    block_size: BlockSize | None  # the weight mask's tile, in matrix units
     grad_layout: str
     conv: ConvParams | None = None
     weight_shape: tuple[int, ...] | None = None  # lets a verifier tell depthwise from other grouped convs
@@ -205,7 +207,7 @@ def backend_report(device: str = "cpu", dtype: torch.dtype = torch.float32) -> l
     rows = []
     dev = torch.device(device)
     for op in OPS:
-        for layout, block in (("unstructured", None), ("block", (32, 32))):
+        for layout, block in (("unstructured", None), ("block", BlockSize(32, 32))):
             info = CallInfo(op, dev, dtype, layout, block, layout, ConvParams() if op == "conv2d" else None)
             verdicts = {n: _check(n, info) for n in BACKEND_NAMES}
             order = AUTO_ORDER.get(dev.type, ("reference",))

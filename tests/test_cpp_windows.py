@@ -121,9 +121,9 @@ def test_backend_uses_windows_and_gradcheck(monkeypatch):
         return sparsekern.sparse_linear(x, w, b, mask, backend="cpp")
 
     assert torch.autograd.gradcheck(f, (x, w, b))
-    # the metadata is built once per pattern and direction
-    cache = pat.csr().__dict__["_cpp_windows"]
-    assert set(cache) == {(False, 4), (True, 4)}
+    # the metadata is built once per pattern and direction, into the mask's cache
+    windows = {k[2:] for k in pat.cache.keys() if k[:2] == ("csr", "cpp.windows")}
+    assert windows == {(False, 4), (True, 4)}
 
 
 def test_window_gates():

@@ -5,7 +5,7 @@ this module imports it on first use, adds a ``register_fake`` per op (so ``torch
 ``torch.library.opcheck`` can trace them), and adapts :class:`~sparsekern.formats.Pattern`
 metadata to the ops' arguments.
 
-Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstructured):
+Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix units; ``(1, 1)`` means unstructured):
 
 * ``linear_fwd(x, weight, bias, crow, col, block, win_ptr=None, win_idx=None, window=0)``,
   ``linear_dx(dy, weight, ccol, row, block, win_ptr=None, win_idx=None, window=0)``,
@@ -23,9 +23,10 @@ Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstru
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
 
-The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, which are cached per mask
-version; the values are read from the dense weight inside each op (they change every optimizer
-step), so nothing derived from the weight values is cached here.
+The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, and the column windows from
+``meta.derived(...)``: all cached per mask version in the pattern's
+:class:`~sparsekern.formats.MetaCache`.  The values are read from the dense weight inside each op
+(they change every optimizer step), so nothing derived from the weight values is cached.
 """
 
 from __future__ import annotations
@@ -174,21 +175,18 @@ def _windows_enabled() -> bool:
 
 
 def _windows(meta, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window-major copy of ``meta`` (CSR, or its CSC when ``transposed``), built once and kept on
-    the metadata object, which lives as long as the mask version it describes."""
-    cache = meta.__dict__.get("_cpp_windows")
-    if cache is None:
-        cache = {}
-        object.__setattr__(meta, "_cpp_windows", cache)
-    key = (transposed, WINDOW)
-    if key not in cache:
+    """Window-major copy of ``meta`` (CSR, or its CSC when ``transposed``), derived once per mask
+    version through the metadata's cache."""
+
+    def build():
         rows, cols = meta.shape
         if transposed:
             ptr, idx, ncols = meta.ccol_indices, meta.row_indices, rows
         else:
             ptr, idx, ncols = meta.crow_indices, meta.col_indices, cols
-        cache[key] = torch.ops.sparsekern.csr_windows(_i32(ptr, "ptr"), _i32(idx, "idx"), ncols, WINDOW)
-    return cache[key]
+        return torch.ops.sparsekern.csr_windows(_i32(ptr, "ptr"), _i32(idx, "idx"), ncols, WINDOW)
+
+    return meta.derived(("cpp.windows", transposed, WINDOW), build)
 
 
 def _window_args(pattern, batch: int, transposed: bool) -> dict:

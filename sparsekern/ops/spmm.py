@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import Pattern
+from ..formats import BlockSize, Pattern
 from ._common import check_mask, check_weight
 from .linear import linear
 
@@ -35,7 +35,8 @@ def spmm(
         raise TypeError("mask: spmm(transpose=False) takes a boolean tensor, not a Pattern")
     check_weight(weight)
     check_mask(mask, weight, "mask")
-    if isinstance(block_size, (tuple, list)) and len(block_size) == 2:
-        block_size = (block_size[1], block_size[0])
+    if isinstance(block_size, (tuple, list)) and len(block_size) == 2:  # the tile of the transpose
+        rows, cols = block_size
+        block_size = BlockSize(cols, rows) if isinstance(block_size, BlockSize) else (cols, rows)
     wt, mt = weight.t().contiguous(), mask.t().contiguous()
     return linear(a, wt, None, mt, None, backend=backend, layout=layout, block_size=block_size, op="spmm")

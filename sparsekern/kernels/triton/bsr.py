@@ -230,7 +230,7 @@ _bsr_sddmm_tuned = Tuned(
 
 
 # ------------------------------------------------------------------------------------------
-# derived metadata (cached on the index tensors, like the metadata itself)
+# derived metadata (cached with the metadata, in the mask's MetaCache)
 # ------------------------------------------------------------------------------------------
 
 
@@ -249,22 +249,18 @@ def _row_ids(meta: CSRMeta) -> torch.Tensor:
 def walk_orders(meta: CSRMeta) -> dict[str, torch.Tensor]:
     """Heaviest-first order of rows and of columns, and the row of each stored entry.
 
-    Built on the metadata's device (no host sync) and cached on ``meta.crow_indices``, so it is
-    rebuilt exactly when the metadata is.
+    Built on the metadata's device (no host sync) through ``meta.derived``, so it is built once
+    and rebuilt exactly when the metadata is.
     """
-    cached = getattr(meta.crow_indices, "_sparsekern_triton_orders", None)
-    if cached is not None:
-        return cached
-    orders = {
-        "row_order": _lengths_order(meta.crow_indices),
-        "col_order": _lengths_order(meta.ccol_indices),
-        "row_ids": _row_ids(meta),
-    }
-    try:
-        meta.crow_indices._sparsekern_triton_orders = orders
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
-        pass
-    return orders
+
+    def build() -> dict[str, torch.Tensor]:
+        return {
+            "row_order": _lengths_order(meta.crow_indices),
+            "col_order": _lengths_order(meta.ccol_indices),
+            "row_ids": _row_ids(meta),
+        }
+
+    return meta.derived("triton.walk_orders", build)
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ...formats import BSRMeta, CSRMeta
 from ._launch import Tuned, acc_dtype, check_dtype, dot_upcast, empty, resolve_precision
+from .bsr import walk_orders
 
 __all__ = [
     "bsr_conv2d_fwd",
@@ -460,11 +461,7 @@ def _precision_args(dtype, precision):
 
 def _block_channels(meta: BSRMeta, weight_shape) -> tuple[int, int]:
     """Channel tile ``(BO, BK)`` of a conv block pattern (its matrix tile is ``(BO, BK·kh·kw)``)."""
-    taps = weight_shape[2] * weight_shape[3]
-    bo, bkk = meta.block
-    if bkk % taps:
-        raise ValueError(f"meta: block {meta.block} does not span whole input channels of a {weight_shape} weight")
-    return bo, bkk // taps
+    return meta.block.channels(weight_shape, name="meta")
 
 
 def bsr_conv2d_fwd(x, weight, bias, meta: BSRMeta, conv, *, precision=None, config=None):
@@ -532,7 +529,7 @@ def bsr_conv2d_dw(dy, x, meta: BSRMeta, weight_shape, conv, *, precision=None, c
     if bl.nnz == 0 or NP == 0:
         return dw
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=bl.row_ids().to(torch.int32), cols_ptr=bl.col_indices,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=walk_orders(bl)["row_ids"], cols_ptr=bl.col_indices,
         NP=NP, O=O, C=C, H=H, W=W, Ho=Ho, Wo=Wo,
         sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
@@ -601,7 +598,7 @@ def csr_conv2d_dw(dy, x, meta: CSRMeta, weight_shape, conv, *, config=None):
     if meta.nnz == 0 or NP == 0:
         return dw
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=meta.row_ids().to(torch.int32), cols_ptr=meta.col_indices,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=walk_orders(meta)["row_ids"], cols_ptr=meta.col_indices,
         nnz=meta.nnz, NP=NP, H=H, W=W, Ho=Ho, Wo=Wo,
         sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
