@@ -247,13 +247,13 @@ def triton_fns(case: Case, mask, w, x, dy):
     _ = pat.bsr() if case.block else pat.csr()  # metadata built once, outside the timed region
 
     def fwd():
-        return be.linear_forward(x, w, None, pat)
+        return be.linear_fwd(x, w, None, pat)
 
     def bwd():
-        return be.linear_input_grad(dy, w, pat), be.linear_weight_grad(dy, x, pat)
+        return be.linear_dx(dy, w, pat), be.linear_dw(dy, x, pat)
 
     def both():
-        return fwd(), be.linear_input_grad(dy, w, pat), be.linear_weight_grad(dy, x, pat)
+        return fwd(), be.linear_dx(dy, w, pat), be.linear_dw(dy, x, pat)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
@@ -521,11 +521,11 @@ def compile_only(arch: int, quick: bool) -> int:
         p = "*" + dt
         for blk in blocks:
             for kernel, configs, fit, types, extra in (
-                (bsr._spmm_bsr_kernel, bsr._spmm_configs(), bsr._fit_spmm,
+                (bsr._bsr_spmm_kernel, bsr._bsr_spmm_configs(), bsr._bsr_spmm_fit,
                  dict(a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
                       N="i32", R="i32", C="i32", n_rblocks="i32", stride_wr="i32", stride_wc="i32", n_hint="i32"),
                  dict(BR=blk, BC=blk, HAS_BIAS=True)),
-                (bsr._sddmm_bsr_kernel, bsr._sddmm_configs(), bsr._fit_sddmm,
+                (bsr._bsr_sddmm_kernel, bsr._bsr_sddmm_configs(), bsr._bsr_sddmm_fit,
                  dict(dy_ptr=p, x_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", N="i32", M="i32", K="i32",
                       n_hint="i32"),
                  dict(BO=blk, BK=blk)),
@@ -547,11 +547,11 @@ def compile_only(arch: int, quick: bool) -> int:
         if prec == "tf32":
             continue
         for kernel, configs, types, extra in (
-            (csr._spmm_csr_kernel, csr._spmm_configs(),
+            (csr._csr_spmm_kernel, csr._csr_spmm_configs(),
              dict(bt_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
                   N="i32", R="i32", stride_wr="i32", stride_wc="i32", n_hint="i32", len_hint="i32"),
              dict(HAS_BIAS=True)),
-            (csr._sddmm_csr_kernel, csr._sddmm_configs(),
+            (csr._csr_sddmm_kernel, csr._csr_sddmm_configs(),
              dict(at_ptr=p, bt_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", nnz="i32", N="i32", K="i32",
                   n_hint="i32", nnz_hint="i32"),
              {}),

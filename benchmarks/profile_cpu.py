@@ -57,9 +57,9 @@ def profile_case(n: int, k: int, m: int, sparsity: float, threads: int, mrt: flo
     nnz = int(mask.sum())
     be = CppBackend()
     ops = {
-        "fwd": (lambda: F.linear(x, w), lambda: be.linear_forward(x, w, None, pat)),
-        "dx": (lambda: dy @ w, lambda: be.linear_input_grad(dy, w, pat)),
-        "dw": (lambda: dy.t() @ x, lambda: be.linear_weight_grad(dy, x, pat)),
+        "fwd": (lambda: F.linear(x, w), lambda: be.linear_fwd(x, w, None, pat)),
+        "dx": (lambda: dy @ w, lambda: be.linear_dx(dy, w, pat)),
+        "dw": (lambda: dy.t() @ x, lambda: be.linear_dw(dy, x, pat)),
     }
     torch.set_num_threads(threads)
     row = {"case": f"linear {k}->{m} N{n} unstr {sparsity:.0%}", "nnz": nnz}
@@ -76,9 +76,9 @@ def profile_case(n: int, k: int, m: int, sparsity: float, threads: int, mrt: flo
     row["floor_ms"] = 2 * row["read_w_ms"] + row["write_dw_ms"]
 
     def step():
-        be.linear_forward(x, w, None, pat)
-        be.linear_input_grad(dy, w, pat)
-        be.linear_weight_grad(dy, x, pat)
+        be.linear_fwd(x, w, None, pat)
+        be.linear_dx(dy, w, pat)
+        be.linear_dw(dy, x, pat)
 
     torch.set_num_threads(1)
     row["cpp_step_1t_ms"] = _ms(step, mrt)

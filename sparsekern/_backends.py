@@ -1,7 +1,10 @@
 """Backend registry and dispatch.
 
-Every backend implements the same trio per op (forward, input gradient, weight gradient on the
-gradient mask) for ``linear`` and ``conv2d``.  Which backend runs a call is decided once, in the
+Every backend implements the same trio of passes per op -- ``fwd`` (forward), ``dx`` (input
+gradient), ``dw`` (weight gradient on the gradient mask) -- as the methods ``linear_fwd / linear_dx
+/ linear_dw`` and ``conv2d_fwd / conv2d_dx / conv2d_dw``.  The lower-level ``spmm`` and ``sddmm``
+run on the linear trio but are ops of their own in :class:`CallInfo` (see :data:`OPS`), so a
+backend's verifier can refuse them separately.  Which backend runs a call is decided once, in the
 forward, and the backward reuses it:
 
 1. the ``backend=`` argument, then
@@ -26,8 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import BlockSize
+
 __all__ = [
     "BACKEND_NAMES",
+    "OPS",
+    "LINEAR_OPS",
     "AUTO_ORDER",
     "Backend",
     "BackendError",
@@ -43,6 +50,11 @@ logger = logging.getLogger("sparsekern")
 
 BACKEND_NAMES = ("triton", "cuda", "cpp", "reference")
 ENV_VAR = "SPARSEKERN_BACKEND"
+
+#: the values of :attr:`CallInfo.op`: one per public functional op
+OPS = ("linear", "conv2d", "spmm", "sddmm")
+#: the ops a backend runs with its linear trio (``linear_fwd / linear_dx / linear_dw``)
+LINEAR_OPS = ("linear", "spmm", "sddmm")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "reference"),
@@ -77,18 +89,18 @@ class ConvParams:
 class CallInfo:
     """What a backend's verifier gets to decide whether it can run a call."""
 
-    op: str  # "linear" | "conv2d"
+    op: str  # one of OPS
     device: torch.device
     dtype: torch.dtype
     layout: str  # weight-mask layout
-    block_size: tuple[int, int] | None  # matrix-unit block of the weight mask
+    block_size: BlockSize | None  # the weight mask's tile, in matrix units
     grad_layout: str
     conv: ConvParams | None = None
     weight_shape: tuple[int, ...] | None = None  # lets a verifier tell depthwise from other grouped convs
 
 
 class Backend:
-    """Interface of a backend.  Subclasses override the trio for each op they support."""
+    """Interface of a backend.  Subclasses override the trio (``fwd``, ``dx``, ``dw``) of each op they support."""
 
     name: str = "?"
     #: whether conv kernels take channels-last (NHWC-strided) tensors as they are
@@ -103,23 +115,23 @@ class Backend:
         return True, ""
 
     # linear: x [N, K], weight [M, K], dy [N, M]
-    def linear_forward(self, x, weight, bias, pattern):
+    def linear_fwd(self, x, weight, bias, pattern):
         raise BackendError(f"backend {self.name!r} has no linear forward")
 
-    def linear_input_grad(self, dy, weight, pattern):
+    def linear_dx(self, dy, weight, pattern):
         raise BackendError(f"backend {self.name!r} has no linear input gradient")
 
-    def linear_weight_grad(self, dy, x, grad_pattern):
+    def linear_dw(self, dy, x, grad_pattern):
         raise BackendError(f"backend {self.name!r} has no linear weight gradient")
 
     # conv2d: x [N, C, H, W], weight [O, C/groups, kh, kw]
-    def conv2d_forward(self, x, weight, bias, pattern, conv: ConvParams):
+    def conv2d_fwd(self, x, weight, bias, pattern, conv: ConvParams):
         raise BackendError(f"backend {self.name!r} has no conv2d forward")
 
-    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv: ConvParams):
+    def conv2d_dx(self, dy, weight, pattern, input_shape, conv: ConvParams):
         raise BackendError(f"backend {self.name!r} has no conv2d input gradient")
 
-    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
+    def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
         raise BackendError(f"backend {self.name!r} has no conv2d weight gradient")
 
 
@@ -194,8 +206,8 @@ def backend_report(device: str = "cpu", dtype: torch.dtype = torch.float32) -> l
     """For each op and layout on ``device``: every backend's verdict and the one chosen."""
     rows = []
     dev = torch.device(device)
-    for op in ("linear", "conv2d"):
-        for layout, block in (("unstructured", None), ("block", (32, 32))):
+    for op in OPS:
+        for layout, block in (("unstructured", None), ("block", BlockSize(32, 32))):
             info = CallInfo(op, dev, dtype, layout, block, layout, ConvParams() if op == "conv2d" else None)
             verdicts = {n: _check(n, info) for n in BACKEND_NAMES}
             order = AUTO_ORDER.get(dev.type, ("reference",))

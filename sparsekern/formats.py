@@ -11,9 +11,17 @@ device, the metadata kernels read:
 * :class:`BSRMeta` -- the *block* layout ``(bo, bk)``: the same structure over tiles of the
   matrix padded up to a multiple of the block.
 
-:class:`Pattern` bundles a mask with its layout and builds either metadata lazily, once; the
-result is cached on the mask tensor itself and rebuilt only when the mask's version counter
-changes (any in-place write to the mask bumps it).
+:class:`Pattern` bundles a mask with its layout and builds either metadata lazily, once.
+
+Derived data lives in one place, a :class:`MetaCache`.  :func:`pattern_of` keeps one per mask
+tensor, keyed by the tensor's identity and its version counter (any in-place write to the mask
+bumps it): the pattern, its CSR / BSR metadata, the effective gradient pattern and whatever a
+backend derives from them (column windows, walk orders) are built once and rebuilt only when the
+mask changes.  Backends ask for what they need with ``pattern.derived(key, build)`` or
+``meta.derived(key, build)`` instead of keeping caches of their own.
+
+Block sizes inside the library are :class:`BlockSize` tiles in matrix units; users give an int or
+a pair in channel units, which :meth:`BlockSize.of` converts once, at the boundary.
 
 Indices are ``int32`` unless a dimension or the number of nonzeros would overflow it, in which
 case ``int64`` is used.
@@ -22,13 +30,18 @@ case ``int64`` is used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
     "LAYOUTS",
+    "BlockSize",
+    "MetaCache",
+    "meta_cache",
     "CSRMeta",
     "BSRMeta",
     "Pattern",
@@ -38,6 +51,7 @@ __all__ = [
     "build_bsr",
     "block_mask_of",
     "expand_block_mask",
+    "is_block_constant",
     "pattern_of",
     "to_torch_sparse_csr",
     "to_torch_sparse_bsr",
@@ -79,6 +93,138 @@ def normalize_block_size(block_size, *, name: str = "block_size") -> tuple[int, 
     return pair
 
 
+def _taps(shape: Sequence[int]) -> int:
+    """Kernel taps ``kh * kw`` of a 4-D conv weight shape (1 for a linear one)."""
+    return shape[2] * shape[3] if len(shape) == 4 else 1
+
+
+class BlockSize(NamedTuple):
+    """A block tile in matrix units: ``rows`` x ``cols`` entries of the ``[out, in/groups*kh*kw]``
+    matrix view of a weight.
+
+    The one unit of block sizes inside the library: :attr:`Pattern.block_size`,
+    :attr:`BSRMeta.block`, ``CallInfo.block_size`` and the C++ ops' ``block`` argument are all
+    matrix tiles.  Users give channel units instead -- ``b`` or ``(bo, bk)``: ``bo`` output by
+    ``bk`` input channels, spanning every kernel tap of a conv -- and :meth:`of` converts them, once,
+    at the boundary; :meth:`channels` converts back.  A ``BlockSize`` compares and unpacks like the
+    pair ``(rows, cols)`` and prints as one.
+    """
+
+    rows: int
+    cols: int
+
+    def __str__(self) -> str:
+        return str(tuple(self))
+
+    @classmethod
+    def of(cls, block_size, shape: Sequence[int] = (), *, name: str = "block_size") -> BlockSize:
+        """The matrix tile of a user block size for a weight (or mask) of ``shape``.
+
+        Args:
+            block_size: ``b`` or ``(bo, bk)`` in channel units, sides in
+                :data:`SUPPORTED_BLOCK_SIZES` (for a 4-D ``shape`` the column side is multiplied by
+                ``kh*kw``); a ``BlockSize`` is already in matrix units and is returned as it is.
+            shape: the weight's shape; ``()`` reads ``block_size`` as a matrix tile directly.
+
+        Raises:
+            ValueError: ``block_size`` is not an int or a pair of supported sides.
+        """
+        if isinstance(block_size, BlockSize):
+            return block_size
+        bo, bk = normalize_block_size(block_size, name=name)
+        return cls(bo, bk * _taps(shape))
+
+    def channels(self, shape: Sequence[int], *, name: str = "block_size") -> tuple[int, int]:
+        """``(bo, bk)`` in channel units for a weight of ``shape`` (the inverse of :meth:`of`)."""
+        taps = _taps(shape)
+        if self.cols % taps:
+            raise ValueError(f"{name}: block {self} does not span whole input channels of a {tuple(shape)} weight")
+        return self.rows, self.cols // taps
+
+
+def _as_key(key: Hashable) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+class MetaCache:
+    """Everything derived from one boolean mask, built on first use and kept until the mask changes.
+
+    :func:`meta_cache` finds the cache of a mask tensor: it compares the tensor's identity and
+    version counter with those the cache was filled for and starts a new, empty cache when either
+    differs, so nothing derived from an old mask outlives a change and nothing is rebuilt while the
+    mask stays the same.  A :class:`Pattern` or metadata object keeps the cache it was built with,
+    so it stays consistent with the mask version it describes.
+
+    Keys are tuples whose first item names the kind of entry; data derived from a cached metadata
+    object extends that object's key.  What :func:`pattern_of`'s cache holds:
+
+    * ``("pattern", layout, block)``: the :class:`Pattern` itself;
+    * ``("csr",)``, ``("bsr", block)``: :class:`CSRMeta` / :class:`BSRMeta` (``Pattern.csr()`` /
+      ``Pattern.bsr()``); ``("nnz",)``: the number of stored entries;
+    * ``("grad_pattern", layout, block)``: the effective gradient pattern ``G & M``, which also
+      depends on ``G`` (see ``deps`` in :meth:`get`);
+    * backend data, e.g. ``("csr", "cpp.windows", transposed, window)`` (column windows of the
+      ``cpp`` backend) and ``("bsr", block, "triton.walk_orders")`` (the Triton walk orders).
+
+    Derived data never travels: a pickled or deep-copied cache arrives empty.
+    """
+
+    __slots__ = ("_owner", "_version", "_items")
+
+    def __init__(self, mask: torch.Tensor | None = None) -> None:
+        self._owner = None if mask is None else id(mask)
+        self._version = None if mask is None else mask._version
+        self._items: dict[tuple, tuple[tuple, Any]] = {}
+
+    def describes(self, mask: torch.Tensor) -> bool:
+        """Whether this is the cache of ``mask`` as it is now (same tensor, same version)."""
+        return self._owner == id(mask) and self._version == mask._version
+
+    def get(self, key: Hashable, build: Callable[[], Any], *, deps: Sequence[torch.Tensor] = ()) -> Any:
+        """The entry ``key``, made by ``build()`` on first use.
+
+        ``deps``: other tensors the entry depends on; it is rebuilt when any of them is a different
+        tensor or has been written to since it was built.
+        """
+        key = _as_key(key)
+        sig = tuple((d, d._version) for d in deps)
+        hit = self._items.get(key)
+        if hit is not None and len(hit[0]) == len(sig) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(hit[0], sig)
+        ):
+            return hit[1]
+        value = build()
+        self._items[key] = (sig, value)
+        return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The entry ``key`` if it has been built, else ``None`` (builds nothing)."""
+        hit = self._items.get(_as_key(key))
+        return None if hit is None else hit[1]
+
+    def keys(self) -> list[tuple]:
+        """The keys of the entries built so far."""
+        return list(self._items)
+
+    def __reduce__(self):
+        return (MetaCache, ())
+
+
+_CACHE_ATTR = "_sparsekern_meta"
+
+
+def meta_cache(mask: torch.Tensor) -> MetaCache:
+    """The :class:`MetaCache` of ``mask`` as it is now (a new, empty one after any change)."""
+    cache = getattr(mask, _CACHE_ATTR, None)
+    if cache is None or not cache.describes(mask):
+        cache = MetaCache(mask)
+        try:
+            setattr(mask, _CACHE_ATTR, cache)
+        except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
+            pass
+    return cache
+
+
 def _check_bool_mask(mask: torch.Tensor, name: str = "mask") -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
@@ -103,6 +249,9 @@ class CSRMeta:
         row_indices: ``[nnz]``, row of each CSC entry, ascending within a column.
         transpose_perm: ``[nnz]``, CSR position of each CSC entry.
         nnz: number of stored entries (a host int).
+
+    Data derived from it goes through :meth:`derived`: into the mask's :class:`MetaCache` when
+    the metadata came from a :class:`Pattern`, else into a cache of its own.
     """
 
     shape: tuple[int, int]
@@ -112,6 +261,12 @@ class CSRMeta:
     row_indices: torch.Tensor
     transpose_perm: torch.Tensor
     nnz: int
+    _cache: MetaCache = field(default_factory=MetaCache, repr=False, compare=False)
+    _key: tuple = field(default=(), repr=False, compare=False)
+
+    def derived(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """Data derived from this metadata, built by ``build()`` once (see :class:`MetaCache`)."""
+        return self._cache.get(self._key + _as_key(key), build)
 
     @property
     def device(self) -> torch.device:
@@ -228,8 +383,12 @@ class BSRMeta:
     """
 
     shape: tuple[int, int]
-    block: tuple[int, int]
+    block: BlockSize
     blocks: CSRMeta
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, BlockSize):
+            object.__setattr__(self, "block", BlockSize(*self.block))
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -275,9 +434,12 @@ class BSRMeta:
 
 
 def block_mask_of(mask: torch.Tensor, block) -> torch.Tensor:
-    """``[ceil(rows/bo), ceil(cols/bk)]`` boolean grid: True where the tile has any True entry."""
+    """``[ceil(rows/bo), ceil(cols/bk)]`` boolean grid: True where the tile has any True entry.
+
+    ``block``: a matrix tile (an int / pair of supported sides, or a :class:`BlockSize`).
+    """
     _check_bool_mask(mask)
-    bo, bk = normalize_block_size(block, name="block")
+    bo, bk = BlockSize.of(block, name="block")
     return block_mask_of_matrix(as_matrix(mask), bo, bk)
 
 
@@ -289,8 +451,11 @@ def expand_block_mask(block_mask: torch.Tensor, block, shape) -> torch.Tensor:
 
 
 def build_bsr(mask: torch.Tensor, block) -> BSRMeta:
-    """BSR + transposed metadata of a block-constant boolean mask (edges are padded)."""
-    blk = normalize_block_size(block, name="block")
+    """BSR + transposed metadata of a block-constant boolean mask (edges are padded).
+
+    ``block``: a matrix tile (an int / pair of supported sides, or a :class:`BlockSize`).
+    """
+    blk = BlockSize.of(block, name="block")
     m = as_matrix(mask)
     bmask = block_mask_of(m, blk)
     if not torch.equal(expand_block_mask(bmask, blk, m.shape), m):
@@ -313,17 +478,19 @@ class Pattern:
     Args:
         mask: boolean tensor of the weight's shape (2-D linear or 4-D conv).
         layout: ``"unstructured"`` or ``"block"``.
-        block_size: for ``"block"``: ``(bo, bk)`` in *matrix* units (rows x columns of the
-            ``[out, in/groups*kh*kw]`` view); each side in :data:`SUPPORTED_BLOCK_SIZES` times
-            ``kh*kw`` for the column side of a conv.  Use :func:`pattern_of` to pass channel blocks.
+        block_size: for ``"block"``: the tile in *matrix* units, a :class:`BlockSize` or a pair
+            ``(rows, cols)`` of the ``[out, in/groups*kh*kw]`` view (the column side of a conv tile
+            is ``bk * kh * kw``).  Use :func:`pattern_of` to pass channel blocks.
+
+    Everything derived from the mask is built once, on first use, into the pattern's
+    :class:`MetaCache` (``derived``): the mask's shared cache for a pattern from
+    :func:`pattern_of`, a cache of its own for one constructed directly.
     """
 
     mask: torch.Tensor
     layout: str = "unstructured"
-    block_size: tuple[int, int] | None = None
-    _csr: CSRMeta | None = field(default=None, repr=False)
-    _bsr: BSRMeta | None = field(default=None, repr=False)
-    _nnz: int | None = field(default=None, repr=False)
+    block_size: BlockSize | None = None
+    _cache: MetaCache | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_bool_mask(self.mask)
@@ -333,6 +500,16 @@ class Pattern:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
         if self.layout == "block" and self.block_size is None:
             raise ValueError("block_size: required when layout='block'")
+        if self.block_size is not None and not isinstance(self.block_size, BlockSize):
+            try:
+                rows, cols = self.block_size
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"block_size: expected a BlockSize or a (rows, cols) pair in matrix units, got {self.block_size!r}"
+                ) from None
+            self.block_size = BlockSize(rows, cols)
+        if self._cache is None:
+            self._cache = MetaCache()
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -346,24 +523,32 @@ class Pattern:
     def device(self) -> torch.device:
         return self.mask.device
 
+    @property
+    def cache(self) -> MetaCache:
+        """The :class:`MetaCache` that holds everything derived from this pattern's mask."""
+        return self._cache
+
+    def derived(self, key: Hashable, build: Callable[[], Any], *, deps: Sequence[torch.Tensor] = ()) -> Any:
+        """Data derived from the mask, built by ``build()`` once (see :meth:`MetaCache.get`)."""
+        return self._cache.get(key, build, deps=deps)
+
     def csr(self) -> CSRMeta:
-        if self._csr is None:
-            self._csr = build_csr(self.mask)
-            self._nnz = self._csr.nnz
-        return self._csr
+        return self.derived(("csr",), lambda: replace(build_csr(self.mask), _cache=self._cache, _key=("csr",)))
 
     def bsr(self) -> BSRMeta:
         if self.layout != "block":
             raise ValueError("bsr(): this pattern has layout 'unstructured'; build a block pattern instead")
-        if self._bsr is None:
-            bo, bk = self.block_size
-            self._bsr = BSRMeta(tuple(self.matrix.shape), (bo, bk), build_csr(block_mask_of_matrix(self.matrix, bo, bk)))
-        return self._bsr
+        key = ("bsr", self.block_size)
+
+        def build() -> BSRMeta:
+            blocks = build_csr(block_mask_of_matrix(self.matrix, *self.block_size))
+            return BSRMeta(tuple(self.matrix.shape), self.block_size, replace(blocks, _cache=self._cache, _key=key))
+
+        return self.derived(key, build)
 
     def nnz(self) -> int:
-        if self._nnz is None:
-            self._nnz = int(self.mask.sum())
-        return self._nnz
+        csr = self._cache.peek(("csr",))
+        return self.derived(("nnz",), lambda: csr.nnz if csr is not None else int(self.mask.sum()))
 
     def density(self) -> float:
         n = self.mask.numel()
@@ -371,17 +556,17 @@ class Pattern:
 
     def validate(self) -> None:
         """Check the mask and any metadata already built; raise ``ValueError`` if inconsistent."""
-        if self.layout == "block":
+        if self.layout == "block" and not is_block_constant(self.matrix, self.block_size):
             bo, bk = self.block_size
-            bm = block_mask_of_matrix(self.matrix, bo, bk)
-            if not torch.equal(expand_block_mask(bm, (bo, bk), self.matrix.shape), self.matrix):
-                raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
-        if self._csr is not None:
-            self._csr.validate()
-            if not torch.equal(self._csr.to_mask(), self.matrix):
+            raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+        csr = self._cache.peek(("csr",))
+        if csr is not None:
+            csr.validate()
+            if not torch.equal(csr.to_mask(), self.matrix):
                 raise ValueError("csr metadata: does not describe the current mask (stale cache?)")
-        if self._bsr is not None:
-            self._bsr.validate()
+        bsr = self._cache.peek(("bsr", self.block_size)) if self.layout == "block" else None
+        if bsr is not None:
+            bsr.validate()
 
 
 def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
@@ -393,35 +578,37 @@ def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
     return padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
 
 
+def is_block_constant(m: torch.Tensor, block) -> bool:
+    """Whether the 2-D boolean matrix ``m`` is constant on every ``block = (bo, bk)`` tile."""
+    bo, bk = block
+    return torch.equal(expand_block_mask(block_mask_of_matrix(m, bo, bk), (bo, bk), m.shape), m)
+
+
 def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None, *, name: str = "mask") -> Pattern:
     """The cached :class:`Pattern` of ``mask``; rebuilt only when the mask has been written to.
 
     ``block_size`` is in channel units ``(out_channels, in_channels)``: for a 4-D conv mask the
-    column side of a tile covers ``bk`` input channels times every ``kh*kw`` tap.  The pattern is
-    cached on the tensor and keyed by its version counter, layout and block.
+    column side of a tile covers ``bk`` input channels times every ``kh*kw`` tap (a
+    :class:`BlockSize` is taken as the matrix tile).  The pattern lives in the mask's
+    :class:`MetaCache` (:func:`meta_cache`), with everything derived from it.
     """
     _check_bool_mask(mask, name)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    mblock = None
+    block = None
     if layout == "block":
         if block_size is None:
             raise ValueError("block_size: required when layout='block'")
-        bo, bk = normalize_block_size(block_size)
-        taps = mask.shape[2] * mask.shape[3] if mask.dim() == 4 else 1
-        mblock = (bo, bk * taps)
-    key = (mask._version, layout, mblock)
-    cached = getattr(mask, "_sparsekern_pattern", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    pat = Pattern(mask, layout, mblock)
-    if layout == "block":
-        pat.validate()  # a block layout must be block-constant
-    try:
-        mask._sparsekern_pattern = (key, pat)
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
-        pass
-    return pat
+        block = BlockSize.of(block_size, mask.shape)
+    cache = meta_cache(mask)
+
+    def build() -> Pattern:
+        pat = Pattern(mask, layout, block, cache)
+        if layout == "block":
+            pat.validate()  # a block layout must be block-constant
+        return pat
+
+    return cache.get(("pattern", layout, block), build)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,18 +633,20 @@ def to_torch_sparse_csr(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def to_torch_sparse_bsr(weight: torch.Tensor, mask: torch.Tensor, block_size) -> torch.Tensor:
     """``torch.sparse_bsr`` tensor of ``weight`` at a block-constant ``mask``.
 
+    ``block_size``: the matrix tile (an int / pair of supported sides, or a :class:`BlockSize`).
     ``torch.sparse`` BSR has no padding, so the matrix shape must be a multiple of the block.
     """
     _check_bool_mask(mask)
     if weight.shape != mask.shape:
         raise ValueError(f"weight: expected shape {tuple(mask.shape)} (the mask's), got {tuple(weight.shape)}")
-    bo, bk = normalize_block_size(block_size)
+    blk = BlockSize.of(block_size)
+    bo, bk = blk
     m = as_matrix(mask)
     if m.shape[0] % bo or m.shape[1] % bk:
         raise ValueError(
             f"block_size: torch.sparse BSR needs the matrix shape {tuple(m.shape)} to be a multiple of {(bo, bk)}"
         )
-    meta = build_bsr(m, (bo, bk))
+    meta = build_bsr(m, blk)
     w = as_matrix(weight)
     rb, cb = meta.blocks.shape
     tiles = w.reshape(rb, bo, cb, bk).permute(0, 2, 1, 3)

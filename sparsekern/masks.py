@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .formats import LAYOUTS, expand_block_mask, normalize_block_size
+from .formats import LAYOUTS, BlockSize, expand_block_mask
 
 __all__ = [
     "check_sparsity",
@@ -44,11 +44,9 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
     return s
 
 
-def matrix_block(shape: Sequence[int], block_size) -> tuple[int, int]:
-    """Channel block ``(bo, bk)`` -> tile of the ``[out, in*kh*kw]`` matrix view."""
-    bo, bk = normalize_block_size(block_size)
-    taps = shape[2] * shape[3] if len(shape) == 4 else 1
-    return bo, bk * taps
+def matrix_block(shape: Sequence[int], block_size) -> BlockSize:
+    """Channel block ``b`` / ``(bo, bk)`` -> tile of the ``[out, in*kh*kw]`` matrix view."""
+    return BlockSize.of(block_size, shape)
 
 
 def _check_layout(layout, block_size):

@@ -94,13 +94,13 @@ def _sub_mask(mask: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
 def _check_linear(be, x, w, b, pat, gpat, dtype):
     M, K = w.shape
     wp = _poisoned(w, pat.mask)
-    y = be.linear_forward(x, wp, b, pat)
-    assert_close(y, ref.linear_forward(x, w, b, pat.mask), dtype=dtype)
+    y = be.linear_fwd(x, wp, b, pat)
+    assert_close(y, ref.linear_fwd(x, w, b, pat.mask), dtype=dtype)
     dy = torch.randn(x.shape[0], M, dtype=dtype)
-    dx = be.linear_input_grad(dy, wp, pat)
-    assert_close(dx, ref.linear_input_grad(dy, w, pat.mask), dtype=dtype)
-    dw = be.linear_weight_grad(dy, x, gpat)
-    assert_close(dw, ref.linear_weight_grad(dy, x, gpat.mask), dtype=dtype)
+    dx = be.linear_dx(dy, wp, pat)
+    assert_close(dx, ref.linear_dx(dy, w, pat.mask), dtype=dtype)
+    dw = be.linear_dw(dy, x, gpat)
+    assert_close(dw, ref.linear_dw(dy, x, gpat.mask), dtype=dtype)
     assert bool((dw[~gpat.mask] == 0).all()), "dW must be exactly zero outside the gradient mask"
 
 
@@ -111,7 +111,7 @@ def _check_linear(be, x, w, b, pat, gpat, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", linear_cases(), ids=lambda c: c.id)
-def test_linear_unstructured_vs_reference(be, case, dtype):
+def test_linear_fwd_dx_dw_unstructured_vs_reference(be, case, dtype):
     M, K = case.out_features, case.in_features
     mask = make_mask((M, K), case.kind, case.density)
     w = torch.randn(M, K, dtype=dtype)
@@ -136,7 +136,7 @@ BLOCK_LINEAR = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k,m,block,density,empty", BLOCK_LINEAR, ids=lambda v: str(v))
-def test_linear_block_vs_reference(be, n, k, m, block, density, empty, dtype):
+def test_linear_fwd_dx_dw_block_vs_reference(be, n, k, m, block, density, empty, dtype):
     blk = block if isinstance(block, tuple) else (block, block)
     mask = make_block_mask((m, k), blk, density, empty_block_rows=empty)
     w = torch.randn(m, k, dtype=dtype)
@@ -185,19 +185,19 @@ def test_sparse_linear_noncontiguous_and_batched_input():
 
 def _check_conv(be, x, w, b, pat, gpat, conv, dtype):
     wp = _poisoned(w, pat.mask)
-    y = be.conv2d_forward(x, wp, b, pat, conv)
-    assert_close(y, ref.conv2d_forward(x, w, b, pat.mask, conv), dtype=dtype)
+    y = be.conv2d_fwd(x, wp, b, pat, conv)
+    assert_close(y, ref.conv2d_fwd(x, w, b, pat.mask, conv), dtype=dtype)
     dy = torch.randn_like(y)
-    dx = be.conv2d_input_grad(dy, wp, pat, tuple(x.shape), conv)
-    assert_close(dx, ref.conv2d_input_grad(dy, w, pat.mask, tuple(x.shape), conv), dtype=dtype)
-    dw = be.conv2d_weight_grad(dy, x, gpat, tuple(w.shape), conv)
-    assert_close(dw, ref.conv2d_weight_grad(dy, x, gpat.mask, tuple(w.shape), conv), dtype=dtype)
+    dx = be.conv2d_dx(dy, wp, pat, tuple(x.shape), conv)
+    assert_close(dx, ref.conv2d_dx(dy, w, pat.mask, tuple(x.shape), conv), dtype=dtype)
+    dw = be.conv2d_dw(dy, x, gpat, tuple(w.shape), conv)
+    assert_close(dw, ref.conv2d_dw(dy, x, gpat.mask, tuple(w.shape), conv), dtype=dtype)
     assert bool((dw[~gpat.mask] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", conv_cases(), ids=lambda c: c.id)
-def test_conv_unstructured_vs_reference(be, case, dtype):
+def test_conv2d_fwd_dx_dw_unstructured_vs_reference(be, case, dtype):
     wshape = (case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel)
     mask = make_mask(wshape, case.kind, case.density)
     w = torch.randn(wshape, dtype=dtype)
@@ -221,7 +221,7 @@ BLOCK_CONV = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c,o,hw,k,s,p,d,block,density,empty", BLOCK_CONV, ids=lambda v: str(v))
-def test_conv_block_vs_reference(be, n, c, o, hw, k, s, p, d, block, density, empty, dtype):
+def test_conv2d_fwd_dx_dw_block_vs_reference(be, n, c, o, hw, k, s, p, d, block, density, empty, dtype):
     wshape = (o, c, k, k)
     blk = (block, block)
     mask = make_block_mask(wshape, blk, density, empty_block_rows=empty)
@@ -236,7 +236,7 @@ def test_conv_block_vs_reference(be, n, c, o, hw, k, s, p, d, block, density, em
 
 
 @pytest.mark.parametrize("mult", [1, 2])
-def test_depthwise_block_layout_and_multiplier(be, mult):
+def test_dwconv2d_block_layout_and_multiplier(be, mult):
     C = 32
     wshape = (C * mult, 1, 3, 3)
     mask = make_block_mask(wshape, (16, 16), 0.5)
@@ -349,16 +349,16 @@ def _all_passes(be, layout):
         mask = make_mask((m, k), "random", 0.2)
         pat = Pattern(mask)
     w, x, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(n, m)
-    outs = [be.linear_forward(x, w, None, pat), be.linear_input_grad(dy, w, pat), be.linear_weight_grad(dy, x, pat)]
+    outs = [be.linear_fwd(x, w, None, pat), be.linear_dx(dy, w, pat), be.linear_dw(dy, x, pat)]
     wc = torch.randn(40, 24, 3, 3)
     cmask = make_block_mask(wc.shape, (16, 16), 0.6) if layout == "block" else make_mask(wc.shape, "random", 0.2)
     cpat = pattern_of(cmask, "block", 16) if layout == "block" else Pattern(cmask)
     xc = torch.randn(3, 24, 11, 10)
     conv = ConvParams((1, 1), (1, 1), (1, 1), 1)
-    yc = be.conv2d_forward(xc, wc, None, cpat, conv)
+    yc = be.conv2d_fwd(xc, wc, None, cpat, conv)
     dyc = torch.randn_like(yc)
-    outs += [yc, be.conv2d_input_grad(dyc, wc, cpat, tuple(xc.shape), conv)]
-    outs += [be.conv2d_weight_grad(dyc, xc, cpat, tuple(wc.shape), conv)]
+    outs += [yc, be.conv2d_dx(dyc, wc, cpat, tuple(xc.shape), conv)]
+    outs += [be.conv2d_dw(dyc, xc, cpat, tuple(wc.shape), conv)]
     return outs
 
 
@@ -505,7 +505,7 @@ def algo_env(monkeypatch):
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in conv_cases() if c.groups == 1], ids=lambda c: c.id)
-def test_conv_algo_unstructured_vs_reference(be, algo_env, case, dtype, algo):
+def test_conv2d_algo_unstructured_vs_reference(be, algo_env, case, dtype, algo):
     algo_env(algo)
     wshape = (case.out_channels, case.in_channels, case.kernel, case.kernel)
     mask = make_mask(wshape, case.kind, case.density)
@@ -530,7 +530,7 @@ DIRECT_GEOMS = [
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("n,c,o,hw,k,s,p,d", DIRECT_GEOMS, ids=lambda v: str(v))
-def test_conv_algo_geometries_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, algo):
+def test_conv2d_algo_geometries_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, algo):
     algo_env(algo)
     mask = make_mask((o, c, *k), "random", 0.4)
     w, x = torch.randn(o, c, *k, dtype=torch.float64), torch.randn(n, c, *hw, dtype=torch.float64)
@@ -541,7 +541,7 @@ def test_conv_algo_geometries_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("n,c,o,hw,k,s,p,d,block,density,empty", BLOCK_CONV, ids=lambda v: str(v))
-def test_conv_algo_block_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, block, density, empty, algo):
+def test_conv2d_algo_block_vs_reference(be, algo_env, n, c, o, hw, k, s, p, d, block, density, empty, algo):
     algo_env(algo)
     wshape, blk = (o, c, k, k), (block, block)
     mask = make_block_mask(wshape, blk, density, empty_block_rows=empty)
@@ -579,14 +579,14 @@ def _conv_passes(be, layout):
     outs = []
     for s in (1, 2):
         conv = ConvParams((s, s), (1, 1), (1, 1), 1)
-        y = be.conv2d_forward(x, w, torch.randn(40), pat, conv)
+        y = be.conv2d_fwd(x, w, torch.randn(40), pat, conv)
         dy = torch.randn_like(y)
-        outs += [y, be.conv2d_input_grad(dy, w, pat, tuple(x.shape), conv), be.conv2d_weight_grad(dy, x, pat, wshape, conv)]
+        outs += [y, be.conv2d_dx(dy, w, pat, tuple(x.shape), conv), be.conv2d_dw(dy, x, pat, wshape, conv)]
     return outs
 
 
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
-def test_conv_direct_bit_identical_across_thread_counts(be, algo_env, layout):
+def test_conv2d_direct_bit_identical_across_thread_counts(be, algo_env, layout):
     algo_env("direct")
     before = torch.get_num_threads()
     try:
@@ -601,7 +601,7 @@ def test_conv_direct_bit_identical_across_thread_counts(be, algo_env, layout):
         assert torch.equal(a, b) and torch.equal(b, c)
 
 
-def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
+def test_conv2d_auto_algo_is_valid_and_forced_by_env(be, algo_env):
     shapes = [  # (input, weight, stride): ResNet-18 CIFAR 3x3 layers, a 1x1 and a tiny one
         ([32, 64, 32, 32], [64, 64, 3, 3], 1), ([32, 64, 32, 32], [128, 64, 3, 3], 2),
         ([32, 128, 16, 16], [128, 128, 3, 3], 1), ([32, 256, 8, 8], [256, 256, 3, 3], 1),
@@ -629,22 +629,22 @@ def test_conv_auto_algo_is_valid_and_forced_by_env(be, algo_env):
     pat = Pattern(mask)
     x, w = torch.randn(2, 4, 17, 16), torch.randn(6, 4, 3, 3)
     conv = ConvParams((1, 1), (1, 1), (1, 1), 1)
-    auto_y = be.conv2d_forward(x, w, None, pat, conv)
+    auto_y = be.conv2d_fwd(x, w, None, pat, conv)
     algo_env(cppmod.conv2d_algo("fwd", list(x.shape), list(w.shape), 1, 1, pattern=pat))
-    assert torch.equal(auto_y, be.conv2d_forward(x, w, None, pat, conv))
+    assert torch.equal(auto_y, be.conv2d_fwd(x, w, None, pat, conv))
     for forced in ALGOS:
         algo_env(forced)
         assert cppmod.conv2d_algo("dw", [32, 512, 4, 4], [512, 512, 3, 3], 1, 1) == forced
     algo_env("fastest")
     with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_CONV_ALGO"):
-        be.conv2d_forward(x, w, None, pat, conv)
+        be.conv2d_fwd(x, w, None, pat, conv)
     algo_env("auto")
     with pytest.raises(RuntimeError, match="op: expected"):
         cppmod.conv2d_algo("bwd", [1, 2, 3, 3], [2, 2, 3, 3])
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_conv_algo_every_instruction_set(be, algo_env, algo):
+def test_conv2d_algo_every_instruction_set(be, algo_env, algo):
     algo_env(algo)
     before = torch.ops.sparsekern.cpu_isa()
     try:

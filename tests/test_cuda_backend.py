@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not ok, reason=f"cuda backend unavailable here: 
 
 @pytest.mark.parametrize("case", linear_cases(), ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_linear_matches_reference(case, dtype):
+def test_linear_fwd_dx_dw_matches_reference(case, dtype):
     dev = "cuda"
     x = torch.randn(case.batch, case.in_features, device=dev, dtype=dtype, requires_grad=True)
     w = torch.randn(case.out_features, case.in_features, device=dev, dtype=dtype, requires_grad=True)
@@ -32,7 +32,7 @@ def test_linear_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 16)])
-def test_block_linear_matches_reference(block):
+def test_linear_fwd_dx_dw_block_matches_reference(block):
     dev = "cuda"
     w = torch.randn(70, 90, device=dev, requires_grad=True)
     mask = make_block_mask(w.shape, block, 0.4, device=dev, empty_block_rows=True)

@@ -22,17 +22,17 @@ class RecordingBackend(ReferenceBackend):
         self.name = name
         self.calls = []
 
-    def linear_forward(self, *a):
+    def linear_fwd(self, *a):
         self.calls.append("fwd")
-        return super().linear_forward(*a)
+        return super().linear_fwd(*a)
 
-    def linear_input_grad(self, *a):
+    def linear_dx(self, *a):
         self.calls.append("dx")
-        return super().linear_input_grad(*a)
+        return super().linear_dx(*a)
 
-    def linear_weight_grad(self, *a):
+    def linear_dw(self, *a):
         self.calls.append("dw")
-        return super().linear_weight_grad(*a)
+        return super().linear_dw(*a)
 
 
 class RefusingBackend(ReferenceBackend):
@@ -100,6 +100,47 @@ def test_explicit_backend_that_cannot_run_raises_with_reason(slot, monkeypatch):
         sk.sparse_linear(x, w, None, m)
 
 
+class OpRefusingBackend(RecordingBackend):
+    """Runs every op but ``refused``; records the ``CallInfo.op`` of each verdict."""
+
+    def __init__(self, name, refused):
+        super().__init__(name)
+        self.refused, self.ops = refused, []
+
+    def supports(self, info):
+        self.ops.append(info.op)
+        return (False, f"no {info.op} here") if info.op == self.refused else (True, "")
+
+
+def _call(op, backend=None):
+    x, w, m = _linear_args()
+    if op == "linear":
+        return sk.sparse_linear(x, w, None, m, backend=backend)
+    if op == "spmm":
+        return sk.spmm(x, w, m, backend=backend)
+    return sk.sddmm(torch.randn(6, 3), torch.randn(3, 5), m, backend=backend)
+
+
+@pytest.mark.parametrize("refused", ["spmm", "sddmm", "linear"])
+def test_spmm_and_sddmm_dispatch_as_their_own_ops(slot, monkeypatch, refused):
+    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
+    be = slot("cpp", OpRefusingBackend("cpp", refused))
+    for op in ("linear", "spmm", "sddmm"):
+        if op == refused:
+            with pytest.raises(sk.BackendError, match=f"cannot run sparsekern.{op} .*no {op} here"):
+                _call(op, backend="cpp")
+        else:
+            _call(op, backend="cpp")
+    assert be.ops == ["linear", "spmm", "sddmm"]
+    # the automatic order falls through to the reference for the refused op only
+    be.calls.clear()
+    torch.manual_seed(1)
+    y = _call(refused)
+    torch.manual_seed(1)
+    assert_close(y, _call(refused, backend="reference"))
+    assert be.calls == []
+
+
 def test_cuda_backends_refuse_cpu_tensors_with_reason(monkeypatch):
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
     x, w, m = _linear_args()
@@ -153,7 +194,8 @@ def test_env_report_lists_backends_and_dispatch():
     assert set(info["backends"]) == set(sk.BACKEND_NAMES)
     assert info["backends"]["reference"]["available"] is True
     ops = {(row["op"], row["layout"]) for row in info["dispatch"] if row["device"] == "cpu"}
-    assert ops == {("linear", "unstructured"), ("linear", "block"), ("conv2d", "unstructured"), ("conv2d", "block")}
+    assert ops == {(op, layout) for op in _backends.OPS for layout in ("unstructured", "block")}
+    assert set(_backends.OPS) == {"linear", "conv2d", "spmm", "sddmm"}
     assert all(row["chosen"] in ("cpp", "reference") for row in info["dispatch"] if row["device"] == "cpu")
     text = subprocess.run([sys.executable, "-m", "sparsekern.env"], capture_output=True, text=True, timeout=300)
     assert "dispatch" in text.stdout and "reference" in text.stdout

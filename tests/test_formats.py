@@ -173,3 +173,72 @@ def test_from_torch_sparse_keeps_explicit_zeros_and_coo():
     assert torch.equal(mask, dense != 0)
     with pytest.raises(TypeError, match="layout"):
         formats.from_torch_sparse(torch.randn(2, 2))
+
+
+def test_meta_cache_is_keyed_by_identity_and_version():
+    mask = make_mask((6, 9), "random", 0.5)
+    cache = formats.meta_cache(mask)
+    assert formats.meta_cache(mask) is cache
+    built = []
+    assert cache.get(("x",), lambda: built.append(1) or "v") == "v"
+    assert cache.get("x", lambda: built.append(2)) == "v" and built == [1]  # "x" is ("x",)
+    g = make_mask((6, 9), "random", 0.5)
+    first = cache.get("dep", lambda: object(), deps=(g,))
+    assert cache.get("dep", lambda: object(), deps=(g,)) is first
+    g[0, 0] = not bool(g[0, 0])  # a written dependency rebuilds the entry
+    second = cache.get("dep", lambda: object(), deps=(g,))
+    assert second is not first
+    assert cache.get("dep", lambda: object(), deps=(g.clone(),)) is not second  # another tensor
+    assert cache.peek("nothing") is None and ("x",) in cache.keys()
+    mask[0, 0] = not bool(mask[0, 0])
+    fresh = formats.meta_cache(mask)
+    assert fresh is not cache and fresh.keys() == []
+    other = mask.clone()
+    assert formats.meta_cache(other) is not fresh  # same contents, another tensor
+    # derived data never travels with a copy
+    import copy
+    import pickle
+
+    assert copy.deepcopy(fresh).keys() == [] and pickle.loads(pickle.dumps(cache)).keys() == []
+
+
+def test_pattern_and_metadata_derive_through_the_mask_cache():
+    mask = make_block_mask((32, 48), (16, 16), 0.5)
+    pat = pattern_of(mask, "block", 16)
+    cache = formats.meta_cache(mask)
+    assert pat.cache is cache
+    bsr, csr = pat.bsr(), pat.csr()
+    assert cache.peek(("bsr", (16, 16))) is bsr and cache.peek(("csr",)) is csr
+    assert pattern_of(mask).csr() is csr  # the element CSR is shared by every layout of the mask
+    assert bsr.blocks.derived("k", lambda: 1) == 1 and cache.peek(("bsr", (16, 16), "k")) == 1
+    assert csr.derived("k", lambda: 2) == 2 and cache.peek(("csr", "k")) == 2
+    # a pattern built directly keeps a cache of its own (a rebuild really rebuilds)
+    own = Pattern(mask)
+    assert own.cache is not cache and own.csr() is not csr
+    # a pattern keeps the cache of the mask version it was built for
+    mask[:16] = True
+    assert pat.cache is cache and pattern_of(mask, "block", 16).cache is not cache
+    with pytest.raises(ValueError, match="stale"):
+        pat.validate()
+    # standalone metadata derives into a cache of its own
+    meta = build_csr(mask)
+    assert meta.derived("k", lambda: object()) is meta.derived("k", lambda: object())
+
+
+def test_block_size_is_one_unit():
+    bs = formats.BlockSize.of((16, 32), (64, 32, 3, 3))  # channel units: 16 out x 32 in channels
+    assert bs == (16, 288) and (bs.rows, bs.cols) == (16, 288) and str(bs) == "(16, 288)"
+    assert bs.channels((64, 32, 3, 3)) == (16, 32)
+    assert formats.BlockSize.of(32) == (32, 32) and formats.BlockSize.of(bs, (64, 32, 3, 3)) is bs
+    with pytest.raises(ValueError, match="does not span whole input channels"):
+        formats.BlockSize(16, 20).channels((32, 8, 3, 3))
+    with pytest.raises(ValueError, match="block_size"):
+        formats.BlockSize.of(12)
+    mask = make_block_mask((32, 16, 3, 3), (16, 16), 0.5)
+    pat = pattern_of(mask, "block", (16, 16))
+    assert isinstance(pat.block_size, formats.BlockSize) and pat.block_size == (16, 144)
+    assert pattern_of(mask, "block", formats.BlockSize(16, 144)) is pat  # a BlockSize is the matrix tile
+    assert isinstance(pat.bsr().block, formats.BlockSize)
+    assert isinstance(Pattern(mask, "block", (16, 144)).block_size, formats.BlockSize)
+    with pytest.raises(ValueError, match="block_size: expected a BlockSize"):
+        Pattern(mask, "block", 16)

@@ -194,3 +194,75 @@ def test_selected_backend_and_backend_argument():
     assert layer.selected_backend() == "reference"
     with pytest.raises(ValueError, match="backend"):
         sk.SparseLinear(4, 4, backend="magic")
+
+
+def _derived_items(mask):
+    cache = sk.formats.meta_cache(mask)
+    return cache, {k: cache.peek(k) for k in cache.keys()}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize(
+    "backend,layout",
+    [("reference", "unstructured"), ("cpp", "unstructured"), ("cpp", "block"), ("triton", "unstructured"),
+     ("triton", "block")],
+)
+def test_mask_edit_through_module_rebuilds_every_derived_item(kind, backend, layout, monkeypatch):
+    from sparsekern.kernels import cpu as cppmod
+
+    # small gates, so the cpp linear layer takes the column-window path and caches its windows
+    monkeypatch.setattr(cppmod, "WINDOW", 4)
+    monkeypatch.setattr(cppmod, "WINDOW_MIN_BATCH", 1)
+    monkeypatch.setattr(cppmod, "WINDOW_MIN_DENSITY", 0.0)
+    kw = dict(layout=layout, block_size=16 if layout == "block" else None, backend=backend)
+    if kind == "linear":
+        layer, x = sk.SparseLinear(48, 32, **kw), torch.randn(4, 48, requires_grad=True)
+    else:
+        layer, x = sk.SparseConv2d(16, 32, 3, padding=1, **kw), torch.randn(2, 16, 6, 6, requires_grad=True)
+    try:
+        layer.selected_backend()
+    except sk.BackendError as exc:
+        pytest.skip(f"{backend} cannot run here: {exc}")
+
+    def masks():
+        m = make_block_mask(layer.weight.shape, (16, 16), 0.5) if layout == "block" else make_mask(
+            layer.weight.shape, "random", 0.5)
+        return m, m & (torch.rand(layer.weight.shape) < 0.5)  # G a strict subset of M
+
+    def step():
+        layer.zero_grad()
+        layer(x).sum().backward()
+
+    layer.set_mask(*masks())
+    step()
+    cache, before = _derived_items(layer.weight_mask)
+    block = sk.pattern_of(layer.weight_mask, layout, kw["block_size"]).block_size
+    assert ("pattern", layout, block) in before and ("grad_pattern", layout, block) in before
+    if backend == "cpp" and kind == "linear" and layout == "unstructured":
+        assert {("csr", "cpp.windows", False, 4), ("csr", "cpp.windows", True, 4)} <= set(before)
+    gpat = before[("grad_pattern", layout, block)]
+    gcache, gbefore = gpat.cache, {k: gpat.cache.peek(k) for k in gpat.cache.keys()}
+    if backend == "triton":  # the weight gradient runs on G's own pattern (and cache)
+        assert any(k[-1] == "triton.walk_orders" for k in (*before, *gbefore))
+
+    step()  # an unchanged mask reuses every derived item
+    again, after = _derived_items(layer.weight_mask)
+    assert again is cache and after.keys() == before.keys()
+    assert all(after[k] is v for k, v in before.items())
+    assert gpat.cache is gcache and all(gcache.peek(k) is v for k, v in gbefore.items())
+
+    layer.set_grad_mask(masks()[1] & layer.weight_mask)  # G alone: only the gradient pattern is rebuilt
+    step()
+    again, after = _derived_items(layer.weight_mask)
+    assert again is cache
+    assert all((after[k] is not v) == (k[0] == "grad_pattern") for k, v in before.items())
+
+    layer.set_mask(*masks())  # a new M rebuilds everything, and the same items come back
+    step()
+    fresh, rebuilt = _derived_items(layer.weight_mask)
+    assert fresh is not cache and rebuilt.keys() == before.keys()
+    assert all(rebuilt[k] is not v for k, v in before.items() if not isinstance(v, int))
+    if layout == "block":
+        assert torch.equal(rebuilt[("bsr", block)].to_mask(), layer.weight_mask.reshape(32, -1))
+    if ("csr",) in rebuilt:
+        assert torch.equal(rebuilt[("csr",)].to_mask(), layer.weight_mask.reshape(32, -1))

@@ -45,19 +45,19 @@ _SCRIPT = textwrap.dedent(
     for dt in ("bf16", "fp32"):
         p = "*" + dt
         prec = "tf32" if dt == "fp32" else "ieee"
-        out[f"bsr_spmm_{dt}"] = build(bsr._spmm_bsr_kernel, dict(
+        out[f"bsr_spmm_{dt}"] = build(bsr._bsr_spmm_kernel, dict(
             a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
             N="i32", R="i32", C="i32", n_rblocks="i32", stride_wr="i32", stride_wc="i32", n_hint="i32"),
             dict(BR=64, BC=64, HAS_BIAS=True, PRECISION=prec, UPCAST=False, ACC=tl.float32,
                  BLOCK_N=128, BLOCK_R=64, BLOCK_C=32, GROUP_N=8), 4, 3)
-        out[f"bsr_sddmm_{dt}"] = build(bsr._sddmm_bsr_kernel, dict(
+        out[f"bsr_sddmm_{dt}"] = build(bsr._bsr_sddmm_kernel, dict(
             dy_ptr=p, x_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", N="i32", M="i32", K="i32", n_hint="i32"),
             dict(BO=64, BK=64, PRECISION=prec, UPCAST=False, ACC=tl.float32, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32), 4, 3)
-        out[f"csr_spmm_{dt}"] = build(csr._spmm_csr_kernel, dict(
+        out[f"csr_spmm_{dt}"] = build(csr._csr_spmm_kernel, dict(
             bt_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
             N="i32", R="i32", stride_wr="i32", stride_wc="i32", n_hint="i32", len_hint="i32"),
             dict(HAS_BIAS=True, ACC=tl.float32, BLOCK_R=8, BLOCK_N=128, UNROLL=2), 4, 1)
-        out[f"csr_sddmm_{dt}"] = build(csr._sddmm_csr_kernel, dict(
+        out[f"csr_sddmm_{dt}"] = build(csr._csr_sddmm_kernel, dict(
             at_ptr=p, bt_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", nnz="i32", N="i32", K="i32",
             n_hint="i32", nnz_hint="i32"),
             dict(ACC=tl.float32, BLOCK_Z=32, BLOCK_N=128), 4, 2)

@@ -12,7 +12,7 @@ import torch
 import sparsekern as sk
 from sparsekern import pattern_of
 from sparsekern._backends import ConvParams
-from sparsekern.reference import conv2d_forward, conv2d_input_grad, conv2d_weight_grad
+from sparsekern.reference import conv2d_dw, conv2d_dx, conv2d_fwd
 from sparsekern.testing import make_block_mask, make_mask
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -54,9 +54,9 @@ def _inputs(shape, dtype, channels_last=False):
 
 def _reference(x, w, b, m, g, conv, dy):
     xd, wd, bd, dyd = (t.double() for t in (x, w, b, dy))
-    y = conv2d_forward(xd, wd, bd, m, conv)
-    dx = conv2d_input_grad(dyd, wd, m, tuple(x.shape), conv)
-    dw = conv2d_weight_grad(dyd, xd, g, tuple(w.shape), conv)
+    y = conv2d_fwd(xd, wd, bd, m, conv)
+    dx = conv2d_dx(dyd, wd, m, tuple(x.shape), conv)
+    dw = conv2d_dw(dyd, xd, g, tuple(w.shape), conv)
     return y, dx, dw
 
 
@@ -75,7 +75,7 @@ def _check(name, got, ref, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
-def test_kernels_match_reference(shape, layout):
+def test_conv2d_fwd_dx_dw_match_reference(shape, layout):
     from sparsekern.kernels.triton import conv as tc
 
     dtype = torch.float32
@@ -88,18 +88,18 @@ def test_kernels_match_reference(shape, layout):
         meta = pattern_of(m).csr()
     g = m & (torch.rand(w.shape, device=DEV) < 0.5)  # gradient mask != weight mask: unstructured
     gmeta = pattern_of(g).csr()
-    y_ref = conv2d_forward(x.double(), w.double(), b.double(), m, conv)
+    y_ref = conv2d_fwd(x.double(), w.double(), b.double(), m, conv)
     dy = torch.randn(y_ref.shape, dtype=dtype, device=DEV)
     y_ref, dx_ref, dw_ref = _reference(x, w, b, m, g, conv, dy)
     if layout == "block":
-        y = tc.bsr_conv2d_forward(x, w, b, meta, conv, precision="ieee")
-        dx = tc.bsr_conv2d_input_grad(dy, w, meta, tuple(x.shape), conv, precision="ieee")
-        dw_full = tc.bsr_conv2d_weight_grad(dy, x, meta, tuple(w.shape), conv, precision="ieee")
-        _check("dw (block G = M)", dw_full, conv2d_weight_grad(dy.double(), x.double(), m, tuple(w.shape), conv), dtype)
+        y = tc.bsr_conv2d_fwd(x, w, b, meta, conv, precision="ieee")
+        dx = tc.bsr_conv2d_dx(dy, w, meta, tuple(x.shape), conv, precision="ieee")
+        dw_full = tc.bsr_conv2d_dw(dy, x, meta, tuple(w.shape), conv, precision="ieee")
+        _check("dw (block G = M)", dw_full, conv2d_dw(dy.double(), x.double(), m, tuple(w.shape), conv), dtype)
     else:
-        y = tc.csr_conv2d_forward(x, w, b, meta, conv)
-        dx = tc.csr_conv2d_input_grad(dy, w, meta, tuple(x.shape), conv)
-    dw = tc.csr_conv2d_weight_grad(dy, x, gmeta, tuple(w.shape), conv)
+        y = tc.csr_conv2d_fwd(x, w, b, meta, conv)
+        dx = tc.csr_conv2d_dx(dy, w, meta, tuple(x.shape), conv)
+    dw = tc.csr_conv2d_dw(dy, x, gmeta, tuple(w.shape), conv)
     _check("y", y, y_ref, dtype)
     _check("dx", dx, dx_ref, dtype)
     _check("dw", dw, dw_ref, dtype)
@@ -108,7 +108,7 @@ def test_kernels_match_reference(shape, layout):
 
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
 @pytest.mark.parametrize("kind", ["dense", "empty"])
-def test_density_zero_and_one(layout, kind):
+def test_conv2d_density_zero_and_one(layout, kind):
     from sparsekern.kernels.triton import conv as tc
 
     x, w, b, conv = _inputs((1, 16, 16, 5, 6, 3, 1, 1, 1), torch.float32)
@@ -117,34 +117,34 @@ def test_density_zero_and_one(layout, kind):
     y_ref, dx_ref, dw_ref = _reference(x, w, b, m, m, conv, dy)
     if layout == "block":
         meta = pattern_of(m, "block", 16).bsr()
-        y = tc.bsr_conv2d_forward(x, w, b, meta, conv, precision="ieee")
-        dx = tc.bsr_conv2d_input_grad(dy, w, meta, tuple(x.shape), conv, precision="ieee")
-        dw = tc.bsr_conv2d_weight_grad(dy, x, meta, tuple(w.shape), conv, precision="ieee")
+        y = tc.bsr_conv2d_fwd(x, w, b, meta, conv, precision="ieee")
+        dx = tc.bsr_conv2d_dx(dy, w, meta, tuple(x.shape), conv, precision="ieee")
+        dw = tc.bsr_conv2d_dw(dy, x, meta, tuple(w.shape), conv, precision="ieee")
     else:
         meta = pattern_of(m).csr()
-        y = tc.csr_conv2d_forward(x, w, b, meta, conv)
-        dx = tc.csr_conv2d_input_grad(dy, w, meta, tuple(x.shape), conv)
-        dw = tc.csr_conv2d_weight_grad(dy, x, meta, tuple(w.shape), conv)
+        y = tc.csr_conv2d_fwd(x, w, b, meta, conv)
+        dx = tc.csr_conv2d_dx(dy, w, meta, tuple(x.shape), conv)
+        dw = tc.csr_conv2d_dw(dy, x, meta, tuple(w.shape), conv)
     for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
         _check(name, got, ref, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
-def test_channels_last_input_and_output(layout):
+def test_conv2d_channels_last_input_and_output(layout):
     from sparsekern.kernels.triton import conv as tc
 
     x, w, b, conv = _inputs((2, 16, 16, 6, 5, 3, 2, 1, 1), torch.float32, channels_last=True)
     m = make_block_mask(w.shape, (16, 16), 1.0) if layout == "block" else make_mask(w.shape, "random", 0.5)
     if layout == "block":
-        y = tc.bsr_conv2d_forward(x, w, b, pattern_of(m, "block", 16).bsr(), conv, precision="ieee")
+        y = tc.bsr_conv2d_fwd(x, w, b, pattern_of(m, "block", 16).bsr(), conv, precision="ieee")
     else:
-        y = tc.csr_conv2d_forward(x, w, b, pattern_of(m).csr(), conv)
+        y = tc.csr_conv2d_fwd(x, w, b, pattern_of(m).csr(), conv)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    _check("y", y, conv2d_forward(x.double(), w.double(), b.double(), m, conv), torch.float32)
+    _check("y", y, conv2d_fwd(x.double(), w.double(), b.double(), m, conv), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_other_dtypes_block(dtype):
+def test_bsr_conv2d_other_dtypes(dtype):
     if dtype == torch.float64 and CUDA:
         pytest.skip("float64 runs only under the interpreter")
     from sparsekern.kernels.triton import conv as tc
@@ -152,21 +152,21 @@ def test_other_dtypes_block(dtype):
     x, w, b, conv = _inputs((1, 16, 32, 6, 6, 3, 1, 1, 1), dtype)
     m = make_block_mask(w.shape, (16, 16), 0.5)
     meta = pattern_of(m.to(DEV), "block", 16).bsr()
-    y = tc.bsr_conv2d_forward(x, w, b, meta, conv)
-    _check("y", y, conv2d_forward(x.double(), w.double(), b.double(), m.to(DEV), conv), dtype)
+    y = tc.bsr_conv2d_fwd(x, w, b, meta, conv)
+    _check("y", y, conv2d_fwd(x.double(), w.double(), b.double(), m.to(DEV), conv), dtype)
 
 
-def test_groups_rejected_with_reason():
+def test_conv2d_groups_rejected_with_reason():
     from sparsekern.kernels.triton import conv as tc
 
     x = torch.randn(1, 4, 5, 5)
     w = torch.randn(4, 1, 3, 3)
     meta = pattern_of(torch.ones_like(w, dtype=torch.bool)).csr()
     with pytest.raises(ValueError, match="groups"):
-        tc.csr_conv2d_forward(x, w, None, meta, ConvParams((1, 1), (1, 1), (1, 1), 4))
+        tc.csr_conv2d_fwd(x, w, None, meta, ConvParams((1, 1), (1, 1), (1, 1), 4))
 
 
-def test_public_op_on_triton_backend_fwd_and_bwd():
+def test_sparse_conv2d_on_triton_fwd_and_bwd():
     """sparse_conv2d(backend='triton') runs forward and backward on the Triton kernels."""
     ok, why = sk.get_backend("triton").supports(
         sk._backends.CallInfo("conv2d", torch.device(DEV), torch.float32, "unstructured", None, "unstructured",

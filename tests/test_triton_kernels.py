@@ -17,7 +17,7 @@ import torch
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package (pip install .[triton])")
 
 from sparsekern.formats import Pattern, pattern_of  # noqa: E402
-from sparsekern.reference import linear_forward, linear_input_grad, linear_weight_grad  # noqa: E402
+from sparsekern.reference import linear_dw, linear_dx, linear_fwd  # noqa: E402
 from sparsekern.testing import assert_close, linear_cases, make_block_mask, make_mask  # noqa: E402
 
 INTERP = bool(triton.knobs.runtime.interpret)
@@ -143,8 +143,8 @@ def _bsr_inputs(device, case, dtype):
 
 
 @pytest.mark.parametrize("device,case,dtype", _bsr_params())
-def test_bsr_kernels_match_reference(device, case, dtype):
-    from sparsekern.kernels.triton.bsr import bsr_linear_forward, bsr_linear_input_grad, bsr_linear_weight_grad
+def test_bsr_linear_fwd_dx_dw_match_reference(device, case, dtype):
+    from sparsekern.kernels.triton.bsr import bsr_linear_dw, bsr_linear_dx, bsr_linear_fwd
 
     mask, gmask, w, x, dy, b = _bsr_inputs(device, case, dtype)
     block = case[3]
@@ -152,21 +152,21 @@ def test_bsr_kernels_match_reference(device, case, dtype):
     gmeta = Pattern(gmask, "block", block).bsr()
     wn = _nan_outside(w, mask)
 
-    y = bsr_linear_forward(x, wn, b, meta)
-    check_against_reference(y, linear_forward, (x, w, b, mask), dtype, "forward")
-    y0 = bsr_linear_forward(x, wn, None, meta)
-    check_against_reference(y0, linear_forward, (x, w, None, mask), dtype, "forward without bias")
+    y = bsr_linear_fwd(x, wn, b, meta)
+    check_against_reference(y, linear_fwd, (x, w, b, mask), dtype, "forward")
+    y0 = bsr_linear_fwd(x, wn, None, meta)
+    check_against_reference(y0, linear_fwd, (x, w, None, mask), dtype, "forward without bias")
     # empty block rows are written: bias alone / exact zeros
     empty_rows = ~mask.any(1)
     assert torch.equal(y[:, empty_rows], b[empty_rows].expand(x.shape[0], -1))
     assert (y0[:, empty_rows] == 0).all()
 
-    dx = bsr_linear_input_grad(dy, wn, meta)
-    check_against_reference(dx, linear_input_grad, (dy, w, mask), dtype, "input gradient")
+    dx = bsr_linear_dx(dy, wn, meta)
+    check_against_reference(dx, linear_dx, (dy, w, mask), dtype, "input gradient")
     assert (dx[:, ~mask.any(0)] == 0).all()
 
-    dw = bsr_linear_weight_grad(dy, x, gmeta)
-    check_against_reference(dw, linear_weight_grad, (dy, x, gmask), dtype, "weight gradient")
+    dw = bsr_linear_dw(dy, x, gmeta)
+    check_against_reference(dw, linear_dw, (dy, x, gmask), dtype, "weight gradient")
     assert (dw[~gmask] == 0).all(), "weight gradient must be exactly zero outside the gradient mask"
 
 
@@ -196,8 +196,8 @@ BSR_CONFIGS = [
     BSR_CONFIGS,
     ids=[f"N{s[0]}-K{s[1]}-M{s[2]}-b{s[3][0]}x{s[3][1]}" for s, _, _ in BSR_CONFIGS],
 )
-def test_bsr_subtile_configs_match_reference(shape, fwd_cfg, dw_cfg):
-    from sparsekern.kernels.triton.bsr import bsr_linear_forward, bsr_linear_input_grad, bsr_linear_weight_grad
+def test_bsr_spmm_sddmm_subtile_configs_match_reference(shape, fwd_cfg, dw_cfg):
+    from sparsekern.kernels.triton.bsr import bsr_linear_dw, bsr_linear_dx, bsr_linear_fwd
 
     n, k, m, block = shape
     mask = make_block_mask((m, k), block, 0.7)
@@ -205,10 +205,10 @@ def test_bsr_subtile_configs_match_reference(shape, fwd_cfg, dw_cfg):
     w, x, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(n, m)
     meta = Pattern(mask, "block", block).bsr()
     wn = _nan_outside(w, mask)
-    assert_close(bsr_linear_forward(x, wn, None, meta, config=fwd_cfg), linear_forward(x, w, None, mask))
+    assert_close(bsr_linear_fwd(x, wn, None, meta, config=fwd_cfg), linear_fwd(x, w, None, mask))
     bwd_cfg = dict(fwd_cfg, BLOCK_R=fwd_cfg["BLOCK_C"], BLOCK_C=fwd_cfg["BLOCK_R"])
-    assert_close(bsr_linear_input_grad(dy, wn, meta, config=bwd_cfg), linear_input_grad(dy, w, mask))
-    assert_close(bsr_linear_weight_grad(dy, x, meta, config=dw_cfg), linear_weight_grad(dy, x, mask))
+    assert_close(bsr_linear_dx(dy, wn, meta, config=bwd_cfg), linear_dx(dy, w, mask))
+    assert_close(bsr_linear_dw(dy, x, meta, config=dw_cfg), linear_dw(dy, x, mask))
 
 
 @needs_interp
@@ -263,8 +263,8 @@ def _csr_params():
 
 
 @pytest.mark.parametrize("device,case,dtype", _csr_params())
-def test_csr_kernels_match_reference(device, case, dtype):
-    from sparsekern.kernels.triton.csr import csr_linear_forward, csr_linear_input_grad, csr_linear_weight_grad
+def test_csr_linear_fwd_dx_dw_match_reference(device, case, dtype):
+    from sparsekern.kernels.triton.csr import csr_linear_dw, csr_linear_dx, csr_linear_fwd
 
     n, k, m, kind, density = case
     mask = make_mask((m, k), kind, density).to(device)
@@ -276,18 +276,18 @@ def test_csr_kernels_match_reference(device, case, dtype):
     meta, gmeta = Pattern(mask).csr(), Pattern(gmask).csr()
     wn = _nan_outside(w, mask)
 
-    y = csr_linear_forward(x, wn, b, meta)
-    check_against_reference(y, linear_forward, (x, w, b, mask), dtype, "forward")
+    y = csr_linear_fwd(x, wn, b, meta)
+    check_against_reference(y, linear_fwd, (x, w, b, mask), dtype, "forward")
     empty_rows = ~mask.any(1)
     assert torch.equal(y[:, empty_rows], b[empty_rows].expand(n, -1))
 
-    dx = csr_linear_input_grad(dy, wn, meta)
-    check_against_reference(dx, linear_input_grad, (dy, w, mask), dtype, "input gradient")
+    dx = csr_linear_dx(dy, wn, meta)
+    check_against_reference(dx, linear_dx, (dy, w, mask), dtype, "input gradient")
     assert (dx[:, ~mask.any(0)] == 0).all()
 
     for g, gm in ((mask, meta), (gmask, gmeta)):
-        dw = csr_linear_weight_grad(dy, x, gm)
-        check_against_reference(dw, linear_weight_grad, (dy, x, g), dtype, "weight gradient")
+        dw = csr_linear_dw(dy, x, gm)
+        check_against_reference(dw, linear_dw, (dy, x, g), dtype, "weight gradient")
         assert (dw[~g] == 0).all(), "weight gradient must be exactly zero outside the gradient mask"
 
 
@@ -305,9 +305,9 @@ def _skewed_mask(m, k, device="cpu"):
         pytest.param("cuda", (1000, 2048, 1500), marks=needs_cuda, id="cuda-N1000-K2048-M1500"),
     ],
 )
-def test_csr_rows_of_very_different_length(device, shape):
+def test_csr_linear_rows_of_very_different_length(device, shape):
     from sparsekern.kernels.triton.bsr import walk_orders
-    from sparsekern.kernels.triton.csr import csr_linear_forward, csr_linear_input_grad, csr_linear_weight_grad
+    from sparsekern.kernels.triton.csr import csr_linear_dw, csr_linear_dx, csr_linear_fwd
 
     n, k, m = shape
     mask = _skewed_mask(m, k, device)
@@ -318,9 +318,9 @@ def test_csr_rows_of_very_different_length(device, shape):
     order = walk_orders(meta)["row_order"].long()
     assert (lengths[order][:-1] >= lengths[order][1:]).all(), "rows must be scheduled longest first"
     wn = _nan_outside(w, mask)
-    assert_close(csr_linear_forward(x, wn, None, meta), linear_forward(x, w, None, mask))
-    assert_close(csr_linear_input_grad(dy, wn, meta), linear_input_grad(dy, w, mask))
-    assert_close(csr_linear_weight_grad(dy, x, meta), linear_weight_grad(dy, x, mask))
+    assert_close(csr_linear_fwd(x, wn, None, meta), linear_fwd(x, w, None, mask))
+    assert_close(csr_linear_dx(dy, wn, meta), linear_dx(dy, w, mask))
+    assert_close(csr_linear_dw(dy, x, meta), linear_dw(dy, x, mask))
 
 
 @needs_interp
@@ -332,18 +332,18 @@ def test_csr_rows_of_very_different_length(device, shape):
     ],
     ids=["R4-N16-U3", "R2-N32-U1"],
 )
-def test_csr_configs_match_reference(spmm_cfg, sddmm_cfg):
+def test_csr_spmm_sddmm_configs_match_reference(spmm_cfg, sddmm_cfg):
     """An unroll that does not divide the row lengths; more entries per program than exist."""
-    from sparsekern.kernels.triton.csr import csr_linear_forward, csr_linear_input_grad, csr_linear_weight_grad
+    from sparsekern.kernels.triton.csr import csr_linear_dw, csr_linear_dx, csr_linear_fwd
 
     n, k, m = 19, 23, 13
     mask = _skewed_mask(m, k)
     w, x, dy, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n, m), torch.randn(m)
     meta = Pattern(mask).csr()
     wn = _nan_outside(w, mask)
-    assert_close(csr_linear_forward(x, wn, b, meta, config=spmm_cfg), linear_forward(x, w, b, mask))
-    assert_close(csr_linear_input_grad(dy, wn, meta, config=spmm_cfg), linear_input_grad(dy, w, mask))
-    assert_close(csr_linear_weight_grad(dy, x, meta, config=sddmm_cfg), linear_weight_grad(dy, x, mask))
+    assert_close(csr_linear_fwd(x, wn, b, meta, config=spmm_cfg), linear_fwd(x, w, b, mask))
+    assert_close(csr_linear_dx(dy, wn, meta, config=spmm_cfg), linear_dx(dy, w, mask))
+    assert_close(csr_linear_dw(dy, x, meta, config=sddmm_cfg), linear_dw(dy, x, mask))
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,31 +353,31 @@ def test_csr_configs_match_reference(spmm_cfg, sddmm_cfg):
 
 @needs_interp
 def test_launchers_reject_bad_arguments_naming_them():
-    from sparsekern.kernels.triton.bsr import bsr_linear_forward, bsr_linear_weight_grad
-    from sparsekern.kernels.triton.csr import csr_linear_forward, csr_linear_input_grad
+    from sparsekern.kernels.triton.bsr import bsr_linear_dw, bsr_linear_fwd
+    from sparsekern.kernels.triton.csr import csr_linear_dx, csr_linear_fwd
 
     mask = make_block_mask((32, 48), (16, 16), 0.5)
     bmeta = Pattern(mask, "block", (16, 16)).bsr()
     cmeta = Pattern(mask).csr()
     w, x = torch.randn(32, 48), torch.randn(4, 48)
     with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
-        bsr_linear_forward(x.double(), w, None, bmeta)
+        bsr_linear_fwd(x.double(), w, None, bmeta)
     with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
-        bsr_linear_forward(torch.randn(48, 4).t(), w, None, bmeta)
+        bsr_linear_fwd(torch.randn(48, 4).t(), w, None, bmeta)
     with pytest.raises(ValueError, match=r"x: expected shape \[N, 48\]"):
-        csr_linear_forward(torch.randn(4, 47), w, None, cmeta)
+        csr_linear_fwd(torch.randn(4, 47), w, None, cmeta)
     with pytest.raises(TypeError, match="meta: expected a BSRMeta"):
-        bsr_linear_forward(x, w, None, cmeta)
+        bsr_linear_fwd(x, w, None, cmeta)
     with pytest.raises(TypeError, match="meta: expected a CSRMeta"):
-        csr_linear_forward(x, w, None, bmeta)
+        csr_linear_fwd(x, w, None, bmeta)
     with pytest.raises(ValueError, match=r"meta: describes a \(32, 48\) matrix"):
-        csr_linear_input_grad(torch.randn(4, 16), torch.randn(16, 48), cmeta)
+        csr_linear_dx(torch.randn(4, 16), torch.randn(16, 48), cmeta)
     with pytest.raises(TypeError, match="weight: expected float32, float16 or bfloat16"):
-        bsr_linear_forward(x.int(), w.int(), None, bmeta)
+        bsr_linear_fwd(x.int(), w.int(), None, bmeta)
     with pytest.raises(ValueError, match=r"dy: expected 4 rows"):
-        bsr_linear_weight_grad(torch.randn(5, 32), x, bmeta)
+        bsr_linear_dw(torch.randn(5, 32), x, bmeta)
     with pytest.raises(ValueError, match="bias: expected a 1-D tensor"):
-        bsr_linear_forward(x, w, torch.randn(32, 1), bmeta)
+        bsr_linear_fwd(x, w, torch.randn(32, 1), bmeta)
 
 
 @needs_interp
@@ -398,5 +398,5 @@ def test_interpreter_tuning_is_a_single_fixed_config():
     """Under the interpreter nothing is autotuned (each launch is slow and timing meaningless)."""
     from sparsekern.kernels.triton import bsr, csr
 
-    for tuned in (bsr._spmm, bsr._sddmm, csr._spmm, csr._sddmm):
+    for tuned in (bsr._bsr_spmm_tuned, bsr._bsr_sddmm_tuned, csr._csr_spmm_tuned, csr._csr_sddmm_tuned):
         assert tuned._tuned is None and tuned.interpret_config

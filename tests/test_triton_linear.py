@@ -170,15 +170,15 @@ def test_sparse_linear_block_fwd_bwd(device, case, dtype, monkeypatch):
     else:  # not constant on tiles: the weight gradient runs the unstructured SDDMM on G
         gmask = mask & (torch.rand(m, k) < 0.5).to(device)
     calls = []
-    _spy(monkeypatch, bsr, "bsr_linear_weight_grad", calls)
-    _spy(monkeypatch, csr, "csr_linear_weight_grad", calls)
+    _spy(monkeypatch, bsr, "bsr_linear_dw", calls)
+    _spy(monkeypatch, csr, "csr_linear_dw", calls)
 
     w = torch.randn(m, k, dtype=dtype, device=device).masked_fill(~mask, float("nan"))
     x = torch.randn(n, k, dtype=dtype, device=device)
     b = torch.randn(m, dtype=dtype, device=device)
     kw = dict(layout="block", block_size=block)
     got = _run(x, w, b, mask, gmask, "triton", **kw)
-    assert calls == (["csr_linear_weight_grad"] if gkind == "unstructured" else ["bsr_linear_weight_grad"])
+    assert calls == (["csr_linear_dw"] if gkind == "unstructured" else ["bsr_linear_dw"])
     ref = _run(x, w, b, mask, gmask, "reference", **kw)
     _compare(got, ref, dtype, _ref32(x, w, b, mask, gmask, **kw))
     g = mask if gmask is None else gmask
@@ -186,7 +186,7 @@ def test_sparse_linear_block_fwd_bwd(device, case, dtype, monkeypatch):
 
 
 @needs_interp
-def test_batched_input_and_no_bias():
+def test_sparse_linear_batched_input_and_no_bias():
     mask = make_block_mask((24, 40), (16, 16), 0.5)
     w, x = torch.randn(24, 40), torch.randn(2, 3, 40)
     for kw in (dict(layout="block", block_size=16), dict()):
@@ -198,7 +198,7 @@ def test_batched_input_and_no_bias():
 
 @needs_interp
 @pytest.mark.parametrize("layout", ["block", "unstructured"])
-def test_gradcheck_float64(layout):
+def test_gradcheck_sparse_linear_float64(layout):
     """float64 runs under the interpreter (fp64 accumulation), so the autograd wiring is checked
     numerically (fast mode: a few random directions instead of every element)."""
     if layout == "block":
@@ -225,9 +225,9 @@ def test_sparse_linear_module_trains_on_triton_via_env(monkeypatch):
     ref = sk.SparseLinear(40, 24)
     ref.load_state_dict(layer.state_dict())
     calls = []
-    real_fwd, real_wg = tk.TritonBackend.linear_forward, tk.TritonBackend.linear_weight_grad
-    monkeypatch.setattr(tk.TritonBackend, "linear_forward", lambda s, *a: calls.append("fwd") or real_fwd(s, *a))
-    monkeypatch.setattr(tk.TritonBackend, "linear_weight_grad", lambda s, *a: calls.append("dw") or real_wg(s, *a))
+    real_fwd, real_wg = tk.TritonBackend.linear_fwd, tk.TritonBackend.linear_dw
+    monkeypatch.setattr(tk.TritonBackend, "linear_fwd", lambda s, *a: calls.append("fwd") or real_fwd(s, *a))
+    monkeypatch.setattr(tk.TritonBackend, "linear_dw", lambda s, *a: calls.append("dw") or real_wg(s, *a))
     x = torch.randn(6, 40)
     monkeypatch.setenv("SPARSEKERN_BACKEND", "triton")
     layer(x).square().sum().backward()

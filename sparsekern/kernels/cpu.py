@@ -5,7 +5,7 @@ this module imports it on first use, adds a ``register_fake`` per op (so ``torch
 ``torch.library.opcheck`` can trace them), and adapts :class:`~sparsekern.formats.Pattern`
 metadata to the ops' arguments.
 
-Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstructured):
+Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix units; ``(1, 1)`` means unstructured):
 
 * ``linear_fwd(x, weight, bias, crow, col, block, win_ptr=None, win_idx=None, window=0)``,
   ``linear_dx(dy, weight, ccol, row, block, win_ptr=None, win_idx=None, window=0)``,
@@ -23,9 +23,10 @@ Ops (``block`` is the tile ``(bo, bk)`` in matrix units; ``(1, 1)`` means unstru
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
 
-The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, which are cached per mask
-version; the values are read from the dense weight inside each op (they change every optimizer
-step), so nothing derived from the weight values is cached here.
+The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, and the column windows from
+``meta.derived(...)``: all cached per mask version in the pattern's
+:class:`~sparsekern.formats.MetaCache`.  The values are read from the dense weight inside each op
+(they change every optimizer step), so nothing derived from the weight values is cached.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import os
 
 import torch
 
-from .._backends import Backend, BackendError, CallInfo
+from .._backends import OPS, Backend, BackendError, CallInfo
 
 __all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
 
@@ -174,21 +175,18 @@ def _windows_enabled() -> bool:
 
 
 def _windows(meta, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window-major copy of ``meta`` (CSR, or its CSC when ``transposed``), built once and kept on
-    the metadata object, which lives as long as the mask version it describes."""
-    cache = meta.__dict__.get("_cpp_windows")
-    if cache is None:
-        cache = {}
-        object.__setattr__(meta, "_cpp_windows", cache)
-    key = (transposed, WINDOW)
-    if key not in cache:
+    """Window-major copy of ``meta`` (CSR, or its CSC when ``transposed``), derived once per mask
+    version through the metadata's cache."""
+
+    def build():
         rows, cols = meta.shape
         if transposed:
             ptr, idx, ncols = meta.ccol_indices, meta.row_indices, rows
         else:
             ptr, idx, ncols = meta.crow_indices, meta.col_indices, cols
-        cache[key] = torch.ops.sparsekern.csr_windows(_i32(ptr, "ptr"), _i32(idx, "idx"), ncols, WINDOW)
-    return cache[key]
+        return torch.ops.sparsekern.csr_windows(_i32(ptr, "ptr"), _i32(idx, "idx"), ncols, WINDOW)
+
+    return meta.derived(("cpp.windows", transposed, WINDOW), build)
 
 
 def _window_args(pattern, batch: int, transposed: bool) -> dict:
@@ -234,22 +232,22 @@ class CppBackend(Backend):
                     f"conv2d supports groups=1 and depthwise (weight [C_out, 1, kh, kw]); got groups="
                     f"{info.conv.groups} with weight shape {tuple(info.weight_shape)}"
                 )
-        if info.op not in ("linear", "conv2d"):
+        if info.op not in OPS:
             return False, f"unknown op {info.op!r}"
         return True, ""
 
     # ---- linear -------------------------------------------------------------------------------
-    def linear_forward(self, x, weight, bias, pattern):
+    def linear_fwd(self, x, weight, bias, pattern):
         crow, col, block = _csr_args(pattern)
         win = _window_args(pattern, x.shape[0], transposed=False)
         return torch.ops.sparsekern.linear_fwd(x, weight, bias, crow, col, block, **win)
 
-    def linear_input_grad(self, dy, weight, pattern):
+    def linear_dx(self, dy, weight, pattern):
         ccol, row, block = _csc_args(pattern)
         win = _window_args(pattern, dy.shape[0], transposed=True)
         return torch.ops.sparsekern.linear_dx(dy, weight, ccol, row, block, **win)
 
-    def linear_weight_grad(self, dy, x, grad_pattern):
+    def linear_dw(self, dy, x, grad_pattern):
         crow, col, block = _csr_args(grad_pattern)
         win = _window_args(grad_pattern, dy.shape[0], transposed=False)
         return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block, **win)
@@ -259,7 +257,7 @@ class CppBackend(Backend):
     def _conv_args(conv):
         return list(conv.stride), list(conv.padding), list(conv.dilation)
 
-    def conv2d_forward(self, x, weight, bias, pattern, conv):
+    def conv2d_fwd(self, x, weight, bias, pattern, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -268,7 +266,7 @@ class CppBackend(Backend):
         crow, col, block = _csr_args(pattern)
         return torch.ops.sparsekern.conv2d_fwd(x, weight, bias, crow, col, block, s, p, d)
 
-    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
+    def conv2d_dx(self, dy, weight, pattern, input_shape, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -277,7 +275,7 @@ class CppBackend(Backend):
         ccol, row, block = _csc_args(pattern)
         return torch.ops.sparsekern.conv2d_dx(dy, weight, ccol, row, block, list(input_shape), s, p, d)
 
-    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
+    def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight_shape, conv.groups)

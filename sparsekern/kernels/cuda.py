@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import CallInfo
+from .._backends import LINEAR_OPS, CallInfo
 from .cpu import CppBackend
 
 __all__ = ["CudaBackend"]
@@ -34,7 +34,7 @@ def _has_cuda_kernels() -> tuple[bool, str]:
 
 
 class CudaBackend(CppBackend):
-    """CSR / BSR SpMM and SDDMM in plain CUDA: linear only, fp16 / bf16 / fp32 / fp64.
+    """CSR / BSR SpMM and SDDMM in plain CUDA: linear, spmm and sddmm, fp16 / bf16 / fp32 / fp64.
 
     The linear trio is the ``cpp`` backend's: the same ``torch.ops.sparsekern`` ops with the same
     metadata, which dispatch to their CUDA kernels for CUDA tensors.
@@ -49,8 +49,8 @@ class CudaBackend(CppBackend):
     def supports(self, info: CallInfo) -> tuple[bool, str]:
         if info.device.type != "cuda":
             return False, f"runs on CUDA tensors only, got {info.device.type}"
-        if info.op != "linear":
-            return False, f"implements linear only, not {info.op}"
+        if info.op not in LINEAR_OPS:
+            return False, f"implements linear (and spmm, sddmm) only, not {info.op}"
         if info.dtype not in _DTYPES:
             return False, f"supports {', '.join(str(d) for d in _DTYPES)}, got {info.dtype}"
         return True, ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import LAYOUTS, Pattern, block_mask_of_matrix, expand_block_mask, pattern_of
+from ..formats import LAYOUTS, Pattern, is_block_constant, pattern_of
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,34 +47,26 @@ def weight_pattern(mask, layout: str, block_size) -> Pattern:
 
 
 def grad_pattern(pattern: Pattern, grad_mask) -> Pattern:
-    """Pattern of the effective gradient mask ``G & M``, cached on ``grad_mask``.
+    """Pattern of the effective gradient mask ``G & M``, derived once per version of ``G`` and ``M``.
 
     When ``G & M == M`` the weight pattern itself is returned.  A block weight layout keeps a
     block gradient layout when ``G`` is constant on the same tiles, else the gradient pattern is
-    unstructured.
+    unstructured.  The result lives in the weight pattern's cache (see
+    :class:`~sparsekern.formats.MetaCache`) and depends on ``G`` and on ``M``'s current contents.
     """
     if grad_mask is None:
         return pattern
     if isinstance(grad_mask, Pattern):
         return grad_mask
+    key = ("grad_pattern", pattern.layout, pattern.block_size)
+    return pattern.derived(key, lambda: _effective_grad_pattern(pattern, grad_mask), deps=(grad_mask, pattern.mask))
+
+
+def _effective_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor) -> Pattern:
     m = pattern.mask
-    key = (grad_mask._version, id(m), m._version, pattern.layout, pattern.block_size)
-    cached = getattr(grad_mask, "_sparsekern_grad_pattern", None)
-    if cached is not None and cached[0] == key and cached[2] is m:
-        return cached[1]
     eff = grad_mask & m
     if torch.equal(eff, m):
-        pat = pattern
-    else:
-        layout, block = "unstructured", None
-        if pattern.layout == "block":
-            bo, bk = pattern.block_size
-            mat = eff.reshape(eff.shape[0], -1)
-            if torch.equal(expand_block_mask(block_mask_of_matrix(mat, bo, bk), (bo, bk), mat.shape), mat):
-                layout, block = "block", pattern.block_size
-        pat = Pattern(eff, layout, block)
-    try:
-        grad_mask._sparsekern_grad_pattern = (key, pat, m)
-    except (AttributeError, RuntimeError):  # pragma: no cover
-        pass
-    return pat
+        return pattern
+    if pattern.layout == "block" and is_block_constant(eff.reshape(eff.shape[0], -1), pattern.block_size):
+        return Pattern(eff, "block", pattern.block_size)
+    return Pattern(eff, "unstructured", None)

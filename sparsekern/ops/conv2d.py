@@ -13,7 +13,7 @@ from ._common import check_mask, check_tensor, check_weight, grad_pattern, weigh
 __all__ = ["sparse_conv2d", "normalize_conv_args"]
 
 
-class SparseConv2dFunction(torch.autograd.Function):
+class Conv2dFunction(torch.autograd.Function):
     """``y = conv2d(x, W⊙M) + b``; ``dW`` on the gradient pattern only.
 
     ``x`` is 4-D and contiguous: NCHW, or channels-last for backends that declare
@@ -25,7 +25,7 @@ class SparseConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend = pattern, gpattern, conv, backend
         ctx.has_bias = bias is not None
-        return backend.conv2d_forward(x, weight, bias, pattern, conv)
+        return backend.conv2d_fwd(x, weight, bias, pattern, conv)
 
     @staticmethod
     @once_differentiable
@@ -34,9 +34,9 @@ class SparseConv2dFunction(torch.autograd.Function):
         dy = _dense_layout(dy, ctx.backend)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = ctx.backend.conv2d_input_grad(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
+            dx = ctx.backend.conv2d_dx(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
         if ctx.needs_input_grad[1]:
-            dw = ctx.backend.conv2d_weight_grad(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
+            dw = ctx.backend.conv2d_dw(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None, None, None, None
@@ -156,5 +156,5 @@ def sparse_conv2d(
         tuple(weight.shape),
     )
     be = select_backend(info, backend)
-    y = SparseConv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be)
+    y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be)
     return y.squeeze(0) if unbatched else y

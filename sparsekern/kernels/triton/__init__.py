@@ -1,14 +1,14 @@
-"""The ``triton`` backend: block-sparse (BSR) and unstructured (CSR) Triton kernels for linear.
+"""The ``triton`` backend: block-sparse (BSR) and unstructured (CSR) Triton kernels for linear and conv2d.
 
 GPU tensors run compiled kernels; CPU tensors run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before the kernels are first used (that is how CI checks them).
-Triton is imported only inside the methods below and in the kernel modules (``bsr``, ``csr``),
+Triton is imported only inside the methods below and in the kernel modules (``bsr``, ``csr``, ``conv``),
 which load on first use, so ``import sparsekern`` neither needs Triton nor initialises CUDA.
 
 What the verifier (:meth:`TritonBackend.supports`) accepts, and why it refuses the rest:
 
-* ops ``linear`` and ``conv2d`` (groups=1; block tiles of 16..128 output by 16..128 input
-  channels spanning every kernel tap);
+* ops ``linear``, ``spmm``, ``sddmm`` (all three on the linear kernels) and ``conv2d`` (groups=1;
+  block tiles of 16..128 output by 16..128 input channels spanning every kernel tap);
 * CUDA tensors on compute capability 8.0+ (ROCm devices are passed through to Triton), or CPU
   tensors under the interpreter;
 * float32, float16, bfloat16 (fp32 accumulation); float64 only under the interpreter (fp64
@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from ..._backends import Backend, BackendError, CallInfo
+from ..._backends import LINEAR_OPS, OPS, Backend, BackendError, CallInfo
 
 __all__ = ["TritonBackend"]
 
@@ -68,7 +68,7 @@ def _conv_supported(info: CallInfo) -> tuple[bool, str]:
 
 
 class TritonBackend(Backend):
-    """Triton kernels for ``sparse_linear`` (forward, input gradient, weight gradient on ``G``).
+    """Triton kernels for the linear and conv2d trios (``fwd``, ``dx``, ``dw`` on ``G``).
 
     Args:
         fp32_precision: ``tl.dot`` input precision for fp32 (``"ieee"``, ``"tf32"``,
@@ -97,8 +97,8 @@ class TritonBackend(Backend):
         return _interpret_requested() if built is None else built
 
     def supports(self, info: CallInfo) -> tuple[bool, str]:
-        if info.op not in ("linear", "conv2d"):
-            return False, f"op {info.op!r}: the Triton backend has linear and conv2d kernels"
+        if info.op not in OPS:
+            return False, f"op {info.op!r}: the Triton backend has linear (spmm, sddmm) and conv2d kernels"
         if info.op == "conv2d":
             ok, why = _conv_supported(info)
             if not ok:
@@ -113,7 +113,7 @@ class TritonBackend(Backend):
             if layout not in ("unstructured", "block"):
                 return False, f"{what} layout {layout!r}: expected 'unstructured' or 'block'"
             if (
-                info.op == "linear"
+                info.op in LINEAR_OPS
                 and layout == "block"
                 and block is not None
                 and any(s not in _BLOCK_SIDES for s in block)
@@ -157,66 +157,66 @@ class TritonBackend(Backend):
             raise BackendError(f"triton: {what} block size {meta.block}: tile sides must be one of {_BLOCK_SIDES}")
         return meta
 
-    def linear_forward(self, x, weight, bias, pattern):
+    def linear_fwd(self, x, weight, bias, pattern):
         if pattern.layout == "block":
-            from .bsr import bsr_linear_forward
+            from .bsr import bsr_linear_fwd
 
-            return bsr_linear_forward(
+            return bsr_linear_fwd(
                 x, weight.contiguous(), bias, self._block_meta(pattern, "weight"), precision=self.fp32_precision
             )
-        from .csr import csr_linear_forward
+        from .csr import csr_linear_fwd
 
-        return csr_linear_forward(x, weight.contiguous(), bias, pattern.csr())
+        return csr_linear_fwd(x, weight.contiguous(), bias, pattern.csr())
 
-    def linear_input_grad(self, dy, weight, pattern):
+    def linear_dx(self, dy, weight, pattern):
         if pattern.layout == "block":
-            from .bsr import bsr_linear_input_grad
+            from .bsr import bsr_linear_dx
 
-            return bsr_linear_input_grad(
+            return bsr_linear_dx(
                 dy, weight.contiguous(), self._block_meta(pattern, "weight"), precision=self.fp32_precision
             )
-        from .csr import csr_linear_input_grad
+        from .csr import csr_linear_dx
 
-        return csr_linear_input_grad(dy, weight.contiguous(), pattern.csr())
+        return csr_linear_dx(dy, weight.contiguous(), pattern.csr())
 
-    def linear_weight_grad(self, dy, x, grad_pattern):
+    def linear_dw(self, dy, x, grad_pattern):
         if grad_pattern.layout == "block":
-            from .bsr import bsr_linear_weight_grad
+            from .bsr import bsr_linear_dw
 
-            return bsr_linear_weight_grad(
+            return bsr_linear_dw(
                 dy, x, self._block_meta(grad_pattern, "gradient"), precision=self.fp32_precision
             )
-        from .csr import csr_linear_weight_grad
+        from .csr import csr_linear_dw
 
-        return csr_linear_weight_grad(dy, x, grad_pattern.csr())
+        return csr_linear_dw(dy, x, grad_pattern.csr())
 
     # ----------------------------------------------------------------------------------------
     # conv2d trio (implicit GEMM, see conv.py)
     # ----------------------------------------------------------------------------------------
 
-    def conv2d_forward(self, x, weight, bias, pattern, conv):
+    def conv2d_fwd(self, x, weight, bias, pattern, conv):
         from . import conv as tc
 
         if pattern.layout == "block":
-            return tc.bsr_conv2d_forward(
+            return tc.bsr_conv2d_fwd(
                 x, weight.contiguous(), bias, pattern.bsr(), conv, precision=self.fp32_precision
             )
-        return tc.csr_conv2d_forward(x, weight.contiguous(), bias, pattern.csr(), conv)
+        return tc.csr_conv2d_fwd(x, weight.contiguous(), bias, pattern.csr(), conv)
 
-    def conv2d_input_grad(self, dy, weight, pattern, input_shape, conv):
+    def conv2d_dx(self, dy, weight, pattern, input_shape, conv):
         from . import conv as tc
 
         if pattern.layout == "block":
-            return tc.bsr_conv2d_input_grad(
+            return tc.bsr_conv2d_dx(
                 dy, weight.contiguous(), pattern.bsr(), input_shape, conv, precision=self.fp32_precision
             )
-        return tc.csr_conv2d_input_grad(dy, weight.contiguous(), pattern.csr(), input_shape, conv)
+        return tc.csr_conv2d_dx(dy, weight.contiguous(), pattern.csr(), input_shape, conv)
 
-    def conv2d_weight_grad(self, dy, x, grad_pattern, weight_shape, conv):
+    def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv):
         from . import conv as tc
 
         if grad_pattern.layout == "block":
-            return tc.bsr_conv2d_weight_grad(
+            return tc.bsr_conv2d_dw(
                 dy, x, grad_pattern.bsr(), weight_shape, conv, precision=self.fp32_precision
             )
-        return tc.csr_conv2d_weight_grad(dy, x, grad_pattern.csr(), weight_shape, conv)
+        return tc.csr_conv2d_dw(dy, x, grad_pattern.csr(), weight_shape, conv)

@@ -3,17 +3,18 @@
 The weight stays in its dense ``[M, K]`` storage; the block metadata (:class:`~sparsekern.formats.BSRMeta`)
 says which ``bo x bk`` tiles exist, and the kernels read only those tiles.
 
-* :func:`bsr_linear_forward`     ``y  = x (W⊙M)ᵀ (+ b)``  -- walks each block row (CSR);
-* :func:`bsr_linear_input_grad`  ``dx = dy (W⊙M)``        -- walks each block column (the
+* :func:`bsr_linear_fwd` ``y  = x (W⊙M)ᵀ (+ b)``  -- walks each block row (CSR);
+* :func:`bsr_linear_dx`  ``dx = dy (W⊙M)``        -- walks each block column (the
   transposed metadata), so every output tile is owned by one program: no atomics;
-* :func:`bsr_linear_weight_grad` ``dW = (dyᵀ x) ⊙ G``     -- one program per stored tile of the
-  gradient pattern (sampled dense-dense), exact zeros elsewhere.
+* :func:`bsr_linear_dw`  ``dW = (dyᵀ x) ⊙ G``     -- one program per stored tile of the
+  gradient pattern (sampled dense-dense, ``_bsr_sddmm_kernel``), exact zeros elsewhere.
 
-The two products share one kernel, ``_spmm_bsr_kernel``: ``out[:, r-block] = Σ a[:, c-block] B(r, c)``
-where ``B`` is a weight tile read through strides (transposed for the forward).  Output tiles are
-visited in a grouped order (``GROUP_N`` row tiles of ``a`` per weight tile) for L2 reuse, with
-block rows sorted by their number of blocks, heaviest first, so the longest programs start first.
-Accumulation is fp32 for every dtype; fp32 products use ``input_precision`` (IEEE by default).
+The two products (fwd and dx) share one kernel, ``_bsr_spmm_kernel``:
+``out[:, r-block] = Σ a[:, c-block] B(r, c)`` where ``B`` is a weight tile read through strides
+(transposed for the forward).  Output tiles are visited in a grouped order (``GROUP_N`` row tiles
+of ``a`` per weight tile) for L2 reuse, with block rows sorted by their number of blocks,
+heaviest first, so the longest programs start first.  Accumulation is fp32 for every dtype;
+fp32 products use ``input_precision`` (IEEE by default).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ...formats import BSRMeta, CSRMeta
 from . import _launch
 from ._launch import Tuned, acc_dtype, cdiv, check_dtype, check_operand, dot_upcast, empty, pow2, resolve_precision
 
-__all__ = ["bsr_linear_forward", "bsr_linear_input_grad", "bsr_linear_weight_grad", "walk_orders"]
+__all__ = ["bsr_linear_fwd", "bsr_linear_dx", "bsr_linear_dw", "walk_orders"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ __all__ = ["bsr_linear_forward", "bsr_linear_input_grad", "bsr_linear_weight_gra
 
 
 @triton.jit
-def _spmm_bsr_kernel(
+def _bsr_spmm_kernel(
     a_ptr,  # [N, C] dense operand, contiguous
     w_ptr,  # dense weight storage
     bias_ptr,  # [R] or dummy
@@ -109,7 +110,7 @@ def _spmm_bsr_kernel(
 
 
 @triton.jit
-def _sddmm_bsr_kernel(
+def _bsr_sddmm_kernel(
     dy_ptr,  # [N, M], contiguous
     x_ptr,  # [N, K], contiguous
     out_ptr,  # [M, K], zero-initialised
@@ -164,21 +165,21 @@ def _sddmm_bsr_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-def _fit_spmm(meta: dict, args: dict) -> dict:
+def _bsr_spmm_fit(meta: dict, args: dict) -> dict:
     meta = dict(meta)
     meta["BLOCK_R"] = min(meta["BLOCK_R"], args["BR"])
     meta["BLOCK_C"] = min(meta["BLOCK_C"], args["BC"])
     return meta
 
 
-def _fit_sddmm(meta: dict, args: dict) -> dict:
+def _bsr_sddmm_fit(meta: dict, args: dict) -> dict:
     meta = dict(meta)
     meta["BLOCK_M"] = min(meta["BLOCK_M"], args["BO"])
     meta["BLOCK_K"] = min(meta["BLOCK_K"], args["BK"])
     return meta
 
 
-def _spmm_configs():
+def _bsr_spmm_configs():
     # (BLOCK_N, BLOCK_R, BLOCK_C, GROUP_N, warps, stages): a short list; sides are clamped to the block
     space = [
         (128, 128, 32, 8, 8, 3),
@@ -198,7 +199,7 @@ def _spmm_configs():
     ]
 
 
-def _sddmm_configs():
+def _bsr_sddmm_configs():
     space = [
         (128, 128, 32, 8, 3),
         (64, 64, 64, 4, 3),
@@ -212,24 +213,24 @@ def _sddmm_configs():
     return [triton.Config(dict(BLOCK_M=m, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=s) for m, k, n, w, s in space]
 
 
-_spmm = Tuned(
-    _spmm_bsr_kernel,
-    _spmm_configs(),
+_bsr_spmm_tuned = Tuned(
+    _bsr_spmm_kernel,
+    _bsr_spmm_configs(),
     key=["n_hint", "R", "C", "BR", "BC", "PRECISION"],
     interpret_config=dict(BLOCK_N=32, BLOCK_R=32, BLOCK_C=32, GROUP_N=2),
-    fit=_fit_spmm,
+    fit=_bsr_spmm_fit,
 )
-_sddmm = Tuned(
-    _sddmm_bsr_kernel,
-    _sddmm_configs(),
+_bsr_sddmm_tuned = Tuned(
+    _bsr_sddmm_kernel,
+    _bsr_sddmm_configs(),
     key=["n_hint", "M", "K", "BO", "BK", "PRECISION"],
     interpret_config=dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32),
-    fit=_fit_sddmm,
+    fit=_bsr_sddmm_fit,
 )
 
 
 # ------------------------------------------------------------------------------------------
-# derived metadata (cached on the index tensors, like the metadata itself)
+# derived metadata (cached with the metadata, in the mask's MetaCache)
 # ------------------------------------------------------------------------------------------
 
 
@@ -248,22 +249,18 @@ def _row_ids(meta: CSRMeta) -> torch.Tensor:
 def walk_orders(meta: CSRMeta) -> dict[str, torch.Tensor]:
     """Heaviest-first order of rows and of columns, and the row of each stored entry.
 
-    Built on the metadata's device (no host sync) and cached on ``meta.crow_indices``, so it is
-    rebuilt exactly when the metadata is.
+    Built on the metadata's device (no host sync) through ``meta.derived``, so it is built once
+    and rebuilt exactly when the metadata is.
     """
-    cached = getattr(meta.crow_indices, "_sparsekern_triton_orders", None)
-    if cached is not None:
-        return cached
-    orders = {
-        "row_order": _lengths_order(meta.crow_indices),
-        "col_order": _lengths_order(meta.ccol_indices),
-        "row_ids": _row_ids(meta),
-    }
-    try:
-        meta.crow_indices._sparsekern_triton_orders = orders
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
-        pass
-    return orders
+
+    def build() -> dict[str, torch.Tensor]:
+        return {
+            "row_order": _lengths_order(meta.crow_indices),
+            "col_order": _lengths_order(meta.ccol_indices),
+            "row_ids": _row_ids(meta),
+        }
+
+    return meta.derived("triton.walk_orders", build)
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,7 +278,7 @@ def _check_meta(meta: BSRMeta, weight_shape) -> None:
             raise ValueError(f"meta: block sides must be powers of two >= 16, got {meta.block}")
 
 
-def _spmm_launch(
+def _bsr_spmm_launch(
     a, weight, bias, out, ptr, idx, order, R, C, n_rblocks, stride_wr, stride_wc, BR, BC, precision, config
 ):
     N = a.shape[0]
@@ -311,11 +308,11 @@ def _spmm_launch(
         UPCAST=dot_upcast(a.dtype),
         ACC=acc_dtype(a.dtype),
     )
-    _spmm(grid, args, config)
+    _bsr_spmm_tuned(grid, args, config)
     return out
 
 
-def bsr_linear_forward(
+def bsr_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -354,13 +351,13 @@ def bsr_linear_forward(
     bo, bk = meta.block
     bl = meta.blocks
     orders = walk_orders(bl)
-    return _spmm_launch(
+    return _bsr_spmm_launch(
         x, weight, bias, out, bl.crow_indices, bl.col_indices, orders["row_order"],
         M, K, bl.shape[0], weight.stride(0), weight.stride(1), bo, bk, precision, config,
     )  # fmt: skip
 
 
-def bsr_linear_input_grad(
+def bsr_linear_dx(
     dy: torch.Tensor,
     weight: torch.Tensor,
     meta: BSRMeta,
@@ -390,13 +387,13 @@ def bsr_linear_input_grad(
     bl = meta.blocks
     orders = walk_orders(bl)
     # output columns are weight columns (block side bk), the reduction runs over weight rows (bo)
-    return _spmm_launch(
+    return _bsr_spmm_launch(
         dy, weight, None, out, bl.ccol_indices, bl.row_indices, orders["col_order"],
         K, M, bl.shape[1], weight.stride(1), weight.stride(0), bk, bo, precision, config,
     )  # fmt: skip
 
 
-def bsr_linear_weight_grad(
+def bsr_linear_dw(
     dy: torch.Tensor,
     x: torch.Tensor,
     meta: BSRMeta,
@@ -446,7 +443,7 @@ def bsr_linear_weight_grad(
         UPCAST=dot_upcast(x.dtype),
         ACC=acc_dtype(x.dtype),
     )
-    _sddmm(grid, args, config)
+    _bsr_sddmm_tuned(grid, args, config)
     return out
 
 

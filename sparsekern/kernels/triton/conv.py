@@ -8,16 +8,16 @@ positions ``(n, oh, ow)``; ``Q`` flattened input positions ``(n, ih, iw)``.
 Block layout: a tile covers ``BO`` output channels by ``BK`` input channels and every kernel tap,
 so the block metadata is a BSR over the ``[O/BO, C/BK]`` channel grid.
 
-* :func:`bsr_conv2d_forward`      program = (P tile, block row):      Σ stored tiles Σ taps  x_tap[P, BK] · W_tap[BK, BO]
-* :func:`bsr_conv2d_input_grad`   program = (Q tile, block column):   Σ stored tiles Σ taps dy_tap[Q, BO] · W_tap[BO, BK]
+* :func:`bsr_conv2d_fwd`  program = (P tile, block row):      Σ stored tiles Σ taps  x_tap[P, BK] · W_tap[BK, BO]
+* :func:`bsr_conv2d_dx`   program = (Q tile, block column):   Σ stored tiles Σ taps dy_tap[Q, BO] · W_tap[BO, BK]
   (the transposed metadata: each input-gradient tile is owned by one program, no atomics)
-* :func:`bsr_conv2d_weight_grad`  program = (stored G tile, tap):     Σ over P  dyᵀ[BO, P] · x_tap[P, BK]
+* :func:`bsr_conv2d_dw`   program = (stored G tile, tap):     Σ over P  dyᵀ[BO, P] · x_tap[P, BK]
 
 Unstructured layout (CSR over ``[O, C·kh·kw]``): the same three with scalar weights:
 
-* :func:`csr_conv2d_forward`      program = (BLOCK_R output channels, P tile): Σ entries w · x_gather
-* :func:`csr_conv2d_input_grad`   program = (BLOCK_R input channels, Q tile), walking the CSC of each tap
-* :func:`csr_conv2d_weight_grad`  program = BLOCK_Z entries of G: each a dot product over P
+* :func:`csr_conv2d_fwd`  program = (BLOCK_R output channels, P tile): Σ entries w · x_gather
+* :func:`csr_conv2d_dx`   program = (BLOCK_R input channels, Q tile), walking the CSC of each tap
+* :func:`csr_conv2d_dw`   program = BLOCK_Z entries of G: each a dot product over P
 
 Accumulation is fp32 (fp64 for fp64 operands under the interpreter).
 """
@@ -30,14 +30,15 @@ import triton.language as tl
 
 from ...formats import BSRMeta, CSRMeta
 from ._launch import Tuned, acc_dtype, check_dtype, dot_upcast, empty, resolve_precision
+from .bsr import walk_orders
 
 __all__ = [
-    "bsr_conv2d_forward",
-    "bsr_conv2d_input_grad",
-    "bsr_conv2d_weight_grad",
-    "csr_conv2d_forward",
-    "csr_conv2d_input_grad",
-    "csr_conv2d_weight_grad",
+    "bsr_conv2d_fwd",
+    "bsr_conv2d_dx",
+    "bsr_conv2d_dw",
+    "csr_conv2d_fwd",
+    "csr_conv2d_dx",
+    "csr_conv2d_dw",
 ]
 
 
@@ -78,7 +79,7 @@ def _tap_target(o_q, H, W, kh, kw, SH, SW, PH, PW, DH, DW, Ho, Wo):
 
 
 @triton.jit
-def _bsr_conv_fwd_kernel(
+def _bsr_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     crow_ptr, col_ptr,
     NP, O, C, H, W, Ho, Wo,
@@ -131,7 +132,7 @@ def _bsr_conv_fwd_kernel(
 
 
 @triton.jit
-def _bsr_conv_dx_kernel(
+def _bsr_conv2d_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
     ccol_ptr, row_ptr,
     NQ, O, C, H, W, Ho, Wo,
@@ -183,7 +184,7 @@ def _bsr_conv_dx_kernel(
 
 
 @triton.jit
-def _bsr_conv_dw_kernel(
+def _bsr_conv2d_dw_kernel(
     dy_ptr, x_ptr, dw_ptr,
     rows_ptr, cols_ptr,
     NP, O, C, H, W, Ho, Wo,
@@ -237,7 +238,7 @@ def _bsr_conv_dw_kernel(
 
 
 @triton.jit
-def _csr_conv_fwd_kernel(
+def _csr_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     crow_ptr, col_ptr,
     NP, O, H, W, Ho, Wo,
@@ -285,7 +286,7 @@ def _csr_conv_fwd_kernel(
 
 
 @triton.jit
-def _csr_conv_dx_kernel(
+def _csr_conv2d_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
     ccol_ptr, row_ptr,
     NQ, C, H, W, Ho, Wo,
@@ -330,7 +331,7 @@ def _csr_conv_dx_kernel(
 
 
 @triton.jit
-def _csr_conv_dw_kernel(
+def _csr_conv2d_dw_kernel(
     dy_ptr, x_ptr, dw_ptr,
     rows_ptr, cols_ptr,
     nnz, NP, H, W, Ho, Wo,
@@ -380,25 +381,34 @@ def _cfgs(name, space):
     return [triton.Config({name: v}, num_warps=w, num_stages=s) for v, w, s in space]
 
 
-_bsr_fwd = Tuned(_bsr_conv_fwd_kernel, _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
-                 key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64))
-_bsr_dx = Tuned(_bsr_conv_dx_kernel, _cfgs("BLOCK_Q", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
-                key=["NQ", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_Q=64))
-_bsr_dw = Tuned(_bsr_conv_dw_kernel, _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3)]),
-                key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64))
-_csr_fwd = Tuned(
-    _csr_conv_fwd_kernel,
+_bsr_conv2d_fwd_tuned = Tuned(
+    _bsr_conv2d_fwd_kernel,
+    _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
+    key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64),
+)
+_bsr_conv2d_dx_tuned = Tuned(
+    _bsr_conv2d_dx_kernel,
+    _cfgs("BLOCK_Q", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
+    key=["NQ", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_Q=64),
+)
+_bsr_conv2d_dw_tuned = Tuned(
+    _bsr_conv2d_dw_kernel,
+    _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3)]),
+    key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64),
+)
+_csr_conv2d_fwd_tuned = Tuned(
+    _csr_conv2d_fwd_kernel,
     [triton.Config(dict(BLOCK_R=r, BLOCK_P=p), num_warps=w) for r, p, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4),
                                                                               (16, 128, 8)]],
     key=["NP", "O"], interpret_config=dict(BLOCK_R=16, BLOCK_P=128),
 )
-_csr_dx = Tuned(
-    _csr_conv_dx_kernel,
+_csr_conv2d_dx_tuned = Tuned(
+    _csr_conv2d_dx_kernel,
     [triton.Config(dict(BLOCK_R=r, BLOCK_Q=q), num_warps=w) for r, q, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4)]],
     key=["NQ", "C"], interpret_config=dict(BLOCK_R=16, BLOCK_Q=128),
 )
-_csr_dw = Tuned(
-    _csr_conv_dw_kernel,
+_csr_conv2d_dw_tuned = Tuned(
+    _csr_conv2d_dw_kernel,
     [triton.Config(dict(BLOCK_Z=z, BLOCK_P=p), num_warps=w) for z, p, w in [(32, 128, 4), (64, 64, 4), (16, 256, 4)]],
     key=["nnz", "NP"], interpret_config=dict(BLOCK_Z=64, BLOCK_P=128),
 )
@@ -451,14 +461,10 @@ def _precision_args(dtype, precision):
 
 def _block_channels(meta: BSRMeta, weight_shape) -> tuple[int, int]:
     """Channel tile ``(BO, BK)`` of a conv block pattern (its matrix tile is ``(BO, BK·kh·kw)``)."""
-    taps = weight_shape[2] * weight_shape[3]
-    bo, bkk = meta.block
-    if bkk % taps:
-        raise ValueError(f"meta: block {meta.block} does not span whole input channels of a {weight_shape} weight")
-    return bo, bkk // taps
+    return meta.block.channels(weight_shape, name="meta")
 
 
-def bsr_conv2d_forward(x, weight, bias, meta: BSRMeta, conv, *, precision=None, config=None):
+def bsr_conv2d_fwd(x, weight, bias, meta: BSRMeta, conv, *, precision=None, config=None):
     """``conv2d(x, W⊙M) + b`` on the stored channel tiles of ``meta`` (``Pattern.bsr()`` of a conv mask)."""
     _check(x, weight, conv, "x")
     O, C, KH, KW = weight.shape
@@ -481,12 +487,12 @@ def bsr_conv2d_forward(x, weight, bias, meta: BSRMeta, conv, *, precision=None, 
         KH=KH, KW=KW, BO=bo, BK=bk, HAS_BIAS=bias is not None,
         **_conv_scalars(conv), **_precision_args(x.dtype, precision),
     )  # fmt: skip
-    _bsr_fwd(lambda m: (triton.cdiv(NP, m["BLOCK_P"]), bl.shape[0]), args, config)
+    _bsr_conv2d_fwd_tuned(lambda m: (triton.cdiv(NP, m["BLOCK_P"]), bl.shape[0]), args, config)
     return y
 
 
-def bsr_conv2d_input_grad(dy, weight, meta: BSRMeta, input_shape, conv, *, precision=None, config=None):
-    """``dx`` of :func:`bsr_conv2d_forward`, walking the transposed block metadata."""
+def bsr_conv2d_dx(dy, weight, meta: BSRMeta, input_shape, conv, *, precision=None, config=None):
+    """``dx`` of :func:`bsr_conv2d_fwd`, walking the transposed block metadata."""
     _check(dy, weight, conv, "dy")
     O, C, KH, KW = weight.shape
     N, _, H, W = input_shape
@@ -506,11 +512,11 @@ def bsr_conv2d_input_grad(dy, weight, meta: BSRMeta, input_shape, conv, *, preci
         KH=KH, KW=KW, BO=bo, BK=bk,
         **_conv_scalars(conv), **_precision_args(dy.dtype, precision),
     )  # fmt: skip
-    _bsr_dx(lambda m: (triton.cdiv(NQ, m["BLOCK_Q"]), bl.shape[1]), args, config)
+    _bsr_conv2d_dx_tuned(lambda m: (triton.cdiv(NQ, m["BLOCK_Q"]), bl.shape[1]), args, config)
     return dx
 
 
-def bsr_conv2d_weight_grad(dy, x, meta: BSRMeta, weight_shape, conv, *, precision=None, config=None):
+def bsr_conv2d_dw(dy, x, meta: BSRMeta, weight_shape, conv, *, precision=None, config=None):
     """``dW`` on the stored tiles of the gradient pattern ``meta``; exact zeros elsewhere."""
     _check_grad_args(dy, x, conv)
     O, C, KH, KW = weight_shape
@@ -523,7 +529,7 @@ def bsr_conv2d_weight_grad(dy, x, meta: BSRMeta, weight_shape, conv, *, precisio
     if bl.nnz == 0 or NP == 0:
         return dw
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=bl.row_ids().to(torch.int32), cols_ptr=bl.col_indices,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=walk_orders(bl)["row_ids"], cols_ptr=bl.col_indices,
         NP=NP, O=O, C=C, H=H, W=W, Ho=Ho, Wo=Wo,
         sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
@@ -531,11 +537,11 @@ def bsr_conv2d_weight_grad(dy, x, meta: BSRMeta, weight_shape, conv, *, precisio
         KW=KW, BO=bo, BK=bk,
         **_conv_scalars(conv), **_precision_args(x.dtype, precision),
     )  # fmt: skip
-    _bsr_dw(lambda m: (bl.nnz, KH * KW), args, config)
+    _bsr_conv2d_dw_tuned(lambda m: (bl.nnz, KH * KW), args, config)
     return dw
 
 
-def csr_conv2d_forward(x, weight, bias, meta: CSRMeta, conv, *, config=None):
+def csr_conv2d_fwd(x, weight, bias, meta: CSRMeta, conv, *, config=None):
     """``conv2d(x, W⊙M) + b`` for an unstructured mask (``Pattern.csr()`` of the conv mask)."""
     _check(x, weight, conv, "x")
     O, C, KH, KW = weight.shape
@@ -555,12 +561,12 @@ def csr_conv2d_forward(x, weight, bias, meta: CSRMeta, conv, *, config=None):
         syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype), **_conv_scalars(conv),
     )  # fmt: skip
-    _csr_fwd(lambda m: (triton.cdiv(NP, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_R"])), args, config)
+    _csr_conv2d_fwd_tuned(lambda m: (triton.cdiv(NP, m["BLOCK_P"]), triton.cdiv(O, m["BLOCK_R"])), args, config)
     return y
 
 
-def csr_conv2d_input_grad(dy, weight, meta: CSRMeta, input_shape, conv, *, config=None):
-    """``dx`` of :func:`csr_conv2d_forward`, walking the CSC of each (input channel, tap) column."""
+def csr_conv2d_dx(dy, weight, meta: CSRMeta, input_shape, conv, *, config=None):
+    """``dx`` of :func:`csr_conv2d_fwd`, walking the CSC of each (input channel, tap) column."""
     _check(dy, weight, conv, "dy")
     O, C, KH, KW = weight.shape
     N, _, H, W = input_shape
@@ -577,11 +583,11 @@ def csr_conv2d_input_grad(dy, weight, meta: CSRMeta, input_shape, conv, *, confi
         sxn=dx.stride(0), sxc=dx.stride(1), sxh=dx.stride(2), sxw=dx.stride(3),
         KH=KH, KW=KW, ACC=acc_dtype(dy.dtype), **_conv_scalars(conv),
     )  # fmt: skip
-    _csr_dx(lambda m: (triton.cdiv(NQ, m["BLOCK_Q"]), triton.cdiv(C, m["BLOCK_R"])), args, config)
+    _csr_conv2d_dx_tuned(lambda m: (triton.cdiv(NQ, m["BLOCK_Q"]), triton.cdiv(C, m["BLOCK_R"])), args, config)
     return dx
 
 
-def csr_conv2d_weight_grad(dy, x, meta: CSRMeta, weight_shape, conv, *, config=None):
+def csr_conv2d_dw(dy, x, meta: CSRMeta, weight_shape, conv, *, config=None):
     """``dW`` on the entries of the gradient pattern ``meta``; exact zeros elsewhere."""
     _check_grad_args(dy, x, conv)
     O, C, KH, KW = weight_shape
@@ -592,13 +598,13 @@ def csr_conv2d_weight_grad(dy, x, meta: CSRMeta, weight_shape, conv, *, config=N
     if meta.nnz == 0 or NP == 0:
         return dw
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=meta.row_ids().to(torch.int32), cols_ptr=meta.col_indices,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, rows_ptr=walk_orders(meta)["row_ids"], cols_ptr=meta.col_indices,
         nnz=meta.nnz, NP=NP, H=H, W=W, Ho=Ho, Wo=Wo,
         sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         swo=dw.stride(0), swc=dw.stride(1), swh=dw.stride(2), sww=dw.stride(3),
         KH=KH, KW=KW, ACC=acc_dtype(x.dtype), **_conv_scalars(conv),
     )  # fmt: skip
-    _csr_dw(lambda m: (triton.cdiv(meta.nnz, m["BLOCK_Z"]),), args, config)
+    _csr_conv2d_dw_tuned(lambda m: (triton.cdiv(meta.nnz, m["BLOCK_Z"]),), args, config)
     return dw
 

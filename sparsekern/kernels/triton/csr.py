@@ -3,11 +3,11 @@
 The weight stays in its dense ``[M, K]`` storage; :class:`~sparsekern.formats.CSRMeta` lists the
 entries that exist, and the kernels read only those.
 
-* :func:`csr_linear_forward`     ``y  = x (W⊙M)ᵀ (+ b)``: SpMM over the rows of ``W``;
-* :func:`csr_linear_input_grad`  ``dx = dy (W⊙M)``: the same SpMM over the columns of ``W``
+* :func:`csr_linear_fwd` ``y  = x (W⊙M)ᵀ (+ b)``: SpMM (``_csr_spmm_kernel``) over the rows of ``W``;
+* :func:`csr_linear_dx`  ``dx = dy (W⊙M)``: the same SpMM over the columns of ``W``
   (the transposed metadata), so every output element has one owner: no atomics;
-* :func:`csr_linear_weight_grad` ``dW = (dyᵀ x) ⊙ G``: SDDMM on the entries of ``G`` only, exact
-  zeros elsewhere.
+* :func:`csr_linear_dw`  ``dW = (dyᵀ x) ⊙ G``: SDDMM (``_csr_sddmm_kernel``) on the entries of
+  ``G`` only, exact zeros elsewhere.
 
 Layout.  The SpMM gathers, for each stored entry ``(r, c)``, a run of the dense operand along the
 batch; the dense operand is therefore transposed once to ``[C, N]`` so those runs are contiguous
@@ -30,7 +30,7 @@ from ...formats import CSRMeta
 from ._launch import Tuned, acc_dtype, cdiv, check_dtype, check_operand, empty, pow2
 from .bsr import walk_orders
 
-__all__ = ["csr_linear_forward", "csr_linear_input_grad", "csr_linear_weight_grad"]
+__all__ = ["csr_linear_fwd", "csr_linear_dx", "csr_linear_dw"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ __all__ = ["csr_linear_forward", "csr_linear_input_grad", "csr_linear_weight_gra
 
 
 @triton.jit
-def _spmm_csr_kernel(
+def _csr_spmm_kernel(
     bt_ptr,  # [C, N] dense operand, transposed, contiguous
     w_ptr,  # dense weight storage
     bias_ptr,  # [R] or dummy
@@ -95,7 +95,7 @@ def _spmm_csr_kernel(
 
 
 @triton.jit
-def _sddmm_csr_kernel(
+def _csr_sddmm_kernel(
     at_ptr,  # [M, N] = dyᵀ, contiguous
     bt_ptr,  # [K, N] = xᵀ, contiguous
     out_ptr,  # [M, K], zero-initialised
@@ -134,7 +134,7 @@ def _sddmm_csr_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-def _spmm_configs():
+def _csr_spmm_configs():
     # (BLOCK_R, BLOCK_N, UNROLL, warps, stages)
     space = [
         (8, 128, 2, 4, 1),
@@ -150,21 +150,21 @@ def _spmm_configs():
     return [triton.Config(dict(BLOCK_R=r, BLOCK_N=n, UNROLL=u), num_warps=w, num_stages=s) for r, n, u, w, s in space]
 
 
-def _sddmm_configs():
+def _csr_sddmm_configs():
     # (BLOCK_Z, BLOCK_N, warps)
     space = [(32, 128, 4), (64, 64, 4), (16, 256, 4), (64, 128, 8), (128, 32, 4), (32, 64, 4), (8, 256, 4)]
     return [triton.Config(dict(BLOCK_Z=z, BLOCK_N=n), num_warps=w, num_stages=2) for z, n, w in space]
 
 
-_spmm = Tuned(
-    _spmm_csr_kernel,
-    _spmm_configs(),
+_csr_spmm_tuned = Tuned(
+    _csr_spmm_kernel,
+    _csr_spmm_configs(),
     key=["n_hint", "R", "len_hint"],
     interpret_config=dict(BLOCK_R=16, BLOCK_N=32, UNROLL=2),
 )
-_sddmm = Tuned(
-    _sddmm_csr_kernel,
-    _sddmm_configs(),
+_csr_sddmm_tuned = Tuned(
+    _csr_sddmm_kernel,
+    _csr_sddmm_configs(),
     key=["n_hint", "nnz_hint", "K"],
     interpret_config=dict(BLOCK_Z=64, BLOCK_N=32),
 )
@@ -182,7 +182,7 @@ def _check_meta(meta: CSRMeta, shape) -> None:
         raise ValueError(f"meta: describes a {tuple(meta.shape)} matrix, expected {tuple(shape)}")
 
 
-def _spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc, config):
+def _csr_spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc, config):
     """``out[n, r] = Σ_{entries (r, c)} W(r, c) b[n, c]`` for ``b [N, C]``; returns ``[N, R]``."""
     N = b.shape[0]
     if N == 0 or R == 0:
@@ -210,11 +210,11 @@ def _spmm_launch(b, weight, bias, ptr, idx, order, R, nnz, stride_wr, stride_wc,
         HAS_BIAS=bias is not None,
         ACC=acc_dtype(b.dtype),
     )
-    _spmm(grid, args, config)
+    _csr_spmm_tuned(grid, args, config)
     return out_t.t().contiguous()
 
 
-def csr_linear_forward(
+def csr_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -245,7 +245,7 @@ def csr_linear_forward(
     if x.shape[1] != K:
         raise ValueError(f"x: expected shape [N, {K}], got {tuple(x.shape)}")
     orders = walk_orders(meta)
-    return _spmm_launch(
+    return _csr_spmm_launch(
         x,
         weight,
         bias,
@@ -260,7 +260,7 @@ def csr_linear_forward(
     )
 
 
-def csr_linear_input_grad(
+def csr_linear_dx(
     dy: torch.Tensor,
     weight: torch.Tensor,
     meta: CSRMeta,
@@ -283,7 +283,7 @@ def csr_linear_input_grad(
     if dy.shape[1] != M:
         raise ValueError(f"dy: expected shape [N, {M}], got {tuple(dy.shape)}")
     orders = walk_orders(meta)
-    return _spmm_launch(
+    return _csr_spmm_launch(
         dy,
         weight,
         None,
@@ -298,7 +298,7 @@ def csr_linear_input_grad(
     )
 
 
-def csr_linear_weight_grad(
+def csr_linear_dw(
     dy: torch.Tensor,
     x: torch.Tensor,
     meta: CSRMeta,
@@ -344,5 +344,5 @@ def csr_linear_weight_grad(
         nnz_hint=pow2(meta.nnz),
         ACC=acc_dtype(x.dtype),
     )
-    _sddmm(grid, args, config)
+    _csr_sddmm_tuned(grid, args, config)
     return out
