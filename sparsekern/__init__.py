@@ -5,8 +5,9 @@ Importing this package touches neither Triton, nor the compiled extension, nor C
 
 from __future__ import annotations
 
-from . import formats, masks
+from . import choice, formats, masks
 from ._backends import BACKEND_NAMES, BackendError, get_backend, select_backend
+from .choice import explain
 from .convert import SparsityConfig, dense_state_dict, densify_, sparse_modules, sparsify_
 from .formats import Pattern, from_torch_sparse, pattern_of, to_torch_sparse_bsr, to_torch_sparse_csr
 from .nn import SparseConv2d, SparseLinear
@@ -22,7 +23,9 @@ __all__ = [
     "SparseLinear",
     "SparsityConfig",
     "dense_state_dict",
+    "choice",
     "densify_",
+    "explain",
     "formats",
     "from_torch_sparse",
     "get_backend",

@@ -41,6 +41,7 @@ __all__ = [
     "ConvParams",
     "CallInfo",
     "get_backend",
+    "is_automatic",
     "register_backend",
     "select_backend",
     "backend_report",
@@ -50,6 +51,9 @@ logger = logging.getLogger("sparsekern")
 
 BACKEND_NAMES = ("triton", "cuda", "cpp", "reference")
 ENV_VAR = "SPARSEKERN_BACKEND"
+#: ``backend="auto"`` is the same as ``backend=None``: the automatic order, then the per-call
+#: choice between the sparse kernels and dense masked compute (:mod:`sparsekern.choice`)
+AUTO = "auto"
 
 #: the values of :attr:`CallInfo.op`: one per public functional op
 OPS = ("linear", "conv2d", "spmm", "sddmm")
@@ -155,10 +159,18 @@ def get_backend(name: str) -> Backend:
     return inst
 
 
+def is_automatic(backend: str | None) -> bool:
+    """Whether a call with this ``backend=`` argument is dispatched automatically (no argument, or
+    ``"auto"``, and no ``SPARSEKERN_BACKEND``): then :mod:`sparsekern.choice` may run it dense."""
+    return _requested(backend)[0] is None
+
+
 def _requested(backend: str | None) -> tuple[str | None, str]:
+    if backend == AUTO:
+        backend = None
     if backend is not None:
         if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {BACKEND_NAMES} or None, got {backend!r}")
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, {AUTO!r} or None, got {backend!r}")
         return backend, "backend="
     env = os.environ.get(ENV_VAR, "").strip()
     if env:

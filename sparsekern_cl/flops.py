@@ -33,7 +33,7 @@ PARTS = ("forward", "input_grad", "weight_grad")
 
 
 def _densities(module: nn.Module) -> tuple[float, float]:
-    """(weight density, gradient density) of a layer; plain layers are dense."""
+    """(weight density, gradient density) of a layer's masks; plain layers are dense."""
     if isinstance(module, (sparsekern.SparseLinear, sparsekern.SparseConv2d)):
         n = module.weight_mask.numel()
         return float(module.weight_mask.sum()) / n, float(module.grad_mask.sum()) / n
@@ -100,6 +100,10 @@ class FlopCounter:
         return sum(self.dense_totals.values())
 
     def _density(self, module: nn.Module) -> tuple[float, float]:
+        # a sparse layer whose last call ran dense (sparsekern.choice) counts dense: what ran
+        dec = getattr(module, "last_choice", None)
+        if dec is not None and dec.path == "dense":
+            return 1.0, 1.0
         wm = getattr(module, "weight_mask", None)
         gm = getattr(module, "grad_mask", None)
         if not isinstance(wm, torch.Tensor) or not isinstance(gm, torch.Tensor):

@@ -6,6 +6,11 @@ import torch
 
 # Triton reads TRITON_INTERPRET when its kernels are defined, so it is set here, before any test
 # imports them: without a GPU, tests/test_triton_*.py run the kernels in the interpreter.
+# The suite checks the kernels themselves: the per-call choice between the sparse kernels and
+# dense compute (sparsekern.choice, default "probe") would send its small test layers to the dense
+# path by timing.  tests/test_choice.py switches it back on where it is the subject.
+os.environ.setdefault("SPARSEKERN_AUTO", "off")
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -37,11 +37,15 @@ class SparseMixin:
         self.layout = layout
         self.block_size = normalize_block_size(block_size) if layout == "block" else None
         if backend is not None:
-            from .._backends import BACKEND_NAMES
+            from .._backends import AUTO, BACKEND_NAMES
 
-            if backend not in BACKEND_NAMES:
-                raise ValueError(f"backend: expected one of {BACKEND_NAMES} or None, got {backend!r}")
+            if backend not in (*BACKEND_NAMES, AUTO):
+                raise ValueError(f"backend: expected one of {BACKEND_NAMES}, {AUTO!r} or None, got {backend!r}")
+            if backend == AUTO:
+                backend = None
         self.backend = backend
+        #: the :class:`sparsekern.choice.Decision` of the last automatic call (None: pinned or not run)
+        self.last_choice = None
         sparsity = check_sparsity(sparsity)
         ones = torch.ones_like(self.weight, dtype=torch.bool)
         self.register_buffer("weight_mask", ones)
@@ -116,6 +120,13 @@ class SparseMixin:
                         dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
                         tuple(self.weight.shape))
         return select_backend(info, self.backend).name
+
+    def _note_choice(self) -> None:
+        """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`)."""
+        from .. import choice
+        from .._backends import is_automatic
+
+        self.last_choice = choice.last_decision() if is_automatic(self.backend) else None
 
     def _sparse_repr(self) -> str:
         s = f", density={self.density():.4f}, layout={self.layout}"

@@ -57,11 +57,13 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return sparse_conv2d(
+        y = sparse_conv2d(
             x, self.weight, self.bias, self.weight_mask, self.grad_mask,
             self.stride, padding, self.dilation, self.groups,
             backend=self.backend, layout=self.layout, block_size=self.block_size,
         )
+        self._note_choice()
+        return y
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | None = None, **kwargs) -> SparseConv2d:

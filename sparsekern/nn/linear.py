@@ -47,10 +47,12 @@ class SparseLinear(SparseMixin, nn.Linear):
         self._init_sparse(sparsity, layout, block_size, backend, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(
+        y = sparse_linear(
             x, self.weight, self.bias, self.weight_mask, self.grad_mask,
             backend=self.backend, layout=self.layout, block_size=self.block_size,
         )
+        self._note_choice()
+        return y
 
     @classmethod
     def from_dense(cls, module: nn.Linear, mask: torch.Tensor | None = None, **kwargs) -> SparseLinear:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._backends import CallInfo, ConvParams, select_backend
+from .. import choice
+from .._backends import CallInfo, ConvParams, is_automatic, select_backend
 from ..formats import Pattern
 from ._common import check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
 
@@ -156,5 +157,7 @@ def sparse_conv2d(
         tuple(weight.shape),
     )
     be = select_backend(info, backend)
+    if is_automatic(backend):
+        be = choice.choose("conv2d", be, x, weight, bias, pattern, gpattern, conv)
     y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be)
     return y.squeeze(0) if unbatched else y

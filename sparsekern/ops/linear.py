@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._backends import CallInfo, select_backend
+from .. import choice
+from .._backends import CallInfo, is_automatic, select_backend
 from ..formats import Pattern
 from ._common import check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
 
@@ -103,5 +104,7 @@ def linear(x, weight, bias, mask, grad_mask=None, *, backend=None, layout="unstr
     pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if op == "linear" and is_automatic(backend):
+        be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern)
     y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be)
     return y.reshape(*lead, weight.shape[0])

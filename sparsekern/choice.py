@@ -1,0 +1,326 @@
+"""Per-layer choice between the sparse kernels and dense masked compute ("auto").
+
+A sparse kernel loses to dense compute on small layers, at low sparsity and at tiny batches.
+When a call's backend is chosen automatically (no ``backend=`` argument, no
+``SPARSEKERN_BACKEND``), the call runs either on the sparse kernels of the automatic backend or
+on :data:`DENSE` — dense PyTorch on ``W⊙M`` with the same semantics (forward on ``W⊙M``, ``dW``
+exactly zero outside ``G``) — whichever is faster for that call's *key*: op, weight shape, conv
+parameters, layout, weight and gradient density, input shape, dtype, thread count, backend and
+whether a backward follows.
+
+How a key is decided, once per process (``SPARSEKERN_AUTO``):
+
+* ``probe`` (default): rules first — density above :data:`DENSE_ABOVE` or fewer than
+  :data:`TINY_FLOPS` dense FLOPs run dense; otherwise a one-time timed probe on the call's own
+  tensors (outside autograd) runs both paths in alternating rounds and keeps the faster; the
+  sparse kernels must win by :data:`MARGIN` to be kept, so a layer is never knowingly slower
+  than dense.
+* ``rules``: the rules only; every other call runs the sparse kernels (no timing at all).
+* ``off``: always the sparse kernels (the behaviour before this module existed).
+
+Results are bit-identical run to run for a fixed decision.  Decisions are recorded
+(:func:`decisions`), can be saved and loaded (:func:`save_decisions`, :func:`load_decisions`, or
+``SPARSEKERN_DECISIONS=path.json`` which loads a file at first use and writes new decisions to
+it), and pinned per layer by passing ``backend=`` explicitly.  :func:`explain` prints, per sparse
+layer of a model, what its last call ran and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._backends import Backend, ConvParams
+
+__all__ = [
+    "DENSE",
+    "DENSE_ABOVE",
+    "MARGIN",
+    "TINY_FLOPS",
+    "Decision",
+    "DenseBackend",
+    "choose",
+    "clear_decisions",
+    "decisions",
+    "explain",
+    "last_decision",
+    "load_decisions",
+    "mode",
+    "save_decisions",
+]
+
+MODE_VAR = "SPARSEKERN_AUTO"
+FILE_VAR = "SPARSEKERN_DECISIONS"
+MODES = ("probe", "rules", "off")
+#: density above which a layer runs dense without a probe
+DENSE_ABOVE = 0.5
+#: dense FLOPs of one call below which the layer runs dense without a probe (too small to time)
+TINY_FLOPS = 2e6
+#: the sparse kernels are kept only if the probe finds them at least this much faster
+MARGIN = 1.05
+#: timed rounds per path in a probe (after one warm-up each)
+PROBE_ROUNDS = 3
+
+
+class DenseBackend(Backend):
+    """Dense PyTorch on ``W⊙M``: the fall-back for calls the sparse kernels would lose.
+
+    Same semantics as the kernels: a pruned weight does not exist (``torch.where``, so a NaN or
+    Inf stored outside ``M`` never reaches the output), ``dW`` is exactly zero outside ``G``.
+    """
+
+    name = "dense"
+    channels_last = True
+
+    @staticmethod
+    def _w(weight, pattern):
+        return torch.where(pattern.mask, weight, weight.new_zeros(()))
+
+    @staticmethod
+    def _g(dw, grad_pattern):
+        return torch.where(grad_pattern.mask, dw, dw.new_zeros(()))
+
+    def linear_fwd(self, x, weight, bias, pattern):
+        return F.linear(x, self._w(weight, pattern), bias)
+
+    def linear_dx(self, dy, weight, pattern):
+        return dy @ self._w(weight, pattern)
+
+    def linear_dw(self, dy, x, grad_pattern):
+        return self._g(dy.t() @ x, grad_pattern)
+
+    def conv2d_fwd(self, x, weight, bias, pattern, conv: ConvParams):
+        return F.conv2d(x, self._w(weight, pattern), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def conv2d_dx(self, dy, weight, pattern, input_shape, conv: ConvParams):
+        return torch.nn.grad.conv2d_input(
+            list(input_shape), self._w(weight, pattern), dy, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+
+    def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
+        dw = torch.nn.grad.conv2d_weight(
+            x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        return self._g(dw, grad_pattern)
+
+
+DENSE = DenseBackend()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a key runs on and why.
+
+    ``path`` is ``"sparse"`` or ``"dense"``; ``backend`` the backend that runs it; ``reason`` a
+    short sentence; ``sparse_ms`` / ``dense_ms`` the probe's medians (``None`` without a probe).
+    """
+
+    key: str
+    path: str
+    backend: str
+    reason: str
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+
+
+_LOCK = threading.Lock()
+_DECISIONS: dict[str, Decision] = {}
+_LOADED_FILE: list[str] = []
+_LAST = threading.local()
+
+
+def mode() -> str:
+    """The ``SPARSEKERN_AUTO`` mode (read at call time): ``probe``, ``rules`` or ``off``."""
+    m = os.environ.get(MODE_VAR, "").strip().lower() or "probe"
+    if m not in MODES:
+        raise ValueError(f"{MODE_VAR}: expected one of {MODES}, got {m!r}")
+    return m
+
+
+def decisions() -> dict[str, Decision]:
+    """Every decision taken (or loaded) in this process, by key."""
+    with _LOCK:
+        return dict(_DECISIONS)
+
+
+def clear_decisions() -> None:
+    """Forget every decision (the next call of each key decides again)."""
+    with _LOCK:
+        _DECISIONS.clear()
+        _LOADED_FILE.clear()
+
+
+def save_decisions(path: str | os.PathLike) -> None:
+    """Write every decision to ``path`` (JSON), for :func:`load_decisions` in a later run."""
+    with _LOCK:
+        rows = [asdict(d) for d in _DECISIONS.values()]
+    with open(path, "w") as f:
+        json.dump({"version": 1, "decisions": rows}, f, indent=1)
+
+
+def load_decisions(path: str | os.PathLike) -> int:
+    """Pin the decisions stored in ``path``; returns how many were loaded."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data["decisions"]
+        loaded = [Decision(**r) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"path: {path} is not a sparsekern decisions file ({exc})") from exc
+    for d in loaded:
+        if d.path not in ("sparse", "dense"):
+            raise ValueError(f"path: {path}: decision path must be 'sparse' or 'dense', got {d.path!r}")
+    with _LOCK:
+        for d in loaded:
+            _DECISIONS[d.key] = d
+    return len(loaded)
+
+
+def last_decision() -> Decision | None:
+    """The decision of the last call made on this thread (``None`` before any automatic call)."""
+    return getattr(_LAST, "decision", None)
+
+
+def _persist_file() -> str | None:
+    path = os.environ.get(FILE_VAR, "").strip()
+    if not path:
+        return None
+    if path not in _LOADED_FILE:
+        _LOADED_FILE.append(path)
+        if os.path.exists(path):
+            load_decisions(path)
+    return path
+
+
+def _key(op, backend, x, weight, pattern, gpattern, conv, training) -> str:
+    dens, gdens = pattern.density(), gpattern.density()  # cached with the pattern
+    parts = [
+        op, backend.name, str(tuple(weight.shape)), str(tuple(x.shape)), str(x.dtype).replace("torch.", ""),
+        pattern.layout, str(pattern.block_size), f"d{dens:.2f}", f"g{gdens:.2f}",
+        f"t{torch.get_num_threads()}", "train" if training else "infer",
+    ]
+    if conv is not None:
+        parts.append(f"s{conv.stride}p{conv.padding}d{conv.dilation}g{conv.groups}")
+    return "|".join(parts)
+
+
+def _dense_flops(op, x, weight, conv) -> float:
+    if op == "linear":
+        return 2.0 * x.numel() // max(weight.shape[1], 1) * weight.numel()
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    return 2.0 * n * ho * wo * weight.numel()
+
+
+def _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training):
+    if op == "linear":
+        def run():
+            be.linear_fwd(x, weight, bias, pattern)
+            if training:
+                be.linear_dx(dy, weight, pattern)
+                be.linear_dw(dy, x, gpattern)
+    else:
+        def run():
+            be.conv2d_fwd(x, weight, bias, pattern, conv)
+            if training:
+                be.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv)
+                be.conv2d_dw(dy, x, gpattern, tuple(weight.shape), conv)
+    return run
+
+
+def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[float, float]:
+    """Median ms of one fwd (+ dx + dw) call on each path, alternating rounds after a warm-up."""
+    with torch.no_grad():
+        y = DENSE.linear_fwd(x, weight, bias, pattern) if op == "linear" else DENSE.conv2d_fwd(
+            x, weight, bias, pattern, conv)
+        dy = torch.randn_like(y) if training else None
+        runs = {
+            "sparse": _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training),
+            "dense": _runner(op, DENSE, x, weight, bias, pattern, gpattern, conv, dy, training),
+        }
+        times: dict[str, list[float]] = {"sparse": [], "dense": []}
+        for r in range(PROBE_ROUNDS + 1):
+            for name in (("sparse", "dense") if r % 2 else ("dense", "sparse")):
+                t0 = time.perf_counter()
+                runs[name]()
+                if r:  # round 0 warms both paths up
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times["sparse"]), statistics.median(times["dense"])
+
+
+def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how) -> Decision:
+    dens = float(key.split("|d")[1].split("|")[0])
+    if dens > DENSE_ABOVE:
+        return Decision(key, "dense", DENSE.name, f"density {dens:.2f} > {DENSE_ABOVE}: sparse kernels cannot win")
+    flops = _dense_flops(op, x, weight, conv)
+    if flops < TINY_FLOPS:
+        return Decision(key, "dense", DENSE.name, f"{flops:.2g} dense FLOPs per call < {TINY_FLOPS:.0e}: too small")
+    if how == "rules":
+        return Decision(key, "sparse", be.name, "rules mode: no probe")
+    ts, td = _probe(op, be, x, weight, bias, pattern, gpattern, conv, training)
+    if td >= ts * MARGIN:
+        return Decision(key, "sparse", be.name, f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms", ts, td)
+    return Decision(key, "dense", DENSE.name, f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms "
+                    f"(sparse must win by {MARGIN}x)", ts, td)
+
+
+def choose(op: str, be: Backend, x, weight, bias, pattern, gpattern, conv: ConvParams | None = None) -> Backend:
+    """The backend that runs an automatically dispatched call: ``be`` (sparse) or :data:`DENSE`.
+
+    ``op`` is ``"linear"`` (``x`` 2-D) or ``"conv2d"`` (``x`` 4-D).  Only the CPU kernels are
+    decided here; other devices keep ``be`` (their probe would need device timing).
+    """
+    how = mode()
+    if how == "off" or be.name == "reference" or x.device.type != "cpu":
+        _LAST.decision = None
+        return be
+    training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    key = _key(op, be, x, weight, pattern, gpattern, conv, training)
+    path = _persist_file()
+    with _LOCK:
+        dec = _DECISIONS.get(key)
+    if dec is None:
+        dec = _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how)
+        with _LOCK:
+            _DECISIONS[key] = dec
+        if path is not None:
+            save_decisions(path)
+    _LAST.decision = dec
+    return DENSE if dec.path == "dense" else be
+
+
+def explain(model: torch.nn.Module, *, file=None) -> list[dict]:
+    """Print (and return) per sparse layer what its last call ran and why.
+
+    A layer that has not run yet shows ``not run yet``: decisions depend on the input shape.
+    """
+    from .nn import SparseConv2d, SparseLinear
+
+    rows = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (SparseLinear, SparseConv2d)):
+            continue
+        dec = getattr(m, "last_choice", None)
+        if m.backend is not None:
+            ran, why = m.backend, "pinned by backend="
+        elif dec is None:
+            ran, why = "not run yet", f"automatic; SPARSEKERN_AUTO={mode()}"
+        else:
+            ran, why = f"{dec.path} ({dec.backend})", dec.reason
+        rows.append({"layer": name or type(m).__name__, "type": type(m).__name__, "shape": tuple(m.weight.shape),
+                     "density": round(m.density(), 4), "layout": m.layout, "runs": ran, "why": why})
+    if rows:
+        w = max(len(r["layer"]) for r in rows)
+        lines = [f"{'layer':<{w}}  {'density':>7}  {'runs':<16}  why"]
+        lines += [f"{r['layer']:<{w}}  {r['density']:>7.4f}  {r['runs']:<16}  {r['why']}" for r in rows]
+        print("\n".join(lines), file=file)
+    return rows
