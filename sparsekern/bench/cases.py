@@ -109,7 +109,7 @@ class ConvShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A whole model for ``train_step`` / ``train_epoch`` (see :mod:`sparsekern.bench.models`)."""
+    """A whole model for ``train_step`` / ``train_epoch`` (built by :func:`sparsekern.bench.providers.build_model`)."""
 
     name: str
     model: str  # "resnet18" | "mlp"

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 import sparsekern
 from sparsekern import formats, masks
+from sparsekern.models import MLP, ResNet18
 
 from .cases import SPARSEKERN_PROVIDERS, Case, ConvShape, LinearShape, ModelShape, block_of
-from .models import build_model
 
-__all__ = ["Skip", "Prepared", "availability", "prepare"]
+__all__ = ["Skip", "Prepared", "availability", "build_model", "prepare"]
 
 
 class Skip(Exception):
@@ -241,6 +241,24 @@ def _prepare_rebuild(case: Case, gen: torch.Generator) -> Prepared:
         fn = lambda: formats.Pattern(mask, "block", blk).bsr()  # noqa: E731
     _try(fn, case)
     return Prepared(fn, None, int(mask.sum()) / mask.numel())
+
+
+def build_model(kind: str, width: int, num_classes: int = 10) -> tuple[torch.nn.Module, tuple[int, ...], set[str]]:
+    """``(model, input shape without batch, names of layers kept dense)`` of a :class:`ModelShape`.
+
+    ``"resnet18"``: :class:`sparsekern.models.ResNet18` of width ``nf = width`` on 32x32 inputs;
+    ``"mlp"``: :class:`sparsekern.models.MLP` as a transformer-style feed-forward stack
+    ``d -> width -> d`` twice (``d = 768``, or ``width / 2`` for small widths).  The layers kept
+    dense are the models' :meth:`default_dense` ones (the stem and the classifier).
+    """
+    if kind == "resnet18":
+        model, in_shape = ResNet18(num_classes, nf=width), (3, 32, 32)
+    elif kind == "mlp":
+        dim = 768 if width >= 768 else max(8, width // 2)
+        model, in_shape = MLP((dim,), (width, width), num_classes, activation="gelu", residual=True), (dim,)
+    else:
+        raise ValueError(f"kind: expected 'resnet18' or 'mlp', got {kind!r}")
+    return model, in_shape, set(model.default_dense())
 
 
 def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
