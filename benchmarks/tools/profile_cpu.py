@@ -1,9 +1,10 @@
 """Where the time of a ``cpp`` training step goes, next to dense PyTorch (fp32, CPU).
 
-    python benchmarks/profile_cpu.py            # the linear goal shapes, 90 / 95 / 98 %
-    python benchmarks/profile_cpu.py --quick    # 768->3072 batch 256 only
+    python benchmarks/tools/profile_cpu.py            # the linear goal shapes, 90 / 95 / 98 %
+    python benchmarks/tools/profile_cpu.py --quick    # 768->3072 batch 256 only
 
-``bench_cpu.py`` gives the speedup of a whole step; this script explains it.  Per case, in one
+``python -m sparsekern.bench --preset cpu-kernels`` gives the speedup of a whole step; this
+script explains it.  Per case, in one
 process and at a pinned thread count (median of ``torch.utils.benchmark`` runs):
 
 * each of the three ops alone (forward, input gradient, weight gradient), dense vs ``cpp``, with
@@ -30,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import RESULTS, _commit, _cpu_model  # noqa: E402
+from sparsekern.bench import cpu_model, git_commit
+from sparsekern.formats import pattern_of
+from sparsekern.kernels.cpu import CppBackend, load_library
+from sparsekern.testing import make_mask
 
-from sparsekern.formats import pattern_of  # noqa: E402
-from sparsekern.kernels.cpu import CppBackend, load_library  # noqa: E402
-from sparsekern.testing import make_mask  # noqa: E402
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 SHAPES = [(256, 768, 3072), (2048, 768, 3072), (256, 4096, 4096)]
 SPARSITIES = [0.90, 0.95, 0.98]
@@ -97,8 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="768->3072 batch 256 only")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--out", default="cpu_profile", help="results file stem under benchmarks/results")
-    args = ap.parse_args(argv)
-    ok, why = load_library()
+    args, (ok, why) = ap.parse_args(argv), load_library()
     if not ok:
         print(f"the cpp backend is not usable: {why}", file=sys.stderr)
         return 2
@@ -117,12 +117,12 @@ def main(argv=None) -> int:
                 f"dense bf16 {r['dense_bf16_step_ms']:6.2f} vs fp32 {r['dense_step_ms']:6.2f}",
                 flush=True,
             )
-    cmd = "python benchmarks/profile_cpu.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/tools/profile_cpu.py" + (" --quick" if args.quick else "")
     md = [
         "# Where a `cpp` linear training step spends its time (fp32, CPU)",
         "",
-        f"- command: `{cmd}`; CPU: {_cpu_model()}; threads: {args.threads}; torch {torch.__version__}",
-        f"- date: {_dt.datetime.now():%Y-%m-%d %H:%M}; commit: {_commit()}; load average before / after: "
+        f"- command: `{cmd}`; CPU: {cpu_model()}; threads: {args.threads}; torch {torch.__version__}",
+        f"- date: {_dt.datetime.now():%Y-%m-%d %H:%M}; commit: {git_commit()}; load average before / after: "
         f"{load_before} / {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         "- ms are medians of `torch.utils.benchmark` runs; GFLOP/s counts useful work (dense: 2·N·K·M per op, "
         "cpp: 2·N·nnz per op); floor = two reads of the dense weight + one write of the dense weight gradient "

@@ -2,9 +2,9 @@
 to dense PyTorch, for ResNet-18's CIFAR 3x3 layers; the data behind the automatic choice
 (``auto_direct`` in csrc/ops.cpp).
 
-    python benchmarks/bench_conv_algo.py                      # N=32, 90 % unstructured
-    python benchmarks/bench_conv_algo.py --block 16           # block 16 x 16 at 90 %
-    python benchmarks/bench_conv_algo.py --layers 0,2 --rounds 9
+    python benchmarks/tools/bench_conv_algo.py                      # N=32, 90 % unstructured
+    python benchmarks/tools/bench_conv_algo.py --block 16           # block 16 x 16 at 90 %
+    python benchmarks/tools/bench_conv_algo.py --layers 0,2 --rounds 9
 
 Each op (forward, input gradient, weight gradient) is timed for dense (``F.conv2d`` /
 ``aten.convolution_backward`` with one output), ``gemm`` and ``direct`` (forced with
@@ -25,13 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsekern.bench.cases import SHAPE_SETS
 from sparsekern.formats import Pattern
 from sparsekern.kernels.cpu import load_library
 from sparsekern.testing import make_block_mask, make_mask
 
-# (in, out, input size, stride) of ResNet-18 (CIFAR) 3x3 convs
-LAYERS = [(64, 64, 32, 1), (64, 128, 32, 2), (128, 128, 16, 1), (128, 256, 16, 2), (256, 256, 8, 1),
-          (256, 512, 8, 2), (512, 512, 4, 1)]
+# (in, out, input size, stride) of ResNet-18 (CIFAR) 3x3 convs, from the benchmark registry
+LAYERS = [(s.cin, s.cout, s.hw, s.stride) for s in SHAPE_SETS["resnet18-cifar-3x3"]]
 ENV = "SPARSEKERN_CPU_CONV_ALGO"
 
 
