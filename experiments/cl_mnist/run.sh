@@ -4,12 +4,17 @@
 #   stage 1: hyperparameters chosen on a validation split (20 % of each class's training images,
 #            split_seed 0; seed 0 only, to fit a shared 2-core machine), never on the test split;
 #   stage 2: the chosen hyperparameters, seeds 0..4, evaluated on the test split;
-#   stage 3: the table (mean ± std) and the pairwise comparison.
-# Usage: bash benchmarks/results/cl_mnist/run.sh [val|test|table|all]   (from the repository root)
+#   stage 3: every run as one row of the curated experiments/results/cl_mnist/runs.csv, and from it
+#            the tables (mean ± std, paired comparisons; sparsekern_cl/table.py) and the selection.
+# Per-run results.json files, the selection JSON and the log go to experiments/runs/cl_mnist/
+# (not in git); `table` alone remakes the tables from runs.csv when no per-run file is there.
+# Usage: bash experiments/cl_mnist/run.sh [val|test|table|all]   (from anywhere)
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=benchmarks/results/cl_mnist
+OUT=experiments/runs/cl_mnist
+RES=experiments/results/cl_mnist
+mkdir -p "$OUT" "$RES"
 COMMON="--preset mnist-mlp --threads 1 --progress false --plots false --save-checkpoints false"
 stage=${1:-all}
 
@@ -19,7 +24,7 @@ run() {  # run OUTPUT_DIR FLAGS...: queue `python -m sparsekern_cl $COMMON --out
   echo "$*" >> "$QUEUE"
 }
 flush() {  # execute the queue through the CLI entry point, in one process (see drive.py)
-  $PY $OUT/drive.py "$QUEUE" >> $OUT/drive.log
+  $PY experiments/cl_mnist/drive.py "$QUEUE" >> $OUT/drive.log
   : > "$QUEUE"
 }
 
@@ -46,7 +51,7 @@ if [ "$stage" = val ] || [ "$stage" = all ]; then
     done
   done
   flush
-  $PY -m sparsekern_cl.table --select $OUT/val/*/s*/results.json --out $OUT/selected
+  $PY -m sparsekern_cl.table --select $OUT/val/*/s*/results.json --json $OUT/selected.json
 fi
 
 if [ "$stage" = test ] || [ "$stage" = all ]; then
@@ -75,6 +80,11 @@ PYEOF
 fi
 
 if [ "$stage" = table ] || [ "$stage" = all ]; then
-  $PY -m sparsekern_cl.table $OUT/test/*/s*/results.json --out $OUT/table
-  $PY -m sparsekern_cl.table $OUT/test/*/s*/results.json --setting task_il --out $OUT/table_task_il > /dev/null
+  if compgen -G "$OUT/test/*/s*/results.json" > /dev/null; then
+    $PY -m sparsekern_cl.table $OUT/val/*/s*/results.json $OUT/test/*/s*/results.json --csv $RES/runs.csv \
+      --split test > /dev/null
+  fi
+  $PY -m sparsekern_cl.table $RES/runs.csv --split test --out $RES/table
+  $PY -m sparsekern_cl.table $RES/runs.csv --split test --setting task_il --out $RES/table_task_il > /dev/null
+  $PY -m sparsekern_cl.table $RES/runs.csv --split val --select --out $RES/selection > /dev/null
 fi

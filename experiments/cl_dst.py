@@ -1,7 +1,8 @@
 """DST continual-learning grid: init x growth x sparsity x number of tasks, mean ± std over seeds.
 
-    .venv/bin/python benchmarks/cl_dst_table.py                       # the full grid (5 seeds)
-    .venv/bin/python benchmarks/cl_dst_table.py --seeds 2 --growths random gradient   # a reduced one
+    .venv/bin/python experiments/cl_dst.py --select-seeds 1            # the recorded grid (5 seeds)
+    .venv/bin/python experiments/cl_dst.py --seeds 2 --growths random gradient   # a reduced one
+    .venv/bin/python experiments/cl_dst.py --select-seeds 1 --table-only         # tables from the CSV
 
 Steps:
 1. Model selection on a validation split (``validation`` = 10 % of each class's training data;
@@ -9,12 +10,15 @@ Steps:
    (ERK, random growth, the first sparsity), then the adaptive_capacity threshold.
 2. The grid on the test split with the selected values, plus a dense multi-head fine-tune of the
    same network per seed (the reference for wall-clock and FLOPs).
-3. ``<out>.json`` (every run and the aggregate), ``<out>.md`` (the table, the comparisons, the
-   command) and ``<out>.png`` (Task-IL ACC per growth strategy).
+3. ``<out>.csv`` (every run: its configuration and the numbers the tables use, the curated
+   record), ``<out>.md`` (the table, the comparisons, the command) and ``<out>.png`` (Task-IL ACC
+   per growth strategy); ``<out>`` is ``experiments/results/cl_dst_grid``.
 
-Every finished run is appended to ``<out>.runs.jsonl``; running the command again skips those,
-so an interrupted grid resumes.  Differences are called beyond the seed-to-seed spread when
-``|mean_a - mean_b| > 2 * sqrt(s_a²/n_a + s_b²/n_b)`` (the rule of ``sparsekern_cl.table``).
+Every finished run is appended to the resume journal ``--runs`` (under ``experiments/runs/``, not
+in git); running the command again skips those, so an interrupted grid resumes.  Without the
+journal the runs are read back from ``<out>.csv``, so ``--table-only`` remakes the tables from
+the committed CSV.  Mean ± std and the significance of differences follow
+:mod:`sparsekern_cl.table` (paired by seed, Holm-corrected over the table's comparisons).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
 
 import sparsekern_cl
 from sparsekern_cl.methods.dst import FIXED_GROWTH, GROWTH
+from sparsekern_cl.table import RULE, compare_paired, mean_std, read_runs, table_command, write_runs
 
 BASE = {
     "method": "dst", "dataset": "mnist", "backbone": "mlp", "mlp_hidden": [100, 100], "batch_size": 32,
@@ -41,22 +45,36 @@ def _key(cfg: dict) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Runs:
-    """Runs ``sparsekern_cl.run`` once per configuration, caching the summary of each in a JSONL file."""
+# the curated CSV: what the tables and the plot read of each run
+COLUMNS = ["key", "config", "eval_split", "acc", "bwt", "fwt", "train_flops", "dense_train_flops", "wall_clock_s",
+           "usage_per_layer", "command"]  # fmt: skip
 
-    def __init__(self, path: str) -> None:
+
+class Runs:
+    """Runs ``sparsekern_cl.run`` once per configuration, caching the summary of each in a JSONL file.
+
+    Without the journal, earlier runs come from the curated CSV ``curated`` (if it exists);
+    ``read_only`` refuses to run anything new.
+    """
+
+    def __init__(self, path: str, curated: str | None = None, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.done: dict[str, dict] = {}
         if os.path.isfile(path):
             with open(path) as f:
                 for line in f:
                     rec = json.loads(line)
                     self.done[rec["key"]] = rec
+        elif curated and os.path.isfile(curated):
+            self.done = {_key(r["config"]): r for r in read_runs(curated)}
 
     def get(self, cfg: dict) -> dict:
         k = _key(cfg)
         if k in self.done:
             return self.done[k]
+        if self.read_only:
+            raise SystemExit(f"--table-only: no recorded run for {cfg}")
         res = sparsekern_cl.run(cfg)
         rep = res.get("method_report", {}).get("dst", {})
         rec = {
@@ -68,6 +86,7 @@ class Runs:
             "growth_per_task": [t["growth"] for t in rep.get("tasks", [])],
             "densities": rep.get("densities"), "eval_split": res["scenario"]["eval_split"],
         }
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.done[k] = rec
@@ -77,16 +96,8 @@ class Runs:
         return rec
 
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) if n > 1 else 0.0), n
-
-
-def _beyond(a: list[float], b: list[float]) -> tuple[float, float, bool]:
-    ma, sa, na = _stats(a)
-    mb, sb, nb = _stats(b)
-    margin = 2 * math.sqrt(sa**2 / na + sb**2 / nb)
-    return ma - mb, margin, abs(ma - mb) > margin
+def _seeds(recs: list[dict], field: str = "acc") -> dict[int, float]:
+    return {r["config"]["seed"]: r[field] for r in recs}
 
 
 def select(runs: Runs, args, common: dict) -> dict:
@@ -124,11 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--update-every", type=int, nargs="+", default=[5, 15])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--select-seeds", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/cl_dst_grid")
+    p.add_argument("--out", default="experiments/results/cl_dst_grid", help="prefix of the curated CSV, table, plot")
+    p.add_argument("--runs", default="experiments/runs/cl_dst_grid.runs.jsonl", help="the resume journal")
+    p.add_argument("--table-only", action="store_true", help="run nothing: tables from the recorded runs")
     args = p.parse_args(argv)
-    command = "python benchmarks/cl_dst_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = table_command("experiments/cl_dst.py", argv if argv is not None else sys.argv[1:])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    runs = Runs(args.out + ".runs.jsonl")
+    runs = Runs(args.runs, args.out + ".csv", read_only=args.table_only)
     common = {**BASE, "epochs": args.epochs}
 
     print("model selection on the validation split", file=sys.stderr)
@@ -157,40 +170,33 @@ def main(argv=None) -> int:
         layers = sorted(recs[0]["usage_per_layer"])
         rows.append({
             "n_tasks": T, "sparsity": sp, "init": init, "growth": g, "seeds": len(recs),
-            "acc": _stats([r["acc"] for r in recs])[:2], "bwt": _stats([r["bwt"] for r in recs])[:2],
-            "fwt": _stats([r["fwt"] for r in recs])[:2],
+            "acc": mean_std([r["acc"] for r in recs]), "bwt": mean_std([r["bwt"] for r in recs]),
+            "fwt": mean_std([r["fwt"] for r in recs]),
             "usage_per_layer": {n: statistics.fmean(r["usage_per_layer"][n] for r in recs) for n in layers},
             "flops_vs_dense": statistics.fmean(flops), "wall_clock_s": statistics.fmean(r["wall_clock_s"] for r in recs),
-            "wall_clock_ratio_dense_over_dst": _stats(ratio)[:2],
-            "densities": recs[0]["densities"],
+            "wall_clock_ratio_dense_over_dst": mean_std(ratio),
         })
-    dense_rows = {T: {"acc": _stats([r["acc"] for r in v])[:2], "bwt": _stats([r["bwt"] for r in v])[:2],
+    dense_rows = {T: {"acc": mean_std([r["acc"] for r in v]), "bwt": mean_std([r["bwt"] for r in v]),
                       "wall_clock_s": statistics.fmean(r["wall_clock_s"] for r in v)} for T, v in dense.items()}
 
-    # comparisons: ERK vs uniform per growth; adaptive vs the best fixed strategy; every pair of growths
-    comps = []
+    # comparisons: ERK vs uniform per growth; adaptive vs each fixed strategy; one family
+    what, pairs = [], []
     for T in args.n_tasks:
         for sp in args.sparsities:
             for g in args.growths:
-                if ("erk" in args.inits and "uniform" in args.inits):
-                    a = [r["acc"] for r in groups[(T, sp, "erk", g)]]
-                    b = [r["acc"] for r in groups[(T, sp, "uniform", g)]]
-                    diff, margin, beyond = _beyond(a, b)
-                    comps.append({"n_tasks": T, "sparsity": sp, "what": f"{g}: erk - uniform", "diff": diff,
-                                  "margin": margin, "beyond_spread": beyond})
+                if "erk" in args.inits and "uniform" in args.inits:
+                    what.append((T, sp, f"{g}: erk - uniform"))
+                    pairs.append(("erk", "uniform", _seeds(groups[(T, sp, "erk", g)]), _seeds(groups[(T, sp, "uniform", g)])))
             for init in args.inits:
                 fixed = [g for g in args.growths if g in FIXED_GROWTH]
                 for ad in [g for g in args.growths if g not in FIXED_GROWTH]:
                     for g in fixed:
-                        a = [r["acc"] for r in groups[(T, sp, init, ad)]]
-                        b = [r["acc"] for r in groups[(T, sp, init, g)]]
-                        diff, margin, beyond = _beyond(a, b)
-                        comps.append({"n_tasks": T, "sparsity": sp, "what": f"{init}: {ad} - {g}", "diff": diff,
-                                      "margin": margin, "beyond_spread": beyond})
+                        what.append((T, sp, f"{init}: {ad} - {g}"))
+                        pairs.append((ad, g, _seeds(groups[(T, sp, init, ad)]), _seeds(groups[(T, sp, init, g)])))
+    comps = [{"n_tasks": T, "sparsity": sp, "what": w, **c} for (T, sp, w), c in zip(what, compare_paired(pairs))]
     out = {"command": command, "selection": sel, "rows": rows, "dense": dense_rows, "comparisons": comps,
-           "base_config": common, "runs": list(runs.done.values())}
-    with open(args.out + ".json", "w") as f:
-        json.dump(out, f, indent=1)
+           "base_config": common}
+    write_runs(args.out + ".csv", [{**r, "command": r.get("command") or command} for r in runs.done.values()], COLUMNS)
     with open(args.out + ".md", "w") as f:
         f.write(markdown(out))
     plot(out, args.out + ".png")
@@ -229,11 +235,13 @@ def markdown(out: dict) -> str:
     for T, d in out["dense"].items():
         lines.append(f"| {T} | dense | – | multi-head fine-tune | – | {_pm(d['acc'])} | {_pm(d['bwt'])} | 1 / 1 | "
                      f"1 | 1 ({d['wall_clock_s']:.2f} s) |")
-    lines += ["", "## Comparisons (ACC difference; beyond the spread when |diff| > 2·sqrt(s_a²/n_a + s_b²/n_b))", "",
-              "| tasks | sparsity | comparison | diff | margin | beyond spread |", "|---|---|---|---|---|---|"]
+    lines += ["", f"## Comparisons (ACC difference, {len(out['comparisons'])} comparisons)", "", RULE, "",
+              "| tasks | sparsity | comparison | paired seeds | diff | std of differences | p (Holm) | significant |",
+              "|---|---|---|---|---|---|---|---|"]
     for cmp in out["comparisons"]:
-        lines.append(f"| {cmp['n_tasks']} | {cmp['sparsity']:.0%} | {cmp['what']} | {cmp['diff']:+.2f} | "
-                     f"{cmp['margin']:.2f} | {'yes' if cmp['beyond_spread'] else 'no'} |")
+        p = "–" if cmp["p_holm"] is None else f"{cmp['p_holm']:.2g}"
+        lines.append(f"| {cmp['n_tasks']} | {cmp['sparsity']:.0%} | {cmp['what']} | {cmp['n']} | {cmp['diff']:+.2f} | "
+                     f"{cmp['sd']:.2f} | {p} | {'**yes**' if cmp['significant'] else 'no'} |")
     lines += ["", "## Model selection (validation split)", "", "| lr | update every | val ACC |", "|---|---|---|"]
     for r in out["selection"]["lr_interval"]:
         lines.append(f"| {r['lr']} | {r['dst_update_every']} | {r['val_acc']:.2f} |")
