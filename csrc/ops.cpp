@@ -1069,7 +1069,7 @@ int forced_algo() {
 }
 
 // Deterministic choice from the shapes and the layout (never from timings: results must not
-// depend on the run).  Fitted to `python benchmarks/bench_conv_algo.py [--block B]` on this
+// depend on the run).  Fitted to `python benchmarks/tools/bench_conv_algo.py [--block B]` on this
 // project's 2-core AVX-512 machine (fp32, N = 32, 90 %, 2 threads); direct / gemm time per op, the
 // median of 5-7 interleaved rounds ("waste" = grid positions per output, DirectGeom::waste):
 //                                  unstructured         block 16            block 32

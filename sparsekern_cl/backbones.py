@@ -1,106 +1,25 @@
 """Backbones: an MLP and the reduced/full ResNet-18 of the continual-learning literature.
 
-Both are built from ``nn.Linear`` / ``nn.Conv2d`` and turned into sparse networks with
-:func:`sparsekern.sparsify_`, so a dense run uses plain PyTorch layers and a sparse run uses
-``SparseLinear`` / ``SparseConv2d`` on the sparse kernels.  The classifier is one linear layer
-``head`` over all classes; Task-IL reads a task's slice of its logits, and the multi-head mode
-trains each slice as a separate head.
+The models are :class:`sparsekern.models.MLP` and :class:`sparsekern.models.ResNet18` (the
+benchmark suite times the same definitions), re-exported here.  Both are built from
+``nn.Linear`` / ``nn.Conv2d`` and turned into sparse networks with :func:`sparsekern.sparsify_`,
+so a dense run uses plain PyTorch layers and a sparse run uses ``SparseLinear`` /
+``SparseConv2d`` on the sparse kernels.  The classifier is one linear layer ``head`` over all
+classes; Task-IL reads a task's slice of its logits, and the multi-head mode trains each slice as
+a separate head.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
+from sparsekern.models import MLP, BasicBlock, ResNet18
 
-__all__ = ["MLP", "ResNet18", "build_backbone", "sparsify_backbone", "BACKBONES"]
+__all__ = ["MLP", "BasicBlock", "ResNet18", "build_backbone", "sparsify_backbone", "BACKBONES"]
 
 BACKBONES = ("mlp", "resnet18")
-
-
-class MLP(nn.Module):
-    """Flatten, then ``len(hidden)`` ReLU layers, then the linear ``head`` (e.g. 784-100-100-10).
-
-    Layers are named ``fc1``, ``fc2``, ... and ``head``.
-    """
-
-    def __init__(self, input_shape, hidden, n_classes: int) -> None:
-        super().__init__()
-        width = math.prod(input_shape)
-        for i, h in enumerate(hidden):
-            self.add_module(f"fc{i + 1}", nn.Linear(width, int(h)))
-            width = int(h)
-        self.n_hidden = len(hidden)
-        self.head = nn.Linear(width, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for i in range(self.n_hidden):
-            x = F.relu(getattr(self, f"fc{i + 1}")(x))
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def default_dense(self) -> tuple[str, ...]:
-        return ("head",)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 as in GEM / DER: 3x3 stem with stride 1, no max-pool, stages of width nf..8nf.
-
-    ``nf=64`` is the full network (about 11 M parameters), ``nf=20`` the reduced one.
-    """
-
-    def __init__(self, n_classes: int, nf: int = 20, in_channels: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(nf)
-        cin = nf
-        stages = []
-        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
-            blocks = []
-            for s in (stride, 1):
-                blocks.append(BasicBlock(cin, nf * mult, s))
-                cin = nf * mult
-            stages.append(nn.Sequential(*blocks))
-            self.add_module(f"layer{i + 1}", stages[-1])
-        self.head = nn.Linear(cin, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        for i in range(4):
-            out = getattr(self, f"layer{i + 1}")(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def default_dense(self) -> tuple[str, ...]:
-        return ("conv1", "head")
 
 
 def build_backbone(name: str, input_shape, n_classes: int, *, hidden=(100, 100), nf: int = 20) -> nn.Module:

@@ -8,11 +8,19 @@ import math
 import pytest
 import torch
 
-from sparsekern.bench import PRESETS, Case, Selection, Skip, TimingConfig, expand, prepare
+from sparsekern.bench import PRESETS, Case, Selection, Skip, TimingConfig, availability, expand, network_layers, prepare
 from sparsekern.bench.__main__ import main
 from sparsekern.bench.cases import SHAPE_SETS
-from sparsekern.bench.goals import goal_for
-from sparsekern.bench.report import README_END, README_START, update_readme
+from sparsekern.bench.goals import goal_fields, goal_for
+from sparsekern.bench.report import (
+    README_END,
+    README_START,
+    _network_lines,
+    _vs_torch_sparse_lines,
+    readme_csvs,
+    update_readme,
+    write_readme,
+)
 from sparsekern.bench.timing import time_cpu
 from sparsekern.formats import BSRMeta
 
@@ -182,3 +190,104 @@ def test_training_step_runs_dense_and_sparsified():
     sparse.fn()
     assert dense.density == 1.0 and sparse.density < 0.5  # the classifier head stays dense
     assert 0 < sparse.flops < dense.flops
+
+
+def _grid(cases, provider):
+    return sorted((c.op, c.shape_name, c.batch, c.layout, round(c.sparsity, 2), c.dtype, c.mode)
+                  for c in cases if c.provider == provider)  # fmt: skip
+
+
+def test_cpu_kernels_preset_keeps_the_cpu_goal_cases():
+    # what the former CPU kernel script timed: linear steps (no bias) and ResNet-18's 3x3 convs
+    want = []
+    for shape, batch in (("mlp-768x3072", 256), ("mlp-768x3072", 2048), ("mlp-4096x4096", 256)):
+        want += [("spmm", shape, batch, "unstructured", s) for s in (0.9, 0.95, 0.98)]
+        want += [("spmm", shape, batch, f"block{b}", 0.9) for b in (16, 32)]
+    convs = ["r18c-l1", "r18c-l2-down", "r18c-l2", "r18c-l3-down", "r18c-l3", "r18c-l4-down", "r18c-l4"]
+    for batch in (32, 128):
+        for shape in convs:
+            want += [("conv2d", shape, batch, "unstructured", s) for s in (0.9, 0.95)]
+            if batch == 32:
+                want += [("conv2d", shape, batch, f"block{b}", 0.9) for b in (16, 32)]
+    cases = expand(PRESETS["cpu-kernels"])
+    assert _grid(cases, "cpp") == sorted((*w, "float32", "fwd+bwd") for w in want)
+    assert _grid(cases, "torch.sparse") == sorted((*w, "float32", "fwd+bwd") for w in want if w[0] == "spmm")
+    assert {c.provider for c in cases} == {"dense", "cpp", "torch.sparse"} and PRESETS["cpu-kernels"].stem
+    counts = {c.shape_name: c.shape.count for c in cases if c.op == "conv2d"}
+    assert sum(counts.values()) == 16  # ResNet-18's 3x3 convs in the residual stages
+
+
+def test_gpu_presets_keep_the_gpu_cases():
+    lin = expand(PRESETS["gpu-linear"])
+    tri = _grid(lin, "triton")
+    assert tri == _grid(lin, "torch.sparse") and len(tri) == 4 * 5 * 5 * 4 * 3  # shapes, layouts, levels, dtypes, modes
+    assert {t[3] for t in tri} == {"unstructured", "block16", "block32", "block64", "block128"}
+    assert {t[5] for t in tri} == {"bfloat16", "float16", "float32", "tfloat32"} and {t[2] for t in tri} == {8192}
+    assert all(c.device == "cuda" for c in lin) and all(c.op == "spmm" for c in lin)
+    conv = expand(PRESETS["gpu-conv"])
+    tri = _grid(conv, "triton")
+    assert len(tri) == 14 * 4 * 4 * 2 and {t[2] for t in tri} == {128} and {c.provider for c in conv} == {"dense", "triton"}
+    assert {c.shape.hw for c in conv if c.shape_name.endswith("-l1")} == {32, 64}
+    quick = _grid(expand(PRESETS["gpu-conv-quick"]), "triton")
+    assert len(quick) == 14 and {(t[3], t[4], t[5]) for t in quick} == {("block64", 0.9, "bfloat16")}
+    assert all(PRESETS[n].check for n in PRESETS if n.startswith("gpu-"))
+
+
+def test_smoke_shapes_never_get_a_goal():
+    row = dict(provider="cpp", device="cpu", dtype="float32", mode="fwd+bwd", op="linear", layout="unstructured",
+               sparsity="0.9", status="ok", speedup_vs_dense="0.5")  # fmt: skip
+    assert goal_fields({**row, "family": "mlp"}) == {"goal": goal_for({**row, "family": "mlp"}).label, "goal_met": "missed"}
+    assert goal_for({**row, "family": "tiny"}) is None
+    assert goal_fields({**row, "family": "tiny"}) == {"goal": "", "goal_met": "smoke, no goal"}
+    assert goal_fields({**row, "family": "tiny", "provider": "reference"}) == {}
+    assert goal_for({**row, "family": "mlp", "op": "spmm"}).speedup == 5  # a linear step without its bias
+
+
+def _net_rows(provider="cpp", p50=1.0, dense=3.0, missing=None):
+    layers = network_layers("resnet18-cifar")
+    return [dict(op="conv2d", provider=provider, mode="fwd+bwd", shape=n, batch="32", layout="unstructured",
+                 sparsity="0.9", dtype="float32", device="cpu", family="resnet18-cifar", kernel="3", status="ok",
+                 p50=str(p50), dense_p50=str(dense)) for n in layers if n != missing]  # fmt: skip
+
+
+def test_network_sums_and_torch_sparse_tables():
+    lines = "\n".join(_network_lines(_net_rows()))
+    assert "| resnet18-cifar | 32 | cpp | unstructured | 90 % | 48.0 | 16.0 | 3.00x | >= 3x | met |" in lines
+    assert _network_lines(_net_rows(missing="r18c-l4")) == []  # only complete sets are summed
+    a = dict(op="spmm", mode="fwd+bwd", shape="s", batch="8", layout="unstructured", sparsity="0.9",
+             dtype="float32", device="cpu", status="ok")  # fmt: skip
+    rows = [{**a, "provider": "cpp", "p50": "1.0"}, {**a, "provider": "torch.sparse", "p50": "2.5"}]
+    assert "| spmm | fwd+bwd | float32 | cpp | CSR | 1 | 2.50x-2.50x | 2.50x |" in "\n".join(_vs_torch_sparse_lines(rows))
+
+
+def test_readme_keeps_one_part_per_csv(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n")
+    for name in ("a", "b"):
+        assert main(["--preset", "smoke", "--ops", "linear", "--providers", "dense,reference", "--layouts",
+                     "unstructured", "--out", str(tmp_path), "--name", name, "--threads", "1", "--no-plot",
+                     "--readme", str(readme)]) == 0  # fmt: skip
+    text = readme.read_text()
+    assert text.count(README_START) == 1 and "<!-- bench:csv a.csv -->" in text and "<!-- bench:csv b.csv -->" in text
+    assert text.index("bench:csv a.csv") < text.index("bench:csv b.csv")
+    assert [p.name for p in readme_csvs(readme)] == ["a.csv", "b.csv"]
+    assert main(["--from-csv", str(tmp_path / "a.csv"), "--readme", str(readme), "--no-plot"]) == 0
+    assert readme.read_text().count("<!-- bench:csv a.csv -->") == 1 and "bench:csv b.csv" in readme.read_text()
+    (tmp_path / "b.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="b.csv"):
+        write_readme(readme, [])
+
+
+def test_torch_sparse_step_and_kernel_check():
+    prep = prepare(Case("spmm", "torch.sparse", "fwd+bwd", TINY_LINEAR, 16, 0.75, "unstructured", "float32", "cpu"))
+    y, dx, dw = prep.fn()
+    assert y.shape == (16, TINY_LINEAR.out_features) and dx.shape == (16, TINY_LINEAR.in_features)
+    assert dw.to_dense().shape == TINY_LINEAR.weight_shape
+    if availability("cpp", "cpu")[0]:
+        for case in (Case("linear", "cpp", "fwd+bwd", TINY_LINEAR, 16, 0.9, "block16", "float32", "cpu"),
+                     Case("conv2d", "cpp", "fwd+bwd", TINY_CONV, 2, 0.9, "unstructured", "float32", "cpu")):
+            prep = prepare(case, check=True)
+            assert prep.max_rel_err is not None and prep.max_rel_err < 1e-5
+        assert prep.conv_algo.count("/") == 2 and set(prep.conv_algo.split("/")) <= {"direct", "gemm"}
+    with pytest.raises(Skip, match="CUDA"):
+        prepare(Case("linear", "dense", "fwd", TINY_LINEAR, 16, 0.0, "dense", "tfloat32", "cpu"))

@@ -76,14 +76,30 @@ def test_table_groups_seeds_and_flags_differences():
                 "avg_acc": {"class_il": cil, "task_il": til}, "train_flops": 1e9, "wall_clock_s": 1.0}
 
     results = [res("joint", s, 90 + s, 99) for s in range(3)] + [res("finetune", s, 20 + s, 95) for s in range(3)]
-    results += [res("er", s, 21 + s, 96) for s in range(3)]
+    results += [res("er", s, (21, 23, 22)[s], 96) for s in range(3)]
     rows = group_results(results)
     assert [r["label"] for r in rows] == ["joint", "er (buffer 200)", "finetune"]
     assert rows[0]["class_il"]["mean"] == pytest.approx(91.0) and rows[0]["class_il"]["std"] == pytest.approx(1.0)
     pairs = {(p["a"], p["b"]): p for p in compare_groups(rows)}
-    assert pairs[("joint", "finetune")]["exceeds"]
-    assert not pairs[("er (buffer 200)", "finetune")]["exceeds"]  # 1 point apart, std 1 over 3 seeds
+    assert pairs[("joint", "finetune")]["significant"]
+    # 1 point apart on average, paired differences 1, 2, 0 over 3 seeds: within noise
+    assert not pairs[("er (buffer 200)", "finetune")]["significant"]
     assert "91.00 ± 1.00" in markdown_table(rows)
+
+
+def test_paired_t_test_and_holm_correction():
+    from sparsekern_cl.table import compare_paired, holm, paired_test
+
+    a = {0: 1.2, 1: 0.4, 2: 2.1, 3: 1.6, 4: 0.9, 9: 5.0}  # seed 9 has no partner: left out
+    b = {0: 0.3, 1: 0.5, 2: 1.0, 3: 0.2, 4: 0.8}
+    t = paired_test(a, b)
+    # scipy.stats.ttest_rel on the five pairs: t = 2.34066, p = 0.079321
+    assert t["n"] == 5 and t["t"] == pytest.approx(2.34066, rel=1e-5) and t["p"] == pytest.approx(0.079321, rel=1e-4)
+    assert paired_test({0: 1.0}, {0: 0.0})["p"] is None  # one pair: not tested
+    assert paired_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p"] == 0.0  # identical differences
+    assert holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    fam = compare_paired([("x", "y", a, b), ("x", "x", a, a)])
+    assert [c["significant"] for c in fam] == [False, False] and fam[1]["p_holm"] == 1.0
 
 
 def test_select_best_uses_validation_runs_only():

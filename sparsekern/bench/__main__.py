@@ -1,4 +1,10 @@
-"""Command line of the benchmark suite: ``python -m sparsekern.bench --help``."""
+"""Command line of the benchmark suite: ``python -m sparsekern.bench --help``.
+
+    python -m sparsekern.bench --preset quick                  # about a minute on 2 cores
+    python -m sparsekern.bench --preset cpu-kernels            # the CPU goal cases
+    python -m sparsekern.bench --preset gpu-linear --list      # list a preset's cases (no GPU needed)
+    python -m sparsekern.bench --from-csv benchmarks/results/cpu_kernels.csv --readme README.md
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cases import DTYPES, LAYOUTS, MODES, OPS, PRESETS, PROVIDERS, SHAPE_SETS, all_shapes, expand
-from .report import _goal_lines, markdown_full, markdown_summary, plot, read_csv, update_readme, write_csv
+from .report import _goal_lines, read_csv, write_csv, write_readme, write_reports
 from .runner import collect_meta, run_cases
 from .timing import TimingConfig
 
 __all__ = ["main", "build_parser"]
-
-# per-preset timing budgets: quick keeps the whole run near a minute on 2 cores
-_TIMING = {
-    "smoke": dict(warmup=1, min_time=0.0, block_time=0.0, min_samples=2, max_samples=2),
-    "quick": dict(warmup=1, min_time=0.15, block_time=0.01, min_samples=3, max_samples=20),
-    "full": dict(warmup=2, min_time=0.2, block_time=0.02, min_samples=5, max_samples=30),
-}
 
 
 def _default_threads() -> int:
@@ -54,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sparsekern.bench",
         description="Time sparsekern against dense PyTorch and torch.sparse; write CSV, Markdown, PNG.",
+        epilog="presets:\n" + "\n".join(f"  {n:18s} {p.about}" for n, p in PRESETS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="case set to start from (default: quick)")
+    p.add_argument("--preset", choices=list(PRESETS), default="quick", help="case set to start from (default: quick)")
     p.add_argument("--ops", type=_list("--ops", OPS), help=f"comma list from {list(OPS)}")
     p.add_argument("--providers", type=_list("--providers", PROVIDERS), help=f"comma list from {list(PROVIDERS)}")
     p.add_argument("--modes", type=_list("--modes", MODES), help=f"comma list from {list(MODES)}")
@@ -64,20 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", type=_list("--layouts", LAYOUTS), help=f"comma list from {list(LAYOUTS)}")
     p.add_argument("--dtypes", type=_list("--dtypes", DTYPES), help=f"comma list from {list(DTYPES)}")
     p.add_argument("--batch", type=_list("--batch", conv=int), help="batch sizes (default: each shape's own)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's (gpu-* presets: cuda)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, pinned (default: the CPUs this process may use)")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
     p.add_argument("--out", default="benchmarks/results", help="directory for the CSV, Markdown and PNG")
-    p.add_argument("--name", default=None, help="file stem (default: bench_<device>_<preset>)")
-    p.add_argument("--readme", default=None, help="write the summary between the bench markers of this README")
-    p.add_argument("--from-csv", default=None, help="make the Markdown/PNG/README from an existing CSV; time nothing")
+    p.add_argument("--name", default=None, help="file stem (default: the preset's, else bench_<device>_<preset>)")
+    p.add_argument("--readme", default=None, help="add or replace this run's part of the bench section of this README")
+    p.add_argument("--from-csv", nargs="+", default=None, metavar="CSV",
+                   help="make the Markdown/PNG (and with --readme the README part) of existing CSVs; time nothing")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--check", action="store_true",
+                   help="compare each compiled kernel with the reference before timing (on for smoke and gpu-*)")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    p.add_argument("--compile-only", type=int, metavar="SM", default=None,
+                   help="compile every Triton kernel x tuning configuration for NVIDIA sm_SM with Triton's ptxas "
+                        "(no GPU needed) and check shared memory; a -quick preset limits it to bf16 / fp32-tf32 "
+                        "at block 64")  # fmt: skip
     return p
 
 
-def _selection(args):
-    sel = PRESETS[args.preset]
+def _overrides(args) -> dict:
     over = {}
     if args.ops:
         over["ops"] = args.ops
@@ -111,52 +118,45 @@ def _selection(args):
     if args.batch:
         over["batches"] = args.batch
         over["op_batches"] = {}
-    over["device"] = args.device
-    return replace(sel, **over)
+    if args.device:
+        over["device"] = args.device
+    return over
 
 
-def _write_reports(rows, out: Path, name: str, readme: str | None, no_plot: bool, log=print) -> dict:
-    csv_path = out / f"{name}.csv"
-    md_path = out / f"{name}.md"
-    png_path = out / f"{name}.png"
-    png = None if no_plot else plot(rows, png_path)
-    links = {"all cases (Markdown)": md_path.name, "CSV": csv_path.name}
-    if png:
-        links["plot"] = png_path.name
-    md_path.write_text(markdown_full(rows, links=links))
-    log(f"wrote {md_path}" + (f" and {png}" if png else ""))
-    if readme:
-        readme_p = Path(readme)
-        base = readme_p.resolve().parent
-        rel = lambda p: os.path.relpath(p.resolve(), base)  # noqa: E731
-        rlinks = {"all cases (Markdown)": rel(md_path), "CSV": rel(csv_path)}
-        img = f"\n\n![speedup against sparsity]({rel(png_path)})\n" if png else ""
-        section = (
-            "## Benchmarks\n\n"
-            "Generated by `python -m sparsekern.bench` from the CSV of the run below; do not edit by hand "
-            "(rerun with `--readme README.md`, or `--from-csv <csv> --readme README.md`)."
-            f"{img}\n" + markdown_summary(rows, links=rlinks)
-        )
-        update_readme(readme_p, section)
-        log(f"updated the benchmark section of {readme_p}")
-    return {"csv": csv_path, "md": md_path, "png": png}
+def _selections(args) -> list:
+    """The preset's selections with the command line's overrides applied to each."""
+    over = _overrides(args)
+    return [replace(sel, **over) for sel in PRESETS[args.preset].selections]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m sparsekern.bench``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    name = args.name or f"bench_{args.device}_{args.preset}"
+    preset = PRESETS[args.preset]
+    if args.compile_only is not None:
+        if _interpreting():
+            raise SystemExit("--compile-only: unset TRITON_INTERPRET (it compiles the GPU kernels)")
+        from .compile import compile_kernels
+
+        return compile_kernels(args.compile_only, quick=args.preset.endswith("-quick"))
     if args.from_csv:
-        rows = read_csv(args.from_csv)
-        if not rows:
-            raise SystemExit(f"--from-csv: {args.from_csv} has no rows")
-        _write_reports(rows, Path(args.from_csv).parent, Path(args.from_csv).stem, args.readme, args.no_plot)
+        for path in args.from_csv:
+            rows = read_csv(path)
+            if not rows:
+                raise SystemExit(f"--from-csv: {path} has no rows")
+            out = write_reports(rows, path, with_plot=not args.no_plot)
+            print(f"wrote {out['md']}" + (f" and {out['png']}" if out["png"] else ""))
+        if args.readme:
+            write_readme(args.readme, args.from_csv)
+            print(f"updated the benchmark section of {args.readme}")
         return 0
-    sel = _selection(args)
     try:
-        cases = expand(sel)
+        cases = expand(_selections(args))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if not cases:
@@ -166,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             print(c.id)
         print(f"{len(cases)} cases")
         return 0
+    device = args.device or preset.device
+    if device == "cuda" and _interpreting():
+        raise SystemExit("TRITON_INTERPRET is set: unset it to time compiled kernels on the GPU")
     threads = args.threads or _default_threads()
     if threads < 1:
         raise SystemExit(f"--threads: expected a positive count, got {threads}")
-    tk = dict(_TIMING[args.preset])
+    tk = dict(preset.timing)
     if args.min_time is not None:
         if args.min_time < 0:
             raise SystemExit(f"--min-time: expected seconds >= 0, got {args.min_time}")
@@ -179,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     meta = collect_meta(threads, command.strip())
     print(f"{len(cases)} cases; {meta.cpu_model}; {threads} thread(s); torch {meta.torch}; commit {meta.commit}; "
           f"load {meta.load_start[0]:.2f}")  # fmt: skip
-    rows = run_cases(cases, cfg, meta)
-    csv_path = write_csv(rows, out / f"{name}.csv")
+    rows = run_cases(cases, cfg, meta, check=args.check or preset.check)
+    name = args.name or preset.stem or f"bench_{device}_{args.preset}"
+    csv_path = write_csv(rows, Path(args.out) / f"{name}.csv")
     print(f"wrote {csv_path} ({len(rows)} rows); load average at the end {meta.load_end[0]:.2f}")
-    if any(r.get("goal") for r in rows):
+    if any(r.get("goal") or r.get("goal_met") for r in rows):
         print("goals (DESIGN.md section 6):")
         print("\n".join(_goal_lines(rows)))
-    _write_reports(rows, out, name, args.readme, args.no_plot)
+    out = write_reports(rows, csv_path, with_plot=not args.no_plot)
+    print(f"wrote {out['md']}" + (f" and {out['png']}" if out["png"] else ""))
+    if args.readme:
+        write_readme(args.readme, [csv_path])
+        print(f"updated the benchmark section of {args.readme}")
     return 0
 
 

@@ -8,6 +8,7 @@ preceded by the dense case it is compared with.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "SHAPE_SETS",
     "Case",
     "Selection",
+    "Preset",
     "PRESETS",
     "expand",
     "block_of",
+    "network_layers",
 ]
 
 # op names; the stem of each matches the library's functional op where there is one
@@ -34,8 +37,10 @@ OPS = ("spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoc
 PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda")
 SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
-LAYOUTS = ("unstructured", "block16", "block32", "block64")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+LAYOUTS = ("unstructured", "block16", "block32", "block64", "block128")
+# "tfloat32": float32 tensors with TF32 allowed in cuBLAS / cuDNN and the Triton kernels (GPU);
+# "float32" on a GPU means TF32 off, the setting of the fp32 goals
+DTYPES = ("float32", "bfloat16", "float16", "float64", "tfloat32")
 
 # which modes an op can be timed in
 OP_MODES = {
@@ -91,6 +96,7 @@ class ConvShape:
     padding: int
     batches: tuple[int, ...]
     family: str = "resnet18-cifar"
+    count: int = 0  # how many layers of this shape the family's network has (0: not part of a network sum)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -109,7 +115,7 @@ class ConvShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A whole model for ``train_step`` / ``train_epoch`` (see :mod:`sparsekern.bench.models`)."""
+    """A whole model for ``train_step`` / ``train_epoch`` (built by :func:`sparsekern.bench.providers.build_model`)."""
 
     name: str
     model: str  # "resnet18" | "mlp"
@@ -124,18 +130,26 @@ class ModelShape:
         return f"mlp-768-{self.width}-N{batch}"
 
 
-def _r18_cifar(batches) -> list[ConvShape]:
-    # the 3x3 conv layers of a CIFAR ResNet-18 (3x3 stem, no max-pool), one per distinct shape
-    return [
-        ConvShape("r18c-stem", 3, 64, 32, 3, 1, 1, batches),
-        ConvShape("r18c-l1", 64, 64, 32, 3, 1, 1, tuple(sorted({*batches, 4 * batches[0]}))),
-        ConvShape("r18c-l2-down", 64, 128, 32, 3, 2, 1, batches),
-        ConvShape("r18c-l2", 128, 128, 16, 3, 1, 1, batches),
-        ConvShape("r18c-l3-down", 128, 256, 16, 3, 2, 1, batches),
-        ConvShape("r18c-l3", 256, 256, 8, 3, 1, 1, batches),
-        ConvShape("r18c-l4-down", 256, 512, 8, 3, 2, 1, batches),
-        ConvShape("r18c-l4", 512, 512, 4, 3, 1, 1, batches),
-    ]
+# the 3x3 convs inside the residual stages of a CIFAR ResNet-18 (3x3 stem, no max-pool) on a
+# 32x32 input: (name, in, out, input side, stride, how many layers of the network have the shape)
+_R18_3X3 = (
+    ("l1", 64, 64, 32, 1, 4),
+    ("l2-down", 64, 128, 32, 2, 1),
+    ("l2", 128, 128, 16, 1, 3),
+    ("l3-down", 128, 256, 16, 2, 1),
+    ("l3", 256, 256, 8, 1, 3),
+    ("l4-down", 256, 512, 8, 2, 1),
+    ("l4", 512, 512, 4, 1, 3),
+)
+
+
+def _r18_cifar(batches, prefix: str = "r18c", scale: int = 1, family: str = "resnet18-cifar") -> list[ConvShape]:
+    """One shape per distinct conv of the network, inputs ``scale`` times 32x32 (the stem at scale 1 only)."""
+    out = [ConvShape(f"{prefix}-stem", 3, 64, 32, 3, 1, 1, batches, family)] if scale == 1 else []
+    for name, cin, cout, hw, stride, count in _R18_3X3:
+        b = tuple(sorted({*batches, 4 * batches[0]})) if name == "l1" and scale == 1 else batches
+        out.append(ConvShape(f"{prefix}-{name}", cin, cout, hw * scale, 3, stride, 1, b, family, count))
+    return out
 
 
 def _r18_imagenet(batches) -> list[ConvShape]:
@@ -166,6 +180,11 @@ def _mlp(batches) -> list[LinearShape]:
     ]
 
 
+def _llm_mlp(batches) -> list[LinearShape]:
+    # the feed-forward layers of 1024- and 4096-wide transformers (up and down projections)
+    return [LinearShape(f"mlp-{k}x{m}", k, m, batches) for k, m in ((1024, 4096), (4096, 1024), (4096, 11008), (11008, 4096))]
+
+
 # named shape sets, selectable with --shapes (a set name or single shape names)
 SHAPE_SETS: dict[str, list] = {
     "tiny-linear": [LinearShape("tiny", 64, 48, (16,), "tiny")],
@@ -173,7 +192,9 @@ SHAPE_SETS: dict[str, list] = {
     "tiny-model": [ModelShape("tiny-mlp", "mlp", 64, (8,), 2, "tiny")],
     # the first layer of each set is also timed at 4x the batch
     "mlp": _mlp((128,)),
+    "llm-mlp": _llm_mlp((8192,)),
     "resnet18-cifar": _r18_cifar((16,)),
+    "resnet18-cifar-64px": _r18_cifar((128,), "r18c64", 2, "resnet18-cifar-64px"),
     "resnet18-imagenet": _r18_imagenet((4,)),
     "resnet50": _r50((4,)),
     "e2e-resnet18-nf20": [ModelShape("e2e-resnet18-nf20", "resnet18", 20, (16,), 4)],
@@ -189,12 +210,21 @@ SHAPE_SETS: dict[str, list] = {
 }
 
 
+# the seven ResNet-18 convs whose times, each times its count, sum to the network's 3x3 convs
+SHAPE_SETS["resnet18-cifar-3x3"] = [s for s in SHAPE_SETS["resnet18-cifar"] if s.count]
+
+
 def all_shapes() -> dict[str, object]:
     out = {}
     for shapes in SHAPE_SETS.values():
         for s in shapes:
             out.setdefault(s.name, s)
     return out
+
+
+def network_layers(family: str) -> dict[str, int]:
+    """``{shape name: count}`` of the layers whose times sum to a network's (empty if the family has none)."""
+    return {s.name: s.count for s in all_shapes().values() if getattr(s, "count", 0) and s.family == family}
 
 
 def _shape_fits(op: str, shape) -> bool:
@@ -293,8 +323,24 @@ def resolve_shapes(names: list[str]) -> list:
     return out
 
 
-def expand(sel: Selection) -> list[Case]:
-    """The ordered cases of ``sel``: per group, the dense baseline first, then the sparse cases."""
+def expand(sel: Selection | Preset | Sequence[Selection]) -> list[Case]:
+    """The ordered cases of ``sel``: per group, the dense baseline first, then the sparse cases.
+
+    A :class:`Preset` (or a list of selections) gives the cases of each selection in turn, each
+    case once.
+    """
+    if isinstance(sel, Preset):
+        sel = sel.selections
+    if not isinstance(sel, Selection):
+        out: dict[str, Case] = {}
+        for one in sel:
+            for c in expand(one):
+                out.setdefault(c.id, c)
+        return list(out.values())
+    return _expand_one(sel)
+
+
+def _expand_one(sel: Selection) -> list[Case]:
     for name, values, allowed in (
         ("--ops", sel.ops, OPS),
         ("--providers", sel.providers, PROVIDERS),
@@ -357,54 +403,178 @@ def expand(sel: Selection) -> list[Case]:
     return cases
 
 
-def _sel(**kw) -> Selection:
-    return Selection(**kw)
+@dataclass(frozen=True)
+class Preset:
+    """A named case set for ``--preset``: the union of ``selections`` (each expanded in turn).
+
+    Attributes:
+        about: one line for ``--help``.
+        selections: what to run; several when the grid is not one cross product.
+        timing: the :class:`~sparsekern.bench.timing.TimingConfig` fields of the run.
+        stem: file stem of the results (default ``bench_<device>_<preset>``).
+        check: before timing, compare each compiled kernel's outputs with the reference
+            backend's (the ``max_rel_err`` column).
+    """
+
+    about: str
+    selections: tuple[Selection, ...]
+    timing: dict
+    stem: str | None = None
+    check: bool = False
+
+    @property
+    def device(self) -> str:
+        return self.selections[0].device
 
 
-# presets: "smoke" for the test suite, "quick" about a minute on 2 cores, "full" the CPU sweep
-PRESETS: dict[str, Selection] = {
-    "smoke": _sel(
-        ops=["linear"],
-        providers=list(PROVIDERS),
-        modes=["fwd+bwd"],
-        shapes=["tiny-linear"],
-        sparsities=[0.9],
-        layouts=["unstructured", "block16"],
+# timing budgets; "quick" keeps its run near a minute on 2 cores
+_T_SMOKE = dict(warmup=1, min_time=0.0, block_time=0.0, min_samples=2, max_samples=2)
+_T_QUICK = dict(warmup=1, min_time=0.15, block_time=0.01, min_samples=3, max_samples=20)
+_T_FULL = dict(warmup=2, min_time=0.2, block_time=0.02, min_samples=5, max_samples=30)
+_T_KERNELS = dict(warmup=2, min_time=1.0, block_time=0.02, min_samples=5, max_samples=50)  # one second per case
+_T_GPU = dict(warmup=1, min_time=0.1, block_time=0.0, min_samples=1, max_samples=1)  # do_bench, 100 ms per case
+
+# CPU kernel steps: fwd + input gradient + weight gradient of a layer without bias (spmm is
+# sparse_linear with bias None), against dense and torch.sparse; ResNet-18's 3x3 convs
+_CPU_SPMM = dict(ops=["spmm"], providers=["dense", "cpp", "torch.sparse"], modes=["fwd+bwd"])
+_CPU_CONV = dict(ops=["conv2d"], providers=["dense", "cpp"], modes=["fwd+bwd"], shapes=["resnet18-cifar-3x3"])
+_BLOCK90 = dict(sparsities=[0.9], layouts=["block16", "block32"])
+
+
+def _cpu_kernels() -> tuple[Selection, ...]:
+    out = []
+    for shape, batches in (("mlp-768x3072", [256, 2048]), ("mlp-4096x4096", [256])):
+        out.append(Selection(**_CPU_SPMM, shapes=[shape], batches=batches, sparsities=[0.9, 0.95, 0.98]))
+        out.append(Selection(**_CPU_SPMM, shapes=[shape], batches=batches, **_BLOCK90))
+    out.append(Selection(**_CPU_CONV, batches=[32, 128], sparsities=[0.9, 0.95]))
+    out.append(Selection(**_CPU_CONV, batches=[32], **_BLOCK90))
+    return tuple(out)
+
+
+# GPU: tokens x in -> out products (fwd, bwd = dx + dW, fwd+bwd) against cuBLAS and torch.sparse;
+# ResNet-18's 3x3 convs at batch 128 on 32x32 and 64x64 inputs against cuDNN
+_GPU_SPMM = dict(ops=["spmm"], providers=["dense", "triton", "torch.sparse"], modes=list(MODES), batches=[8192],
+                 device="cuda")  # fmt: skip
+_GPU_SPMM_SHAPES = ["mlp-4096x4096", "mlp-768x3072", "mlp-3072x768", "mlp-1024x4096"]
+_GPU_DTYPES = ["bfloat16", "float16", "float32", "tfloat32"]
+_GPU_SPARSITIES = [0.5, 0.7, 0.9, 0.95, 0.98]
+_GPU_CONV = dict(ops=["conv2d"], providers=["dense", "triton"], modes=["fwd+bwd"], batches=[128], device="cuda",
+                 shapes=["resnet18-cifar-3x3", "resnet18-cifar-64px"])  # fmt: skip
+
+# "smoke" for the test suite, "quick" about a minute on 2 cores, "full" the CPU sweep (about a
+# quarter of an hour on 2 shared cores); the kernel presets are the goal cases of DESIGN.md section 6
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        "tiny shapes, every provider (the test suite's run; no goal applies)",
+        (Selection(ops=["linear"], providers=list(PROVIDERS), modes=["fwd+bwd"], shapes=["tiny-linear"],
+                   sparsities=[0.9], layouts=["unstructured", "block16"]),),  # fmt: skip
+        _T_SMOKE,
+        check=True,
     ),
-    "quick": _sel(
-        ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step"],
-        providers=list(PROVIDERS),
-        modes=["fwd+bwd"],
-        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
-        shapes=["mlp-768x3072", "r18c-l2"],
-        batches=[32],
-        sparsities=[0.9],
-        layouts=["unstructured", "block32"],
-        op_shapes={"train_step": ["e2e-resnet18-nf20"]},
-        op_batches={"train_step": [16]},
-        e2e_sparsities=[0.0, 0.9],
+    "quick": Preset(
+        "one shape per op and a training step, about a minute on 2 cores",
+        (
+            Selection(
+                ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step"],
+                providers=list(PROVIDERS),
+                modes=["fwd+bwd"],
+                ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
+                shapes=["mlp-768x3072", "r18c-l2"],
+                batches=[32],
+                sparsities=[0.9],
+                layouts=["unstructured", "block32"],
+                op_shapes={"train_step": ["e2e-resnet18-nf20"]},
+                op_batches={"train_step": [16]},
+                e2e_sparsities=[0.0, 0.9],
+            ),
+        ),
+        _T_QUICK,
     ),
-    # "full": the CPU sweep, sized to about a quarter of an hour on 2 shared cores
-    "full": _sel(
-        ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch"],
-        providers=list(PROVIDERS),
-        modes=["fwd+bwd"],
-        ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
-        shapes=["mlp-768x3072", "mlp-4096x4096", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e-small"],
-        sparsities=[0.75, 0.9, 0.95, 0.98],
-        layouts=["unstructured", "block16", "block32", "block64"],
-        op_sparsities={"spmm": [0.5, 0.75, 0.9, 0.95, 0.98], "conv2d": [0.9, 0.95], "rebuild": [0.9]},
-        op_layouts={"conv2d": ["unstructured", "block16", "block32"]},
-        op_shapes={
-            "spmm": ["mlp-768x3072"],
-            "sddmm": ["mlp-768x3072"],
-            "rebuild": ["mlp-4096x4096", "r18c-l4", "r50-s3-3x3"],
-        },
-        op_batches={"spmm": [128], "sddmm": [128], "linear": [128]},
-        # the reference's speed does not depend on sparsity (dense masked math): one level;
-        # torch.sparse's CSR backward is far slower than dense, so its forward only
-        provider_sparsities={"reference": [0.9]},
-        provider_modes={"torch.sparse": ["fwd"]},
-        e2e_sparsities=[0.0, 0.75, 0.9, 0.95],
+    "full": Preset(
+        "the CPU sweep: every op, ResNet-18/50 and MLP shapes, 4 layouts, training steps and epochs",
+        (
+            Selection(
+                ops=["spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch"],
+                providers=list(PROVIDERS),
+                modes=["fwd+bwd"],
+                ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
+                shapes=["mlp-768x3072", "mlp-4096x4096", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e-small"],
+                sparsities=[0.75, 0.9, 0.95, 0.98],
+                layouts=["unstructured", "block16", "block32", "block64"],
+                op_sparsities={"spmm": [0.5, 0.75, 0.9, 0.95, 0.98], "conv2d": [0.9, 0.95], "rebuild": [0.9]},
+                op_layouts={"conv2d": ["unstructured", "block16", "block32"]},
+                op_shapes={
+                    "spmm": ["mlp-768x3072"],
+                    "sddmm": ["mlp-768x3072"],
+                    "rebuild": ["mlp-4096x4096", "r18c-l4", "r50-s3-3x3"],
+                },
+                op_batches={"spmm": [128], "sddmm": [128], "linear": [128]},
+                # the reference's speed does not depend on sparsity (dense masked math): one level;
+                # torch.sparse forward only (its fwd+bwd step is in the cpu-kernels preset)
+                provider_sparsities={"reference": [0.9]},
+                provider_modes={"torch.sparse": ["fwd"]},
+                e2e_sparsities=[0.0, 0.75, 0.9, 0.95],
+            ),
+        ),
+        _T_FULL,
+    ),
+    "cpu-kernels": Preset(
+        "CPU goal cases: linear (spmm) 768->3072 N256/N2048, 4096->4096 N256 at 90/95/98 % and block 16/32; "
+        "ResNet-18 3x3 convs N32/N128 (cpp vs dense and torch.sparse, fwd+bwd)",
+        _cpu_kernels(),
+        _T_KERNELS,
+        stem="cpu_kernels",
+    ),
+    "cpu-kernels-quick": Preset(
+        "a handful of the cpu-kernels cases",
+        (
+            Selection(**_CPU_SPMM, shapes=["mlp-768x3072"], batches=[256], sparsities=[0.9, 0.98]),
+            Selection(**_CPU_SPMM, shapes=["mlp-768x3072"], batches=[256], sparsities=[0.9], layouts=["block32"]),
+            Selection(**{**_CPU_CONV, "shapes": ["r18c-l2"]}, batches=[32], sparsities=[0.9],
+                      layouts=["unstructured", "block16"]),  # fmt: skip
+        ),
+        _T_KERNELS,
+        stem="cpu_kernels_quick",
+    ),
+    "gpu-linear": Preset(
+        "GPU products of 8192 tokens, 4 shapes x 5 layouts x 5 sparsities x bf16/fp16/fp32/tf32 x fwd/bwd/fwd+bwd "
+        "(triton vs cuBLAS and torch.sparse)",
+        (Selection(**_GPU_SPMM, shapes=_GPU_SPMM_SHAPES, layouts=list(LAYOUTS), sparsities=_GPU_SPARSITIES,
+                   dtypes=_GPU_DTYPES),),  # fmt: skip
+        _T_GPU,
+        stem="gpu_linear",
+        check=True,
+    ),
+    "gpu-linear-quick": Preset(
+        "the GPU matmul goal cases and some context: 2 shapes, unstructured and block 64, bf16 and fp32",
+        (Selection(**_GPU_SPMM, shapes=_GPU_SPMM_SHAPES[:2], layouts=["unstructured", "block64"],
+                   sparsities=[0.5, 0.9, 0.98], dtypes=["bfloat16", "float32"]),),  # fmt: skip
+        _T_GPU,
+        stem="gpu_linear_quick",
+        check=True,
+    ),
+    "gpu-linear-full": Preset(
+        "gpu-linear on 7 shapes, up to 4096->11008",
+        (Selection(**_GPU_SPMM, shapes=[*_GPU_SPMM_SHAPES, "mlp-4096x1024", "mlp-4096x11008", "mlp-11008x4096"],
+                   layouts=list(LAYOUTS), sparsities=_GPU_SPARSITIES, dtypes=_GPU_DTYPES),),  # fmt: skip
+        _T_GPU,
+        stem="gpu_linear_full",
+        check=True,
+    ),
+    "gpu-conv": Preset(
+        "GPU ResNet-18 3x3 convs, batch 128, 32x32 and 64x64 inputs, 80-98 %, unstructured and block 16/32/64, "
+        "bf16 and fp32 (triton vs cuDNN, fwd+bwd)",
+        (Selection(**_GPU_CONV, layouts=["unstructured", "block16", "block32", "block64"],
+                   sparsities=[0.8, 0.9, 0.95, 0.98], dtypes=["bfloat16", "float32"]),),  # fmt: skip
+        _T_GPU,
+        stem="gpu_conv",
+        check=True,
+    ),
+    "gpu-conv-quick": Preset(
+        "the GPU conv goal cases: block 64, 90 %, bf16",
+        (Selection(**_GPU_CONV, layouts=["block64"], sparsities=[0.9], dtypes=["bfloat16"]),),
+        _T_GPU,
+        stem="gpu_conv_quick",
+        check=True,
     ),
 }

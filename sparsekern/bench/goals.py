@@ -1,19 +1,23 @@
-"""The performance goals of DESIGN.md §6, as predicates over result rows.
+"""The performance goals of DESIGN.md §6, as predicates over result rows; the one place they live.
 
 A goal applies to rows of the library's compiled kernels (the ``cpp``, ``triton`` and ``cuda``
 backends; ``reference`` is the specification, not a fast path, and ``dense`` / ``torch.sparse``
-are what the kernels are compared with) whose case matches.  A row meets its goal when its
-speedup over dense (``dense p50 / case p50``, same run) reaches it; a kernel row that could not
-run is reported as ``not run``.
+are what the kernels are compared with) whose case matches, on a goal shape: smoke-sized shapes
+(family ``tiny``) are never checked against a goal, their rows say ``smoke, no goal``.  A row
+meets its goal when its speedup over dense (``dense p50 / case p50``, same run) reaches it; a
+kernel row that could not run is reported as ``not run``.  The same goals apply to a network's
+layers summed (the report's ResNet-18 3x3 sums): a sum row is a row of the family's op and layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Goal", "KERNEL_PROVIDERS", "goal_for"]
+__all__ = ["Goal", "KERNEL_PROVIDERS", "SMOKE_FAMILIES", "NO_GOAL_SMOKE", "goal_for", "goal_fields"]
 
 KERNEL_PROVIDERS = ("cpp", "triton", "cuda")
+SMOKE_FAMILIES = ("tiny",)  # shape families sized for tests, not for speed
+NO_GOAL_SMOKE = "smoke, no goal"
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ def _sp(row: dict, *levels: float) -> bool:
 
 def goal_for(row: dict) -> Goal | None:
     """The §6 goal that applies to a result row (a dict with the CSV's case fields), if any."""
-    if row.get("provider") not in KERNEL_PROVIDERS:
+    if row.get("provider") not in KERNEL_PROVIDERS or row.get("family") in SMOKE_FAMILIES:
         return None
     # the CPU goals are the cpp kernels'; the GPU goals triton's and cuda's
     if (row["device"] == "cpu") != (row["provider"] == "cpp"):
@@ -45,7 +49,8 @@ def goal_for(row: dict) -> Goal | None:
     s = float(row["sparsity"])
     if dev == "cpu":
         if dt == "float32" and row["mode"] == "fwd+bwd":
-            if op == "linear" and layout == "unstructured":
+            # a linear layer's step, with (linear) or without (spmm) its bias
+            if op in ("linear", "spmm") and layout == "unstructured":
                 for lvl, g in ((0.9, 5), (0.95, 8), (0.98, 15)):
                     if _sp(row, lvl):
                         return Goal(f"CPU fp32 linear fwd+bwd unstructured {round(lvl * 100)} %", g)
@@ -53,7 +58,7 @@ def goal_for(row: dict) -> Goal | None:
                 for lvl, g in ((0.9, 3), (0.95, 5)):
                     if _sp(row, lvl):
                         return Goal(f"CPU fp32 ResNet-18 3x3 conv fwd+bwd unstructured {round(lvl * 100)} %", g)
-            if op in ("linear", "conv2d") and layout in ("block16", "block32") and _sp(row, 0.9):
+            if op in ("linear", "spmm", "conv2d") and layout in ("block16", "block32") and _sp(row, 0.9):
                 return Goal(f"CPU fp32 {op} {layout} 90 %", 6)
         if op == "train_epoch" and row.get("model") == "resnet18" and layout == "unstructured":
             for lvl, g in ((0.9, 2.5), (0.95, 3.5)):
@@ -69,3 +74,22 @@ def goal_for(row: dict) -> Goal | None:
         ):
             return Goal("GPU bf16 block-sparse conv fwd+bwd ResNet-18 shapes 90 % over cuDNN", 4)
     return None
+
+
+def goal_fields(row: dict) -> dict:
+    """The ``goal`` / ``goal_met`` cells of a result row (``status``, ``speedup_vs_dense`` filled in).
+
+    ``{}`` when no goal applies; ``goal_met`` is ``met`` / ``missed`` / ``not run``, or
+    ``smoke, no goal`` for a kernel row of a smoke-sized shape.
+    """
+    if row.get("family") in SMOKE_FAMILIES and row.get("provider") in KERNEL_PROVIDERS:
+        return {"goal": "", "goal_met": NO_GOAL_SMOKE}
+    goal = goal_for(row)
+    if goal is None:
+        return {}
+    sp = row.get("speedup_vs_dense", "")
+    if row.get("status") != "ok":
+        return {"goal": goal.label, "goal_met": "not run"}
+    if sp in ("", None):  # measured, but its dense baseline is missing
+        return {}
+    return {"goal": goal.label, "goal_met": "met" if float(sp) >= goal.speedup else "missed"}

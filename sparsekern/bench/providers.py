@@ -1,7 +1,11 @@
 """Providers: how each (op, provider, mode) case turns into a callable to time.
 
 ``dense``        plain PyTorch with a dense weight (``F.linear``, ``F.conv2d``, ``a @ b``);
-``torch.sparse`` the weight as a ``torch.sparse`` CSR (unstructured) or BSR (block) tensor;
+``torch.sparse`` the weight as a ``torch.sparse`` CSR (unstructured) or BSR (block) tensor: the
+                 forward ``W @ xᵀ``, the input gradient ``Wᵀ @ dyᵀ`` (the transposed sparse weight
+                 is built outside the timed region) and the weight gradient
+                 ``torch.sparse.sampled_addmm`` on the pattern (CSR on CPU, BSR on CUDA for block
+                 layouts), no autograd; PyTorch has no sparse conv2d;
 ``reference`` / ``cpp`` / ``triton`` / ``cuda``: the sparsekern backend of that name (``backend=``).
 
 :func:`availability` says, at run time, whether a provider can run on a device at all;
@@ -21,11 +25,13 @@ import torch.nn.functional as F
 
 import sparsekern
 from sparsekern import formats, masks
+from sparsekern.kernels.cpu import conv2d_algo
+from sparsekern.models import MLP, ResNet18
 
 from .cases import SPARSEKERN_PROVIDERS, Case, ConvShape, LinearShape, ModelShape, block_of
-from .models import build_model
+from .goals import KERNEL_PROVIDERS
 
-__all__ = ["Skip", "Prepared", "availability", "prepare"]
+__all__ = ["Skip", "Prepared", "availability", "build_model", "prepare"]
 
 
 class Skip(Exception):
@@ -40,6 +46,8 @@ class Prepared:
     flops: float | None  # useful FLOPs of one call, counted on the weight's nonzeros
     density: float  # measured density of the weight mask (1.0 for dense)
     unit: str = "s/call"
+    conv_algo: str = ""  # cpp conv2d: the algorithm each of fwd / dx / dw runs ("direct" or "gemm")
+    max_rel_err: float | None = None  # with check=True: the largest error against the reference
 
 
 _DTYPES = {
@@ -47,6 +55,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
+    "tfloat32": torch.float32,  # TF32 is allowed by the runner for these cases
 }
 
 
@@ -143,7 +152,63 @@ def _torch_sparse_weight(w: torch.Tensor, mask: torch.Tensor, layout: str) -> to
     return ws.requires_grad_(w.requires_grad)
 
 
-def _prepare_linear(case: Case, gen: torch.Generator) -> Prepared:
+def _torch_sparse_step(case: Case, x, w, bias, mask) -> Callable[[], object]:
+    """torch.sparse's version of the case's mode, without autograd (see the module docstring)."""
+    ws = _torch_sparse_weight(w.detach(), mask, case.layout)
+    if case.mode == "fwd":
+        return lambda: _sparse_fwd(ws, x, bias)
+    b = block_of(case.layout)
+    wts = _torch_sparse_weight(w.detach().t().contiguous(), mask.t().contiguous(), case.layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zeros = torch.zeros_like(w.detach())
+        # sampled_addmm has a BSR kernel on CUDA only; on CPU the block pattern goes in as CSR
+        pat = formats.to_torch_sparse_bsr(zeros, mask, b) if b and w.is_cuda else formats.to_torch_sparse_csr(zeros, mask)
+    x, bias = x.detach(), (bias.detach() if bias is not None else None)
+    dy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1)).to(x)
+
+    def bwd():
+        dx = torch.mm(wts, dy.t()).t()
+        dw = torch.sparse.sampled_addmm(pat, dy.t(), x, beta=0.0)
+        return (dx, dw, dy.sum(0)) if bias is not None else (dx, dw)
+
+    if case.mode == "bwd":
+        return bwd
+    return lambda: (_sparse_fwd(ws, x, bias), *bwd())
+
+
+def _sparse_fwd(ws: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.sparse.mm(ws, x.t()).t()
+    return y + bias if bias is not None else y
+
+
+def _outputs(f: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str, dy: torch.Tensor) -> list[torch.Tensor]:
+    y = f()
+    if mode == "fwd":
+        return [y]
+    return ([y] if mode == "fwd+bwd" else []) + list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+
+
+def _check(case: Case, build: Callable[..., Callable[[], torch.Tensor]], leaves: list[torch.Tensor]) -> float:
+    """Largest ``max|out - ref| / max|ref|`` over the mode's outputs, the reference backend in fp32.
+
+    ``build(tensors, backend)`` makes the forward closure on ``tensors`` (the case's ``leaves``
+    or their fp32 copies).
+    """
+    ref_leaves = [t.detach().float().requires_grad_(t.requires_grad) for t in leaves]
+    ref_f = build(ref_leaves, "reference")
+    with torch.no_grad():
+        dy = torch.randn(ref_f().shape, generator=torch.Generator().manual_seed(2)).to(leaves[0].device)
+    got = _outputs(build(leaves, case.provider), leaves, case.mode, dy)
+    ref = _outputs(ref_f, ref_leaves, case.mode, dy)
+    err = 0.0
+    for g, r in zip(got, ref):
+        scale = r.abs().max().item() or 1.0
+        err = max(err, (g.detach().float() - r).abs().max().item() / scale)
+    return err
+
+
+def _prepare_linear(case: Case, gen: torch.Generator, check: bool = False) -> Prepared:
     shape: LinearShape = case.shape
     dev, dt = torch.device(case.device), torch_dtype(case.dtype)
     n, k, m = case.batch, shape.in_features, shape.out_features
@@ -154,25 +219,25 @@ def _prepare_linear(case: Case, gen: torch.Generator) -> Prepared:
     mask = _mask((m, k), case.sparsity, case.layout, dev, gen)
     nnz = int(mask.sum())
     leaves = [t for t in (x, w, bias) if t is not None]
-    if case.provider == "dense":
-        f = lambda: F.linear(x, w, bias)  # noqa: E731
-    elif case.provider == "torch.sparse":
-        ws = _torch_sparse_weight(w, mask, case.layout)
-        leaves = [x, ws] + ([bias] if bias is not None else [])
+    flops = 2.0 * n * nnz * _pass_factor(case.mode)
+    if case.provider == "torch.sparse":
+        fn = _torch_sparse_step(case, x, w, bias, mask)
+        _try(fn, case)
+        return Prepared(fn, flops, nnz / mask.numel())
 
-        def f():
-            y = torch.sparse.mm(ws, x.t()).t()
-            return y + bias if bias is not None else y
-    elif case.op == "spmm":
-        kw = _sk_kwargs(case)
-        f = lambda: sparsekern.spmm(x, w, mask, **kw)  # noqa: E731
-    else:
-        kw = _sk_kwargs(case)
-        f = lambda: sparsekern.sparse_linear(x, w, bias, mask, **kw)  # noqa: E731
+    def build(tensors, backend):
+        xx, ww, bb = (*tensors, None)[:3]
+        if backend is None:
+            return lambda: F.linear(xx, ww, bb)
+        kw = {**_sk_kwargs(case), "backend": backend}
+        return lambda: sparsekern.sparse_linear(xx, ww, bb, mask, **kw)
+
+    f = build(leaves, None if case.provider == "dense" else case.provider)
     _try(f, case)
     fn = _wrap_mode(case.mode, f, leaves)
     _try(fn, case)
-    return Prepared(fn, 2.0 * n * nnz * _pass_factor(case.mode), nnz / mask.numel())
+    err = _check(case, build, leaves) if check and case.provider in KERNEL_PROVIDERS else None
+    return Prepared(fn, flops, nnz / mask.numel(), max_rel_err=err)
 
 
 def _prepare_sddmm(case: Case, gen: torch.Generator) -> Prepared:
@@ -203,7 +268,7 @@ def _prepare_sddmm(case: Case, gen: torch.Generator) -> Prepared:
     return Prepared(fn, 2.0 * n * nnz * _pass_factor(case.mode), nnz / mask.numel())
 
 
-def _prepare_conv(case: Case, gen: torch.Generator) -> Prepared:
+def _prepare_conv(case: Case, gen: torch.Generator, check: bool = False) -> Prepared:
     shape: ConvShape = case.shape
     dev, dt = torch.device(case.device), torch_dtype(case.dtype)
     if case.provider == "torch.sparse":
@@ -215,15 +280,26 @@ def _prepare_conv(case: Case, gen: torch.Generator) -> Prepared:
     mask = _mask(shape.weight_shape, case.sparsity, case.layout, dev, gen)
     nnz = int(mask.sum())
     s, p = shape.stride, shape.padding
-    if case.provider == "dense":
-        f = lambda: F.conv2d(x, w, None, s, p)  # noqa: E731
-    else:
-        kw = _sk_kwargs(case)
-        f = lambda: sparsekern.sparse_conv2d(x, w, None, mask, None, s, p, **kw)  # noqa: E731
+
+    def build(tensors, backend):
+        xx, ww = tensors
+        if backend is None:
+            return lambda: F.conv2d(xx, ww, None, s, p)
+        kw = {**_sk_kwargs(case), "backend": backend}
+        return lambda: sparsekern.sparse_conv2d(xx, ww, None, mask, None, s, p, **kw)
+
+    f = build([x, w], None if case.provider == "dense" else case.provider)
     _try(f, case)
     fn = _wrap_mode(case.mode, f, [x, w])
     _try(fn, case)
-    return Prepared(fn, 2.0 * shape.positions(case.batch) * nnz * _pass_factor(case.mode), nnz / mask.numel())
+    err = _check(case, build, [x, w]) if check and case.provider in KERNEL_PROVIDERS else None
+    algo = ""
+    if case.provider == "cpp":
+        b = block_of(case.layout)
+        pat = formats.pattern_of(mask, "block" if b else "unstructured", b)
+        algo = "/".join(conv2d_algo(op, x.shape, w.shape, s, p, pattern=pat) for op in ("fwd", "dx", "dw"))
+    flops = 2.0 * shape.positions(case.batch) * nnz * _pass_factor(case.mode)
+    return Prepared(fn, flops, nnz / mask.numel(), conv_algo=algo, max_rel_err=err)
 
 
 def _prepare_rebuild(case: Case, gen: torch.Generator) -> Prepared:
@@ -241,6 +317,24 @@ def _prepare_rebuild(case: Case, gen: torch.Generator) -> Prepared:
         fn = lambda: formats.Pattern(mask, "block", blk).bsr()  # noqa: E731
     _try(fn, case)
     return Prepared(fn, None, int(mask.sum()) / mask.numel())
+
+
+def build_model(kind: str, width: int, num_classes: int = 10) -> tuple[torch.nn.Module, tuple[int, ...], set[str]]:
+    """``(model, input shape without batch, names of layers kept dense)`` of a :class:`ModelShape`.
+
+    ``"resnet18"``: :class:`sparsekern.models.ResNet18` of width ``nf = width`` on 32x32 inputs;
+    ``"mlp"``: :class:`sparsekern.models.MLP` as a transformer-style feed-forward stack
+    ``d -> width -> d`` twice (``d = 768``, or ``width / 2`` for small widths).  The layers kept
+    dense are the models' :meth:`default_dense` ones (the stem and the classifier).
+    """
+    if kind == "resnet18":
+        model, in_shape = ResNet18(num_classes, nf=width), (3, 32, 32)
+    elif kind == "mlp":
+        dim = 768 if width >= 768 else max(8, width // 2)
+        model, in_shape = MLP((dim,), (width, width), num_classes, activation="gelu", residual=True), (dim,)
+    else:
+        raise ValueError(f"kind: expected 'resnet18' or 'mlp', got {kind!r}")
+    return model, in_shape, set(model.default_dense())
 
 
 def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
@@ -314,12 +408,20 @@ _PREPARE = {
 }
 
 
-def prepare(case: Case, seed: int = 0) -> Prepared:
-    """Build ``case``'s inputs and callable (raises :class:`Skip` when the provider cannot run it)."""
+def prepare(case: Case, seed: int = 0, *, check: bool = False) -> Prepared:
+    """Build ``case``'s inputs and callable (raises :class:`Skip` when the provider cannot run it).
+
+    ``check``: for the compiled kernels (cpp, triton, cuda) on linear / spmm / conv2d, compare the
+    outputs of the case's mode with the reference backend in fp32 first (``max_rel_err``).
+    """
     ok, why = availability(case.provider, case.device)
     if not ok:
         raise Skip(why)
     if case.provider in SPARSEKERN_PROVIDERS and case.layout == "dense":
         raise Skip("a sparsekern provider needs a sparse layout")
+    if case.dtype == "tfloat32" and case.device != "cuda":
+        raise Skip("tfloat32 (TF32 allowed) is a setting of CUDA runs")
     gen = torch.Generator().manual_seed(seed)
+    if case.op in ("spmm", "linear", "conv2d"):
+        return _PREPARE[case.op](case, gen, check)
     return _PREPARE[case.op](case, gen)

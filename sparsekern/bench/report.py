@@ -1,12 +1,21 @@
-"""Results as data: the CSV, and the Markdown tables, the plot and the README section made from it."""
+"""Results as data: the CSV, and the Markdown tables, the plot and the README section made from it.
+
+The README's benchmark section sits between :data:`README_START` and :data:`README_END`; it has
+one part per results CSV, each opened by a ``<!-- bench:csv PATH -->`` marker naming its CSV
+(relative to the README), so the whole section can always be made again from the CSVs it names.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
+from .cases import network_layers
+from .goals import NO_GOAL_SMOKE, goal_fields
 from .runner import COLUMNS
 
 __all__ = [
@@ -16,12 +25,16 @@ __all__ = [
     "markdown_full",
     "plot",
     "update_readme",
+    "readme_csvs",
+    "write_readme",
+    "write_reports",
     "README_START",
     "README_END",
 ]
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+_CSV_MARK = re.compile(r"<!-- bench:csv (\S+) -->")
 
 _SPARSE_OPS = ("linear", "conv2d", "spmm", "sddmm")
 
@@ -86,7 +99,7 @@ def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
         "",
         f"Machine: {r.get('cpu_model', '')} ({r.get('machine', '')}); devices: {', '.join(devices)}; "
         f"{r.get('threads', '')} thread(s) pinned; torch {r.get('torch', '')}, triton {r.get('triton', '') or '-'}, "
-        f"sparsekern {r.get('sparsekern', '')} at {r.get('commit', '')}; "
+        f"sparsekern {r.get('sparsekern', '') or '-'} at {r.get('commit', '')}; "
         f"run started {min(x['time'] for x in rows) if rows else ''} (UTC).",
     ]
     loads = [x for x in (_f(r.get("load_avg_1m")) for r in rows) if x is not None]
@@ -106,8 +119,10 @@ def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
 
 def _goal_lines(rows: list[dict], *, detail: bool = True) -> list[str]:
     g = [r for r in rows if r.get("goal")]
+    n_smoke = sum(r.get("goal_met") == NO_GOAL_SMOKE for r in rows)
+    smoke = [f"{n_smoke} kernel case(s) on smoke-sized shapes: {NO_GOAL_SMOKE}."] if n_smoke else []
     if not g:
-        return ["No case in this run has a goal in DESIGN.md section 6."]
+        return ["No case in this run has a goal in DESIGN.md section 6.", *([""] + smoke if smoke else [])]
     by_goal: dict[str, list[dict]] = defaultdict(list)
     for r in g:
         by_goal[r["goal"]].append(r)
@@ -126,11 +141,91 @@ def _goal_lines(rows: list[dict], *, detail: bool = True) -> list[str]:
     ran = [r for r in g if r["goal_met"] in ("met", "missed")]
     if detail and ran:
         out += ["", *_table(
-            ["op", "provider", "shape", "batch", "layout", "sparsity", "mode", "speedup", "goal", "result"],
-            [[r["op"], r["provider"], r["shape"], r["batch"], r["layout"], _pct(r["sparsity"]), r["mode"],
-              f"{float(r['speedup_vs_dense']):.2f}x", r["goal"].split(" (")[0], r["goal_met"]] for r in ran],
+            ["op", "provider", "shape", "batch", "layout", "sparsity", "mode", "dense ms", "ms", "speedup", "goal",
+             "result"],
+            [[r["op"], r["provider"], r["shape"], r["batch"], r["layout"], _pct(r["sparsity"]) + _density_note(r),
+              r["mode"], _ms(r.get("dense_p50")), _ms(r.get("p50")), f"{float(r['speedup_vs_dense']):.2f}x",
+              r["goal"].split(" (")[0], r["goal_met"]] for r in ran],
         )]  # fmt: skip
-    return out
+    return out + ([""] + smoke if smoke else [])
+
+
+def _ms(v) -> str:
+    x = _f(v)
+    return "" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.1f}")
+
+
+def _density_note(r: dict) -> str:
+    """`` (density 0.25)`` when the mask's real density is off the asked one (a block grid rounds it)."""
+    d, s = _f(r.get("density")), _f(r.get("sparsity"))
+    if d is None or s is None or r.get("provider") == "dense" or abs(d - (1 - s)) <= 0.02:
+        return ""
+    return f" (density {d:.2f})"
+
+
+def _network_lines(rows: list[dict]) -> list[str]:
+    """Each network's layers summed (every shape times its count), per provider / layout / sparsity.
+
+    Uses each row's own dense time, so a sum compares like with like even when the dense
+    baselines were timed beside each case.  Only complete sets of layers are summed.
+    """
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in _ok(rows):
+        layers = network_layers(r.get("family", ""))
+        if r["provider"] == "dense" or r["shape"] not in layers or _f(r.get("dense_p50")) is None:
+            continue
+        key = (r["family"], r["op"], r["mode"], r["dtype"], int(float(r["batch"])), r["provider"], r["layout"],
+               float(r["sparsity"]))  # fmt: skip
+        groups[key][r["shape"]] = r
+    body = []
+    for key in sorted(groups):
+        family, batch, provider, layout, sp = key[0], key[4], key[5], key[6], key[7]
+        layers, got = network_layers(family), groups[key]
+        if set(got) != set(layers):
+            continue
+        dense = sum(float(got[n]["dense_p50"]) * c for n, c in layers.items())
+        ms = sum(float(got[n]["p50"]) * c for n, c in layers.items())
+        first = next(iter(got.values()))
+        g = goal_fields({**first, "shape": family, "status": "ok", "speedup_vs_dense": dense / ms})
+        body.append([family, batch, provider, layout, _pct(sp), f"{dense:.1f}", f"{ms:.1f}", f"{dense / ms:.2f}x",
+                     g.get("goal", "").split(" (")[0], g.get("goal_met", "")])  # fmt: skip
+    if not body:
+        return []
+    n = sum(network_layers(body[0][0]).values())
+    return [
+        f"Each network's convs summed: every distinct layer shape's time times the number of layers of that "
+        f"shape ({n} layers for ResNet-18's 3x3 convs in the residual stages), against dense summed the same way.",
+        "",
+        *_table(["network", "batch", "provider", "layout", "sparsity", "dense ms", "ms", "speedup", "goal", "result"],
+                body),  # fmt: skip
+        "",
+    ]
+
+
+def _vs_torch_sparse_lines(rows: list[dict]) -> list[str]:
+    """The compiled kernels against torch.sparse on the cases both ran (``torch.sparse p50 / kernel p50``)."""
+    ts: dict[tuple, float] = {}
+    kern = []
+    for r in _ok(rows):
+        key = (r["op"], r["mode"], r["shape"], r["batch"], r["layout"], r["sparsity"], r["dtype"], r["device"])
+        if r["provider"] == "torch.sparse":
+            ts[key] = float(r["p50"])
+        elif r["provider"] in ("cpp", "triton", "cuda"):
+            kern.append((key, r))
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for key, r in kern:
+        if key in ts:
+            fmt = "CSR" if r["layout"] == "unstructured" else "BSR"
+            groups[(r["op"], r["mode"], r["dtype"], r["provider"], fmt)].append(ts[key] / float(r["p50"]))
+    if not groups:
+        return []
+    body = [[*k, len(v), f"{min(v):.2f}x-{max(v):.2f}x", _x(_geomean(v))] for k, v in sorted(groups.items())]
+    return [
+        "Speed over torch.sparse (torch.sparse p50 / kernel p50) on the cases both ran:",
+        "",
+        *_table(["op", "mode", "dtype", "provider", "torch.sparse weight", "cases", "range", "geo. mean"], body),
+        "",
+    ]
 
 
 def _op_summary(rows: list[dict], op: str) -> list[str]:
@@ -203,41 +298,44 @@ def markdown_summary(rows: list[dict], *, load: str | None = None, links: dict[s
     if links:
         out += [" · ".join(f"[{k}]({v})" for k, v in links.items()), ""]
     out += ["#### Goals (DESIGN.md section 6)", "", *_goal_lines(rows), ""]
-    e2e = _e2e_lines(rows)
-    if e2e:
-        out += ["#### End to end (sparsify_ against the same dense model)", "", *e2e]
-    ops = [line for op in _SPARSE_OPS for line in _op_summary(rows, op)]
-    if ops:
-        out += ["#### Kernels", "", *ops]
-    rb = _rebuild_lines(rows)
-    if rb:
-        out += ["#### Metadata rebuild", "", *rb]
-    sk = _skip_lines(rows)
-    if sk:
-        out += ["#### Not run", "", *sk]
+    for title, lines in (
+        ("Networks (layers summed)", _network_lines(rows)),
+        ("Against torch.sparse", _vs_torch_sparse_lines(rows)),
+        ("End to end (sparsify_ against the same dense model)", _e2e_lines(rows)),
+        ("Kernels", [line for op in _SPARSE_OPS for line in _op_summary(rows, op)]),
+        ("Metadata rebuild", _rebuild_lines(rows)),
+        ("Not run", _skip_lines(rows)),
+    ):
+        if lines:
+            out += [f"#### {title}", "", *lines]
     return "\n".join(out).rstrip() + "\n"
 
 
 def markdown_full(rows: list[dict], *, load: str | None = None, links: dict[str, str] | None = None) -> str:
     """The summary followed by one table row per measured case."""
+    ok = _ok(rows)
+    algo = any(r.get("conv_algo") for r in ok)
+    err = any(r.get("max_rel_err") for r in ok)
     body = []
-    for r in _ok(rows):
+    for r in ok:
         sp = _f(r["speedup_vs_dense"])
+        p20, p80 = _f(r.get("p20")), _f(r.get("p80"))
+        spread = f"{p20:.3f}-{p80:.3f}" if p20 is not None and p80 is not None else ""
         body.append([
-            r["op"], r["provider"], r["mode"], r["dims"], r["layout"], _pct(r["sparsity"]), r["dtype"],
-            f"{float(r['p50']):.3f}", f"{float(r['p20']):.3f}-{float(r['p80']):.3f}", r["gflops"],
-            f"{sp:.2f}x" if sp else "", r.get("goal_met", ""),
+            r["op"], r["provider"], r["mode"], r["dims"], r["layout"], _pct(r["sparsity"]),
+            f"{float(r['density']):.3f}" if _f(r.get("density")) is not None else "", r["dtype"],
+            f"{float(r['p50']):.3f}", spread, r["gflops"], f"{sp:.2f}x" if sp else "",
+            *([r.get("conv_algo", "")] if algo else []), *([r.get("max_rel_err", "")] if err else []),
+            r.get("goal_met", ""),
         ])  # fmt: skip
+    head = ["op", "provider", "mode", "dims", "layout", "sparsity", "density", "dtype", "p50 ms", "p20-p80 ms",
+            "GFLOP/s", "speedup", *(["conv algo (fwd/dx/dw)"] if algo else []), *(["max rel err"] if err else []),
+            "goal"]  # fmt: skip
     return (
         "# sparsekern benchmark results\n\n"
         + markdown_summary(rows, load=load, links=links)
         + "\n#### Every case\n\n"
-        + "\n".join(
-            _table(
-                ["op", "provider", "mode", "dims", "layout", "sparsity", "dtype", "p50 ms", "p20-p80 ms", "GFLOP/s", "speedup", "goal"],
-                body,
-            )
-        )
+        + "\n".join(_table(head, body))
         + "\n"
     )
 
@@ -318,3 +416,72 @@ def update_readme(readme: str | Path, section: str) -> Path:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     readme.write_text(text)
     return readme
+
+
+def write_reports(rows: list[dict], csv_path: str | Path, *, with_plot: bool = True) -> dict:
+    """Write ``<stem>.md`` (every case) and ``<stem>.png`` (unless ``with_plot`` is false, or
+    without matplotlib) beside ``csv_path``; returns their paths (``png`` None when not drawn)."""
+    csv_path = Path(csv_path)
+    md_path, png_path = csv_path.with_suffix(".md"), csv_path.with_suffix(".png")
+    png = plot(rows, png_path) if with_plot else None
+    links = {"all cases (Markdown)": md_path.name, "CSV": csv_path.name}
+    if png or png_path.exists():
+        links["plot"] = png_path.name
+    md_path.write_text(markdown_full(rows, links=links))
+    return {"csv": csv_path, "md": md_path, "png": png}
+
+
+def _section_of(text: str) -> str:
+    if README_START in text and README_END in text and text.index(README_START) < text.index(README_END):
+        return text.split(README_START, 1)[1].split(README_END, 1)[0]
+    return ""
+
+
+def readme_csvs(readme: str | Path) -> list[Path]:
+    """The results CSVs the README's benchmark section is made from, in order (absolute paths)."""
+    readme = Path(readme)
+    if not readme.exists():
+        return []
+    base = readme.resolve().parent
+    return [(base / p).resolve() for p in _CSV_MARK.findall(_section_of(readme.read_text()))]
+
+
+def _title(rows: list[dict], csv_path: Path) -> str:
+    m = re.search(r"--preset (\S+)", rows[0].get("command", "")) if rows else None
+    return f"`--preset {m.group(1)}` ({csv_path.name})" if m else csv_path.name
+
+
+def write_readme(readme: str | Path, csvs: list[str | Path]) -> Path:
+    """Make the README's benchmark section from the CSVs it already names plus ``csvs``.
+
+    Each CSV gets one part (its summary, links to its Markdown and plot); a CSV the section
+    already names keeps its place and is read again, new ones are appended.
+
+    Raises:
+        FileNotFoundError: the section names a CSV that does not exist.
+    """
+    readme = Path(readme)
+    base = readme.resolve().parent
+    paths = readme_csvs(readme)
+    for c in csvs:
+        c = Path(c).resolve()
+        if c not in paths:
+            paths.append(c)
+    out = [
+        "## Benchmarks",
+        "",
+        "Generated by `python -m sparsekern.bench` from the CSVs named below, one part each; do not edit by "
+        "hand. A run with `--readme README.md` adds or replaces its own part; "
+        "`--from-csv <csv> ... --readme README.md` makes parts again from their CSVs.",
+    ]
+    for c in paths:
+        rel = os.path.relpath(c, base)
+        if not c.exists():
+            raise FileNotFoundError(f"{readme}: the benchmark section names {rel}, which does not exist")
+        rows = read_csv(c)
+        links = {"all cases (Markdown)": os.path.relpath(c.with_suffix(".md"), base), "CSV": rel}
+        png = c.with_suffix(".png")
+        img = [f"![speedup against sparsity]({os.path.relpath(png, base)})", ""] if png.exists() else []
+        out += ["", f"<!-- bench:csv {rel} -->", f"### {_title(rows, c)}", "", *img,
+                markdown_summary(rows, links=links).rstrip()]  # fmt: skip
+    return update_readme(readme, "\n".join(out))

@@ -18,18 +18,21 @@ import torch
 import sparsekern
 
 from .cases import Case, ConvShape, ModelShape, block_of
-from .goals import goal_for
+from .goals import goal_fields
 from .providers import Skip, availability, prepare
 from .timing import TimingConfig, time_fn
 
-__all__ = ["RunMeta", "collect_meta", "run_cases", "COLUMNS"]
+__all__ = ["RunMeta", "collect_meta", "cpu_model", "git_commit", "run_cases", "COLUMNS"]
 
-# the CSV's columns, in order (the case first, then the measurement, then the conditions)
+# the CSV's columns, in order (the case first, then the measurement, then the conditions); every
+# results file of the suite has them.  ``count``: layers of this shape in the family's network;
+# ``density``: the mask's real density (a block grid rounds the asked one); ``conv_algo``: what the
+# cpp conv2d ops ran for fwd / dx / dw; ``max_rel_err``: against the reference, when checked
 COLUMNS = [
-    "case_id", "op", "provider", "mode", "shape", "dims", "family", "kernel", "model", "batch",
+    "case_id", "op", "provider", "mode", "shape", "dims", "family", "kernel", "model", "count", "batch",
     "sparsity", "density", "layout", "block", "dtype", "device",
     "status", "reason",
-    "p50", "p20", "p80", "unit", "samples", "calls_per_sample", "gflops",
+    "p50", "p20", "p80", "unit", "samples", "calls_per_sample", "gflops", "conv_algo", "max_rel_err",
     "dense_p50", "speedup_vs_dense", "dense_ref", "goal", "goal_met",
     "machine", "cpu_model", "threads", "torch", "triton", "sparsekern", "commit", "time", "load_avg_1m", "command",
 ]  # fmt: skip
@@ -53,7 +56,8 @@ class RunMeta:
     extra: dict = field(default_factory=dict)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
@@ -63,7 +67,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit, ``-dirty`` when tracked files are modified; ``unknown`` outside git."""
     root = Path(sparsekern.__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -92,14 +97,15 @@ def _loadavg() -> tuple[float, float, float]:
 
 
 def collect_meta(threads: int, command: str) -> RunMeta:
+    """The conditions of a run starting now, at ``threads`` CPU threads, made by ``command``."""
     return RunMeta(
         machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs",
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         threads=threads,
         torch=torch.__version__,
         triton=_version("triton"),
         sparsekern=sparsekern.__version__,
-        commit=_commit(),
+        commit=git_commit(),
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
         load_start=_loadavg(),
@@ -118,6 +124,7 @@ def _case_fields(case: Case) -> dict:
         "family": shape.family,
         "kernel": shape.kernel if isinstance(shape, ConvShape) else "",
         "model": shape.model if isinstance(shape, ModelShape) else "",
+        "count": (shape.count or "") if isinstance(shape, ConvShape) else "",
         "batch": case.batch,
         "sparsity": case.sparsity,
         "layout": case.layout,
@@ -131,6 +138,13 @@ def _fmt_s(s: float) -> str:
     return f"{s * 1e3:9.3f} ms" if s < 10 else f"{s:9.2f} s "
 
 
+def _precision(dtype: str, gpu: bool) -> None:
+    """TF32 on for ``tfloat32`` cases, off for the rest (the fp32 goals are stated with TF32 off)."""
+    if gpu:
+        torch.set_float32_matmul_precision("high" if dtype == "tfloat32" else "highest")
+        torch.backends.cudnn.allow_tf32 = dtype == "tfloat32"
+
+
 def run_cases(
     cases: list[Case],
     cfg: TimingConfig,
@@ -138,17 +152,29 @@ def run_cases(
     *,
     log: Callable[[str], None] = print,
     seed: int = 0,
+    check: bool = False,
 ) -> list[dict]:
     """Time every case; return the rows (dicts keyed by :data:`COLUMNS`).
 
     A case whose provider cannot run it becomes a ``skipped`` row with the reason; a case that
     fails while being timed becomes an ``error`` row.  Ratios use the dense case of the same
-    group measured earlier in this run.
+    group measured earlier in this run.  ``check``: see :func:`~sparsekern.bench.providers.prepare`.
+    On CUDA, cuDNN picks its fastest algorithm per shape (``cudnn.benchmark``) and TF32 is off
+    except for ``tfloat32`` cases; the previous settings are restored at the end.
     """
     torch.set_num_threads(cfg.threads)
-    if any(c.device == "cuda" for c in cases) and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 goals are stated with TF32 off
-        torch.backends.cudnn.allow_tf32 = False
+    gpu = any(c.device == "cuda" for c in cases) and torch.cuda.is_available()
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _run(cases, cfg, meta, log, seed, check, gpu)
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
+def _run(cases, cfg, meta, log, seed, check, gpu) -> list[dict]:
     dense_p50: dict[tuple, float] = {}
     rows: list[dict] = []
     told: set[tuple[str, str]] = set()
@@ -161,14 +187,13 @@ def run_cases(
         )  # fmt: skip
         row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         row["load_avg_1m"] = round(_loadavg()[0], 2)
+        _precision(case.dtype, gpu)
         try:
-            prep = prepare(case, seed=seed)
+            prep = prepare(case, seed=seed, check=check)
             t = time_fn(prep.fn, case.device, cfg)
         except Skip as exc:
             row.update(status="skipped", reason=str(exc))
-            goal = goal_for(row)
-            if goal is not None:
-                row.update(goal=goal.label, goal_met="not run")
+            row.update(goal_fields(row))
             key = (case.provider, str(exc))
             ok, _ = availability(case.provider, case.device)
             if ok or key not in told:  # an unavailable provider is announced once
@@ -178,9 +203,7 @@ def run_cases(
             continue
         except Exception as exc:  # a failing case must not end the sweep; the row says why
             row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-            goal = goal_for(row)
-            if goal is not None:
-                row.update(goal=goal.label, goal_met="not run")
+            row.update(goal_fields(row))
             log(f"[{i}/{len(cases)}] {case.id}: ERROR {row['reason']}")
             rows.append(row)
             continue
@@ -196,6 +219,8 @@ def run_cases(
             samples=t.samples,
             calls_per_sample=t.calls_per_sample,
             gflops=round(prep.flops / t.p50 / 1e9, 3) if prep.flops else "",
+            conv_algo=prep.conv_algo,
+            max_rel_err=f"{prep.max_rel_err:.3g}" if prep.max_rel_err is not None else "",
         )
         key = case.dense_key()
         if case.provider == "dense":
@@ -205,19 +230,21 @@ def run_cases(
             row["dense_p50"] = ref * 1e3
             row["speedup_vs_dense"] = round(ref / t.p50, 4)
             row["dense_ref"] = f"dense {key[0]} {key[1]}"
-        goal = goal_for(row)
-        if goal is not None and row["speedup_vs_dense"] != "":
-            row["goal"] = goal.label
-            row["goal_met"] = "met" if row["speedup_vs_dense"] >= goal.speedup else "missed"
+        row.update(goal_fields(row))
         sp = ""
         if row["speedup_vs_dense"] != "":
             sp = f"  x{row['speedup_vs_dense']:.2f} vs dense"
             if case.op == "rebuild":  # a rebuild is not a replacement for a dense pass: state its cost
                 sp = f"  = {1 / row['speedup_vs_dense']:.2f} dense fwd+bwd of the layer"
-        gl = f"  goal {goal.speedup:g}x: {row['goal_met']}" if row["goal"] else ""
+        gl = f"  ({row['goal_met']})" if row["goal_met"] else ""
+        if row["goal"]:
+            gl = f"  goal {row['goal'].split(' (')[0]}: {row['goal_met']}"
+        extra = (f"  algo {prep.conv_algo}" if prep.conv_algo else "") + (
+            f"  rel err {row['max_rel_err']}" if row["max_rel_err"] else ""
+        )
         log(
             f"[{i}/{len(cases)}] {case.id}: {_fmt_s(t.p50)} (p20 {t.p20 * 1e3:.3f}, p80 {t.p80 * 1e3:.3f} ms)"
-            f"{sp}{gl}"
+            f"{sp}{gl}{extra}"
         )
         rows.append(row)
         sys.stdout.flush()
