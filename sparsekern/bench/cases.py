@@ -34,8 +34,12 @@ __all__ = [
 OPS = ("spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch")
 # "dense" is plain PyTorch with a dense weight; "torch.sparse" a CSR/BSR weight; the rest are
 # sparsekern backends (``backend=``)
-PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda")
-SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda")
+PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda", "auto")
+#: "auto": sparsekern with no backend= (the default a user gets: the automatic order, then the
+#: per-call choice between the sparse kernels and dense masked compute, sparsekern.choice);
+#: timed on whole models only (train_step / train_epoch)
+SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda", "auto")
+E2E_ONLY_PROVIDERS = ("auto",)
 MODES = ("fwd", "bwd", "fwd+bwd")
 LAYOUTS = ("unstructured", "block16", "block32", "block64", "block128")
 # "tfloat32": float32 tensors with TF32 allowed in cuBLAS / cuDNN and the Triton kernels (GPU);
@@ -127,6 +131,8 @@ class ModelShape:
     def dims(self, batch: int) -> str:
         if self.model == "resnet18":
             return f"resnet18-nf{self.width}-32x32-N{batch}"
+        if self.model == "mlp-cl":
+            return f"mlp-784-{self.width}-{self.width}-10-N{batch}"
         return f"mlp-768-{self.width}-N{batch}"
 
 
@@ -198,6 +204,13 @@ SHAPE_SETS: dict[str, list] = {
     "resnet18-imagenet": _r18_imagenet((4,)),
     "resnet50": _r50((4,)),
     "e2e-resnet18-nf20": [ModelShape("e2e-resnet18-nf20", "resnet18", 20, (16,), 4)],
+    # what users train: the papers' ResNet-18 on 32x32 inputs (nf 20 and 64, batch 32 and 128)
+    # and the main job's MLP 784-1000-1000-10 at its batch of 32
+    "e2e-user": [
+        ModelShape("e2e-r18-nf20", "resnet18", 20, (32, 128), 4),
+        ModelShape("e2e-r18-nf64", "resnet18", 64, (32,), 2),
+        ModelShape("e2e-mlp784", "mlp-cl", 1000, (32,), 32),
+    ],
     "e2e": [
         ModelShape("e2e-resnet18", "resnet18", 64, (32,), 4),
         ModelShape("e2e-mlp", "mlp", 3072, (64,), 4),
@@ -392,7 +405,9 @@ def _expand_one(sel: Selection) -> list[Case]:
                         for layout in layouts:
                             for s in sparsities:
                                 for p in sel.providers:
-                                    if p == "dense":
+                                    if p == "dense" or (
+                                        p in E2E_ONLY_PROVIDERS and op not in ("train_step", "train_epoch")
+                                    ):
                                         continue
                                     if s not in sel.provider_sparsities.get(p, [s]) or (
                                         op not in ("train_step", "train_epoch")
@@ -576,5 +591,19 @@ PRESETS: dict[str, Preset] = {
         _T_GPU,
         stem="gpu_conv_quick",
         check=True,
+    ),
+    "e2e": Preset(
+        "training epochs users run: ResNet-18 (nf 20 / 64, 32x32) and the main job's MLP, dense vs cpp vs auto",
+        (
+            Selection(
+                ops=["train_epoch"],
+                providers=["dense", "cpp", "auto"],
+                modes=["fwd+bwd"],
+                shapes=["e2e-user"],
+                e2e_sparsities=[0.9, 0.95],
+            ),
+        ),
+        _T_QUICK,
+        stem="e2e_cpu",
     ),
 }

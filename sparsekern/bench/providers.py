@@ -71,7 +71,7 @@ def availability(provider: str, device: str) -> tuple[bool, str]:
         return True, ""
     if provider == "torch.sparse":
         return True, ""
-    if provider == "formats":
+    if provider in ("formats", "auto"):
         return True, ""
     if provider in ("triton", "cuda") and device != "cuda":
         return False, f"the {provider} backend runs on CUDA tensors; this run is on {device}"
@@ -329,11 +329,13 @@ def build_model(kind: str, width: int, num_classes: int = 10) -> tuple[torch.nn.
     """
     if kind == "resnet18":
         model, in_shape = ResNet18(num_classes, nf=width), (3, 32, 32)
+    elif kind == "mlp-cl":
+        model, in_shape = MLP((784,), (width, width), num_classes), (784,)
     elif kind == "mlp":
         dim = 768 if width >= 768 else max(8, width // 2)
         model, in_shape = MLP((dim,), (width, width), num_classes, activation="gelu", residual=True), (dim,)
     else:
-        raise ValueError(f"kind: expected 'resnet18' or 'mlp', got {kind!r}")
+        raise ValueError(f"kind: expected 'resnet18', 'mlp' or 'mlp-cl', got {kind!r}")
     return model, in_shape, set(model.default_dense())
 
 
@@ -350,7 +352,7 @@ def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
             sparsity=case.sparsity,
             layout="block" if b else "unstructured",
             block_size=b,
-            backend=case.provider,
+            backend=None if case.provider == "auto" else case.provider,
             keep_dense=tuple(sorted(keep)),
         )
         sparsekern.sparsify_(model, cfg)
