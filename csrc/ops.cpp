@@ -1069,33 +1069,18 @@ int forced_algo() {
 }
 
 // Deterministic choice from the shapes and the layout (never from timings: results must not
-// depend on the run).  Fitted to `python benchmarks/bench_conv_algo.py [--block B]` on this
-// project's 2-core AVX-512 machine (fp32, N = 32, 90 %, 2 threads); direct / gemm time per op, the
-// median of 5-7 interleaved rounds ("waste" = grid positions per output, DirectGeom::waste):
-//                                  unstructured         block 16            block 32
-//   output (layer)        waste   fwd   dx    dw      fwd   dx    dw      fwd   dx    dw
-//   32x32 (64, s1)         1.13   0.59  0.47  0.73    0.57  0.65  0.73    0.56  0.57  0.64
-//   16x16 (64->128, s2)    1.13   0.92  0.72  0.90    0.98  0.76  0.86    0.71  0.65  0.79
-//   16x16 (128, s1)        1.27   0.83  0.78  0.87    0.64  0.97  0.63    0.61  1.01  0.73
-//    8x8  (128->256, s2)   1.27   1.09  1.30  1.37    0.82  0.87  0.81    0.90  1.19  0.94
-//    8x8  (256, s1)        1.56   0.92  1.46  1.36    0.58  1.05  0.78    0.44  0.57  0.64
-//    4x4  (256->512, s2)   1.56   1.74  2.03  2.24    1.35  1.93  1.71    1.32  1.86  1.49
-//    4x4  (512, s1)        2.25   1.67  2.00  2.23    1.24  2.25  1.36    1.26  2.52  1.89
-// The direct kernels load every window row unaligned (two cache lines per vector) and compute the
-// dropped grid positions, so they win when the im2col / col2im copies they avoid are large next
-// to the products: at least 16x16 outputs with at most 1.4 grid positions per output.  Block rows
+// depend on the run), fitted to `python benchmarks/bench_conv_algo.py [--block B]`; the
+// measurements are in benchmarks/results/cpu_conv_algo_fit.md.  The direct kernels load every
+// window row unaligned (two cache lines per vector) and compute the dropped grid positions
+// (DirectGeom::waste), so they win when the im2col / col2im copies they avoid are large next to
+// the products: at least 16x16 outputs with at most 1.4 grid positions per output.  Block rows
 // (bo a multiple of 4) share each window load across four rows in the forward (direct_panel4) and
 // their weight gradient wins as well, which moves that crossover down to 8x8 outputs with at most
 // 1.6 grid positions per output; their input gradient is mixed there and keeps the first rule.
 // Denser patterns favour implicit GEMM (its copies are a fixed cost per tile, the products grow
-// with the density, and the direct products pay for the unaligned loads): direct / gemm at
-// density 0.05 / 0.1 / 0.2 / 0.3 (fwd, dx, dw):
-//   128 ch 16x16 s1   0.73 0.60 0.77 | 0.83 0.78 0.87 | 0.97 0.97 1.33 | 1.04 1.53 1.21
-//   64 ch 32x32 s1                   | 0.47 0.56 0.70 | 0.96 1.10 0.87 | 0.98 1.12 0.85
-// so the direct path needs a density of at most 0.15.  Strides whose phases no tap reads (a 1x1
-// kernel at stride 2) make the direct path copy planes it never uses: 1x1 64->128 32x32 s2
-// measured 2.1-2.6x slower than implicit GEMM, so those stay on implicit GEMM (1x1 64 ch 32x32
-// s1: fwd 0.77, dx 0.77, dw 1.13).
+// with the density, and the direct products pay for the unaligned loads), so the direct path
+// needs a density of at most 0.15.  Strides whose phases no tap reads (a 1x1 kernel at stride 2)
+// make the direct path copy planes it never uses, so those stay on implicit GEMM.
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk) {
   (void)bk;
   const DirectGeom d(g);
