@@ -61,7 +61,7 @@ def _extensions():
     cflags = ["-O0", "-g"] if debug else ["-O3"]
     _say("SPARSEKERN_DEBUG=1: -O0 -g" if debug else "optimisation: -O3")
     # FMA contraction is off in ISO C++ modes by default; the kernels want it.
-    cflags += ["-std=c++17", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
+    cflags += ["-std=c++20", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
     # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp it
     # compiles to a serial loop.  The OpenMP runtime this links (soname libgomp.so.1) resolves to
     # the one torch has already loaded, so torch.set_num_threads governs the kernels too.

@@ -317,11 +317,11 @@ struct SparseA {
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if (unstructured()) {
       if (!packed)
-        k.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
+        k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
       else
-        k.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
+        k.spmm.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
     } else
-      k.panel_bsr(ptr, idx, bo, bk, C, packed, bbase.data(), r0, r1, bt, ot, cols);
+      k.spmm.panel_bsr(ptr, idx, bo, bk, C, packed, bbase.data(), r0, r1, bt, ot, cols);
   }
 };
 
@@ -348,14 +348,14 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
       if (r0 >= r1) continue;
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       if (tile != last) {
-        k.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        k.spmm.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
         last = tile;
       }
       // row blocks small enough that the panel output is still in L1 when transposed out
       for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
         const int64_t re = std::min(r1, rr + kRowBlock);
         A.rows(k, rr, re, bt.get(), ot.get(), cols);
-        k.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+        k.spmm.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
       }
     }
   });
@@ -477,11 +477,11 @@ void spmm_windowed(const S* b, int64_t N, int64_t R, int64_t C, const S* a, int6
       if (r0 >= r1) continue;
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       if (tile != last) {
-        k.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        k.spmm.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
         last = tile;
       }
-      k.panel_win[nv](win.ptr, win.idx, val, R, win.nw, r0, r1, bt.get(), ot.get());
-      k.tile_to_rows(ot.get(), r1 - r0, nt, T, bias ? bias + r0 : nullptr, out + n0 * R + r0, R);
+      k.linear.panel_win[nv](win.ptr, win.idx, val, R, win.nw, r0, r1, bt.get(), ot.get());
+      k.spmm.tile_to_rows(ot.get(), r1 - r0, nt, T, bias ? bias + r0 : nullptr, out + n0 * R + r0, R);
     }
   });
 }
@@ -592,11 +592,11 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           if (r0 >= r1 || ptr[r0] == ptr[r1]) continue;
           for (int64_t tile = 0; tile < ntiles; ++tile) {
             const int64_t n0 = tile * T, nt = std::min(T, N - n0);
-            k.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+            k.spmm.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
             for (int64_t rr = r0; rr < r1; rr += kRows) {
               const int64_t re = std::min(r1, rr + kRows);
-              k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
-              k.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc.data(), cursor.data());
+              k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+              k.linear.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc.data(), cursor.data());
             }
           }
         }
@@ -617,11 +617,11 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
       Buf<S> xs(N * K, kMainA);  // x as vector-wide column strips, each contiguous over the batch
       const int64_t nstrips = K / k.lanes;
       at::parallel_for(0, nstrips, N * K < (int64_t(1) << 16) ? std::max<int64_t>(nstrips, 1) : 4,
-                       [&](int64_t b, int64_t e) { k.strips_from_rows(xp, K, N, b * k.lanes, e * k.lanes, xs.get()); });
+                       [&](int64_t b, int64_t e) { k.linear.strips_from_rows(xp, K, N, b * k.lanes, e * k.lanes, xs.get()); });
       at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
         Buf<S> ds(N * 16, kStrip);
         for (int64_t part = pb; part < pe; ++part)
-          k.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
+          k.linear.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
       });
       return;
     }
@@ -642,11 +642,11 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t n0 = tile * T, nt = std::min(T, N - n0);
-          k.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+          k.spmm.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
-            k.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
-            k.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
+            k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+            k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(), cols);
           }
         }
       }
@@ -884,15 +884,15 @@ void direct_fwd(const ConvGeom& g, const S* xp, const S* wp, const S* bp, const 
         if (grouped) {
           for (int64_t r = rr; r < re;) {
             if (r + 4 <= re && r / bo == (r + 3) / bo) {
-              k.direct_panel4[nv](eptr.data(), off, val, r, 1, xq + q0, ot.get() + (r - rr) * T);
+              k.conv2d.direct_panel4[nv](eptr.data(), off, val, r, 1, xq + q0, ot.get() + (r - rr) * T);
               r += 4;
             } else {
-              k.direct_panel[nv](eptr.data(), off, val, r, r + 1, xq + q0, ot.get() + (r - rr) * T);
+              k.conv2d.direct_panel[nv](eptr.data(), off, val, r, r + 1, xq + q0, ot.get() + (r - rr) * T);
               ++r;
             }
           }
         } else {
-          k.direct_panel[nv](eptr.data(), off, val, rr, re, xq + q0, ot.get());
+          k.conv2d.direct_panel[nv](eptr.data(), off, val, rr, re, xq + q0, ot.get());
         }
         grid_runs(d, q0, nt, [&](int64_t n, int64_t y, int64_t x0, int64_t t, int64_t len) {
           if (y >= g.Ho || x0 >= g.Wo) return;
@@ -971,14 +971,14 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
             const int64_t c = r / d.phases;
             if (r + 4 * d.phases <= re && c / cg == (c + 3) / cg) {
               for (int64_t ph = 0; ph < d.phases; ++ph)
-                k.direct_panel4[nv](eptr.data(), off, val, r + ph, d.phases, dyg + q0, ot.get() + (r + ph - rr) * T);
+                k.conv2d.direct_panel4[nv](eptr.data(), off, val, r + ph, d.phases, dyg + q0, ot.get() + (r + ph - rr) * T);
             } else {
               const int64_t e = std::min(re, r + 4 * d.phases);
-              k.direct_panel[nv](eptr.data(), off, val, r, e, dyg + q0, ot.get() + (r - rr) * T);
+              k.conv2d.direct_panel[nv](eptr.data(), off, val, r, e, dyg + q0, ot.get() + (r - rr) * T);
             }
           }
         } else {
-          k.direct_panel[nv](eptr.data(), off, val, rr, re, dyg + q0, ot.get());
+          k.conv2d.direct_panel[nv](eptr.data(), off, val, rr, re, dyg + q0, ot.get());
         }
         grid_runs(d, q0, nt, [&](int64_t n, int64_t yq, int64_t x0, int64_t t, int64_t len) {
           for (int64_t pr = rr; pr < re; ++pr) {
@@ -1036,7 +1036,7 @@ void direct_dw(const ConvGeom& g, const S* dyp, const S* xp, const int32_t* ptr,
       S* acc = part_acc.data() + ch * nnz;
       for (int64_t tile = ch * per; tile < std::min(ntiles, (ch + 1) * per); ++tile) {
         const int64_t q0 = tile * T;
-        k.direct_sddmm[nv](packed.base.data(), off, 0, g.O, dyg + q0, DS, xq + q0, acc);
+        k.conv2d.direct_sddmm[nv](packed.base.data(), off, 0, g.O, dyg + q0, DS, xq + q0, acc);
       }
     }
   });
@@ -1145,13 +1145,13 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
         if (r0 >= r1) continue;
         const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
         if (tile != last) {
-          k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
+          k.conv2d.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
           last = tile;
         }
         for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
           const int64_t re = std::min(r1, rr + kRowBlock);
           A.rows(k, rr, re, bt.get(), ot.get(), cols);
-          k.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
+          k.conv2d.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
         }
       }
     });
@@ -1207,11 +1207,11 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
         if (c0 >= c1) continue;
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
-          k.conv_in_tile(dyp, g.O, P, q0, nt, T, 0, g.O, bt.get());
+          k.conv2d.conv_in_tile(dyp, g.O, P, q0, nt, T, 0, g.O, bt.get());
           for (int64_t cc = c0; cc < c1; cc += cgrp) {
             const int64_t ce = std::min(c1, cc + cgrp);
             A.rows(k, cc * taps, ce * taps, bt.get(), ot.get(), cols);
-            k.col2im_tile(ot.get(), g, q0, nt, T, cc, ce, dxp);
+            k.conv2d.col2im_tile(ot.get(), g, q0, nt, T, cc, ce, dxp);
           }
         }
       }
@@ -1269,12 +1269,12 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         S* acc = part_acc.data() + ch * nnz;
         for (int64_t tile = ch * per; tile < std::min(ntiles, (ch + 1) * per); ++tile) {
           const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
-          k.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
+          k.conv2d.im2col_tile(xp, g, q0, nt, T, 0, g.C, bt.get());
           for (int64_t rr = 0; rr < g.O; rr += kRowBlock) {
             const int64_t re = std::min(g.O, rr + kRowBlock);
             if (ptr[rr / bo] == ptr[cdiv(re, bo)]) continue;
-            k.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
-            k.sddmm_tile[nv](ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc, packed.base.data(), cols);
+            k.conv2d.conv_in_tile(dyp, g.O, P, q0, nt, T, rr, re, at_.get());
+            k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, Kc, rr, re, at_.get(), bt.get(), acc, packed.base.data(), cols);
           }
         }
       }
@@ -1332,8 +1332,8 @@ Tensor dwconv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional
     at::parallel_for(0, g.N * g.O, 4, [&](int64_t b, int64_t e) {
       for (int64_t pl = b; pl < e; ++pl) {
         const int64_t n = pl / g.O, o = pl % g.O;
-        k.dw_fwd_plane(xp + (n * g.C + o / mult) * g.H * g.W, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
-                       o, g, bp ? bp[o] : S(0), yp + pl * P);
+        k.dwconv2d.dw_fwd_plane(xp + (n * g.C + o / mult) * g.H * g.W, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                                o, g, bp ? bp[o] : S(0), yp + pl * P);
       }
     });
   });
@@ -1364,8 +1364,8 @@ Tensor dwconv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& crow,
       for (int64_t pl = b; pl < e; ++pl) {
         const int64_t n = pl / g.C, c = pl % g.C;
         for (int64_t o = c * mult; o < (c + 1) * mult; ++o)
-          k.dw_dx_plane(dyp + (n * g.O + o) * P, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g,
-                        dxp + pl * g.H * g.W);
+          k.dwconv2d.dw_dx_plane(dyp + (n * g.O + o) * P, wp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g,
+                                 dxp + pl * g.H * g.W);
       }
     });
   });
@@ -1393,7 +1393,7 @@ Tensor dwconv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, cons
     S* out = dw.data_ptr<S>();
     at::parallel_for(0, g.O, 1, [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o)
-        k.dw_dw_row(xp, dyp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g.O / g.C, g, out);
+        k.dwconv2d.dw_dw_row(xp, dyp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), o, g.O / g.C, g, out);
     });
   });
   return dw;
