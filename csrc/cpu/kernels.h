@@ -1,6 +1,6 @@
 // Dispatch table of the CPU tile kernels (kernels_impl.h), one per instruction set and dtype, in
-// one sub-table per op family.  Torch-free: the op layer (ops.cpp) takes the table of the
-// instruction set in use and calls through it.
+// one sub-table per op family.  Torch-free: the op files (linear.cpp, conv2d.cpp, dwconv2d.cpp)
+// take the table of the instruction set in use and call through it.
 #pragma once
 #include <cstdint>
 #include <vector>
