@@ -61,7 +61,7 @@ def _extensions():
     cflags = ["-O0", "-g"] if debug else ["-O3"]
     _say("SPARSEKERN_DEBUG=1: -O0 -g" if debug else "optimisation: -O3")
     # FMA contraction is off in ISO C++ modes by default; the kernels want it.
-    cflags += ["-std=c++17", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
+    cflags += ["-std=c++20", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
     # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp it
     # compiles to a serial loop.  The OpenMP runtime this links (soname libgomp.so.1) resolves to
     # the one torch has already loaded, so torch.set_num_threads governs the kernels too.
@@ -77,7 +77,15 @@ def _extensions():
         _say("SPARSEKERN_NATIVE=1: adding -march=native")
     else:
         _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+    # the longest compiles first (ninja starts them in about this order)
+    sources = [
+        "csrc/cpu/kernels.cpp",
+        "csrc/cpu/conv2d.cpp",
+        "csrc/cpu/linear.cpp",
+        "csrc/cpu/dwconv2d.cpp",
+        "csrc/schemas.cpp",
+        "csrc/module.cpp",
+    ]
     ext_cls, extra = CppExtension, {"cxx": cflags}
     if _flag("SPARSEKERN_CUDA", "0"):
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension

@@ -1,5 +1,5 @@
 // The Python module `sparsekern._C`.  It holds no functions: importing it loads this library,
-// whose static initialisers register the ops under torch.ops.sparsekern (see ops.cpp).
+// whose static initialisers register the ops under torch.ops.sparsekern (see schemas.cpp).
 #include <Python.h>
 
 static struct PyModuleDef sparsekern_c_module = {

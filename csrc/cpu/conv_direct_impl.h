@@ -2,7 +2,7 @@
 // instruction set).
 //
 // The op layer lays the zero-padded input out once per call as phase planes on a grid of
-// positions p (images stacked along the rows, see ops.cpp: DirectGeom), so that every nonzero
+// positions p (images stacked along the rows, see conv2d.cpp: DirectGeom), so that every nonzero
 // weight of the convolution multiplies a *contiguous* run of that copy starting at a fixed
 // per-nonzero offset.  A product over a tile of T consecutive grid positions is then the CSR
 // panel of kernels_impl.h with the tile row `bt + col * T` replaced by `x + off[j]`: no im2col

@@ -25,31 +25,24 @@ namespace isa_avx512 {
 }
 #undef SPARSEKERN_ISA_AVX512
 #pragma GCC pop_options
+namespace isa_avx512 {
+#include "kernels_table.h"
+}
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 #include "kernels_impl.h"
 }
 #pragma GCC pop_options
+namespace isa_avx2 {
+#include "kernels_table.h"
+}
 #endif
 
 namespace isa_generic {
 #include "kernels_impl.h"
+#include "kernels_table.h"
 }
-
-#define SPARSEKERN_TABLE(NS, S, NAME)                                                                     \
-  Kernels<S> {                                                                                            \
-    NAME, NS::panel_width<S>(), NS::lanes<S>(), &NS::tile_from_rows<S>, &NS::tile_to_rows<S>,                     \
-        {&NS::panel_csr<S, 2>, &NS::panel_csr<S, 4>, &NS::panel_csr<S, 8>},                                        \
-        {&NS::panel_csr_packed<S, 2>, &NS::panel_csr_packed<S, 4>, &NS::panel_csr_packed<S, 8>}, &NS::panel_bsr<S>, \
-        {&NS::sddmm_tile<S, 4>, &NS::sddmm_tile<S, 8>, &NS::sddmm_tile<S, 16>}, &NS::strips_from_rows<S>, &NS::bsr_dw_rows<S>, &NS::im2col_tile<S>, &NS::col2im_tile<S>,                 \
-        &NS::conv_out_tile<S>, &NS::conv_in_tile<S>, &NS::dw_fwd_plane<S>, &NS::dw_dx_plane<S>,             \
-        &NS::dw_dw_row<S>, {&NS::panel_win<S, 2>, &NS::panel_win<S, 4>, &NS::panel_win<S, 8>},           \
-        {&NS::sddmm_win<S, 4>, &NS::sddmm_win<S, 8>, &NS::sddmm_win<S, 16>},                              \
-        {&NS::direct_panel<S, 2>, &NS::direct_panel<S, 4>, &NS::direct_panel<S, 8>},                       \
-        {&NS::direct_sddmm<S, 4>, &NS::direct_sddmm<S, 8>, &NS::direct_sddmm<S, 16>},                      \
-        {&NS::direct_panel4<S, 2>, &NS::direct_panel4<S, 4>}                                                \
-  }
 
 namespace {
 
@@ -87,11 +80,11 @@ template <typename S>
 struct Tables {
   Kernels<S> t[3];
   Tables()
-      : t{SPARSEKERN_TABLE(isa_generic, S, "generic"),
+      : t{isa_generic::table<S>("generic"),
 #ifdef SPARSEKERN_X86_MULTI
-          SPARSEKERN_TABLE(isa_avx2, S, "avx2"), SPARSEKERN_TABLE(isa_avx512, S, "avx512")
+          isa_avx2::table<S>("avx2"), isa_avx512::table<S>("avx512")
 #else
-          SPARSEKERN_TABLE(isa_generic, S, "generic"), SPARSEKERN_TABLE(isa_generic, S, "generic")
+          isa_generic::table<S>("generic"), isa_generic::table<S>("generic")
 #endif
         } {
   }

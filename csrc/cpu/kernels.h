@@ -1,5 +1,6 @@
-// Dispatch table of the CPU tile kernels (kernels_impl.h), one per instruction set and dtype.
-// Torch-free: the op layer (ops.cpp) picks a table once and calls through it.
+// Dispatch table of the CPU tile kernels (kernels_impl.h), one per instruction set and dtype, in
+// one sub-table per op family.  Torch-free: the op files (linear.cpp, conv2d.cpp, dwconv2d.cpp)
+// take the table of the instruction set in use and call through it.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -14,11 +15,12 @@ struct ConvGeom {
   int64_t Ho, Wo;       // output
 };
 
+// The tables are built with designated initialisers (kernels_table.h): every entry by name.
+
+// The sparse x dense products that linear and conv2d's implicit GEMM share: transposes between
+// row-major matrices and tiles, panels (A times a tile) and weight-gradient tiles (SDDMM).
 template <typename S>
-struct Kernels {
-  const char* isa;
-  int64_t panel_width;  // T of block panel tiles
-  int64_t lanes;        // scalars per vector; unstructured and weight-gradient tiles are multiples
+struct SpmmKernels {
   void (*tile_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*tile_to_rows)(const S*, int64_t, int64_t, int64_t, const S*, S*, int64_t);
   // unstructured panels of width {2, 4, 8} * lanes
@@ -31,27 +33,53 @@ struct Kernels {
   // weight-gradient tiles of width {4, 8, 16} * lanes
   void (*sddmm_tile[3])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, const int64_t*, std::vector<int32_t>&);
+};
+
+// linear only: the whole-block weight gradient and the window-major (L1) products.
+template <typename S>
+struct LinearKernels {
   void (*strips_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*bsr_dw_rows)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*, int64_t, const S*,
                       int64_t, S*, int64_t, S*);
+  // unstructured window-major panels of width {2, 4, 8} * lanes
+  void (*panel_win[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, const S*, S*);
+  // unstructured window-major weight-gradient tiles of width {4, 8, 16} * lanes
+  void (*sddmm_win[3])(const int32_t*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*,
+                       const S*, S*, int32_t*);
+};
+
+// conv2d (groups = 1): the im2col / col2im tiles of implicit GEMM, and direct conv2d on shifted
+// views (conv_direct_impl.h).
+template <typename S>
+struct Conv2dKernels {
   void (*im2col_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*col2im_tile)(const S*, const ConvGeom&, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   void (*conv_out_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, S*);
   void (*conv_in_tile)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
-  void (*dw_fwd_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S, S*);
-  void (*dw_dx_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S*);
-  void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
-  // unstructured window-major panels of width {2, 4, 8} * lanes (panel_win)
-  void (*panel_win[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, const S*, S*);
-  // unstructured window-major weight-gradient tiles of width {4, 8, 16} * lanes (sddmm_win)
-  void (*sddmm_win[3])(const int32_t*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const S*,
-                       const S*, S*, int32_t*);
-  // direct conv2d on shifted views (conv_direct_impl.h): panels of width {2, 4, 8} * lanes and
-  // weight-gradient tiles of width {4, 8, 16} * lanes
+  // direct panels of width {2, 4, 8} * lanes and weight-gradient tiles of width {4, 8, 16} * lanes
   void (*direct_panel[3])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
   void (*direct_sddmm[3])(const int64_t*, const int64_t*, int64_t, int64_t, const S*, int64_t, const S*, S*);
   // four rows sharing their offsets (block layouts), widths {2, 4} * lanes
   void (*direct_panel4[2])(const int64_t*, const int64_t*, const S*, int64_t, int64_t, const S*, S*);
+};
+
+// depthwise conv2d: one plane or one weight row per call.
+template <typename S>
+struct Dwconv2dKernels {
+  void (*dw_fwd_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S, S*);
+  void (*dw_dx_plane)(const S*, const S*, const int32_t*, const int32_t*, int64_t, const ConvGeom&, S*);
+  void (*dw_dw_row)(const S*, const S*, const int32_t*, const int32_t*, int64_t, int64_t, const ConvGeom&, S*);
+};
+
+template <typename S>
+struct Kernels {
+  const char* isa;
+  int64_t panel_width;  // T of block panel tiles
+  int64_t lanes;        // scalars per vector; unstructured and weight-gradient tiles are multiples
+  SpmmKernels<S> spmm;
+  LinearKernels<S> linear;
+  Conv2dKernels<S> conv2d;
+  Dwconv2dKernels<S> dwconv2d;
 };
 
 // The table for the instruction set in use (the best the CPU supports unless overridden).

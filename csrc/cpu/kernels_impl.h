@@ -166,10 +166,8 @@ void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, co
 // U accumulator sets (nonzeros taken round-robin, summed in a fixed order at the end) keep at
 // least eight independent FMA chains in flight for the narrow widths.
 // PACKED: the values are a[j] (already in CSR order; ars and acs unused).  `ncols` is unused
-// here (the whole tile is addressed; it is kept in L2 by the op layer's choice of width).
-// Column windows that keep the tile in L1 were measured slower: with a cursor per row they add a
-// mispredicted loop exit and an accumulator reload per row and window, which costs more than the
-// L2 loads they save, most of all at high sparsity.
+// here (the whole tile is addressed; it is kept in L2 by the op layer's choice of width).  The
+// L1 variant, over window-major metadata, is panel_win below.
 template <typename S, int NV, bool PACKED>
 void panel_csr_impl(const int32_t* __restrict ptr, const int32_t* __restrict idx, const S* __restrict a, int64_t ars,
                     int64_t acs, int64_t r0, int64_t r1, const S* __restrict bt, S* __restrict ot) {
@@ -225,7 +223,7 @@ void panel_csr_packed(const int32_t* ptr, const int32_t* idx, const S* val, int6
 
 // Unstructured A in window-major CSR form: the columns are cut into windows of a fixed width and
 // the nonzeros of window w, row r are idx/val[wp[r] .. wp[r + 1]) with wp = wptr + w * (R + 1)
-// (built once per pattern by the op layer; values packed in that order per call).  Windows go
+// (built once per pattern by the csr_windows op; values packed in that order per call).  Windows go
 // outermost, so one window of the tile (window x T scalars, sized by the caller to stay in L1)
 // serves every row of the range before the next is loaded: each nonzero's tile row comes from L1
 // instead of L2, at the price of reloading and storing each row's accumulator once per window

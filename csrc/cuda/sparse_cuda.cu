@@ -1,5 +1,5 @@
 // CUDA implementations of the sparse linear trio (`sparsekern::linear_fwd/dx/dw`, schemas in
-// csrc/ops.cpp) on top of the torch-free kernels in sparse_kernels.cuh.  Built only when CUDA is
+// csrc/schemas.cpp) on top of the torch-free kernels in sparse_kernels.cuh.  Built only when CUDA is
 // present and asked for (setup.py, SPARSEKERN_CUDA=1).
 //
 // Layout: the kernels multiply a sparse operand by a row-major dense one along its rows, so the

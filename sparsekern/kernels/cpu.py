@@ -307,7 +307,7 @@ def conv2d_algo(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
     on im2col tiles).  ``input_shape`` is ``[N, C, H, W]``, ``weight_shape`` ``[O, C, kh, kw]``
     (groups=1); ``stride`` / ``padding`` / ``dilation`` are ints or pairs; ``pattern`` (a
     :class:`~sparsekern.formats.Pattern`, default dense) gives the layout and the density.  The
-    automatic choice is a fixed rule of the shapes (see ``auto_direct`` in ``csrc/ops.cpp``);
+    automatic choice is a fixed rule of the shapes (see ``auto_direct`` in ``csrc/cpu/conv2d.cpp``);
     ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is reported here too."""
     ok, why = load_library()
     if not ok:

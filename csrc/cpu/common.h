@@ -1,0 +1,384 @@
+// The op layer shared by the CPU op files (linear.cpp, conv2d.cpp, dwconv2d.cpp): argument checks,
+// per-thread scratch memory, work splitting, and the sparse operand of the panel kernels.
+//
+// Every op takes the dense weight plus the index metadata of its pattern (int32 CSR, see
+// sparsekern/formats.py) and reads only the weight entries inside the pattern.  `block` is the
+// tile (bo, bk) of a block pattern in matrix units; (1, 1) is the unstructured layout, whose
+// metadata is plain CSR over elements.  For the input gradients the metadata is the transposed one
+// (CSC: ccol_indices / row_indices).
+//
+// Threading uses at::parallel_for (so torch.set_num_threads applies).  Work is split so that each
+// output element is computed by one task in a fixed order: results are bit-identical for any
+// thread count.
+//
+// Included by several translation units: everything here is a template or `inline` (one definition
+// program-wide; in particular one scratch pool per thread, shared by all ops).
+#pragma once
+
+// The per-operator ATen headers, not ATen/ATen.h: it doubles the compile time of every op file.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <utility>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace sparsekern {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// checks
+// ---------------------------------------------------------------------------------------------
+
+inline void check_float(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": expected dtype float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_same_dtype(const Tensor& a, const char* an, const Tensor& b, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), bn, ": expected dtype ", a.scalar_type(), " (the dtype of ", an,
+              "), got ", b.scalar_type());
+}
+
+inline std::pair<int64_t, int64_t> check_block(at::IntArrayRef block) {
+  TORCH_CHECK(block.size() == 2, "block: expected two ints (bo, bk), got ", block.size());
+  TORCH_CHECK(block[0] >= 1 && block[1] >= 1, "block: expected positive sides, got ", block);
+  return {block[0], block[1]};
+}
+
+// Compressed index metadata: int32, contiguous, 1-D, ptr non-decreasing from 0 to idx.numel(),
+// every idx entry in [0, n_minor).  O(rows + nnz), cheap next to the product it guards.
+inline void check_compressed(const Tensor& ptr, const Tensor& idx, int64_t n_major, int64_t n_minor, const char* pname,
+                      const char* iname) {
+  for (auto [t, name] : {std::pair<const Tensor&, const char*>{ptr, pname}, {idx, iname}}) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1, name, ": expected a 1-D tensor, got shape ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  }
+  TORCH_CHECK(ptr.numel() == n_major + 1, pname, ": expected ", n_major + 1, " entries, got ", ptr.numel());
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t nnz = idx.numel();
+  TORCH_CHECK(p[0] == 0 && p[n_major] == nnz, pname, ": must start at 0 and end at ", iname,
+              ".numel() = ", nnz, ", got ", p[0], " .. ", p[n_major]);
+  bool mono = true;
+  for (int64_t i = 0; i < n_major; ++i) mono &= p[i] <= p[i + 1];
+  TORCH_CHECK(mono, pname, ": must be non-decreasing");
+  const int32_t* x = idx.data_ptr<int32_t>();
+  int32_t lo = 0, hi = 0;
+  if (nnz) {
+    lo = hi = x[0];
+    for (int64_t i = 0; i < nnz; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
+  }
+  TORCH_CHECK(nnz == 0 || (lo >= 0 && hi < n_minor), iname, ": entries must lie in [0, ", n_minor, "), got ", lo,
+              " .. ", hi);
+}
+
+inline std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, name, ": expected two ints, got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The optional bias of a forward op: float, the weight's dtype, `n` entries; contiguous (or
+// undefined when absent).
+inline Tensor check_bias(const c10::optional<Tensor>& bias, const Tensor& weight, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  check_float(*bias, "bias", 1);
+  check_same_dtype(weight, "weight", *bias, "bias");
+  TORCH_CHECK(bias->size(0) == n, "bias: expected shape [", n, "], got ", bias->sizes());
+  return bias->contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// scratch buffers: 64-byte aligned, one set per thread
+// ---------------------------------------------------------------------------------------------
+
+// A freshly allocated output of many megabytes is mapped page by page on first touch, and at 98 %
+// sparsity clearing those 4 KiB pages costs more than the kernels.  Asking for transparent huge
+// pages on the 2 MiB-aligned interior (where the system allows it, as torch does under
+// THP_MEM_ALLOC_ENABLE) cuts the faults by 512x.  Only a hint: nothing changes if it is refused.
+inline Tensor huge_page_hint(Tensor t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+// Scratch slots: buffers that are in use at the same time on one thread need different slots.
+enum Slot { kTile = 0, kPanel, kStrip, kMainA, kMainB, kMainC, kDirX, kDirY, kDirV, kDirO, kSlots };
+
+// Grow-only scratch memory, one set of slots per thread (the pool's threads persist), so that
+// steady-state calls do not page-fault freshly mapped allocations: with several megabytes of
+// scratch per call the kernel's page clearing cost as much as the kernels themselves.
+inline void* scratch_bytes(int slot, size_t bytes) {
+  struct Pool {
+    void* p[kSlots] = {};
+    size_t n[kSlots] = {};
+    ~Pool() {
+      for (auto q : p) std::free(q);
+    }
+  };
+  thread_local Pool pool;
+  if (pool.n[slot] < bytes) {
+    std::free(pool.p[slot]);
+    const size_t want = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+    pool.p[slot] = std::aligned_alloc(64, want);
+    pool.n[slot] = pool.p[slot] ? want : 0;
+    TORCH_CHECK(pool.p[slot], "sparsekern: out of memory allocating a ", want, "-byte scratch buffer");
+  }
+  return pool.p[slot];
+}
+
+// n scalars of 64-byte aligned scratch in `slot` of the calling thread (contents undefined).
+template <typename S>
+struct Buf {
+  S* p;
+  Buf(int64_t n, Slot slot) : p(static_cast<S*>(scratch_bytes(slot, size_t(std::max<int64_t>(n, 1)) * sizeof(S)))) {}
+  S* get() const { return p; }
+  S* data() const { return p; }
+  S& operator[](int64_t i) const { return p[i]; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// work splitting, weight-gradient accumulators and the sparse operand of the panels
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr int64_t kRowBlock = 32;  // panel rows per output transpose (a multiple of 4)
+
+// Splits [0, rows) into `parts` ranges of about equal cost (cost[r] >= 0), each a multiple of
+// `align` rows except the last.
+inline std::vector<int64_t> balanced_split(const std::vector<int64_t>& cost, int64_t parts, int64_t align) {
+  const int64_t rows = int64_t(cost.size());
+  std::vector<int64_t> bounds{0};
+  int64_t total = 0;
+  for (auto c : cost) total += c + 1;
+  int64_t acc = 0, next = 1;
+  for (int64_t r = 0; r < rows && next < parts; ++r) {
+    acc += cost[r] + 1;
+    if (acc * parts >= total * next && (r + 1) % align == 0 && r + 1 < rows) {
+      bounds.push_back(r + 1);
+      ++next;
+    }
+  }
+  bounds.push_back(rows);
+  return bounds;
+}
+
+// Nonzeros per row of a (block) CSR pattern, expanded to element rows.
+inline std::vector<int64_t> row_costs(const int32_t* ptr, int64_t rows, int64_t bo, int64_t bk) {
+  std::vector<int64_t> cost(rows);
+  for (int64_t r = 0; r < rows; ++r) cost[r] = int64_t(ptr[r / bo + 1] - ptr[r / bo]) * bk;
+  return cost;
+}
+
+// Weight-gradient accumulator in pattern order: base[r] = first slot of row r (block rows
+// expanded to their columns, clipped to ncols); scatter() writes it into the dense gradient,
+// zeros included, so the gradient needs no separate zero fill.
+struct PackedRows {
+  std::vector<int64_t> base;
+  PackedRows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t bo, int64_t bk, int64_t ncols) : base(rows + 1) {
+    base[0] = 0;
+    if (bo == 1 && bk == 1) {  // unstructured: the CSR positions themselves
+      for (int64_t r = 0; r <= rows; ++r) base[r] = ptr[r];
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t rb = r / bo;
+      int64_t n = 0;
+      if (r % bo == 0 || r == 0) {
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) n += std::min(bk, ncols - int64_t(idx[j]) * bk);
+      } else {
+        n = base[r] - base[r - 1];  // same block row as r - 1
+      }
+      base[r + 1] = base[r] + n;
+    }
+  }
+  int64_t size() const { return base.back(); }
+  template <typename S>
+  void scatter(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* acc, S* out) const {
+    const int64_t rows = int64_t(base.size()) - 1;
+    const int64_t work = rows * ncols + size();
+    at::parallel_for(0, rows, work < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t rb = r / bo;
+        const S* a = acc + base[r];
+        S* o = out + r * ncols;
+        std::fill(o, o + ncols, S(0));
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+          for (int64_t c = c0; c < c1; ++c) o[c] = *a++;
+        }
+      }
+    });
+  }
+};
+
+// Tile width for an unstructured panel or a weight-gradient tile: the widest of `choices`
+// (vectors, ascending) whose transposed tile of `cols` columns fits in about half of L2, and no
+// wider than needed to cover `q` batch positions.  Returns the index into `choices`.
+template <typename S>
+int pick_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t cols, int64_t q) {
+  constexpr int64_t kTileBytes = int64_t(1) << 20;
+  int best = 0;
+  for (int i = 1; i < int(choices.size()); ++i) {
+    if (cols * choices[i] * k.lanes * int64_t(sizeof(S)) > kTileBytes) break;
+    if (choices[i - 1] * k.lanes >= q) break;  // the narrower one already covers the batch
+    best = i;
+  }
+  return best;
+}
+
+// A sparse matrix A [R, C] in the form the panels take: (block) CSR metadata with the values read
+// from the dense weight (A[r, c] = a[r * ars + c * acs]).  An unstructured pattern's values are
+// gathered once per call into CSR order of A whenever the panels would otherwise read the dense
+// weight more than once (several batch tiles: each would stream the whole weight, since at
+// moderate sparsity every cache line of it holds a nonzero) or down its columns (the transposed
+// weight of input gradients: a cache miss per nonzero).  Values change every step, so nothing is
+// kept between calls.
+template <typename S>
+struct SparseA {
+  const int32_t* ptr;
+  const int32_t* idx;
+  int64_t bo, bk, R, C;
+  const S* a;
+  int64_t ars, acs;
+  int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
+  S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
+                        // block: values per block row, column by column (see panel_bsr)
+  std::vector<int64_t> bbase;  // block: first expanded column of each block row
+
+  bool unstructured() const { return bo == 1 && bk == 1; }
+  int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
+
+  // Picks the tile width for `q` batch positions (call before width()).
+  void plan(const Kernels<S>& k, int64_t q) {
+    if (!unstructured()) {
+      pack_blocks();
+      return;
+    }
+    nv = pick_width<S>(k, {2, 4, 8}, C, q);
+    // rows of the weight with one tile: read in place (one pass over the weight either way)
+    if (acs == 1 && q <= width(k)) return;
+    const int64_t nnz = ptr[R];
+    packed = Buf<S>(nnz, kMainC).get();
+    // a parallel region costs more than gathering a small pattern serially
+    at::parallel_for(0, R, nnz < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const S* ar = a + r * ars;
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = ar[int64_t(idx[j]) * acs];
+      }
+    });
+  }
+
+  // Block values into panel_bsr's order: for block row rb and its i-th expanded column c (blocks
+  // clipped to C), the bo values A[rb * bo + q, c] contiguous (zero for rows past R).  One pass over
+  // the pattern's values per call; the panels then read each tile's weights from one short run.
+  void pack_blocks() {
+    const int64_t nrb = cdiv(R, bo);
+    bbase.assign(nrb + 1, 0);
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      int64_t n = 0;
+      for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) n += std::min(bk, C - int64_t(idx[j]) * bk);
+      bbase[rb + 1] = bbase[rb] + n;
+    }
+    packed = Buf<S>(bbase[nrb] * bo, kMainC).get();
+    S* pk = packed;
+    const int64_t total = bbase[nrb] * bo;
+    at::parallel_for(0, nrb, total < (int64_t(1) << 16) ? std::max<int64_t>(nrb, 1) : 4, [&](int64_t b, int64_t e) {
+      for (int64_t rb = b; rb < e; ++rb) {
+        S* out = pk + bbase[rb] * bo;
+        const int64_t qn = std::min(bo, R - rb * bo);
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, C);
+          if (acs == 1) {  // rows of A are contiguous: read along them
+            for (int64_t qq = 0; qq < qn; ++qq) {
+              const S* ar = a + (rb * bo + qq) * ars;
+              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = ar[c];
+            }
+          } else {
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t qq = 0; qq < qn; ++qq) out[(c - c0) * bo + qq] = a[(rb * bo + qq) * ars + c * acs];
+          }
+          for (int64_t qq = qn; qq < bo; ++qq)
+            for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(0);
+          out += (c1 - c0) * bo;
+        }
+      }
+    });
+  }
+
+  // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
+  void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
+    if (unstructured()) {
+      if (!packed)
+        k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
+      else
+        k.spmm.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
+    } else
+      k.spmm.panel_bsr(ptr, idx, bo, bk, C, packed, bbase.data(), r0, r1, bt, ot, cols);
+  }
+};
+
+// Tasks = tiles x row chunks, with enough chunks that every thread has work.
+inline int64_t row_chunks(int64_t ntiles, int64_t rows) {
+  const int64_t threads = at::get_num_threads();
+  if (ntiles >= 2 * threads) return 1;
+  return std::max<int64_t>(1, std::min(cdiv(2 * threads, std::max<int64_t>(ntiles, 1)), cdiv(rows, kRowBlock)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv2d geometry (conv2d.cpp and dwconv2d.cpp)
+// ---------------------------------------------------------------------------------------------
+
+inline ConvGeom make_geom(at::IntArrayRef in_size, at::IntArrayRef w_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto [sh, sw] = pair_arg(stride, "stride", 1);
+  const auto [ph, pw] = pair_arg(padding, "padding", 0);
+  const auto [dh, dw] = pair_arg(dilation, "dilation", 1);
+  ConvGeom g{in_size[0], in_size[1], in_size[2], in_size[3], w_size[0], w_size[2], w_size[3], sh, sw, ph, pw, dh, dw,
+             0, 0};
+  g.Ho = (g.H + 2 * ph - dh * (g.kh - 1) - 1) / sh + 1;
+  g.Wo = (g.W + 2 * pw - dw * (g.kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "x: input of spatial size ", g.H, "x", g.W,
+              " is too small for the kernel, padding and dilation (output would be ", g.Ho, "x", g.Wo, ")");
+  return g;
+}
+
+// dy of a conv2d must have the output shape of geometry g.
+inline void check_dy_shape(const Tensor& dy, const ConvGeom& g) {
+  TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.O && dy.size(2) == g.Ho && dy.size(3) == g.Wo,
+              "dy: expected shape [", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, "], got ", dy.sizes());
+}
+
+inline void check_size_arg(at::IntArrayRef s, const char* name) {
+  TORCH_CHECK(s.size() == 4, name, ": expected 4 sizes, got ", s.size());
+  for (auto v : s) TORCH_CHECK(v >= 0, name, ": expected non-negative sizes, got ", s);
+}
+
+}  // namespace sparsekern

@@ -1,0 +1,344 @@
+// sparsekern linear ops on CPU: y = x @ W^T (+ b) and its two gradients for a sparse W, through the
+// panel kernels (transposed tiles of the batch) or, for unstructured patterns at large batch, the
+// window-major path that keeps each column window of the tile in L1.  Conventions in common.h.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/common.h"
+
+namespace sparsekern {
+namespace {
+
+// out [N, R] = b [N, C] @ A^T (+ bias), A sparse.
+template <typename S>
+void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out) {
+  const Kernels<S>& k = kernels<S>();
+  const int64_t T = A.width(k), R = A.R, C = A.C;
+  const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
+  const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<S> bt(C * T, kTile), ot(kRowBlock * T, kPanel);
+    std::vector<int32_t> cols;
+    int64_t last = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      if (tile != last) {
+        k.spmm.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        last = tile;
+      }
+      // row blocks small enough that the panel output is still in L1 when transposed out
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        A.rows(k, rr, re, bt.get(), ot.get(), cols);
+        k.spmm.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// window-major CSR (unstructured): the panels' L1 path
+// ---------------------------------------------------------------------------------------------
+
+// Window-major copy of a CSR pattern [R, ncols] whose columns are cut into windows of `window`:
+// wptr [nw * (R + 1)] (window w, row r: entries wptr[w * (R + 1) + r] .. wptr[w * (R + 1) + r + 1]
+// of widx) and widx [nnz] (the columns).  Built once per pattern (the Python side caches it with
+// the pattern's metadata), so the per-call cost of the L1 path is only packing the values.
+std::tuple<Tensor, Tensor> csr_windows(const Tensor& crow, const Tensor& col, int64_t ncols, int64_t window) {
+  TORCH_CHECK(window > 0, "window: expected a positive number of columns, got ", window);
+  TORCH_CHECK(ncols >= 0, "ncols: expected a non-negative number of columns, got ", ncols);
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1, "crow_indices: expected a 1-D tensor of rows + 1 entries, got shape ",
+              crow.sizes());
+  const int64_t R = crow.numel() - 1;
+  check_compressed(crow, col, R, ncols, "crow_indices", "col_indices");
+  const int64_t nw = std::max<int64_t>(1, cdiv(ncols, window));
+  TORCH_CHECK(nw * (R + 1) < (int64_t(1) << 31), "window: ", nw, " windows of ", R + 1,
+              " row pointers overflow int32; use a wider window");
+  const Tensor cr = crow.contiguous(), cl = col.contiguous();
+  const int32_t* ptr = cr.data_ptr<int32_t>();
+  const int32_t* idx = cl.data_ptr<int32_t>();
+  Tensor wptr = at::empty({nw * (R + 1)}, cr.options());
+  Tensor widx = at::empty({cl.numel()}, cl.options());
+  int32_t* wp = wptr.data_ptr<int32_t>();
+  int32_t* wi = widx.data_ptr<int32_t>();
+  // cursor[r]: the first entry of row r not yet placed (columns ascend within a row)
+  std::vector<int32_t> cursor(ptr, ptr + R);
+  int32_t pos = 0;
+  for (int64_t w = 0; w < nw; ++w) {
+    const int64_t cend = (w + 1) * window;
+    int32_t* p = wp + w * (R + 1);
+    for (int64_t r = 0; r < R; ++r) {
+      p[r] = pos;
+      int32_t j = cursor[r];
+      const int32_t e = ptr[r + 1];
+      for (; j < e && idx[j] < cend; ++j) wi[pos++] = idx[j];
+      cursor[r] = j;
+    }
+    p[R] = pos;
+  }
+  return {wptr, widx};
+}
+
+struct Windows {
+  const int32_t* ptr = nullptr;  // window-major row pointers, nw * (R + 1)
+  const int32_t* idx = nullptr;
+  int64_t window = 0, nw = 0;
+  bool on() const { return ptr != nullptr; }
+};
+
+// Validates the optional window-major metadata of an unstructured A [R, C] with nnz entries.
+Windows check_windows(const c10::optional<Tensor>& wptr, const c10::optional<Tensor>& widx, int64_t window, int64_t R,
+                      int64_t C, int64_t nnz, bool unstructured) {
+  Windows w;
+  const bool has_p = wptr.has_value() && wptr->defined(), has_i = widx.has_value() && widx->defined();
+  if (!has_p && !has_i) return w;
+  TORCH_CHECK(has_p && has_i, "win_ptr, win_idx: pass both or neither");
+  TORCH_CHECK(unstructured, "win_ptr: window-major metadata applies to the unstructured layout (block (1, 1)) only");
+  TORCH_CHECK(window > 0, "window: expected a positive window width with win_ptr, got ", window);
+  const int64_t nw = std::max<int64_t>(1, cdiv(C, window));
+  for (const Tensor* t : {&*wptr, &*widx}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(),
+                t == &*wptr ? "win_ptr" : "win_idx", ": expected a contiguous 1-D int32 CPU tensor, got ", t->scalar_type(),
+                " of shape ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(wptr->numel() == nw * (R + 1), "win_ptr: expected ", nw * (R + 1), " entries (", nw, " windows x ", R + 1,
+              " rows + 1), got ", wptr->numel());
+  TORCH_CHECK(widx->numel() == nnz, "win_idx: expected ", nnz, " entries (the pattern's nonzeros), got ", widx->numel());
+  w.ptr = wptr->data_ptr<int32_t>();
+  w.idx = widx->data_ptr<int32_t>();
+  TORCH_CHECK(w.ptr[0] == 0 && w.ptr[nw * (R + 1) - 1] == nnz, "win_ptr: does not describe ", nnz,
+              " entries (first ", w.ptr[0], ", last ", w.ptr[nw * (R + 1) - 1], ")");
+  bool ok = true;
+  for (int64_t i = 0; i + 1 < nw * (R + 1); ++i) ok &= w.ptr[i] <= w.ptr[i + 1];
+  TORCH_CHECK(ok, "win_ptr: must be non-decreasing");
+  for (int64_t i = 0; i < nnz; ++i) ok &= w.idx[i] >= 0 && w.idx[i] < C;
+  TORCH_CHECK(ok, "win_idx: entries must lie in [0, ", C, ")");
+  w.window = window;
+  w.nw = nw;
+  return w;
+}
+
+// out [N, R] = b [N, C] @ A^T (+ bias) through the window-major panels.  A's values are read
+// from a[r * ars + c * acs] once per call into window-major order.  The tile is T batch columns
+// wide (T = 32, 64 or 128 scalars of float, by N); rows go in chunks whose panel output stays in
+// L2 across the windows; every element sums its terms in column order.
+template <typename S>
+void spmm_windowed(const S* b, int64_t N, int64_t R, int64_t C, const S* a, int64_t ars, int64_t acs, const Windows& win,
+                   const S* bias, S* out) {
+  const Kernels<S>& k = kernels<S>();
+  const int nv = N > 4 * k.lanes ? 2 : (N > 2 * k.lanes ? 1 : 0);
+  const int64_t T = (int64_t(2) << nv) * k.lanes;
+  const int64_t nnz = win.ptr[win.nw * (R + 1) - 1];
+  S* val = Buf<S>(nnz, kMainC).get();
+  at::parallel_for(0, win.nw, nnz < (int64_t(1) << 16) ? win.nw : 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      const int32_t* p = win.ptr + w * (R + 1);
+      for (int64_t r = 0; r < R; ++r) {
+        const S* ar = a + r * ars;
+        for (int64_t j = p[r]; j < p[r + 1]; ++j) val[j] = ar[int64_t(win.idx[j]) * acs];
+      }
+    }
+  });
+  constexpr int64_t kPanelBytes = int64_t(1) << 19;  // panel output per task kept in L2
+  const int64_t max_rows = std::max<int64_t>(kRowBlock, kPanelBytes / (T * int64_t(sizeof(S))));
+  const int64_t ntiles = cdiv(N, T);
+  const int64_t rch = std::max(row_chunks(ntiles, R), cdiv(R, max_rows));
+  const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<S> bt(C * T, kTile), ot(chunk_rows * T, kPanel);
+    int64_t last = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+      if (tile != last) {
+        k.spmm.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        last = tile;
+      }
+      k.linear.panel_win[nv](win.ptr, win.idx, val, R, win.nw, r0, r1, bt.get(), ot.get());
+      k.spmm.tile_to_rows(ot.get(), r1 - r0, nt, T, bias ? bias + r0 : nullptr, out + n0 * R + r0, R);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+// ---------------------------------------------------------------------------------------------
+
+Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<Tensor>& bias_, const Tensor& crow,
+                  const Tensor& col, at::IntArrayRef block, const c10::optional<Tensor>& win_ptr,
+                  const c10::optional<Tensor>& win_idx, int64_t window) {
+  check_float(x_, "x", 2);
+  check_float(weight_, "weight", 2);
+  check_same_dtype(weight_, "weight", x_, "x");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = x_.size(0), K = x_.size(1), M = weight_.size(0);
+  TORCH_CHECK(weight_.size(1) == K, "weight: expected shape [out_features, ", K, "] (x has ", K,
+              " features), got ", weight_.sizes());
+  const Tensor bias = check_bias(bias_, weight_, M);
+  check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
+  Tensor x = x_.contiguous(), w = weight_.contiguous();
+  Tensor y = huge_page_hint(at::empty({N, M}, x.options()));
+  if (N == 0 || M == 0) return y;
+  const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
+    using S = scalar_t;
+    if (win.on()) {
+      spmm_windowed<S>(x.data_ptr<S>(), N, M, K, w.data_ptr<S>(), K, 1, win,
+                       bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
+      return;
+    }
+    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, w.data_ptr<S>(), K, 1};
+    A.plan(kernels<S>(), N);
+    spmm_rows<S>(x.data_ptr<S>(), N, A, bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
+  });
+  return y;
+}
+
+Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, const Tensor& row,
+                 at::IntArrayRef block, const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx,
+                 int64_t window) {
+  check_float(dy_, "dy", 2);
+  check_float(weight_, "weight", 2);
+  check_same_dtype(weight_, "weight", dy_, "dy");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = dy_.size(0), M = weight_.size(0), K = weight_.size(1);
+  TORCH_CHECK(dy_.size(1) == M, "dy: expected shape [N, ", M, "] (weight has ", M, " rows), got ", dy_.sizes());
+  check_compressed(ccol, row, cdiv(K, bk), cdiv(M, bo), "ccol_indices", "row_indices");
+  Tensor dy = dy_.contiguous(), w = weight_.contiguous();
+  Tensor dx = huge_page_hint(at::empty({N, K}, dy.options()));
+  if (N == 0 || K == 0) return dx;
+  const Windows win = check_windows(win_ptr, win_idx, window, K, M, row.numel(), bo == 1 && bk == 1);
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::linear_dx", [&] {
+    using S = scalar_t;
+    if (win.on()) {
+      spmm_windowed<S>(dy.data_ptr<S>(), N, K, M, w.data_ptr<S>(), 1, K, win, nullptr, dx.data_ptr<S>());
+      return;
+    }
+    // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
+    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, w.data_ptr<S>(), 1, K};
+    A.plan(kernels<S>(), N);
+    spmm_rows<S>(dy.data_ptr<S>(), N, A, nullptr, dx.data_ptr<S>());
+  });
+  return dx;
+}
+
+Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                 const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx, int64_t window) {
+  check_float(dy_, "dy", 2);
+  check_float(x_, "x", 2);
+  check_same_dtype(dy_, "dy", x_, "x");
+  const auto [bo, bk] = check_block(block);
+  const int64_t N = dy_.size(0), M = dy_.size(1), K = x_.size(1);
+  TORCH_CHECK(x_.size(0) == N, "x: expected ", N, " rows (dy has ", N, "), got shape ", x_.sizes());
+  check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
+  Tensor dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
+  const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
+    using S = scalar_t;
+    const Kernels<S>& k = kernels<S>();
+    const int32_t* ptr = crow.data_ptr<int32_t>();
+    const int32_t* idx = col.data_ptr<int32_t>();
+    if (win.on()) {
+      // window-major: tiles of 64 or 128 batch columns (a window of the x tile is then 16-32 KiB
+      // of float), rows in blocks whose transposed dy slice stays in L2 across the windows
+      const int nv = N > 4 * k.lanes ? 1 : 0;
+      const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
+      constexpr int64_t kRows = 256;
+      const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
+      const auto bounds = balanced_split(row_costs(ptr, M, 1, 1), parts, 1);
+      const S* xp = x.data_ptr<S>();
+      const S* dyp = dy.data_ptr<S>();
+      Buf<S> acc(col.numel(), kMainA);
+      std::fill(acc.data(), acc.data() + col.numel(), S(0));
+      at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+        Buf<S> bt(K * T, kTile), at_(kRows * T, kPanel);
+        std::vector<int32_t> cursor(kRows);
+        for (int64_t part = pb; part < pe; ++part) {
+          const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+          if (r0 >= r1 || ptr[r0] == ptr[r1]) continue;
+          for (int64_t tile = 0; tile < ntiles; ++tile) {
+            const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+            k.spmm.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+            for (int64_t rr = r0; rr < r1; rr += kRows) {
+              const int64_t re = std::min(r1, rr + kRows);
+              k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+              k.linear.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc.data(),
+                                     cursor.data());
+            }
+          }
+        }
+      });
+      const PackedRows packed(ptr, idx, M, 1, 1, K);
+      packed.scatter(ptr, idx, 1, 1, K, acc.data(), dw.data_ptr<S>());
+      return;
+    }
+    if (bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
+      // whole blocks of whole vectors: a dense GEMM per block on column strips of x
+      const int64_t nrb = M / bo;
+      std::vector<int64_t> cost(nrb);
+      for (int64_t rb = 0; rb < nrb; ++rb) cost[rb] = int64_t(ptr[rb + 1] - ptr[rb]);
+      const auto bounds = balanced_split(cost, std::min<int64_t>(at::get_num_threads(), nrb), 1);
+      const S* xp = x.data_ptr<S>();
+      const S* dyp = dy.data_ptr<S>();
+      S* out = dw.data_ptr<S>();
+      Buf<S> xs(N * K, kMainA);  // x as vector-wide column strips, each contiguous over the batch
+      const int64_t nstrips = K / k.lanes;
+      at::parallel_for(0, nstrips, N * K < (int64_t(1) << 16) ? std::max<int64_t>(nstrips, 1) : 4,
+                       [&](int64_t b, int64_t e) {
+                         k.linear.strips_from_rows(xp, K, N, b * k.lanes, e * k.lanes, xs.get());
+                       });
+      at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+        Buf<S> ds(N * 16, kStrip);
+        for (int64_t part = pb; part < pe; ++part)
+          k.linear.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
+      });
+      return;
+    }
+    const int nv = pick_width<S>(k, {4, 8, 16}, K, N);
+    const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
+    const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
+    const S* xp = x.data_ptr<S>();
+    const S* dyp = dy.data_ptr<S>();
+    const PackedRows packed(ptr, idx, M, bo, bk, K);
+    Buf<S> acc(packed.size(), kMainA);
+    std::fill(acc.data(), acc.data() + packed.size(), S(0));
+    at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+      Buf<S> bt(K * T, kTile), at_(kRowBlock * T, kPanel);
+      std::vector<int32_t> cols;
+      for (int64_t part = pb; part < pe; ++part) {
+        const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+        if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+          k.spmm.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+          for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+            const int64_t re = std::min(r1, rr + kRowBlock);
+            k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+            k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(),
+                                  cols);
+          }
+        }
+      }
+    });
+    packed.scatter(ptr, idx, bo, bk, K, acc.data(), dw.data_ptr<S>());
+  });
+  return dw;
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("linear_fwd", &sparsekern::linear_fwd);
+  m.impl("linear_dx", &sparsekern::linear_dx);
+  m.impl("linear_dw", &sparsekern::linear_dw);
+  m.impl("csr_windows", &sparsekern::csr_windows);
+}

@@ -1,0 +1,75 @@
+// The schemas of the sparsekern ops (torch.ops.sparsekern.*), and the two tiny ops that report on
+// (or, for tests, select) how the CPU kernels run.  The tensor ops register their implementations
+// beside their code: CPU in cpu/linear.cpp, cpu/conv2d.cpp (also conv2d_algo) and
+// cpu/dwconv2d.cpp (conventions in cpu/common.h), CUDA in cuda/sparse_cuda.cu.
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace sparsekern {
+namespace {
+
+std::string cpu_isa(c10::string_view request) {
+  const std::string req(request.data(), request.size());
+  const char* got = select_isa(req.c_str());
+  if (!got) {
+    std::string have;
+    for (auto s : supported_isas()) have += std::string(have.empty() ? "" : ", ") + s;
+    TORCH_CHECK(false, "request: unknown or unsupported instruction set '", req, "'; this CPU supports: ", have);
+  }
+  return got;
+}
+
+// How at::parallel_for runs in this build: "openmp" when compiled with OpenMP (torch's own
+// runtime then spreads the work over torch.get_num_threads() threads), else "serial".
+std::string parallel_backend() {
+#ifdef _OPENMP
+  return "openmp";
+#else
+  return "serial";
+#endif
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY(sparsekern, m) {
+  m.def(
+      "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
+  m.def(
+      "linear_dx(Tensor dy, Tensor weight, Tensor ccol_indices, Tensor row_indices, int[2] block, "
+      "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
+  m.def("csr_windows(Tensor crow_indices, Tensor col_indices, int ncols, int window) -> (Tensor, Tensor)");
+  m.def(
+      "linear_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
+  m.def(
+      "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_dx(Tensor dy, Tensor weight, Tensor ccol_indices, Tensor row_indices, int[2] block, int[4] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, int[4] weight_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_dx(Tensor dy, Tensor weight, Tensor crow_indices, Tensor col_indices, int[4] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "dwconv2d_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  // Not a tensor op: reports (or, for tests, selects) the instruction set the kernels use.
+  m.def("cpu_isa(str request=\"\") -> str", &sparsekern::cpu_isa);
+  // Not a tensor op: the conv2d algorithm ("direct" or "gemm") the ops pick for a shape.
+  m.def(
+      "conv2d_algo(str op, int[4] input_size, int[4] weight_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int[2] block, int nnz) -> str");
+  // Not a tensor op: how the kernels are threaded ("openmp" or "serial").
+  m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
+}
