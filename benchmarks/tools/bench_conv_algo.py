@@ -1,6 +1,6 @@
 """Per-op CPU times of the cpp conv2d algorithms -- direct (shifted views) vs implicit GEMM -- next
 to dense PyTorch, for ResNet-18's CIFAR 3x3 layers; the data behind the automatic choice
-(``auto_direct`` in csrc/ops.cpp).
+(``auto_direct`` in csrc/cpu/conv2d.cpp).
 
     python benchmarks/tools/bench_conv_algo.py                      # N=32, 90 % unstructured
     python benchmarks/tools/bench_conv_algo.py --block 16           # block 16 x 16 at 90 %
