@@ -79,6 +79,7 @@ def _extensions():
         _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
     sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
     ext_cls, extra = CppExtension, {"cxx": cflags}
+    sources.append("csrc/cpu/optim.cpp")  # the fused steps of sparsekern.optim
     if _flag("SPARSEKERN_CUDA", "0"):
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 
