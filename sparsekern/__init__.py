@@ -5,7 +5,7 @@ Importing this package touches neither Triton, nor the compiled extension, nor C
 
 from __future__ import annotations
 
-from . import formats, masks
+from . import formats, masks, optim
 from ._backends import BACKEND_NAMES, BackendError, get_backend, select_backend
 from .convert import SparsityConfig, dense_state_dict, densify_, sparse_modules, sparsify_
 from .formats import Pattern, from_torch_sparse, pattern_of, to_torch_sparse_bsr, to_torch_sparse_csr
@@ -27,6 +27,7 @@ __all__ = [
     "from_torch_sparse",
     "get_backend",
     "masks",
+    "optim",
     "pattern_of",
     "select_backend",
     "sddmm",

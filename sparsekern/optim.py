@@ -221,6 +221,20 @@ class _SparseStep:
         state["index"] = idx
         return idx, state
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step (``closure``: re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense, sparse = self._split(group)
+            self._dense_step(group, dense)  # torch's own update
+            for p in sparse:
+                self._sparse_step(group, p)
+        return loss
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; the int ``index`` of each compact state is
         kept as it is (torch would cast it to the parameter's floating dtype)."""
@@ -236,13 +250,6 @@ class _SparseStep:
         for k, ix in indices.items():
             p = by_id[k]
             self.state[p]["index"] = ix.to(p.device)
-
-
-def _closure_loss(closure):
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
 
 
 # ----------------------------------------------------------------------------- SGD
@@ -288,17 +295,6 @@ class SGD(_SparseStep, torch.optim.SGD):
             )
         self._init_sparse(model)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step (``closure``: re-evaluates the model and returns the loss)."""
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            dense, sparse = self._split(group)
-            self._dense_step(group, dense)
-            for p in sparse:
-                self._sparse_step(group, p)
-        return loss
 
     def _dense_step(self, group, dense) -> None:
         params, grads, bufs = [], [], []
@@ -392,17 +388,6 @@ class Adam(_SparseStep, torch.optim.Adam):
             params, lr, (float(betas[0]), float(betas[1])), eps, weight_decay, amsgrad, maximize=maximize,
             foreach=foreach, decoupled_weight_decay=decoupled_weight_decay,
         )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step (``closure``: re-evaluates the model and returns the loss)."""
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            dense, sparse = self._split(group)
-            self._dense_step(group, dense)
-            for p in sparse:
-                self._sparse_step(group, p)
-        return loss
 
     def _hyper(self, group) -> dict:
         beta1, beta2 = group["betas"]
