@@ -46,7 +46,10 @@ Semantics
 The update runs in the fused C++ ops ``torch.ops.sparsekern.sgd_step_masked_`` /
 ``adam_step_masked_`` (``csrc/cpu/optim.cpp``) for contiguous float32 / float64 CPU weights, and
 otherwise -- other devices, the extension not built, or ``SPARSEKERN_BACKEND=reference`` (the kill
-switch) -- in PyTorch: torch.optim's functional update on the gathered entries of ``G``.
+switch) -- in PyTorch: torch.optim's functional update on the gathered entries of ``G``.  The C++
+Adam step takes its square roots from torch's own ``sqrt`` (MKL's in the x86 wheels, which is not
+correctly rounded: ``std::sqrt`` differs by one ulp on about 1 % of the entries), so Adam is
+bit-identical too.
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ def _scatter_(p: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
 
 class _SparseStep:
     """The parts :class:`SGD` and :class:`Adam` share: which parameters are sparse, the index of
-    each one's ``G`` (cached per mask version), the compact state and its ``state_dict``."""
+    each one's ``G`` (cached per mask version), the compact state and its ``state_dict``.
+    Subclasses define ``_dense_step(group, params)`` and ``_sparse_step(group, param)``."""
 
     param_groups: list
     state: dict
@@ -212,14 +216,20 @@ class _SparseStep:
         old = state.get("index")
         if old is None:
             for key in _COMPACT_KEYS:  # a dense state (e.g. from a torch.optim state_dict)
-                if key in state and state[key].shape == p.shape:
+                if isinstance(state.get(key), torch.Tensor) and state[key].shape == p.shape:
                     state[key] = _gather(state[key], idx.to(state[key].device))
         elif old is not idx and not _same_index(old, idx):
             for key in _COMPACT_KEYS:
-                if key in state:
+                if isinstance(state.get(key), torch.Tensor):
                     state[key] = _remap(state[key], old, idx)
         state["index"] = idx
         return idx, state
+
+    def __getstate__(self):
+        # torch.optim keeps only defaults, state and groups; a copy or pickle must know the layers too
+        out = super().__getstate__()  # type: ignore[misc]
+        out["_layers"], out["_index_cache"] = self._layers, {}
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):

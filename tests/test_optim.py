@@ -136,6 +136,17 @@ def test_index_cached_per_mask_version():
     assert opt.state[w]["momentum_buffer"] is buf
 
 
+def test_deepcopy_keeps_the_sparse_layers():
+    a, _, b, ob = pair("SGD", {"lr": 0.1, "momentum": 0.9})
+    train(b, ob, 1)
+    b2, ob2 = copy.deepcopy((b, ob))
+    oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    train(a, oa, 3)
+    train(b2, ob2, 2, seed=1)
+    assert_same(a, b2)
+    assert ob2.state[b2[6].weight]["momentum_buffer"].numel() == int(b2[6].grad_mask.sum())
+
+
 def test_threads_do_not_change_results(path):
     layer = sk.SparseLinear(256, 256, sparsity=0.4)  # ~39k entries: several tasks
     outs, threads0 = [], torch.get_num_threads()
