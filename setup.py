@@ -87,6 +87,7 @@ def _extensions():
         "csrc/module.cpp",
     ]
     ext_cls, extra = CppExtension, {"cxx": cflags}
+    sources.append("csrc/cpu/optim.cpp")  # the fused steps of sparsekern.optim
     if _flag("SPARSEKERN_CUDA", "0"):
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 

@@ -5,7 +5,7 @@ Importing this package touches neither Triton, nor the compiled extension, nor C
 
 from __future__ import annotations
 
-from . import choice, formats, masks
+from . import choice, formats, masks, optim
 from ._backends import BACKEND_NAMES, BackendError, get_backend, select_backend
 from .choice import explain
 from .convert import SparsityConfig, dense_state_dict, densify_, sparse_modules, sparsify_
@@ -30,6 +30,7 @@ __all__ = [
     "from_torch_sparse",
     "get_backend",
     "masks",
+    "optim",
     "pattern_of",
     "select_backend",
     "sddmm",
