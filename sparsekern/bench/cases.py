@@ -36,8 +36,8 @@ OPS = ("spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoc
 # sparsekern backends (``backend=``)
 PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda", "auto")
 #: "auto": sparsekern with no backend= (the default a user gets: the automatic order, then the
-#: per-call choice between the sparse kernels and dense masked compute, sparsekern.choice);
-#: timed on whole models only (train_step / train_epoch)
+#: per-call choice between the sparse kernels and dense masked compute, sparsekern.choice) with
+#: the sparse-aware optimizer step (sparsekern.optim); timed on whole models only
 SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda", "auto")
 E2E_ONLY_PROVIDERS = ("auto",)
 MODES = ("fwd", "bwd", "fwd+bwd")
