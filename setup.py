@@ -77,7 +77,7 @@ def _extensions():
         _say("SPARSEKERN_NATIVE=1: adding -march=native")
     else:
         _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+    sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/build_meta.cpp"]
     ext_cls, extra = CppExtension, {"cxx": cflags}
     if _flag("SPARSEKERN_CUDA", "0"):
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension

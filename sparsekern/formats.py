@@ -17,6 +17,11 @@ changes (any in-place write to the mask bumps it).
 
 Indices are ``int32`` unless a dimension or the number of nonzeros would overflow it, in which
 case ``int64`` is used.
+
+On the CPU, when the C++ extension is built, the metadata and the tile reductions come from its
+ops (``csr_from_mask``, ``tile_any_all`` in ``csrc/cpu/build_meta.cpp``); they return exactly the
+tensors of the pure-PyTorch builders here (``_build_csr_torch``, ``_tile_any_all_torch``), which
+are the specification and run everywhere else.
 """
 
 from __future__ import annotations
@@ -52,6 +57,35 @@ _INT32_MAX = 2**31 - 1
 def _index_dtype(*sizes: int) -> torch.dtype:
     """int32 unless any size would overflow it."""
     return torch.int32 if max(sizes, default=0) <= _INT32_MAX else torch.int64
+
+
+def _csr_index_dtype(rows: int, cols: int, count_nnz) -> torch.dtype:
+    """The index dtype of a ``rows x cols`` pattern: :func:`_index_dtype` of ``rows + 1``,
+    ``cols + 1`` and nnz.  ``count_nnz()`` is called only when ``rows * cols`` (a bound on nnz)
+    would overflow int32, so ordinary layers never count their nonzeros for it."""
+    if _index_dtype(rows + 1, cols + 1, rows * cols) == torch.int32:
+        return torch.int32
+    return _index_dtype(rows + 1, cols + 1, int(count_nnz()))
+
+
+_NATIVE: list = []
+
+
+def _native(t: torch.Tensor):
+    """``torch.ops.sparsekern`` when ``t`` is on the CPU and the C++ extension is loaded, else None."""
+    if t.device.type != "cpu":
+        return None
+    if not _NATIVE:
+        ops = None
+        try:
+            from .kernels.cpu import load_library
+
+            if load_library()[0]:
+                ops = torch.ops.sparsekern
+        except Exception:  # pragma: no cover - an extension that fails to load: the torch builders run
+            ops = None
+        _NATIVE.append(ops)
+    return _NATIVE[0]
 
 
 def as_matrix(mask: torch.Tensor) -> torch.Tensor:
@@ -200,10 +234,23 @@ def build_csr(mask: torch.Tensor) -> CSRMeta:
     """CSR + transposed metadata of a 2-D (or 4-D conv) boolean mask, built on its device."""
     _check_bool_mask(mask)
     m = as_matrix(mask)
+    ops = _native(m)
+    if ops is None:
+        return _build_csr_torch(m)
+    rows, cols = m.shape
+    dtype = _csr_index_dtype(rows, cols, m.count_nonzero)
+    crow, col, ccol, row_t, perm = ops.csr_from_mask(m, dtype)
+    return CSRMeta((rows, cols), crow, col, ccol, row_t, perm, col.numel())
+
+
+def _build_csr_torch(mask: torch.Tensor) -> CSRMeta:
+    """:func:`build_csr` in PyTorch ops: the specification of the C++ builder, and the builder on GPUs."""
+    _check_bool_mask(mask)
+    m = as_matrix(mask)
     rows, cols = m.shape
     nz = m.nonzero()  # row-major order: CSR order
     nnz = nz.shape[0]
-    dtype = _index_dtype(rows + 1, cols + 1, nnz)
+    dtype = _csr_index_dtype(rows, cols, lambda: nnz)
     r, c = nz[:, 0], nz[:, 1]
     crow, col = _compressed(r, c, rows, dtype)
     # CSC order: sort by (col, row); CSR position i of entry i is its index in nz.
@@ -291,9 +338,10 @@ def expand_block_mask(block_mask: torch.Tensor, block, shape) -> torch.Tensor:
 def build_bsr(mask: torch.Tensor, block) -> BSRMeta:
     """BSR + transposed metadata of a block-constant boolean mask (edges are padded)."""
     blk = normalize_block_size(block, name="block")
+    _check_bool_mask(mask)
     m = as_matrix(mask)
-    bmask = block_mask_of(m, blk)
-    if not torch.equal(expand_block_mask(bmask, blk, m.shape), m):
+    bmask, constant = block_grid(m, *blk)
+    if not constant:
         raise ValueError(
             f"mask: layout 'block' {blk} needs a mask that is constant on each {blk[0]}x{blk[1]} tile "
             "(use sparsekern.masks to build block masks, or layout='unstructured')"
@@ -324,6 +372,7 @@ class Pattern:
     _csr: CSRMeta | None = field(default=None, repr=False)
     _bsr: BSRMeta | None = field(default=None, repr=False)
     _nnz: int | None = field(default=None, repr=False)
+    _block_mask: torch.Tensor | None = field(default=None, repr=False)  # tile-any grid, once known
 
     def __post_init__(self) -> None:
         _check_bool_mask(self.mask)
@@ -357,12 +406,14 @@ class Pattern:
             raise ValueError("bsr(): this pattern has layout 'unstructured'; build a block pattern instead")
         if self._bsr is None:
             bo, bk = self.block_size
-            self._bsr = BSRMeta(tuple(self.matrix.shape), (bo, bk), build_csr(block_mask_of_matrix(self.matrix, bo, bk)))
+            if self._block_mask is None:
+                self._block_mask = block_mask_of_matrix(self.matrix, bo, bk)
+            self._bsr = BSRMeta(tuple(self.matrix.shape), (bo, bk), build_csr(self._block_mask))
         return self._bsr
 
     def nnz(self) -> int:
         if self._nnz is None:
-            self._nnz = int(self.mask.sum())
+            self._nnz = int(self.mask.count_nonzero())
         return self._nnz
 
     def density(self) -> float:
@@ -373,9 +424,7 @@ class Pattern:
         """Check the mask and any metadata already built; raise ``ValueError`` if inconsistent."""
         if self.layout == "block":
             bo, bk = self.block_size
-            bm = block_mask_of_matrix(self.matrix, bo, bk)
-            if not torch.equal(expand_block_mask(bm, (bo, bk), self.matrix.shape), self.matrix):
-                raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+            self._block_mask = checked_block_grid(self.matrix, bo, bk)
         if self._csr is not None:
             self._csr.validate()
             if not torch.equal(self._csr.to_mask(), self.matrix):
@@ -386,11 +435,39 @@ class Pattern:
 
 def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
     """Tile-any of a 2-D boolean matrix for any positive tile sides (used for conv column tiles)."""
+    ops = _native(m)
+    if ops is None:
+        return _tile_any_all_torch(m, bo, bk)[0]
+    return ops.tile_any_all(m, bo, bk)[0]
+
+
+def block_grid(m: torch.Tensor, bo: int, bk: int) -> tuple[torch.Tensor, bool]:
+    """``(tile-any grid, constant)`` of a 2-D boolean matrix in one pass: ``constant`` says
+    whether every ``bo x bk`` tile (cropped at the edges) is all True or all False."""
+    ops = _native(m)
+    anys, alls = _tile_any_all_torch(m, bo, bk) if ops is None else ops.tile_any_all(m, bo, bk)
+    return anys, torch.equal(anys, alls)
+
+
+def checked_block_grid(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
+    """The tile-any grid of a matrix that must be constant on its ``bo x bk`` tiles (else ``ValueError``)."""
+    grid, constant = block_grid(m, bo, bk)
+    if not constant:
+        raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+    return grid
+
+
+def _tile_any_all_torch(m: torch.Tensor, bo: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: any entry True, every entry True (padding is outside every tile)."""
     rows, cols = m.shape
     rb, cb = math.ceil(rows / bo), math.ceil(cols / bk)
     padded = torch.zeros(rb * bo, cb * bk, dtype=torch.bool, device=m.device)
     padded[:rows, :cols] = m
-    return padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    anys = padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    # every in-range entry True <=> the tile-any of the complement is False
+    padded[:rows, :cols] = ~m
+    alls = ~padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    return anys, alls
 
 
 def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None, *, name: str = "mask") -> Pattern:
@@ -401,6 +478,18 @@ def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None
     cached on the tensor and keyed by its version counter, layout and block.
     """
     _check_bool_mask(mask, name)
+    key, mblock = _pattern_key(mask, layout, block_size)
+    cached = getattr(mask, "_sparsekern_pattern", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pat = Pattern(mask, layout, mblock)
+    if layout == "block":
+        pat.validate()  # a block layout must be block-constant
+    return _cache_pattern(mask, key, pat)
+
+
+def _pattern_key(mask: torch.Tensor, layout: str, block_size) -> tuple[tuple, tuple[int, int] | None]:
+    """The cache key of :func:`pattern_of` and the block in matrix units."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     mblock = None
@@ -410,18 +499,23 @@ def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None
         bo, bk = normalize_block_size(block_size)
         taps = mask.shape[2] * mask.shape[3] if mask.dim() == 4 else 1
         mblock = (bo, bk * taps)
-    key = (mask._version, layout, mblock)
-    cached = getattr(mask, "_sparsekern_pattern", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    pat = Pattern(mask, layout, mblock)
-    if layout == "block":
-        pat.validate()  # a block layout must be block-constant
+    return (mask._version, layout, mblock), mblock
+
+
+def _cache_pattern(mask: torch.Tensor, key: tuple, pat: Pattern) -> Pattern:
     try:
         mask._sparsekern_pattern = (key, pat)
     except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
         pass
     return pat
+
+
+def _seed_pattern(mask: torch.Tensor, layout: str, block_size, block_mask: torch.Tensor | None = None) -> Pattern:
+    """The pattern :func:`pattern_of` would return for ``mask`` now, cached without checking it:
+    for a caller that has just written ``mask`` from a mask it checked (``block_mask``: that
+    mask's tile-any grid, for layout ``"block"``)."""
+    key, mblock = _pattern_key(mask, layout, block_size)
+    return _cache_pattern(mask, key, Pattern(mask, layout, mblock, _block_mask=block_mask))
 
 
 # --------------------------------------------------------------------------------------------

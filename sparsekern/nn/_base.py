@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import LAYOUTS, normalize_block_size
+from ..formats import LAYOUTS, _native, _pattern_key, _seed_pattern, as_matrix, checked_block_grid, normalize_block_size
 from ..masks import check_sparsity, magnitude_mask
 
 
@@ -65,29 +65,67 @@ class SparseMixin:
                 at zero and ``to_dense`` and the stored weight agree.
         """
         new = _as_bool_mask(mask, self.weight, "mask")
-        if self.layout == "block":
-            from ..formats import pattern_of
-
-            pattern_of(new, "block", self.block_size)  # raises if not constant on the tiles
-        old = self.weight_mask.clone()
-        if grad_mask is None:
-            g = (self.grad_mask & new) | (new & ~old)
-        else:
-            g = _as_bool_mask(grad_mask, self.weight, "grad_mask")
-            if bool((g & ~new).any()):
-                raise ValueError("grad_mask: must be a subset of mask (a gradient only exists where a weight does)")
-        self.weight_mask.copy_(new)
-        self.grad_mask.copy_(g)
-        if zero_pruned:
-            self.weight.masked_fill_(~new, 0)
+        grid = None
+        if self.layout == "block":  # raises if not constant on the tiles
+            grid = checked_block_grid(as_matrix(new), *_pattern_key(new, "block", self.block_size)[1])
+        g = None if grad_mask is None else _as_bool_mask(grad_mask, self.weight, "grad_mask")
+        equal = self._write_masks(
+            new, g, zero_pruned, "grad_mask: must be a subset of mask (a gradient only exists where a weight does)"
+        )
+        self._seed_patterns(grid, equal)
 
     @torch.no_grad()
     def set_grad_mask(self, mask) -> None:
         """Replace the gradient mask ``G``; it must be a subset of ``weight_mask``."""
         g = _as_bool_mask(mask, self.weight, "mask")
-        if bool((g & ~self.weight_mask).any()):
-            raise ValueError("mask: the gradient mask must be a subset of weight_mask")
-        self.grad_mask.copy_(g)
+        equal = self._write_masks(None, g, False, "mask: the gradient mask must be a subset of weight_mask")
+        self._seed_patterns(None, equal)
+
+    def _write_masks(self, new, g, zero_pruned: bool, not_subset: str) -> bool | None:
+        """``M := new`` (``None``: keep ``M``), ``G := g`` or, without ``g``, ``new & (G | ~M)``
+        (kept connections keep their status, new ones are trainable, removed ones leave ``G``);
+        weights outside ``new`` zeroed if ``zero_pruned``.  Raises ``ValueError(not_subset)``
+        before writing anything if ``g`` is not a subset of the new ``M``.  Returns whether
+        ``G == M`` afterwards when that came for free (the C++ pass), else ``None``."""
+        w, M, G = self.weight, self.weight_mask, self.grad_mask
+        keep = M if new is None else new
+        ops = _native(keep)
+        ts = [t for t in (keep, M, G, g, w if zero_pruned else None) if t is not None]
+        if ops is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in ts) and (
+            not zero_pruned or w.element_size() in (2, 4, 8)
+        ):
+            code = ops.update_masks_(w, M, G, keep, g, zero_pruned)
+            if code == 0:
+                raise ValueError(not_subset)
+            # the op writes through data pointers: bump the versions that the metadata caches and
+            # autograd's in-place checks read, as copy_ / masked_fill_ do
+            written = [G] if new is None else [M, G]
+            torch.autograd.graph.increment_version(written + [w] if zero_pruned else written)
+            return code == 2
+        if g is None:
+            g = torch.logical_not(M).logical_or_(G).logical_and_(keep)  # new & (G | ~M), one temporary
+        elif bool((g & ~keep).any()):
+            raise ValueError(not_subset)
+        if new is not None:
+            M.copy_(new)
+        G.copy_(g)
+        if zero_pruned:
+            w.masked_fill_(~new, 0)
+        return None
+
+    def _seed_patterns(self, grid, equal: bool | None) -> None:
+        """Cache the patterns the next forward asks for from what the mask update already knows
+        (the tile grid of the checked block mask, whether ``G == M``), so it does not recompute them."""
+        from ..ops._common import seed_grad_pattern, weight_pattern
+
+        if grid is not None:  # a block mask just written from the one checked: no second check
+            pat = _seed_pattern(self.weight_mask, self.layout, self.block_size, grid)
+        elif equal is None:
+            return
+        else:
+            pat = weight_pattern(self.weight_mask, self.layout, self.block_size)
+        if equal is not None:
+            seed_grad_pattern(pat, self.grad_mask, equal)
 
     def density(self) -> float:
         """Fraction of weights in ``weight_mask``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import LAYOUTS, Pattern, block_mask_of_matrix, expand_block_mask, pattern_of
+from ..formats import LAYOUTS, Pattern, block_grid, pattern_of
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,23 +58,40 @@ def grad_pattern(pattern: Pattern, grad_mask) -> Pattern:
     if isinstance(grad_mask, Pattern):
         return grad_mask
     m = pattern.mask
-    key = (grad_mask._version, id(m), m._version, pattern.layout, pattern.block_size)
     cached = getattr(grad_mask, "_sparsekern_grad_pattern", None)
-    if cached is not None and cached[0] == key and cached[2] is m:
+    if cached is not None and cached[0] == _grad_key(pattern, grad_mask) and cached[2] is m:
         return cached[1]
     eff = grad_mask & m
-    if torch.equal(eff, m):
+    return _store_grad_pattern(pattern, grad_mask, eff, torch.equal(eff, m))
+
+
+def seed_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor, equal: bool) -> Pattern:
+    """Cache what :func:`grad_pattern` returns, for a caller that has just written ``grad_mask``
+    as a subset of ``pattern.mask`` and knows whether the two are ``equal`` (saves the
+    ``G & M`` pass and the comparison at the next call)."""
+    return _store_grad_pattern(pattern, grad_mask, None if equal else grad_mask.clone(), equal)
+
+
+def _grad_key(pattern: Pattern, grad_mask: torch.Tensor) -> tuple:
+    m = pattern.mask
+    return (grad_mask._version, id(m), m._version, pattern.layout, pattern.block_size)
+
+
+def _store_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor, eff, equal: bool) -> Pattern:
+    # eff: G & M as a tensor of its own (not an alias of grad_mask: the metadata of a pattern is
+    # built lazily, possibly after the caller has written grad_mask again)
+    if equal:
         pat = pattern
     else:
-        layout, block = "unstructured", None
+        layout, block, grid = "unstructured", None, None
         if pattern.layout == "block":
             bo, bk = pattern.block_size
-            mat = eff.reshape(eff.shape[0], -1)
-            if torch.equal(expand_block_mask(block_mask_of_matrix(mat, bo, bk), (bo, bk), mat.shape), mat):
+            grid, constant = block_grid(eff.reshape(eff.shape[0], -1), bo, bk)
+            if constant:
                 layout, block = "block", pattern.block_size
-        pat = Pattern(eff, layout, block)
+        pat = Pattern(eff, layout, block, _block_mask=grid if block else None)
     try:
-        grad_mask._sparsekern_grad_pattern = (key, pat, m)
+        grad_mask._sparsekern_grad_pattern = (_grad_key(pattern, grad_mask), pat, pattern.mask)
     except (AttributeError, RuntimeError):  # pragma: no cover
         pass
     return pat
