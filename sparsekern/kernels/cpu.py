@@ -258,6 +258,17 @@ class CppBackend(Backend):
             return False, f"unknown op {info.op!r}"
         return True, ""
 
+    def prepare(self, info, pattern, grad_pattern, batch=None) -> None:
+        if info.op == "conv2d" and info.conv is not None and info.conv.groups != 1:
+            pattern.csr()  # depthwise kernels read the element CSR in every layout
+            grad_pattern.csr()
+            return
+        super().prepare(info, pattern, grad_pattern, batch)
+        if info.op == "linear" and batch is not None:
+            _window_args(pattern, batch, transposed=False)
+            _window_args(pattern, batch, transposed=True)
+            _window_args(grad_pattern, batch, transposed=False)
+
     # ---- linear -------------------------------------------------------------------------------
     def linear_forward(self, x, weight, bias, pattern):
         crow, col, block = _csr_args(pattern)

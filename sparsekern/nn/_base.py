@@ -140,7 +140,21 @@ class SparseMixin:
 
     def selected_backend(self, device=None, dtype=None) -> str:
         """Name of the backend this layer's next call would run on (``device``/``dtype``: the weight's)."""
-        from .._backends import CallInfo, ConvParams, select_backend
+        from .._backends import select_backend
+
+        return select_backend(self._call_info(device, dtype)[0], self.backend).name
+
+    def _prepare_metadata(self, batch: int | None = None) -> None:
+        """Build the index metadata the next forward and backward read on the selected backend
+        (``batch``: rows of a linear layer's input), as the first call after a mask change would."""
+        from .._backends import select_backend
+
+        info, pattern, gpattern = self._call_info()
+        select_backend(info, self.backend).prepare(info, pattern, gpattern, batch)
+
+    def _call_info(self, device=None, dtype=None):
+        """``(CallInfo, weight pattern, gradient pattern)`` of this layer's next call."""
+        from .._backends import CallInfo, ConvParams
         from ..ops._common import grad_pattern, weight_pattern
 
         pattern = weight_pattern(self.weight_mask, self.layout, self.block_size)
@@ -153,7 +167,7 @@ class SparseMixin:
         info = CallInfo(op, torch.device(device) if device is not None else self.weight.device,
                         dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
                         tuple(self.weight.shape))
-        return select_backend(info, self.backend).name
+        return info, pattern, gpattern
 
     def _sparse_repr(self) -> str:
         s = f", density={self.density():.4f}, layout={self.layout}"

@@ -72,6 +72,9 @@ class ReferenceBackend(Backend):
     def supports(self, info: CallInfo) -> tuple[bool, str]:
         return True, ""
 
+    def prepare(self, info, pattern, grad_pattern, batch=None) -> None:
+        pass  # reads the masks themselves: no index metadata
+
     def linear_forward(self, x, weight, bias, pattern):
         return linear_forward(x, weight, bias, pattern.mask)
 
