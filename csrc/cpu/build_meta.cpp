@@ -48,7 +48,6 @@ using at::Tensor;
 
 constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7FULL;
 constexpr uint64_t kHigh = 0x8080808080808080ULL;
-constexpr uint64_t kOnes = 0x0101010101010101ULL;
 
 SPARSEKERN_INLINE uint64_t load8(const uint8_t* p) {
   uint64_t w;
@@ -56,13 +55,13 @@ SPARSEKERN_INLINE uint64_t load8(const uint8_t* p) {
   return w;
 }
 
-inline void store8(uint8_t* p, uint64_t w) { std::memcpy(p, &w, 8); }
-
 // The high bit of each byte of w that is not zero.
 SPARSEKERN_INLINE uint64_t nonzero_bytes(uint64_t w) { return (((w & kLow7) + kLow7) | w) & kHigh; }
 
 // Byte k of w nonzero -> bit k of the result (the bytes' high bits gathered by one multiply).
-SPARSEKERN_INLINE unsigned byte_bits(uint64_t w) { return unsigned((((nonzero_bytes(w) >> 7) * 0x0102040810204080ULL) >> 56)); }
+SPARSEKERN_INLINE unsigned byte_bits(uint64_t w) {
+  return unsigned(((nonzero_bytes(w) >> 7) * 0x0102040810204080ULL) >> 56);
+}
 
 // For each set of 8 lanes (a byte_bits value): how many, and their positions in ascending order.
 struct LaneTable {
@@ -100,8 +99,8 @@ void check_bool_matrix(const Tensor& mask, const char* name) {
   TORCH_CHECK(mask.device().is_cpu(), name, ": expected a CPU tensor, got one on ", mask.device());
   TORCH_CHECK(mask.layout() == at::kStrided, name, ": expected a dense (strided) tensor, got layout ", mask.layout());
   TORCH_CHECK(mask.scalar_type() == at::kBool, name, ": expected dtype torch.bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2, name, ": expected a 2-D [rows, cols] tensor (conv masks viewed as [out, rest]), got shape ",
-              mask.sizes());
+  TORCH_CHECK(mask.dim() == 2, name,
+              ": expected a 2-D [rows, cols] tensor (conv masks viewed as [out, rest]), got shape ", mask.sizes());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,27 +111,27 @@ void check_bool_matrix(const Tensor& mask, const char* name) {
 // 2^31 rows per call).  acc: C bytes of scratch, per-column counts of up to 255 rows.
 SPARSEKERN_CLONES void count_rows(const uint8_t* m, int64_t C, int64_t r0, int64_t r1, int64_t* nrow, int32_t* cc,
                                   uint8_t* acc) {
-  constexpr int kLanes = 32;  // one vector of byte counters per row, flushed before they overflow
+  constexpr int kWidth = 32;  // one vector of byte counters per row, flushed before they overflow
   for (int64_t g = r0; g < r1; g += 255) {
     std::memset(acc, 0, size_t(C));
     for (int64_t r = g; r < std::min(r1, g + 255); ++r) {
       const uint8_t* p = m + r * C;
-      uint8_t lanes[kLanes] = {};
+      uint8_t lanes[kWidth] = {};
       uint64_t n = 0;
       int64_t j = 0, k = 0;
-      for (; j + kLanes <= C; j += kLanes) {
-        for (int t = 0; t < kLanes; ++t) {
+      for (; j + kWidth <= C; j += kWidth) {
+        for (int t = 0; t < kWidth; ++t) {
           const uint8_t v = p[j + t] != 0;
           acc[j + t] += v;
           lanes[t] += v;
         }
         if (++k == 255) {
-          for (int t = 0; t < kLanes; ++t) n += lanes[t];
+          for (int t = 0; t < kWidth; ++t) n += lanes[t];
           std::memset(lanes, 0, sizeof(lanes));
           k = 0;
         }
       }
-      for (int t = 0; t < kLanes; ++t) n += lanes[t];
+      for (int t = 0; t < kWidth; ++t) n += lanes[t];
       for (; j < C; ++j) {
         const uint8_t v = p[j] != 0;
         acc[j] += v;
@@ -144,11 +143,6 @@ SPARSEKERN_CLONES void count_rows(const uint8_t* m, int64_t C, int64_t r0, int64
   }
 }
 
-// Writes the columns of row p[0, C) ascending from out on, and sets bstart[b * stride], for each
-// band b of `band` columns (a multiple of 8), to the position of the row's first entry in
-// columns >= b * band.  Each word of 8 bytes stores 8 lanes and advances by its count, so up to 7
-// entries past the row's end are scribbled on (and overwritten by the next row); `limit` is where
-// that must stop.  Sparse: skip all-zero words.
 #if defined(__GNUC__)
 // 8 int32 lanes, unaligned: one vector store (two with SSE2) in the GCC vector extension
 typedef int32_t Lanes8 __attribute__((vector_size(32), aligned(4), may_alias));
@@ -164,9 +158,14 @@ SPARSEKERN_INLINE void store_lanes(int64_t* out, const int32_t* pos, int64_t bas
   for (int k = 0; k < 8; ++k) out[k] = base + pos[k];
 }
 
+// Writes the columns of row p[0, C) ascending from out on, and sets bstart[b * stride], for each
+// band b of `band` columns (a multiple of 8), to the position of the row's first entry in
+// columns >= b * band.  Each word of 8 bytes stores 8 lanes and advances by its count, so up to 7
+// entries past the row's end are scribbled on (and overwritten by the next row); `limit` is where
+// that must stop.  Sparse: skip all-zero words.
 template <bool Sparse, typename I>
-SPARSEKERN_INLINE I* fill_row(const uint8_t* p, int64_t C, I* out, I* limit, const I* base, I* bstart, int64_t stride,
-                   int64_t band, int64_t nb) {
+SPARSEKERN_INLINE I* fill_row(const uint8_t* p, int64_t C, I* out, I* limit, const I* base, I* bstart,
+                              int64_t stride, int64_t band, int64_t nb) {
   const int64_t C8 = C / 8 * 8;
   int64_t i = 0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -190,8 +189,8 @@ SPARSEKERN_INLINE I* fill_row(const uint8_t* p, int64_t C, I* out, I* limit, con
 
 template <typename I>
 struct FillRows {
-  static SPARSEKERN_INLINE void run(const uint8_t* m, int64_t C, int64_t r0, int64_t r1, const int64_t* ptr, I* col, I* bstart,
-                  int64_t R, int64_t band, int64_t nb) {
+  static SPARSEKERN_INLINE void run(const uint8_t* m, int64_t C, int64_t r0, int64_t r1, const int64_t* ptr, I* col,
+                                    I* bstart, int64_t R, int64_t band, int64_t nb) {
     I* const limit = col + ptr[r1];
     for (int64_t r = r0; r < r1; ++r) {
       // below 1/64 density most words are zero and skipping them pays for the branch; above,
