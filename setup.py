@@ -85,6 +85,7 @@ def _extensions():
         "csrc/cpu/dwconv2d.cpp",
         "csrc/schemas.cpp",
         "csrc/module.cpp",
+        "csrc/cpu/build_meta.cpp",
     ]
     ext_cls, extra = CppExtension, {"cxx": cflags}
     sources.append("csrc/cpu/optim.cpp")  # the fused steps of sparsekern.optim

@@ -118,6 +118,16 @@ class Backend:
         """Whether the backend can run this particular call; reason if not."""
         return True, ""
 
+    def prepare(self, info: CallInfo, pattern, grad_pattern, batch: int | None = None) -> None:
+        """Build now the index metadata this backend's kernels will read for ``info``'s call
+        (``batch``: rows of a linear call's input), which the first call after a mask change would
+        otherwise build.  It is cached with the patterns."""
+        for p in (pattern, grad_pattern):
+            if p.layout == "block":
+                p.bsr()
+            else:
+                p.csr()
+
     # linear: x [N, K], weight [M, K], dy [N, M]
     def linear_fwd(self, x, weight, bias, pattern):
         raise BackendError(f"backend {self.name!r} has no linear forward")

@@ -25,6 +25,11 @@ a pair in channel units, which :meth:`BlockSize.of` converts once, at the bounda
 
 Indices are ``int32`` unless a dimension or the number of nonzeros would overflow it, in which
 case ``int64`` is used.
+
+On the CPU, when the C++ extension is built, the metadata and the tile reductions come from its
+ops (``csr_from_mask``, ``tile_any_all`` in ``csrc/cpu/build_meta.cpp``); they return exactly the
+tensors of the pure-PyTorch builders here (``_build_csr_torch``, ``_tile_any_all_torch``), which
+are the specification and run everywhere else.
 """
 
 from __future__ import annotations
@@ -66,6 +71,35 @@ _INT32_MAX = 2**31 - 1
 def _index_dtype(*sizes: int) -> torch.dtype:
     """int32 unless any size would overflow it."""
     return torch.int32 if max(sizes, default=0) <= _INT32_MAX else torch.int64
+
+
+def _csr_index_dtype(rows: int, cols: int, count_nnz) -> torch.dtype:
+    """The index dtype of a ``rows x cols`` pattern: :func:`_index_dtype` of ``rows + 1``,
+    ``cols + 1`` and nnz.  ``count_nnz()`` is called only when ``rows * cols`` (a bound on nnz)
+    would overflow int32, so ordinary layers never count their nonzeros for it."""
+    if _index_dtype(rows + 1, cols + 1, rows * cols) == torch.int32:
+        return torch.int32
+    return _index_dtype(rows + 1, cols + 1, int(count_nnz()))
+
+
+_NATIVE: list = []
+
+
+def _native(t: torch.Tensor):
+    """``torch.ops.sparsekern`` when ``t`` is on the CPU and the C++ extension is loaded, else None."""
+    if t.device.type != "cpu":
+        return None
+    if not _NATIVE:
+        ops = None
+        try:
+            from .kernels.cpu import load_library
+
+            if load_library()[0]:
+                ops = torch.ops.sparsekern
+        except Exception:  # pragma: no cover - an extension that fails to load: the torch builders run
+            ops = None
+        _NATIVE.append(ops)
+    return _NATIVE[0]
 
 
 def as_matrix(mask: torch.Tensor) -> torch.Tensor:
@@ -161,6 +195,8 @@ class MetaCache:
     * ``("pattern", layout, block)``: the :class:`Pattern` itself;
     * ``("csr",)``, ``("bsr", block)``: :class:`CSRMeta` / :class:`BSRMeta` (``Pattern.csr()`` /
       ``Pattern.bsr()``); ``("nnz",)``: the number of stored entries;
+    * ``("block_grid", block)``: the tile-any grid of a block pattern (kept from the check of a
+      block mask, read by ``Pattern.bsr()``);
     * ``("grad_pattern", layout, block)``: the effective gradient pattern ``G & M``, which also
       depends on ``G`` (see ``deps`` in :meth:`get`);
     * backend data, e.g. ``("csr", "cpp.windows", transposed, window)`` (column windows of the
@@ -355,10 +391,23 @@ def build_csr(mask: torch.Tensor) -> CSRMeta:
     """CSR + transposed metadata of a 2-D (or 4-D conv) boolean mask, built on its device."""
     _check_bool_mask(mask)
     m = as_matrix(mask)
+    ops = _native(m)
+    if ops is None:
+        return _build_csr_torch(m)
+    rows, cols = m.shape
+    dtype = _csr_index_dtype(rows, cols, m.count_nonzero)
+    crow, col, ccol, row_t, perm = ops.csr_from_mask(m, dtype)
+    return CSRMeta((rows, cols), crow, col, ccol, row_t, perm, col.numel())
+
+
+def _build_csr_torch(mask: torch.Tensor) -> CSRMeta:
+    """:func:`build_csr` in PyTorch ops: the specification of the C++ builder, and the builder on GPUs."""
+    _check_bool_mask(mask)
+    m = as_matrix(mask)
     rows, cols = m.shape
     nz = m.nonzero()  # row-major order: CSR order
     nnz = nz.shape[0]
-    dtype = _index_dtype(rows + 1, cols + 1, nnz)
+    dtype = _csr_index_dtype(rows, cols, lambda: nnz)
     r, c = nz[:, 0], nz[:, 1]
     crow, col = _compressed(r, c, rows, dtype)
     # CSC order: sort by (col, row); CSR position i of entry i is its index in nz.
@@ -456,9 +505,10 @@ def build_bsr(mask: torch.Tensor, block) -> BSRMeta:
     ``block``: a matrix tile (an int / pair of supported sides, or a :class:`BlockSize`).
     """
     blk = BlockSize.of(block, name="block")
+    _check_bool_mask(mask)
     m = as_matrix(mask)
-    bmask = block_mask_of(m, blk)
-    if not torch.equal(expand_block_mask(bmask, blk, m.shape), m):
+    bmask, constant = block_grid(m, *blk)
+    if not constant:
         raise ValueError(
             f"mask: layout 'block' {blk} needs a mask that is constant on each {blk[0]}x{blk[1]} tile "
             "(use sparsekern.masks to build block masks, or layout='unstructured')"
@@ -541,14 +591,18 @@ class Pattern:
         key = ("bsr", self.block_size)
 
         def build() -> BSRMeta:
-            blocks = build_csr(block_mask_of_matrix(self.matrix, *self.block_size))
+            blocks = build_csr(self.block_grid())
             return BSRMeta(tuple(self.matrix.shape), self.block_size, replace(blocks, _cache=self._cache, _key=key))
 
         return self.derived(key, build)
 
     def nnz(self) -> int:
         csr = self._cache.peek(("csr",))
-        return self.derived(("nnz",), lambda: csr.nnz if csr is not None else int(self.mask.sum()))
+        return self.derived(("nnz",), lambda: csr.nnz if csr is not None else int(self.mask.count_nonzero()))
+
+    def block_grid(self) -> torch.Tensor:
+        """The tile-any grid of a block pattern (``("block_grid", block)`` in its cache)."""
+        return self.derived(("block_grid", self.block_size), lambda: block_mask_of_matrix(self.matrix, *self.block_size))
 
     def density(self) -> float:
         n = self.mask.numel()
@@ -556,9 +610,9 @@ class Pattern:
 
     def validate(self) -> None:
         """Check the mask and any metadata already built; raise ``ValueError`` if inconsistent."""
-        if self.layout == "block" and not is_block_constant(self.matrix, self.block_size):
-            bo, bk = self.block_size
-            raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+        if self.layout == "block":  # the grid of the check is kept for bsr()
+            grid = checked_block_grid(self.matrix, *self.block_size)
+            self.derived(("block_grid", self.block_size), lambda: grid)
         csr = self._cache.peek(("csr",))
         if csr is not None:
             csr.validate()
@@ -571,17 +625,44 @@ class Pattern:
 
 def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
     """Tile-any of a 2-D boolean matrix for any positive tile sides (used for conv column tiles)."""
+    ops = _native(m)
+    if ops is None:
+        return _tile_any_all_torch(m, bo, bk)[0]
+    return ops.tile_any_all(m, bo, bk)[0]
+
+
+def block_grid(m: torch.Tensor, bo: int, bk: int) -> tuple[torch.Tensor, bool]:
+    """``(tile-any grid, constant)`` of a 2-D boolean matrix in one pass: ``constant`` says
+    whether every ``bo x bk`` tile (cropped at the edges) is all True or all False."""
+    ops = _native(m)
+    anys, alls = _tile_any_all_torch(m, bo, bk) if ops is None else ops.tile_any_all(m, bo, bk)
+    return anys, torch.equal(anys, alls)
+
+
+def checked_block_grid(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
+    """The tile-any grid of a matrix that must be constant on its ``bo x bk`` tiles (else ``ValueError``)."""
+    grid, constant = block_grid(m, bo, bk)
+    if not constant:
+        raise ValueError(f"mask: not constant on the {bo}x{bk} tiles of layout 'block'")
+    return grid
+
+
+def _tile_any_all_torch(m: torch.Tensor, bo: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: any entry True, every entry True (padding is outside every tile)."""
     rows, cols = m.shape
     rb, cb = math.ceil(rows / bo), math.ceil(cols / bk)
     padded = torch.zeros(rb * bo, cb * bk, dtype=torch.bool, device=m.device)
     padded[:rows, :cols] = m
-    return padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    anys = padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    # every in-range entry True <=> the tile-any of the complement is False
+    padded[:rows, :cols] = ~m
+    alls = ~padded.view(rb, bo, cb, bk).any(dim=3).any(dim=1)
+    return anys, alls
 
 
 def is_block_constant(m: torch.Tensor, block) -> bool:
     """Whether the 2-D boolean matrix ``m`` is constant on every ``block = (bo, bk)`` tile."""
-    bo, bk = block
-    return torch.equal(expand_block_mask(block_mask_of_matrix(m, bo, bk), (bo, bk), m.shape), m)
+    return block_grid(m, *block)[1]
 
 
 def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None, *, name: str = "mask") -> Pattern:
@@ -593,13 +674,7 @@ def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None
     :class:`MetaCache` (:func:`meta_cache`), with everything derived from it.
     """
     _check_bool_mask(mask, name)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    block = None
-    if layout == "block":
-        if block_size is None:
-            raise ValueError("block_size: required when layout='block'")
-        block = BlockSize.of(block_size, mask.shape)
+    block = pattern_block(mask, layout, block_size)
     cache = meta_cache(mask)
 
     def build() -> Pattern:
@@ -609,6 +684,29 @@ def pattern_of(mask: torch.Tensor, layout: str = "unstructured", block_size=None
         return pat
 
     return cache.get(("pattern", layout, block), build)
+
+
+def pattern_block(mask: torch.Tensor, layout: str, block_size) -> BlockSize | None:
+    """The matrix tile :func:`pattern_of` uses for ``mask`` (``None`` for ``"unstructured"``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if layout != "block":
+        return None
+    if block_size is None:
+        raise ValueError("block_size: required when layout='block'")
+    return BlockSize.of(block_size, mask.shape)
+
+
+def seed_pattern(mask: torch.Tensor, layout: str, block_size, grid: torch.Tensor | None = None) -> Pattern:
+    """The pattern :func:`pattern_of` would return for ``mask`` now, put in its cache without the
+    block check: for a caller that has just written ``mask`` from a mask it checked (``grid``: that
+    mask's tile-any grid, for layout ``"block"``, kept for ``bsr()``)."""
+    block = pattern_block(mask, layout, block_size)
+    cache = meta_cache(mask)
+    pat = cache.get(("pattern", layout, block), lambda: Pattern(mask, layout, block, cache))
+    if grid is not None:
+        pat.derived(("block_grid", block), lambda: grid)
+    return pat
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,3 +25,15 @@ def _seed():
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, CI={os.environ.get('CI', '')!r}"
+
+
+@pytest.fixture
+def need_cpp():
+    """Skip without a built ``sparsekern._C``; fail instead under ``CI=true`` / ``SPARSEKERN_REQUIRE_CPP=1``."""
+    from sparsekern.kernels import cpu as cppmod
+
+    ok, why = cppmod.load_library()
+    if not ok:
+        if os.environ.get("CI", "").lower() == "true" or os.environ.get("SPARSEKERN_REQUIRE_CPP", "") == "1":
+            pytest.fail(f"sparsekern._C is required here (CI / SPARSEKERN_REQUIRE_CPP) but not usable: {why}")
+        pytest.skip(f"C++ kernels not built: {why}")

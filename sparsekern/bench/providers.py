@@ -303,20 +303,29 @@ def _prepare_conv(case: Case, gen: torch.Generator, check: bool = False) -> Prep
 
 
 def _prepare_rebuild(case: Case, gen: torch.Generator) -> Prepared:
-    """Mask -> kernel metadata (CSR / BSR with the transposed indices), as after a mask update."""
+    """A mask change as a user pays it: ``set_mask`` on the layer plus all the index metadata its
+    next forward and backward read (automatic backend), alternating between two masks so that
+    every call is a real change.  Returns the weight pattern's metadata."""
     shape = case.shape
-    dev = torch.device(case.device)
-    mask = _mask(shape.weight_shape, case.sparsity, case.layout, dev, gen)
+    dev, dt = torch.device(case.device), torch_dtype(case.dtype)
+    masks = [_mask(shape.weight_shape, case.sparsity, case.layout, dev, gen) for _ in range(2)]
     b = block_of(case.layout)
-    if b is None:
-        fn = lambda: formats.Pattern(mask).csr()  # noqa: E731
+    kw = {"layout": "block" if b else "unstructured", "block_size": b, "bias": False, "device": dev, "dtype": dt}
+    if isinstance(shape, ConvShape):
+        layer = sparsekern.SparseConv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, **kw)
     else:
-        # a fresh Pattern each call, so nothing cached is reused; a conv tile spans every tap
-        taps = shape.kernel**2 if isinstance(shape, ConvShape) else 1
-        blk = (b, b * taps)
-        fn = lambda: formats.Pattern(mask, "block", blk).bsr()  # noqa: E731
+        layer = sparsekern.SparseLinear(shape.in_features, shape.out_features, **kw)
+    turn = [0]
+
+    def fn():
+        turn[0] ^= 1
+        layer.set_mask(masks[turn[0]])
+        layer._prepare_metadata(case.batch)
+        pattern = layer._call_info()[1]
+        return pattern.bsr() if b else pattern.csr()
+
     _try(fn, case)
-    return Prepared(fn, None, int(mask.sum()) / mask.numel())
+    return Prepared(fn, None, int(masks[0].sum()) / masks[0].numel())
 
 
 def build_model(kind: str, width: int, num_classes: int = 10) -> tuple[torch.nn.Module, tuple[int, ...], set[str]]:

@@ -273,8 +273,9 @@ def _rebuild_lines(rows: list[dict]) -> list[str]:
         for r in rs
     ]  # fmt: skip
     return [
-        "Mask-to-metadata rebuild (CSR/BSR plus the transposed indices), timed alone; the last column is "
-        "its cost in units of one dense fwd+bwd of the same layer.",
+        "Mask change: the layer's set_mask plus all the index metadata its next forward and backward read "
+        "(CSR/BSR with the transposed indices, the gradient pattern); the last column is its cost in units of "
+        "one dense fwd+bwd of the same layer in this run (goal: at most 0.05).",
         "",
         *_table(["shape", "layout", "sparsity", "p50 ms", "x dense fwd+bwd"], body),
         "",

@@ -22,6 +22,8 @@ Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix unit
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
+* ``csr_from_mask``, ``tile_any_all``, ``update_masks_``: the metadata builders and the mask update
+  that :mod:`sparsekern.formats` and ``set_mask`` use on CPU tensors (``csrc/cpu/build_meta.cpp``).
 
 The index metadata comes from ``pattern.csr()`` / ``pattern.bsr()``, and the column windows from
 ``meta.derived(...)``: all cached per mask version in the pattern's
@@ -51,6 +53,9 @@ OP_NAMES = (
     "dwconv2d_dw",
     "csr_windows",
     "conv2d_algo",
+    "csr_from_mask",
+    "tile_any_all",
+    "update_masks_",
 )
 
 _STATE: dict = {}
@@ -109,6 +114,21 @@ def _register_fakes() -> None:
     def _(crow, col, ncols, window):
         nw = max(1, -(-ncols // window))
         return crow.new_empty((nw * crow.shape[0],)), col.new_empty(col.shape)
+
+    # the metadata builders (csrc/cpu/build_meta.cpp): nnz is data-dependent, a fresh dynamic size
+    @torch.library.register_fake(lib + "csr_from_mask")
+    def _(mask, dtype):
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        rows, cols = mask.shape
+        sizes = (rows + 1, nnz, cols + 1, nnz, nnz)
+        return tuple(mask.new_empty((n,), dtype=dtype) for n in sizes)
+
+    @torch.library.register_fake(lib + "tile_any_all")
+    def _(mask, bo, bk):
+        grid = (-(-mask.shape[0] // bo), -(-mask.shape[1] // bk))
+        return mask.new_empty(grid), mask.new_empty(grid)
+    # update_masks_ has no fake: it is set_mask's eager in-place pass, and its result (a
+    # data-dependent int that decides whether set_mask raises) would break any traced graph anyway
 
 
 def load_library() -> tuple[bool, str]:
@@ -235,6 +255,17 @@ class CppBackend(Backend):
         if info.op not in OPS:
             return False, f"unknown op {info.op!r}"
         return True, ""
+
+    def prepare(self, info, pattern, grad_pattern, batch=None) -> None:
+        if info.op == "conv2d" and info.conv is not None and info.conv.groups != 1:
+            pattern.csr()  # depthwise kernels read the element CSR in every layout
+            grad_pattern.csr()
+            return
+        super().prepare(info, pattern, grad_pattern, batch)
+        if info.op == "linear" and batch is not None:
+            _window_args(pattern, batch, transposed=False)
+            _window_args(pattern, batch, transposed=True)
+            _window_args(grad_pattern, batch, transposed=False)
 
     # ---- linear -------------------------------------------------------------------------------
     def linear_fwd(self, x, weight, bias, pattern):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import LAYOUTS, normalize_block_size
+from ..formats import LAYOUTS, _native, as_matrix, checked_block_grid, normalize_block_size, pattern_block, seed_pattern
 from ..masks import check_sparsity, magnitude_mask
 
 
@@ -69,29 +69,67 @@ class SparseMixin:
                 at zero and ``to_dense`` and the stored weight agree.
         """
         new = _as_bool_mask(mask, self.weight, "mask")
-        if self.layout == "block":
-            from ..formats import pattern_of
-
-            pattern_of(new, "block", self.block_size)  # raises if not constant on the tiles
-        old = self.weight_mask.clone()
-        if grad_mask is None:
-            g = (self.grad_mask & new) | (new & ~old)
-        else:
-            g = _as_bool_mask(grad_mask, self.weight, "grad_mask")
-            if bool((g & ~new).any()):
-                raise ValueError("grad_mask: must be a subset of mask (a gradient only exists where a weight does)")
-        self.weight_mask.copy_(new)
-        self.grad_mask.copy_(g)
-        if zero_pruned:
-            self.weight.masked_fill_(~new, 0)
+        grid = None
+        if self.layout == "block":  # raises if not constant on the tiles
+            grid = checked_block_grid(as_matrix(new), *pattern_block(new, "block", self.block_size))
+        g = None if grad_mask is None else _as_bool_mask(grad_mask, self.weight, "grad_mask")
+        equal = self._write_masks(
+            new, g, zero_pruned, "grad_mask: must be a subset of mask (a gradient only exists where a weight does)"
+        )
+        self._seed_patterns(grid, equal)
 
     @torch.no_grad()
     def set_grad_mask(self, mask) -> None:
         """Replace the gradient mask ``G``; it must be a subset of ``weight_mask``."""
         g = _as_bool_mask(mask, self.weight, "mask")
-        if bool((g & ~self.weight_mask).any()):
-            raise ValueError("mask: the gradient mask must be a subset of weight_mask")
-        self.grad_mask.copy_(g)
+        equal = self._write_masks(None, g, False, "mask: the gradient mask must be a subset of weight_mask")
+        self._seed_patterns(None, equal)
+
+    def _write_masks(self, new, g, zero_pruned: bool, not_subset: str) -> bool | None:
+        """``M := new`` (``None``: keep ``M``), ``G := g`` or, without ``g``, ``new & (G | ~M)``
+        (kept connections keep their status, new ones are trainable, removed ones leave ``G``);
+        weights outside ``new`` zeroed if ``zero_pruned``.  Raises ``ValueError(not_subset)``
+        before writing anything if ``g`` is not a subset of the new ``M``.  Returns whether
+        ``G == M`` afterwards when that came for free (the C++ pass), else ``None``."""
+        w, M, G = self.weight, self.weight_mask, self.grad_mask
+        keep = M if new is None else new
+        ops = _native(keep)
+        ts = [t for t in (keep, M, G, g, w if zero_pruned else None) if t is not None]
+        if ops is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in ts) and (
+            not zero_pruned or w.element_size() in (2, 4, 8)
+        ):
+            code = ops.update_masks_(w, M, G, keep, g, zero_pruned)
+            if code == 0:
+                raise ValueError(not_subset)
+            # the op writes through data pointers: bump the versions that the metadata caches and
+            # autograd's in-place checks read, as copy_ / masked_fill_ do
+            written = [G] if new is None else [M, G]
+            torch.autograd.graph.increment_version(written + [w] if zero_pruned else written)
+            return code == 2
+        if g is None:
+            g = torch.logical_not(M).logical_or_(G).logical_and_(keep)  # new & (G | ~M), one temporary
+        elif bool((g & ~keep).any()):
+            raise ValueError(not_subset)
+        if new is not None:
+            M.copy_(new)
+        G.copy_(g)
+        if zero_pruned:
+            w.masked_fill_(~new, 0)
+        return None
+
+    def _seed_patterns(self, grid, equal: bool | None) -> None:
+        """Cache the patterns the next forward asks for from what the mask update already knows
+        (the tile grid of the checked block mask, whether ``G == M``), so it does not recompute them."""
+        from ..ops._common import seed_grad_pattern, weight_pattern
+
+        if grid is not None:  # a block mask just written from the one checked: no second check
+            pat = seed_pattern(self.weight_mask, self.layout, self.block_size, grid)
+        elif equal is None:
+            return
+        else:
+            pat = weight_pattern(self.weight_mask, self.layout, self.block_size)
+        if equal is not None:
+            seed_grad_pattern(pat, self.grad_mask, equal)
 
     def density(self) -> float:
         """Fraction of weights in ``weight_mask``."""
@@ -106,7 +144,21 @@ class SparseMixin:
 
     def selected_backend(self, device=None, dtype=None) -> str:
         """Name of the backend this layer's next call would run on (``device``/``dtype``: the weight's)."""
-        from .._backends import CallInfo, ConvParams, select_backend
+        from .._backends import select_backend
+
+        return select_backend(self._call_info(device, dtype)[0], self.backend).name
+
+    def _prepare_metadata(self, batch: int | None = None) -> None:
+        """Build the index metadata the next forward and backward read on the selected backend
+        (``batch``: rows of a linear layer's input), as the first call after a mask change would."""
+        from .._backends import select_backend
+
+        info, pattern, gpattern = self._call_info()
+        select_backend(info, self.backend).prepare(info, pattern, gpattern, batch)
+
+    def _call_info(self, device=None, dtype=None):
+        """``(CallInfo, weight pattern, gradient pattern)`` of this layer's next call."""
+        from .._backends import CallInfo, ConvParams
         from ..ops._common import grad_pattern, weight_pattern
 
         pattern = weight_pattern(self.weight_mask, self.layout, self.block_size)
@@ -119,7 +171,7 @@ class SparseMixin:
         info = CallInfo(op, torch.device(device) if device is not None else self.weight.device,
                         dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
                         tuple(self.weight.shape))
-        return select_backend(info, self.backend).name
+        return info, pattern, gpattern
 
     def _note_choice(self) -> None:
         """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import LAYOUTS, Pattern, is_block_constant, pattern_of
+from ..formats import LAYOUTS, Pattern, block_grid, pattern_of
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,15 +58,33 @@ def grad_pattern(pattern: Pattern, grad_mask) -> Pattern:
         return pattern
     if isinstance(grad_mask, Pattern):
         return grad_mask
+    return _grad_entry(pattern, grad_mask, lambda: _effective_grad_pattern(pattern, grad_mask & pattern.mask, None))
+
+
+def seed_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor, equal: bool) -> Pattern:
+    """Cache what :func:`grad_pattern` returns, for a caller that has just written ``grad_mask``
+    as a subset of ``pattern.mask`` and knows whether the two are ``equal`` (saves the
+    ``G & M`` pass and the comparison at the next call)."""
+    # not equal: G & M == G, as a tensor of its own (metadata is built lazily, maybe after a
+    # later write to grad_mask)
+    return _grad_entry(pattern, grad_mask, lambda: _effective_grad_pattern(pattern, None if equal else grad_mask.clone(), equal))
+
+
+def _grad_entry(pattern: Pattern, grad_mask: torch.Tensor, build) -> Pattern:
     key = ("grad_pattern", pattern.layout, pattern.block_size)
-    return pattern.derived(key, lambda: _effective_grad_pattern(pattern, grad_mask), deps=(grad_mask, pattern.mask))
+    return pattern.derived(key, build, deps=(grad_mask, pattern.mask))
 
 
-def _effective_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor) -> Pattern:
-    m = pattern.mask
-    eff = grad_mask & m
-    if torch.equal(eff, m):
+def _effective_grad_pattern(pattern: Pattern, eff: torch.Tensor | None, equal: bool | None) -> Pattern:
+    """The pattern of ``eff = G & M`` (``equal``: whether it is ``M``, ``None``: not known yet)."""
+    if equal is None:
+        equal = torch.equal(eff, pattern.mask)
+    if equal:
         return pattern
-    if pattern.layout == "block" and is_block_constant(eff.reshape(eff.shape[0], -1), pattern.block_size):
-        return Pattern(eff, "block", pattern.block_size)
+    if pattern.layout == "block":
+        grid, constant = block_grid(eff.reshape(eff.shape[0], -1), *pattern.block_size)
+        if constant:  # the tile grid is kept for bsr()
+            pat = Pattern(eff, "block", pattern.block_size)
+            pat.derived(("block_grid", pat.block_size), lambda: grid)
+            return pat
     return Pattern(eff, "unstructured", None)

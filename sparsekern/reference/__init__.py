@@ -74,6 +74,9 @@ class ReferenceBackend(Backend):
     def supports(self, info: CallInfo) -> tuple[bool, str]:
         return True, ""
 
+    def prepare(self, info, pattern, grad_pattern, batch=None) -> None:
+        pass  # reads the masks themselves: no index metadata
+
     def linear_fwd(self, x, weight, bias, pattern):
         return linear_fwd(x, weight, bias, pattern.mask)
 
