@@ -104,6 +104,14 @@ class DenseBackend(Backend):
             list(input_shape), self._w(weight, pattern), dy, conv.stride, conv.padding, conv.dilation, conv.groups
         )
 
+    def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
+        """Both gradients from one ``convolution_backward`` call, as autograd's own conv does."""
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, self._w(weight, pattern), None, list(conv.stride), list(conv.padding), list(conv.dilation),
+            False, [0, 0], conv.groups, [True, True, False],
+        )
+        return dx, self._g(dw, grad_pattern)
+
     def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
         dw = torch.nn.grad.conv2d_weight(
             x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups

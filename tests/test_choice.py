@@ -74,6 +74,9 @@ def test_dense_backend_conv_matches_reference():
     dw = choice.DENSE.conv2d_dw(dy, x, pat, tuple(w.shape), conv)
     torch.testing.assert_close(dw, ref.conv2d_dw(dy, x, m, tuple(w.shape), conv))
     assert torch.all(dw[~m] == 0)
+    dx2, dw2 = choice.DENSE.conv2d_dx_dw(dy, x, w, pat, pat, conv)
+    torch.testing.assert_close(dx2, ref.conv2d_dx(dy, w0, m, tuple(x.shape), conv))
+    torch.testing.assert_close(dw2, dw)
 
 
 def test_tiny_layer_runs_dense_with_the_same_gradients():
@@ -197,3 +200,18 @@ def test_bad_decisions_file(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="path"):
         choice.load_decisions(p)
+
+
+def test_conv_layer_on_the_dense_path_matches_the_spec():
+    torch.manual_seed(0)
+    layer = sk.SparseConv2d(3, 4, 3, stride=2, padding=1, sparsity=0.7)
+    spec = sk.SparseConv2d(3, 4, 3, stride=2, padding=1, backend="reference")
+    spec.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    xs = x.detach().clone().requires_grad_()
+    layer(x).square().sum().backward()
+    spec(xs).square().sum().backward()
+    assert layer.last_choice.path == "dense"
+    torch.testing.assert_close(layer.weight.grad, spec.weight.grad)
+    torch.testing.assert_close(x.grad, xs.grad)
+    assert torch.all(layer.weight.grad[~layer.weight_mask] == 0)

@@ -34,10 +34,14 @@ class Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = _dense_layout(dy, ctx.backend)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = ctx.backend.conv2d_dx(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
-        if ctx.needs_input_grad[1]:
-            dw = ctx.backend.conv2d_dw(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
+        fused = getattr(ctx.backend, "conv2d_dx_dw", None)
+        if fused is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            dx, dw = fused(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.conv)
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = ctx.backend.conv2d_dx(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
+            if ctx.needs_input_grad[1]:
+                dw = ctx.backend.conv2d_dw(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None, None, None, None
