@@ -12,12 +12,15 @@ one).  Switches, read from the environment:
   SPARSEKERN_CUDA=1     also compile the CUDA kernels (csrc/cuda/sparse_cuda.cu) into sparsekern._C;
                         needs a CUDA build of torch and nvcc.  Off by default.
   SPARSEKERN_DEBUG=1    -O0 -g instead of -O3.
-  SPARSEKERN_REQUIRE_BUILD=1  make a failed compile fail the install (default: fall back to the
-                        pure-Python package with a message).
+  SPARSEKERN_STRICT=1   (CI=true implies it; SPARSEKERN_REQUIRE_BUILD=1 is its old name) make a
+                        failed compile, or a C++ build skipped for want of torch or a compiler,
+                        fail the install (default: fall back to the pure-Python package with a
+                        message).  The test suite reads the same switch (tests/support.py).
   MAX_JOBS=N            parallel compile jobs (torch's BuildExtension honours it).
 
 When torch or a C++ compiler is missing the extension is skipped with one message and the
-pure-Python package is installed.  Every decision is printed as one ``[sparsekern]`` line.
+pure-Python package is installed (under SPARSEKERN_STRICT the install fails instead).  Every
+decision is printed as one ``[sparsekern]`` line.
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _strict() -> bool:
+    return (
+        _flag("SPARSEKERN_STRICT", "0")
+        or _flag("SPARSEKERN_REQUIRE_BUILD", "0")
+        or os.environ.get("CI", "").strip().lower() == "true"
+    )
+
+
+def _skip_build(msg: str):
+    """No C++ kernels: a message, or under SPARSEKERN_STRICT a failed install."""
+    if _strict():
+        raise SystemExit(f"[sparsekern] {msg}; SPARSEKERN_STRICT=1 (or CI=true) requires the C++ kernels")
+    _say(msg)
+    return [], {}
+
+
 def _extensions():
     if not _flag("SPARSEKERN_CPP", "1"):
         _say("SPARSEKERN_CPP=0: skipping the C++ kernels; installing the pure-Python package")
@@ -47,15 +66,15 @@ def _extensions():
         import torch  # noqa: F401
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # no torch in the build environment (e.g. build isolation)
-        _say(
+        return _skip_build(
             f"torch is not importable ({exc}); skipping the C++ kernels. "
             "Install torch first and use `pip install --no-build-isolation` to build them."
         )
-        return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
-        _say(f"no C++ compiler found ({cxx!r} / g++); skipping the C++ kernels, the reference backend will run")
-        return [], {}
+        return _skip_build(
+            f"no C++ compiler found ({cxx!r} / g++); skipping the C++ kernels, the reference backend will run"
+        )
     _say(f"building the C++ CPU kernels against torch {torch.__version__}")
     debug = _flag("SPARSEKERN_DEBUG", "0")
     cflags = ["-O0", "-g"] if debug else ["-O3"]
@@ -115,7 +134,7 @@ def _extensions():
             try:
                 super().run()
             except Exception as exc:
-                if _flag("SPARSEKERN_REQUIRE_BUILD", "0"):
+                if _strict():
                     raise
                 _say(f"building the C++ kernels failed ({exc}); installing the pure-Python package only")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when its kernels are defined, so it is set here, before any test
-# imports them: without a GPU, tests/test_triton_*.py run the kernels in the interpreter.
+# imports them: without a GPU, the Triton backend's tests run the kernels in the interpreter.
 # The suite checks the kernels themselves: the per-call choice between the sparse kernels and
 # dense compute (sparsekern.choice, default "probe") would send its small test layers to the dense
 # path by timing.  tests/test_choice.py switches it back on where it is the subject.
@@ -13,6 +13,23 @@ os.environ.setdefault("SPARSEKERN_AUTO", "off")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests import support  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+def pytest_configure(config):
+    for name, req in support.REQUIREMENTS.items():
+        strict = " (a failure under SPARSEKERN_STRICT=1 / CI=true)" if req.strict else ""
+        config.addinivalue_line("markers", f"{name}: needs {req.what}; skipped without{strict}")
+
+
+def pytest_collection_modifyitems(config, items):
+    support.skip_unmet(items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    support.check_strict(item)
 
 
 @pytest.fixture(autouse=True)
@@ -24,16 +41,17 @@ def _seed():
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, CI={os.environ.get('CI', '')!r}"
+    return (
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CI={os.environ.get('CI', '')!r}, "
+        f"strict={support.STRICT}, backends under test: {', '.join(support.BACKENDS)}"
+    )
 
 
 @pytest.fixture
 def need_cpp():
-    """Skip without a built ``sparsekern._C``; fail instead under ``CI=true`` / ``SPARSEKERN_REQUIRE_CPP=1``."""
-    from sparsekern.kernels import cpu as cppmod
-
-    ok, why = cppmod.load_library()
+    """Skip without a built ``sparsekern._C``; fail instead under ``SPARSEKERN_STRICT=1`` / ``CI=true``."""
+    ok, why = support.cpp_status()
     if not ok:
-        if os.environ.get("CI", "").lower() == "true" or os.environ.get("SPARSEKERN_REQUIRE_CPP", "") == "1":
-            pytest.fail(f"sparsekern._C is required here (CI / SPARSEKERN_REQUIRE_CPP) but not usable: {why}")
+        if support.STRICT:
+            pytest.fail(f"sparsekern._C is required here (SPARSEKERN_STRICT / CI) but not usable: {why}")
         pytest.skip(f"C++ kernels not built: {why}")

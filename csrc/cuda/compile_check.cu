@@ -1,5 +1,5 @@
 // Instantiates every kernel template of sparse_kernels.cuh for each dtype and index type, so
-// `nvcc -c csrc/cuda/compile_check.cu` checks the kernel bodies without torch (tests/test_cuda_compile.py).
+// `nvcc -c csrc/cuda/compile_check.cu` checks the kernel bodies without torch (tests/backends/test_cuda.py).
 #include "sparse_kernels.cuh"
 
 namespace sparsekern_cuda {
