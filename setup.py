@@ -95,7 +95,9 @@ def _extensions():
         cflags.append("-march=native")
         _say("SPARSEKERN_NATIVE=1: adding -march=native")
     else:
-        _say("portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)")
+        _say(
+            "portable build: run-time dispatch between AVX-512 / AVX2 / baseline (SPARSEKERN_NATIVE=1 for -march=native)"
+        )
     # the longest compiles first (ninja starts them in about this order)
     sources = [
         "csrc/cpu/kernels.cpp",

@@ -28,6 +28,7 @@ def test_case(benchmark, case):
         density=prep.density, flops=prep.flops, threads=torch.get_num_threads(),
     )  # fmt: skip
     if case.device == "cuda":
+
         def fn():
             prep.fn()
             torch.cuda.synchronize()

@@ -51,8 +51,7 @@ def grid(name: str) -> dict[str, dict]:
     if name == "val":
         return {k: {**v, "validation": 0.1} for k, v in _variants_val().items()}
     if name == "main":
-        rows = {"DER++ (dense)": {"method": "derpp", "sparsity": 0.0},
-                "EsaCL-DER++ s=0.8": {**ESACL, "sparsity": 0.8}}
+        rows = {"DER++ (dense)": {"method": "derpp", "sparsity": 0.0}, "EsaCL-DER++ s=0.8": {**ESACL, "sparsity": 0.8}}
         import sparsekern_cl
 
         if "sparcl_derpp" in sparsekern_cl.STRATEGIES:
@@ -66,16 +65,20 @@ def grid(name: str) -> dict[str, dict]:
             rows[f"s={s} EsaCL"] = {**ESACL, "sparsity": s}
         return rows
     if name == "abl08":  # both ablations at s = 0.8 only (the reduced grid)
-        return {"EsaCL": {**ESACL, "sparsity": 0.8},
-                "w/o SA": {**ESACL, "sparsity": 0.8, "esacl_sa": False},
-                "w/o SP": {**ESACL, "sparsity": 0.8, "esacl_sp": False},
-                "w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
-                "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False}}
+        return {
+            "EsaCL": {**ESACL, "sparsity": 0.8},
+            "w/o SA": {**ESACL, "sparsity": 0.8, "esacl_sa": False},
+            "w/o SP": {**ESACL, "sparsity": 0.8, "esacl_sp": False},
+            "w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
+            "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False},
+        }
     if name == "ids":
-        return {"w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
-                "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False},
-                "w/o SSE, w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_sse": False, "esacl_ere": False},
-                "EsaCL": {**ESACL, "sparsity": 0.8}}
+        return {
+            "w/o SSE": {**ESACL, "sparsity": 0.8, "esacl_sse": False},
+            "w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_ere": False},
+            "w/o SSE, w/o ERE": {**ESACL, "sparsity": 0.8, "esacl_sse": False, "esacl_ere": False},
+            "EsaCL": {**ESACL, "sparsity": 0.8},
+        }
     if name == "rho":
         return {f"rho={r}": {**ESACL, "sparsity": 0.8, "esacl_rho": r} for r in (0.0, 0.01, 0.05, 0.5, 2.0)}
     raise ValueError(f"grid: expected one of val, main, sasp, ids, abl08, rho, all, got {name!r}")
@@ -90,8 +93,22 @@ def _worker_init():
 
 
 # the curated CSV of a grid: one row per run
-COLUMNS = ["label", "seed", "overrides", "failed", "task_il", "class_il", "bwt_class_il", "train_flops",
-           "dense_train_flops", "model_sparsity", "model_capacity", "memory_bytes", "wall_clock_s", "command"]
+COLUMNS = [
+    "label",
+    "seed",
+    "overrides",
+    "failed",
+    "task_il",
+    "class_il",
+    "bwt_class_il",
+    "train_flops",
+    "dense_train_flops",
+    "model_sparsity",
+    "model_capacity",
+    "memory_bytes",
+    "wall_clock_s",
+    "command",
+]
 METRICS = ("task_il", "class_il", "bwt_class_il", "wall_clock_s", "train_flops", "model_capacity", "model_sparsity")
 
 
@@ -104,11 +121,16 @@ def _one(job):
     except ValueError as exc:  # a diverged run (NaN step) is reported, not hidden
         return {"label": label, "seed": seed, "overrides": overrides, "failed": str(exc)}
     return {
-        "label": label, "seed": seed, "overrides": overrides,
-        "task_il": res["avg_acc"]["task_il"], "class_il": res["avg_acc"]["class_il"],
+        "label": label,
+        "seed": seed,
+        "overrides": overrides,
+        "task_il": res["avg_acc"]["task_il"],
+        "class_il": res["avg_acc"]["class_il"],
         "bwt_class_il": res["bwt"]["class_il"],
-        "train_flops": res["train_flops"], "dense_train_flops": res["dense_train_flops"],
-        "model_sparsity": res["model_sparsity"], "model_capacity": res["model_capacity"],
+        "train_flops": res["train_flops"],
+        "dense_train_flops": res["dense_train_flops"],
+        "model_sparsity": res["model_sparsity"],
+        "model_capacity": res["model_capacity"],
         "memory_bytes": res["memory_footprint"]["total_bytes"],
         "wall_clock_s": res["wall_clock_s"],
     }
@@ -147,14 +169,19 @@ def _significant(rows: list[dict], key: str) -> tuple[int, list[str]]:
 
 
 def to_markdown(name: str, rows: list[dict], command: str) -> str:
-    lines = [f"# EsaCL — grid `{name}` (embedded MNIST subset, 5 tasks, MLP 2x100, 1 epoch/task, buffer 200)",
-             "", f"Command: `{command}`", "",
-             "Accuracy: average over tasks after the last task, mean ± std over seeds. FLOPs: counted training "
-             "FLOPs (×10⁹); `vs DER++` = ratio to dense DER++'s counted FLOPs (same seeds). Capacity: eq. 6.24 "
-             "(%). Wall-clock: measured training time of each run (s).", "",
-             "| variant | seeds | Task-IL | Class-IL | BWT (Class-IL) | train GFLOPs | FLOPs vs DER++ | capacity % "
-             "| memory MB | wall-clock s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# EsaCL — grid `{name}` (embedded MNIST subset, 5 tasks, MLP 2x100, 1 epoch/task, buffer 200)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Accuracy: average over tasks after the last task, mean ± std over seeds. FLOPs: counted training "
+        "FLOPs (×10⁹); `vs DER++` = ratio to dense DER++'s counted FLOPs (same seeds). Capacity: eq. 6.24 "
+        "(%). Wall-clock: measured training time of each run (s).",
+        "",
+        "| variant | seeds | Task-IL | Class-IL | BWT (Class-IL) | train GFLOPs | FLOPs vs DER++ | capacity % "
+        "| memory MB | wall-clock s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if not r["n"]:
             lines.append(f"| {r['label']} | 0 ({r['failed']} diverged) |" + " – |" * 8)
@@ -165,19 +192,27 @@ def to_markdown(name: str, rows: list[dict], command: str) -> str:
 
         vs = f"{r['flops_vs_dense_derpp']:.2f}" if "flops_vs_dense_derpp" in r else "–"
         seeds = f"{r['n']}" + (f" (+{r['failed']} diverged)" if r["failed"] else "")
-        lines.append(f"| {r['label']} | {seeds} | {f('task_il')} | {f('class_il')} | {f('bwt_class_il')} | "
-                     f"{f('train_flops', 2, 1e-9)} | {vs} | {100 * r['model_capacity'][0]:.1f} | {r['memory_mb']:.2f} | "
-                     f"{f('wall_clock_s')} |")
+        lines.append(
+            f"| {r['label']} | {seeds} | {f('task_il')} | {f('class_il')} | {f('bwt_class_il')} | "
+            f"{f('train_flops', 2, 1e-9)} | {vs} | {100 * r['model_capacity'][0]:.1f} | {r['memory_mb']:.2f} | "
+            f"{f('wall_clock_s')} |"
+        )
     ok = [r for r in rows if r["n"]]
     if any(r["n"] < 2 for r in ok):
-        lines += ["", "Fewer than two seeds in some rows: no seed-to-seed spread, so no difference here can be "
-                  "called larger than noise."]
+        lines += [
+            "",
+            "Fewer than two seeds in some rows: no seed-to-seed spread, so no difference here can be "
+            "called larger than noise.",
+        ]
         return "\n".join(lines) + "\n"
     lines += ["", RULE]
     for key, title in (("task_il", "Task-IL"), ("class_il", "Class-IL")):
         n, notes = _significant(ok, key)
-        lines += ["", f"{title}, significant differences among the {n} pairs: "
-                  + ("; ".join(notes) if notes else "none (every difference is within noise)")]
+        lines += [
+            "",
+            f"{title}, significant differences among the {n} pairs: "
+            + ("; ".join(notes) if notes else "none (every difference is within noise)"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -219,8 +254,11 @@ def _run_grid(name: str, a) -> list[dict]:
             if "failed" in r:
                 print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: FAILED {r['failed']}", flush=True)
                 continue
-            print(f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: Task-IL {r['task_il']:.1f} "
-                  f"Class-IL {r['class_il']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"[{len(runs)}/{len(jobs)}] {r['label']} seed {r['seed']}: Task-IL {r['task_il']:.1f} "
+                f"Class-IL {r['class_il']:.1f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     runs.sort(key=lambda r: (list(g).index(r["label"]), r["seed"]))
     return runs
 

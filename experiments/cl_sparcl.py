@@ -37,8 +37,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "experiments", "results")
 RUNS = os.path.join(ROOT, "experiments", "runs")
 # the curated CSV: one row per run
-COLUMNS = ["key", "label", "method", "sparsity", "buffer", "seed", "extra", "class_il", "task_il", "train_flops",
-           "dense_train_flops", "wall_clock_s", "fc1_grad_density", "command", "platform", "torch", "commit"]
+COLUMNS = [
+    "key",
+    "label",
+    "method",
+    "sparsity",
+    "buffer",
+    "seed",
+    "extra",
+    "class_il",
+    "task_il",
+    "train_flops",
+    "dense_train_flops",
+    "wall_clock_s",
+    "fc1_grad_density",
+    "command",
+    "platform",
+    "torch",
+    "commit",
+]
 
 ABLATION = {
     "TDM": {"sparcl_ddr": False, "sparcl_dgm": False},
@@ -54,13 +71,22 @@ def _jobs(args) -> list[dict]:
             jobs.append({"label": "DER++", "method": "derpp", "sparsity": 0.0, "buffer": buf, "seed": seed})
             jobs.append({"label": "ER", "method": "er", "sparsity": 0.0, "buffer": buf, "seed": seed})
             for sp in args.sparsities:
-                jobs.append({"label": "SparCL-DER++", "method": "sparcl_derpp", "sparsity": sp, "buffer": buf,
-                             "seed": seed})
+                jobs.append(
+                    {"label": "SparCL-DER++", "method": "sparcl_derpp", "sparsity": sp, "buffer": buf, "seed": seed}
+                )
                 jobs.append({"label": "SparCL-ER", "method": "sparcl_er", "sparsity": sp, "buffer": buf, "seed": seed})
                 if buf in args.ablation_buffers:
                     for name, kw in ABLATION.items():
-                        jobs.append({"label": name, "method": "sparcl_derpp", "sparsity": sp, "buffer": buf,
-                                     "seed": seed, "extra": kw})
+                        jobs.append(
+                            {
+                                "label": name,
+                                "method": "sparcl_derpp",
+                                "sparsity": sp,
+                                "buffer": buf,
+                                "seed": seed,
+                                "extra": kw,
+                            }
+                        )
     for j in jobs:
         j["key"] = f"{j['label']}|s{j['sparsity']}|b{j['buffer']}|seed{j['seed']}"
     return jobs
@@ -77,15 +103,29 @@ def _run(job_and_cfg) -> dict:
     job, config_path, epochs = job_and_cfg
     import sparsekern_cl
 
-    cfg = {"config": config_path, "method": job["method"], "sparsity": job["sparsity"],
-           "buffer_size": job["buffer"], "seed": job["seed"], "threads": 1, "progress": False, "plots": False,
-           **job.get("extra", {})}
+    cfg = {
+        "config": config_path,
+        "method": job["method"],
+        "sparsity": job["sparsity"],
+        "buffer_size": job["buffer"],
+        "seed": job["seed"],
+        "threads": 1,
+        "progress": False,
+        "plots": False,
+        **job.get("extra", {}),
+    }
     if epochs:
         cfg["epochs"] = epochs
     r = sparsekern_cl.run(cfg)
-    return {**job, "class_il": r["avg_acc"]["class_il"], "task_il": r["avg_acc"]["task_il"],
-            "train_flops": r["train_flops"], "dense_train_flops": r["dense_train_flops"],
-            "wall_clock_s": r["wall_clock_s"], "fc1_grad_density": r["layers"].get("fc1", {"grad": 1.0})["grad"]}
+    return {
+        **job,
+        "class_il": r["avg_acc"]["class_il"],
+        "task_il": r["avg_acc"]["task_il"],
+        "train_flops": r["train_flops"],
+        "dense_train_flops": r["dense_train_flops"],
+        "wall_clock_s": r["wall_clock_s"],
+        "fc1_grad_density": r["layers"].get("fc1", {"grad": 1.0})["grad"],
+    }
 
 
 def _flat(rec: dict) -> dict:
@@ -110,21 +150,31 @@ def _table(records: dict, args, command: str, env: dict) -> str:
     recs = list(records.values())
 
     def pick(label, sp, buf):
-        return {r["seed"]: r for r in recs if r["label"] == label and r["buffer"] == buf
-                and (r["sparsity"] == sp or label in ("DER++", "ER"))}
+        return {
+            r["seed"]: r
+            for r in recs
+            if r["label"] == label and r["buffer"] == buf and (r["sparsity"] == sp or label in ("DER++", "ER"))
+        }
 
-    lines = [f"# SparCL on the embedded MNIST subset ({args.preset} preset)", "",
-             f"Command: `{command}`", "",
-             f"Config: `{args.config}` (epochs per task: {args.epochs or 'from the config'}); "
-             f"seeds {args.seeds}; one torch thread per run, {args.workers} runs at once.",
-             f"Machine: {env['platform']}, torch {env['torch']}, commit {env['commit']}.", "",
-             "Accuracies are the final average accuracy (%) over the 5 tasks, mean ± std over seeds. "
-             "FLOPs: training FLOPs counted from the densities actually used (weight mask in forward and "
-             "input gradient, gradient mask in the weight gradient, removed examples, extra passes), "
-             "relative to dense DER++ of the same buffer. Wall-clock ratio: dense DER++ training time / "
-             "this run's, paired by seed (same process pool, same load). Δ Class-IL: difference to dense "
-             "DER++ (this − dense), mean ± std of the per-seed differences, and its p-value; the comparisons "
-             f"with DER++ of one section are one family. {RULE} Significant differences are **bold**.", ""]
+    lines = [
+        f"# SparCL on the embedded MNIST subset ({args.preset} preset)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Config: `{args.config}` (epochs per task: {args.epochs or 'from the config'}); "
+        f"seeds {args.seeds}; one torch thread per run, {args.workers} runs at once.",
+        f"Machine: {env['platform']}, torch {env['torch']}, commit {env['commit']}.",
+        "",
+        "Accuracies are the final average accuracy (%) over the 5 tasks, mean ± std over seeds. "
+        "FLOPs: training FLOPs counted from the densities actually used (weight mask in forward and "
+        "input gradient, gradient mask in the weight gradient, removed examples, extra passes), "
+        "relative to dense DER++ of the same buffer. Wall-clock ratio: dense DER++ training time / "
+        "this run's, paired by seed (same process pool, same load). Δ Class-IL: difference to dense "
+        "DER++ (this − dense), mean ± std of the per-seed differences, and its p-value; the comparisons "
+        f"with DER++ of one section are one family. {RULE} Significant differences are **bold**.",
+        "",
+    ]
+
     def sections(buffers):  # (buffer, sparsity, dense DER++ runs by seed) that have a baseline
         for buf in buffers:
             for sp in args.sparsities:
@@ -132,10 +182,13 @@ def _table(records: dict, args, command: str, env: dict) -> str:
                     yield buf, sp, pick("DER++", sp, buf)
 
     for buf, sp, base in sections(args.buffers):
-        lines += [f"## buffer {buf}, sparsity {sp}", "",
-                  "| method | Class-IL | Task-IL | Δ Class-IL vs DER++ | p (Holm) | train FLOPs (×dense DER++) "
-                  "| wall-clock ratio (DER++ / this) | n |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## buffer {buf}, sparsity {sp}",
+            "",
+            "| method | Class-IL | Task-IL | Δ Class-IL vs DER++ | p (Holm) | train FLOPs (×dense DER++) "
+            "| wall-clock ratio (DER++ / this) | n |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         present = [(label, pick(label, sp, buf)) for label in ("DER++", "SparCL-DER++", "ER", "SparCL-ER", *ABLATION)]
         present = [(label, rows) for label, rows in present if set(rows) & set(base)]
         family = compare_paired([(label, "DER++", {s: r["class_il"] for s, r in rows.items() if s in base},
@@ -155,23 +208,35 @@ def _table(records: dict, args, command: str, env: dict) -> str:
                 if c["significant"]:
                     dtxt = f"**{dtxt}**"
             name = label if label in ("DER++", "ER", "SparCL-DER++", "SparCL-ER") else f"SparCL-DER++ ({label})"
-            lines.append(f"| {name} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | {dtxt} | {ptxt} | "
-                         f"{fmt_mean_std(fl, 3)} | {fmt_mean_std(wc)} | {len(seeds)} |")
+            lines.append(
+                f"| {name} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | {dtxt} | {ptxt} | "
+                f"{fmt_mean_std(fl, 3)} | {fmt_mean_std(wc)} | {len(seeds)} |"
+            )
         lines.append("")
     # ablation in the paper's form
     for buf, sp, base in sections(args.ablation_buffers):
-        lines += [f"## Ablation (paper's form), SparCL-DER++, buffer {buf}, sparsity {sp}", "",
-                  "| TDM | DDR | DGM | Class-IL | Task-IL | train FLOPs (×dense) | weight-grad density (fc1) |",
-                  "|---|---|---|---|---|---|---|"]
-        for flags, label in (("✗ ✗ ✗", "DER++"), ("✓ ✗ ✗", "TDM"), ("✓ ✓ ✗", "TDM+DDR"),
-                             ("✓ ✗ ✓", "TDM+DGM"), ("✓ ✓ ✓", "SparCL-DER++")):
+        lines += [
+            f"## Ablation (paper's form), SparCL-DER++, buffer {buf}, sparsity {sp}",
+            "",
+            "| TDM | DDR | DGM | Class-IL | Task-IL | train FLOPs (×dense) | weight-grad density (fc1) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for flags, label in (
+            ("✗ ✗ ✗", "DER++"),
+            ("✓ ✗ ✗", "TDM"),
+            ("✓ ✓ ✗", "TDM+DDR"),
+            ("✓ ✗ ✓", "TDM+DGM"),
+            ("✓ ✓ ✓", "SparCL-DER++"),
+        ):
             rows = pick(label, sp, buf)
             seeds, ci, ti, fl = _against(rows, base)
             if not seeds:
                 continue
             gd = statistics.fmean(rows[s]["fc1_grad_density"] for s in seeds)
-            lines.append(f"| {' | '.join(flags.split())} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | "
-                         f"{fmt_mean_std(fl, 3)} | {gd:.3f} |")
+            lines.append(
+                f"| {' | '.join(flags.split())} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | "
+                f"{fmt_mean_std(fl, 3)} | {gd:.3f} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -216,8 +281,13 @@ def main(argv=None) -> None:
         import torch
 
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        env = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-               "commit": commit, "cpu_count": os.cpu_count()}
+        env = {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "commit": commit,
+            "cpu_count": os.cpu_count(),
+        }
         command = table_command("experiments/cl_sparcl.py", argv if argv is not None else sys.argv[1:])
 
     def save():

@@ -107,8 +107,17 @@ class DenseBackend(Backend):
     def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
         """Both gradients from one ``convolution_backward`` call, as autograd's own conv does."""
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, self._w(weight, pattern), None, list(conv.stride), list(conv.padding), list(conv.dilation),
-            False, [0, 0], conv.groups, [True, True, False],
+            dy,
+            x,
+            self._w(weight, pattern),
+            None,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [True, True, False],
         )
         return dx, self._g(dw, grad_pattern)
 
@@ -210,9 +219,17 @@ def _persist_file() -> str | None:
 def _key(op, backend, x, weight, pattern, gpattern, conv, training) -> str:
     dens, gdens = pattern.density(), gpattern.density()  # cached with the pattern
     parts = [
-        op, backend.name, str(tuple(weight.shape)), str(tuple(x.shape)), str(x.dtype).replace("torch.", ""),
-        pattern.layout, str(pattern.block_size), f"d{dens:.2f}", f"g{gdens:.2f}",
-        f"t{torch.get_num_threads()}", "train" if training else "infer",
+        op,
+        backend.name,
+        str(tuple(weight.shape)),
+        str(tuple(x.shape)),
+        str(x.dtype).replace("torch.", ""),
+        pattern.layout,
+        str(pattern.block_size),
+        f"d{dens:.2f}",
+        f"g{gdens:.2f}",
+        f"t{torch.get_num_threads()}",
+        "train" if training else "infer",
     ]
     if conv is not None:
         parts.append(f"s{conv.stride}p{conv.padding}d{conv.dilation}g{conv.groups}")
@@ -231,25 +248,31 @@ def _dense_flops(op, x, weight, conv) -> float:
 
 def _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training):
     if op == "linear":
+
         def run():
             be.linear_fwd(x, weight, bias, pattern)
             if training:
                 be.linear_dx(dy, weight, pattern)
                 be.linear_dw(dy, x, gpattern)
     else:
+
         def run():
             be.conv2d_fwd(x, weight, bias, pattern, conv)
             if training:
                 be.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv)
                 be.conv2d_dw(dy, x, gpattern, tuple(weight.shape), conv)
+
     return run
 
 
 def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[float, float]:
     """Median ms of one fwd (+ dx + dw) call on each path, alternating rounds after a warm-up."""
     with torch.no_grad():
-        y = DENSE.linear_fwd(x, weight, bias, pattern) if op == "linear" else DENSE.conv2d_fwd(
-            x, weight, bias, pattern, conv)
+        y = (
+            DENSE.linear_fwd(x, weight, bias, pattern)
+            if op == "linear"
+            else DENSE.conv2d_fwd(x, weight, bias, pattern, conv)
+        )
         dy = torch.randn_like(y) if training else None
         runs = {
             "sparse": _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training),
@@ -257,7 +280,7 @@ def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[
         }
         times: dict[str, list[float]] = {"sparse": [], "dense": []}
         for r in range(PROBE_ROUNDS + 1):
-            for name in (("sparse", "dense") if r % 2 else ("dense", "sparse")):
+            for name in ("sparse", "dense") if r % 2 else ("dense", "sparse"):
                 t0 = time.perf_counter()
                 runs[name]()
                 if r:  # round 0 warms both paths up
@@ -277,8 +300,14 @@ def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how
     ts, td = _probe(op, be, x, weight, bias, pattern, gpattern, conv, training)
     if td >= ts * MARGIN:
         return Decision(key, "sparse", be.name, f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms", ts, td)
-    return Decision(key, "dense", DENSE.name, f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms "
-                    f"(sparse must win by {MARGIN}x)", ts, td)
+    return Decision(
+        key,
+        "dense",
+        DENSE.name,
+        f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms (sparse must win by {MARGIN}x)",
+        ts,
+        td,
+    )
 
 
 def choose(op: str, be: Backend, x, weight, bias, pattern, gpattern, conv: ConvParams | None = None) -> Backend:
@@ -324,8 +353,17 @@ def explain(model: torch.nn.Module, *, file=None) -> list[dict]:
             ran, why = "not run yet", f"automatic; SPARSEKERN_AUTO={mode()}"
         else:
             ran, why = f"{dec.path} ({dec.backend})", dec.reason
-        rows.append({"layer": name or type(m).__name__, "type": type(m).__name__, "shape": tuple(m.weight.shape),
-                     "density": round(m.density(), 4), "layout": m.layout, "runs": ran, "why": why})
+        rows.append(
+            {
+                "layer": name or type(m).__name__,
+                "type": type(m).__name__,
+                "shape": tuple(m.weight.shape),
+                "density": round(m.density(), 4),
+                "layout": m.layout,
+                "runs": ran,
+                "why": why,
+            }
+        )
     if rows:
         w = max(len(r["layer"]) for r in rows)
         lines = [f"{'layer':<{w}}  {'density':>7}  {'runs':<16}  why"]

@@ -37,10 +37,18 @@ def load_digits_tensors(seed: int = 0):
 
 def make_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 2 * 2, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -59,15 +67,18 @@ def main(argv: list[str] | None = None) -> dict:
     xtr, ytr, xte, yte = load_digits_tensors(args.seed)
     model = make_model()
     cfg = SparsityConfig(
-        sparsity=args.sparsity, layout=args.layout,
+        sparsity=args.sparsity,
+        layout=args.layout,
         block_size=args.block_size if args.layout == "block" else None,
     )
     sparsify_(model, cfg, filter_fn=skip_first_and_last(model))
     print(f"sparsekern {sparsekern.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"digits: {len(ytr)} train / {len(yte)} test images; sparsity {args.sparsity} {args.layout}")
     for name, m in sparse_modules(model):
-        print(f"  {name:3s} {type(m).__name__:13s} {tuple(m.weight.shape)!s:18s} density {m.density():.3f} "
-              f"backend {m.selected_backend()}")
+        print(
+            f"  {name:3s} {type(m).__name__:13s} {tuple(m.weight.shape)!s:18s} density {m.density():.3f} "
+            f"backend {m.selected_backend()}"
+        )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -86,10 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     dens = {n: m.density() for n, m in sparse_modules(model)}
-    print(f"trained {args.steps} steps in {elapsed:.1f}s: loss {first_loss:.3f} -> {last_loss:.3f}, "
-          f"test accuracy {acc:.3f}")
-    print("densities after training (unchanged by the optimizer): "
-          + ", ".join(f"{n}={d:.3f}" for n, d in dens.items()))
+    print(
+        f"trained {args.steps} steps in {elapsed:.1f}s: loss {first_loss:.3f} -> {last_loss:.3f}, "
+        f"test accuracy {acc:.3f}"
+    )
+    print(
+        "densities after training (unchanged by the optimizer): " + ", ".join(f"{n}={d:.3f}" for n, d in dens.items())
+    )
     return {"accuracy": acc, "first_loss": first_loss, "last_loss": last_loss, "densities": dens, "seconds": elapsed}
 
 

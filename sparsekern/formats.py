@@ -225,8 +225,10 @@ class MetaCache:
         key = _as_key(key)
         sig = tuple((d, d._version) for d in deps)
         hit = self._items.get(key)
-        if hit is not None and len(hit[0]) == len(sig) and all(
-            a is b and va == vb for (a, va), (b, vb) in zip(hit[0], sig)
+        if (
+            hit is not None
+            and len(hit[0]) == len(sig)
+            and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[0], sig))
         ):
             return hit[1]
         value = build()
@@ -602,7 +604,9 @@ class Pattern:
 
     def block_grid(self) -> torch.Tensor:
         """The tile-any grid of a block pattern (``("block_grid", block)`` in its cache)."""
-        return self.derived(("block_grid", self.block_size), lambda: block_mask_of_matrix(self.matrix, *self.block_size))
+        return self.derived(
+            ("block_grid", self.block_size), lambda: block_mask_of_matrix(self.matrix, *self.block_size)
+        )
 
     def density(self) -> float:
         n = self.mask.numel()
@@ -723,7 +727,11 @@ def to_torch_sparse_csr(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     w = as_matrix(weight)
     values = w[meta.row_ids(), meta.col_indices.long()]
     return torch.sparse_csr_tensor(
-        meta.crow_indices.long(), meta.col_indices.long(), values, size=meta.shape, dtype=weight.dtype,
+        meta.crow_indices.long(),
+        meta.col_indices.long(),
+        values,
+        size=meta.shape,
+        dtype=weight.dtype,
         check_invariants=True,
     )
 
@@ -750,7 +758,11 @@ def to_torch_sparse_bsr(weight: torch.Tensor, mask: torch.Tensor, block_size) ->
     tiles = w.reshape(rb, bo, cb, bk).permute(0, 2, 1, 3)
     values = tiles[meta.blocks.row_ids(), meta.blocks.col_indices.long()]
     return torch.sparse_bsr_tensor(
-        meta.crow_indices.long(), meta.col_indices.long(), values, size=tuple(m.shape), dtype=weight.dtype,
+        meta.crow_indices.long(),
+        meta.col_indices.long(),
+        values,
+        size=tuple(m.shape),
+        dtype=weight.dtype,
         check_invariants=True,
     )
 

@@ -108,7 +108,9 @@ def random_mask(
     return _mask_from_scores(score, tuple(shape), 1.0 - s, layout, block_size).to(device or gen_device)
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float, *, layout: str = "unstructured", block_size=None) -> torch.Tensor:
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float, *, layout: str = "unstructured", block_size=None
+) -> torch.Tensor:
     """Keep the ``1 - sparsity`` fraction of ``weight`` with the largest ``|w|`` (tile mean for blocks)."""
     s = check_sparsity(sparsity)
     _check_layout(layout, block_size)

@@ -95,8 +95,22 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("sparsekern::adam_step_masked_")
-    def _(weight, grad, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-          decoupled_weight_decay, maximize):
+    def _(
+        weight,
+        grad,
+        idx,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+        decoupled_weight_decay,
+        maximize,
+    ):
         return None
 
 
@@ -251,8 +265,9 @@ class _SparseStep:
         saved = state_dict.get("state", {})
         indices = {k: s["index"] for k, s in saved.items() if isinstance(s, dict) and "index" in s}
         stripped = dict(state_dict)
-        stripped["state"] = {k: ({n: v for n, v in s.items() if n != "index"} if k in indices else s)
-                             for k, s in saved.items()}
+        stripped["state"] = {
+            k: ({n: v for n, v in s.items() if n != "index"} if k in indices else s) for k, s in saved.items()
+        }
         super().load_state_dict(stripped)  # type: ignore[misc]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -312,9 +327,18 @@ class SGD(_SparseStep, torch.optim.SGD):
         if not params:
             return
         _sgd(
-            params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            has_sparse_grad=has_sparse_grad, foreach=group["foreach"], fused=group["fused"],
+            params,
+            grads,
+            bufs,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            has_sparse_grad=has_sparse_grad,
+            foreach=group["foreach"],
+            fused=group["fused"],
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
@@ -333,15 +357,31 @@ class SGD(_SparseStep, torch.optim.SGD):
             if first:
                 buf = p.new_empty(idx.numel())
             torch.ops.sparsekern.sgd_step_masked_(
-                p, p.grad, idx, buf, lr, momentum, group["dampening"], group["weight_decay"], group["nesterov"],
-                group["maximize"], first,
+                p,
+                p.grad,
+                idx,
+                buf,
+                lr,
+                momentum,
+                group["dampening"],
+                group["weight_decay"],
+                group["nesterov"],
+                group["maximize"],
+                first,
             )
         else:
             values = _gather(p, idx)
             bufs = [buf] if momentum != 0 else []
             _sgd(
-                [values], [_gather(p.grad, idx)], bufs, weight_decay=group["weight_decay"], momentum=momentum,
-                lr=lr, dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                [values],
+                [_gather(p.grad, idx)],
+                bufs,
+                weight_decay=group["weight_decay"],
+                momentum=momentum,
+                lr=lr,
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
                 foreach=group["foreach"],
             )
             _scatter_(p, idx, values)
@@ -395,16 +435,29 @@ class Adam(_SparseStep, torch.optim.Adam):
                 raise ValueError(f"betas[{i}]: expected a float in [0, 1), got {b!r}")
         self._init_sparse(model)
         super().__init__(
-            params, lr, (float(betas[0]), float(betas[1])), eps, weight_decay, amsgrad, maximize=maximize,
-            foreach=foreach, decoupled_weight_decay=decoupled_weight_decay,
+            params,
+            lr,
+            (float(betas[0]), float(betas[1])),
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
 
     def _hyper(self, group) -> dict:
         beta1, beta2 = group["betas"]
         return {
-            "amsgrad": group["amsgrad"], "beta1": beta1, "beta2": beta2, "lr": group["lr"],
-            "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": group["maximize"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"], "foreach": group["foreach"],
+            "amsgrad": group["amsgrad"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "lr": group["lr"],
+            "weight_decay": group["weight_decay"],
+            "eps": group["eps"],
+            "maximize": group["maximize"],
+            "decoupled_weight_decay": group["decoupled_weight_decay"],
+            "foreach": group["foreach"],
         }
 
     def _dense_step(self, group, dense) -> None:
@@ -426,15 +479,31 @@ class Adam(_SparseStep, torch.optim.Adam):
             state["step"] += 1
             beta1, beta2 = group["betas"]
             torch.ops.sparsekern.adam_step_masked_(
-                p, p.grad, idx, state["exp_avg"], state["exp_avg_sq"], vmax, float(group["lr"]), beta1, beta2,
-                group["eps"], group["weight_decay"], state["step"].item(), group["decoupled_weight_decay"],
+                p,
+                p.grad,
+                idx,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                vmax,
+                float(group["lr"]),
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+                state["step"].item(),
+                group["decoupled_weight_decay"],
                 group["maximize"],
             )
             return
         values = _gather(p, idx)
         _adam(
-            [values], [_gather(p.grad, idx)], [state["exp_avg"]], [state["exp_avg_sq"]],
-            [vmax] if vmax is not None else [], [state["step"]], **self._hyper(group),
+            [values],
+            [_gather(p.grad, idx)],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            [vmax] if vmax is not None else [],
+            [state["step"]],
+            **self._hyper(group),
         )
         _scatter_(p, idx, values)
 
@@ -461,8 +530,16 @@ class AdamW(Adam):
         model: nn.Module,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
-            decoupled_weight_decay=True, model=model,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            decoupled_weight_decay=True,
+            model=model,
         )
 
     def __setstate__(self, state):

@@ -64,11 +64,18 @@ def sparsify_backbone(
     else:
         keep = tuple(keep_dense or ())
     cfg = sparsekern.SparsityConfig(
-        sparsity=sparsity, distribution=distribution, method=init, layout=layout,
-        block_size=block_size if layout == "block" else None, backend=backend, seed=seed, keep_dense=keep,
+        sparsity=sparsity,
+        distribution=distribution,
+        method=init,
+        layout=layout,
+        block_size=block_size if layout == "block" else None,
+        backend=backend,
+        seed=seed,
+        keep_dense=keep,
     )
-    dense_sq = {n: m.weight.detach().pow(2).sum() for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d))}
+    dense_sq = {
+        n: m.weight.detach().pow(2).sum() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
     sparsekern.sparsify_(model, cfg)
     if rescale:
         with torch.no_grad():

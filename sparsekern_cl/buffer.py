@@ -83,8 +83,15 @@ class ReservoirBuffer:
         return self.x[idx], self.y[idx], logits, self.task[idx]
 
     def state_dict(self) -> dict:
-        return {"size": self.size, "seen": self.seen, "generator": self.generator.get_state(),
-                "x": self.x, "y": self.y, "logits": self.logits, "task": self.task}
+        return {
+            "size": self.size,
+            "seen": self.seen,
+            "generator": self.generator.get_state(),
+            "x": self.x,
+            "y": self.y,
+            "logits": self.logits,
+            "task": self.task,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != self.size:

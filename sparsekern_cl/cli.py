@@ -16,16 +16,20 @@ def _flops(x: float) -> str:
 
 def _line(label: str, res: dict) -> str:
     a = res["avg_acc"]
-    return (f"{label:8s} Class-IL {a['class_il']:6.2f} %   Task-IL {a['task_il']:6.2f} %   "
-            f"train FLOPs {_flops(res['train_flops'])} (dense-equivalent {_flops(res['dense_train_flops'])})   "
-            f"train time {res['wall_clock_s']:.1f} s")
+    return (
+        f"{label:8s} Class-IL {a['class_il']:6.2f} %   Task-IL {a['task_il']:6.2f} %   "
+        f"train FLOPs {_flops(res['train_flops'])} (dense-equivalent {_flops(res['dense_train_flops'])})   "
+        f"train time {res['wall_clock_s']:.1f} s"
+    )
 
 
 def format_summary(res: dict) -> str:
     """A few human-readable lines about a finished (or stopped) run."""
     c = res["config"]
-    head = (f"{c['method']} on {c['dataset']} ({res['scenario']['n_tasks']} tasks, {c['backbone']}, "
-            f"{c['epochs']} epoch(s)/task, seed {c['seed']}, eval on {res['scenario']['eval_split']})")
+    head = (
+        f"{c['method']} on {c['dataset']} ({res['scenario']['n_tasks']} tasks, {c['backbone']}, "
+        f"{c['epochs']} epoch(s)/task, seed {c['seed']}, eval on {res['scenario']['eval_split']})"
+    )
     if not res["complete"]:
         return head + f"\nstopped after {res['tasks_done']} of {res['scenario']['n_tasks']} tasks; resume with --resume"
     lines = [head]
@@ -33,16 +37,20 @@ def format_summary(res: dict) -> str:
     if "dense_reference" in res:
         lines.append(_line("dense", res["dense_reference"]))
         lines.append(_line(f"{c['sparsity']:.0%} sp.", res))
-        lines.append(f"sparse layers ran on: {', '.join(backends) or 'none'}; "
-                     f"FLOPs ratio dense/sparse {res['dense_reference']['train_flops'] / res['train_flops']:.2f}x; "
-                     f"measured wall-clock ratio dense/sparse {res['wall_clock_ratio']:.2f}x "
-                     f"({res['environment']['torch_threads']} threads)")
+        lines.append(
+            f"sparse layers ran on: {', '.join(backends) or 'none'}; "
+            f"FLOPs ratio dense/sparse {res['dense_reference']['train_flops'] / res['train_flops']:.2f}x; "
+            f"measured wall-clock ratio dense/sparse {res['wall_clock_ratio']:.2f}x "
+            f"({res['environment']['torch_threads']} threads)"
+        )
     else:
         lines.append(_line("result", res))
         if backends:
             lines.append(f"sparse layers ran on: {', '.join(backends)}; model sparsity {res['model_sparsity']:.3f}")
-    lines.append(f"BWT Class-IL {res['bwt']['class_il']:.2f}  Task-IL {res['bwt']['task_il']:.2f};  "
-                 f"FWT Class-IL {res['fwt']['class_il']:.2f}  Task-IL {res['fwt']['task_il']:.2f}")
+    lines.append(
+        f"BWT Class-IL {res['bwt']['class_il']:.2f}  Task-IL {res['bwt']['task_il']:.2f};  "
+        f"FWT Class-IL {res['fwt']['class_il']:.2f}  Task-IL {res['fwt']['task_il']:.2f}"
+    )
     if c.get("output_dir"):
         lines.append(f"results: {c['output_dir']}/results.json")
     return "\n".join(lines)

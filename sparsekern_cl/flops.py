@@ -160,8 +160,7 @@ class FlopCounter:
 
     def snapshot(self) -> dict:
         """Totals as a plain dict (also what checkpoints store)."""
-        return {"totals": dict(self.totals), "dense_totals": dict(self.dense_totals),
-                "per_layer": dict(self.per_layer)}
+        return {"totals": dict(self.totals), "dense_totals": dict(self.dense_totals), "per_layer": dict(self.per_layer)}
 
     def load_snapshot(self, snap: dict) -> None:
         self.totals = dict(snap["totals"])
@@ -213,7 +212,9 @@ def memory_footprint(model: nn.Module, input_shape, batch_rows: int, bytes_per_v
     acts *= batch_rows
     b = bytes_per_value
     return {
-        "weights_bytes": w * b, "grads_bytes": g * b, "activations_bytes": acts * b,
+        "weights_bytes": w * b,
+        "grads_bytes": g * b,
+        "activations_bytes": acts * b,
         "total_bytes": (w + g + acts) * b,
         "dense_total_bytes": (dense_w + dense_g + acts) * b,
     }

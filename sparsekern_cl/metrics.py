@@ -10,8 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["average_accuracy", "backward_transfer", "forward_transfer", "forgetting", "summarize",
-           "average_accuracy_curve"]
+__all__ = [
+    "average_accuracy",
+    "backward_transfer",
+    "forward_transfer",
+    "forgetting",
+    "summarize",
+    "average_accuracy_curve",
+]
 
 
 def _check(R: Sequence[Sequence[float]]) -> int:

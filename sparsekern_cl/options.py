@@ -23,8 +23,22 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["flag", "choice", "integer", "number", "text", "custom", "unchecked", "check_value", "check_group", "group_fields",
-           "group_defaults", "group_title", "expected_text", "fail"]
+__all__ = [
+    "flag",
+    "choice",
+    "integer",
+    "number",
+    "text",
+    "custom",
+    "unchecked",
+    "check_value",
+    "check_group",
+    "group_fields",
+    "group_defaults",
+    "group_title",
+    "expected_text",
+    "fail",
+]
 
 
 def fail(key: str, expected: str, value) -> None:
@@ -43,11 +57,18 @@ def flag(default: bool | None, help: str, *, nullable: bool = False):
     return _field(default, {"help": help, "kind": "bool", "nullable": nullable, "expected": "true or false"})
 
 
-def choice(default, help: str, choices: Sequence | Callable[[], Sequence], *, nullable: bool = False,
-           expected: str | None = None):
+def choice(
+    default,
+    help: str,
+    choices: Sequence | Callable[[], Sequence],
+    *,
+    nullable: bool = False,
+    expected: str | None = None,
+):
     """One of ``choices`` (a sequence, or a callable returning one when the set is only known later)."""
-    return _field(default, {"help": help, "kind": "choice", "choices": choices, "nullable": nullable,
-                            "expected": expected})
+    return _field(
+        default, {"help": help, "kind": "choice", "choices": choices, "nullable": nullable, "expected": expected}
+    )
 
 
 def integer(default: int | None, help: str, *, min: int | None = None, nullable: bool = False):

@@ -23,9 +23,21 @@ from .methods import dst, esacl, sparcl
 from .options import fail, group_fields, unchecked
 from .strategies import DERPP, ER, DERPPConfig, EWCConfig, EWCOnline, FineTune, Joint, ReplayConfig, Strategy
 
-__all__ = ["Method", "METHODS", "STRATEGIES", "LiveView", "get_method", "method_names", "register_method",
-           "unregister_method", "config_groups", "methods_using", "method_presets", "add_config_group",
-           "keys_group"]
+__all__ = [
+    "Method",
+    "METHODS",
+    "STRATEGIES",
+    "LiveView",
+    "get_method",
+    "method_names",
+    "register_method",
+    "unregister_method",
+    "config_groups",
+    "methods_using",
+    "method_presets",
+    "add_config_group",
+    "keys_group",
+]
 
 
 @dataclass(frozen=True)
@@ -88,20 +100,56 @@ METHODS: tuple[Method, ...] = (
     Method("derpp", DERPP, (ReplayConfig, DERPPConfig), check=_needs_buffer, help="DER++"),
     Method("ewc", EWCOnline, (EWCConfig,), help="online EWC"),
     # SparCL (TDM, DDR, DGM) on ER and DER++
-    Method("sparcl_er", ER, (ReplayConfig, sparcl.SparCLConfig), sparcl.make_sparcl_plugins, sparcl.SPARCL_PRESETS,
-           help="SparCL on experience replay"),
-    Method("sparcl_derpp", DERPP, (ReplayConfig, DERPPConfig, sparcl.SparCLConfig), sparcl.make_sparcl_plugins,
-           sparcl.SPARCL_PRESETS, help="SparCL on DER++"),
+    Method(
+        "sparcl_er",
+        ER,
+        (ReplayConfig, sparcl.SparCLConfig),
+        sparcl.make_sparcl_plugins,
+        sparcl.SPARCL_PRESETS,
+        help="SparCL on experience replay",
+    ),
+    Method(
+        "sparcl_derpp",
+        DERPP,
+        (ReplayConfig, DERPPConfig, sparcl.SparCLConfig),
+        sparcl.make_sparcl_plugins,
+        sparcl.SPARCL_PRESETS,
+        help="SparCL on DER++",
+    ),
     # DST: one sparse subnetwork per task, on fine-tuning
-    Method("dst", FineTune, (dst.DSTConfig,), dst.make_dst_plugins, check=dst.check_config,
-           help="continual learning with dynamic sparse training"),
+    Method(
+        "dst",
+        FineTune,
+        (dst.DSTConfig,),
+        dst.make_dst_plugins,
+        check=dst.check_config,
+        help="continual learning with dynamic sparse training",
+    ),
     # EsaCL (SDP, IDS) on ER, DER++ and online EWC
-    Method("esacl_er", ER, (ReplayConfig, esacl.EsaCLConfig), esacl.make_esacl_plugins, check=esacl.check_config,
-           help="EsaCL on experience replay"),
-    Method("esacl_derpp", DERPP, (ReplayConfig, DERPPConfig, esacl.EsaCLConfig), esacl.make_esacl_plugins,
-           check=esacl.check_config, help="EsaCL on DER++"),
-    Method("esacl_ewc", EWCOnline, (EWCConfig, esacl.EsaCLConfig), esacl.make_esacl_plugins,
-           check=esacl.check_config, help="EsaCL on online EWC"),
+    Method(
+        "esacl_er",
+        ER,
+        (ReplayConfig, esacl.EsaCLConfig),
+        esacl.make_esacl_plugins,
+        check=esacl.check_config,
+        help="EsaCL on experience replay",
+    ),
+    Method(
+        "esacl_derpp",
+        DERPP,
+        (ReplayConfig, DERPPConfig, esacl.EsaCLConfig),
+        esacl.make_esacl_plugins,
+        check=esacl.check_config,
+        help="EsaCL on DER++",
+    ),
+    Method(
+        "esacl_ewc",
+        EWCOnline,
+        (EWCConfig, esacl.EsaCLConfig),
+        esacl.make_esacl_plugins,
+        check=esacl.check_config,
+        help="EsaCL on online EWC",
+    ),
 )
 
 # methods and keys added at run time by register_method / register_config_keys (never at import)
@@ -180,8 +228,9 @@ class _StrategiesView(LiveView):
         return unregister_method(name).strategy
 
 
-STRATEGIES: Mapping[str, type[Strategy]] = _StrategiesView(lambda: {n: m.strategy for n, m in _all().items()},
-                                                           "STRATEGIES")
+STRATEGIES: Mapping[str, type[Strategy]] = _StrategiesView(
+    lambda: {n: m.strategy for n, m in _all().items()}, "STRATEGIES"
+)
 
 
 # --------------------------------------------------------------------------- run-time registration
@@ -191,9 +240,16 @@ def _known_keys() -> set[str]:
     return {f.name for g in CORE_GROUPS + config_groups() for f in group_fields(g)}
 
 
-def register_method(name: str, base: str, make_plugins, *, config: type | None = None,
-                    presets: Mapping[str, Mapping] | None = None, check: Callable[[dict], None] | None = None,
-                    help: str = "") -> Method:
+def register_method(
+    name: str,
+    base: str,
+    make_plugins,
+    *,
+    config: type | None = None,
+    presets: Mapping[str, Mapping] | None = None,
+    check: Callable[[dict], None] | None = None,
+    help: str = "",
+) -> Method:
     """Register a method ``name`` = the strategy of method ``base`` plus ``make_plugins(cfg, model, scenario) -> [Plugin]``.
 
     Args:
@@ -227,8 +283,9 @@ def register_method(name: str, base: str, make_plugins, *, config: type | None =
         clash = sorted(set(presets) & set(PRESETS))
         if clash:
             raise ValueError(f"presets: expected new preset names, got existing ones {clash}")
-    m = Method(name, b.strategy, configs, make_plugins, MappingProxyType(dict(presets or {})), check, help,
-               builtin=False)
+    m = Method(
+        name, b.strategy, configs, make_plugins, MappingProxyType(dict(presets or {})), check, help, builtin=False
+    )
     _runtime[name] = m
     return m
 
@@ -237,8 +294,13 @@ def unregister_method(name: str) -> Method:
     """Remove a method added with :func:`register_method`; returns it."""
     if name not in _runtime:
         known = sorted(_runtime)
-        fail("name", f"a method added with register_method (one of {known})" if known
-             else "a method added with register_method (none is)", name)
+        fail(
+            "name",
+            f"a method added with register_method (one of {known})"
+            if known
+            else "a method added with register_method (none is)",
+            name,
+        )
     return _runtime.pop(name)
 
 

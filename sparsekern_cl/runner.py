@@ -25,14 +25,23 @@ __all__ = ["run", "evaluate", "build_run", "register_method"]
 
 SETTINGS = ("task_il", "class_il")
 # keys that may differ between a run and its resumption
-_RESUME_FREE = {"resume", "stop_after_epochs", "progress", "output_dir", "threads", "plots", "compare_dense",
-                "save_checkpoints"}
+_RESUME_FREE = {
+    "resume",
+    "stop_after_epochs",
+    "progress",
+    "output_dir",
+    "threads",
+    "plots",
+    "compare_dense",
+    "save_checkpoints",
+}
 
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, scenario: Scenario, trained_upto: int, device, batch_size: int = 256,
-             task_context=None) -> dict[str, list[float]]:
+def evaluate(
+    model, scenario: Scenario, trained_upto: int, device, batch_size: int = 256, task_context=None
+) -> dict[str, list[float]]:
     """Accuracy (%) on every task's evaluation data, Task-IL and Class-IL.
 
     Task-IL predicts within the task's own classes.  Class-IL predicts among the classes of all
@@ -67,18 +76,32 @@ def build_run(cfg: dict):
     """(scenario, model, strategy, counter) for a validated configuration; seeds everything first."""
     torch.manual_seed(cfg["seed"])
     scenario = build_scenario(
-        cfg["dataset"], n_tasks=cfg["n_tasks"], data_dir=cfg["data_dir"], class_order=cfg["class_order"],
-        seed=cfg["seed"], validation=cfg["validation"], split_seed=cfg["split_seed"], augment=cfg["augment"],
+        cfg["dataset"],
+        n_tasks=cfg["n_tasks"],
+        data_dir=cfg["data_dir"],
+        class_order=cfg["class_order"],
+        seed=cfg["seed"],
+        validation=cfg["validation"],
+        split_seed=cfg["split_seed"],
+        augment=cfg["augment"],
         synthetic=cfg["synthetic"],
     )
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])  # the model's initial weights depend on the seed alone
-    model = build_backbone(cfg["backbone"], scenario.input_shape, scenario.n_classes,
-                           hidden=cfg["mlp_hidden"], nf=cfg["nf"])
+    model = build_backbone(
+        cfg["backbone"], scenario.input_shape, scenario.n_classes, hidden=cfg["mlp_hidden"], nf=cfg["nf"]
+    )
     sparsify_backbone(
-        model, cfg["sparsity"], distribution=cfg["sparse_distribution"], init=cfg["sparse_init"],
-        layout=cfg["layout"], block_size=cfg["block_size"], backend=cfg["backend"], keep_dense=cfg["keep_dense"],
-        seed=cfg["seed"], rescale=cfg["sparse_rescale"],
+        model,
+        cfg["sparsity"],
+        distribution=cfg["sparse_distribution"],
+        init=cfg["sparse_init"],
+        layout=cfg["layout"],
+        block_size=cfg["block_size"],
+        backend=cfg["backend"],
+        keep_dense=cfg["keep_dense"],
+        seed=cfg["seed"],
+        rescale=cfg["sparse_rescale"],
     )
     model.to(device)
     method = get_method(cfg["method"])
@@ -138,8 +161,10 @@ def load_checkpoint(path: str) -> dict:
     try:
         ck = torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every unreadable file gets the same clear message
-        raise ValueError(f"resume: {path} is not a readable sparsekern_cl checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise ValueError(
+            f"resume: {path} is not a readable sparsekern_cl checkpoint "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
     if not isinstance(ck, dict) or not {"config", "state", "model", "strategy"} <= set(ck):
         raise ValueError(f"resume: {path} is not a sparsekern_cl checkpoint (missing keys)")
     return ck
@@ -164,9 +189,19 @@ def _train(cfg: dict) -> dict:
     scenario, model, strategy, counter = build_run(cfg)
     T = scenario.n_tasks
     epochs = cfg["epochs"]
-    state = {"task": 0, "epoch": 0, "rows": {s: [] for s in SETTINGS}, "init_acc": None,
-             "task_flops": [], "task_dense_flops": [], "task_time": [], "epoch_time": [[] for _ in range(T)],
-             "eval_time": 0.0, "finished": False, "results": None}
+    state = {
+        "task": 0,
+        "epoch": 0,
+        "rows": {s: [] for s in SETTINGS},
+        "init_acc": None,
+        "task_flops": [],
+        "task_dense_flops": [],
+        "task_time": [],
+        "epoch_time": [[] for _ in range(T)],
+        "eval_time": 0.0,
+        "finished": False,
+        "results": None,
+    }
 
     if cfg["resume"] and ckpt_path and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path)
@@ -185,13 +220,22 @@ def _train(cfg: dict) -> dict:
 
     def checkpoint():
         if ckpt_path:
-            _save(ckpt_path, {"config": cfg, "state": state, "model": model.state_dict(),
-                              "strategy": strategy.state_dict(), "counter": counter.snapshot(),
-                              "torch_rng": torch.get_rng_state()})
+            _save(
+                ckpt_path,
+                {
+                    "config": cfg,
+                    "state": state,
+                    "model": model.state_dict(),
+                    "strategy": strategy.state_dict(),
+                    "counter": counter.snapshot(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
 
     if state["init_acc"] is None:
-        state["init_acc"] = evaluate(model, scenario, -1, strategy.device, cfg["eval_batch_size"],
-                                     task_context=strategy.eval_task)
+        state["init_acc"] = evaluate(
+            model, scenario, -1, strategy.device, cfg["eval_batch_size"], task_context=strategy.eval_task
+        )
 
     epochs_run = 0
     stopped = False
@@ -267,10 +311,16 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
         "complete": complete,
         "tasks_done": len(state["rows"]["task_il"]),
         "environment": _environment(model),
-        "scenario": {"dataset": scenario.name, "source": scenario.source, "n_tasks": T,
-                     "classes_per_task": scenario.classes_per_task, "class_order": scenario.class_order,
-                     "eval_split": scenario.eval_split, "train_sizes": [len(d) for d in scenario.train],
-                     "eval_sizes": [len(d) for d in scenario.test]},
+        "scenario": {
+            "dataset": scenario.name,
+            "source": scenario.source,
+            "n_tasks": T,
+            "classes_per_task": scenario.classes_per_task,
+            "class_order": scenario.class_order,
+            "eval_split": scenario.eval_split,
+            "train_sizes": [len(d) for d in scenario.train],
+            "eval_sizes": [len(d) for d in scenario.test],
+        },
         "acc_matrix": {s: state["rows"][s] for s in SETTINGS},
         "random_init_acc": state["init_acc"],
         "train_flops": counter.total,
@@ -278,7 +328,8 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
         "flops_breakdown": {"counted": dict(counter.totals), "dense": dict(counter.dense_totals)},
         "flops_per_task": state["task_flops"],
         "dense_flops_per_task": state["task_dense_flops"],
-        "wall_clock_s": sum(state["task_time"]) + (0.0 if complete else sum(state["epoch_time"][len(state["task_time"])])),
+        "wall_clock_s": sum(state["task_time"])
+        + (0.0 if complete else sum(state["epoch_time"][len(state["task_time"])])),
         "task_wall_clock_s": state["task_time"],
         "epoch_wall_clock_s": state["epoch_time"],
         "eval_wall_clock_s": state["eval_time"],
@@ -340,8 +391,12 @@ def run(config: dict | None = None, **overrides) -> dict:
     if not cfg["compare_dense"]:
         return _run_one(cfg)
     out = cfg["output_dir"]
-    dense_cfg = {**cfg, "sparsity": 0.0, "compare_dense": False,
-                 "output_dir": os.path.join(out, "dense") if out else None}
+    dense_cfg = {
+        **cfg,
+        "sparsity": 0.0,
+        "compare_dense": False,
+        "output_dir": os.path.join(out, "dense") if out else None,
+    }
     sparse_cfg = {**cfg, "compare_dense": False, "output_dir": os.path.join(out, "sparse") if out else None}
     dense = _run_one(dense_cfg)
     if not dense["complete"]:
@@ -349,8 +404,21 @@ def run(config: dict | None = None, **overrides) -> dict:
     results = _run_one(sparse_cfg)
     if not results["complete"]:
         return {**results, "compare_stage": "sparse"}
-    keys = ("acc_matrix", "avg_acc", "bwt", "fwt", "forgetting", "train_flops", "dense_train_flops", "wall_clock_s",
-            "task_wall_clock_s", "epoch_wall_clock_s", "memory_footprint", "model_capacity", "environment")
+    keys = (
+        "acc_matrix",
+        "avg_acc",
+        "bwt",
+        "fwt",
+        "forgetting",
+        "train_flops",
+        "dense_train_flops",
+        "wall_clock_s",
+        "task_wall_clock_s",
+        "epoch_wall_clock_s",
+        "memory_footprint",
+        "model_capacity",
+        "environment",
+    )
     results = dict(results)
     results["config"] = cfg
     results["dense_reference"] = {k: dense[k] for k in keys}

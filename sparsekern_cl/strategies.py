@@ -117,20 +117,26 @@ class Plugin:
     def begin_task(self, strategy: Strategy, task: int) -> None: ...
     def train_indices(self, strategy: Strategy, task: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
         return indices
+
     def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
         return ctx
+
     def after_backward(self, strategy: Strategy, ctx: StepContext) -> None: ...
     def after_step(self, strategy: Strategy, ctx: StepContext) -> None: ...
     def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None: ...
     def end_task(self, strategy: Strategy, task: int) -> None: ...
     def n_stored_masks(self, strategy: Strategy) -> int | None:
         return None
+
     def eval_task(self, strategy: Strategy, task: int) -> contextlib.AbstractContextManager | None:
         return None
+
     def report(self, strategy: Strategy) -> dict | None:
         return None
+
     def state_dict(self) -> dict:
         return {}
+
     def load_state_dict(self, state: dict) -> None: ...
 
 

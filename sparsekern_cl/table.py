@@ -303,43 +303,61 @@ def select_best(results: list[dict], setting: str = "class_il") -> dict:
     cands: dict = {}
     for r in map(_flat, results):
         if r["eval_split"] != "val":
-            raise ValueError(f"select_best: a run ({r['label']}, seed {r['seed']}) was evaluated on the test "
-                             "split; choose hyperparameters on a validation split (validation > 0)")
+            raise ValueError(
+                f"select_best: a run ({r['label']}, seed {r['seed']}) was evaluated on the test "
+                "split; choose hyperparameters on a validation split (validation > 0)"
+            )
         hp = tuple((k, r[k]) for k in HYPER)
         cands.setdefault(r["label"], {}).setdefault(hp, []).append(r[setting])
     best = {}
     for label, by_hp in cands.items():
         hp, vals = max(by_hp.items(), key=lambda kv: statistics.fmean(kv[1]))
-        best[label] = {"hyperparameters": dict(hp), "val_mean": statistics.fmean(vals), "seeds": len(vals),
-                       "candidates": len(by_hp)}
+        best[label] = {
+            "hyperparameters": dict(hp),
+            "val_mean": statistics.fmean(vals),
+            "seeds": len(vals),
+            "candidates": len(by_hp),
+        }
     return best
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | seeds | Class-IL (%) | Task-IL (%) | train FLOPs | train time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | Class-IL (%) | Task-IL (%) | train FLOPs | train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         c, t = r["class_il"], r["task_il"]
-        lines.append(f"| {r['label']} | {r['n']} | {c['mean']:.2f} ± {c['std']:.2f} | "
-                     f"{t['mean']:.2f} ± {t['std']:.2f} | {r['train_flops']:.3g} | {r['wall_clock_s']:.1f} |")
+        lines.append(
+            f"| {r['label']} | {r['n']} | {c['mean']:.2f} ± {c['std']:.2f} | "
+            f"{t['mean']:.2f} ± {t['std']:.2f} | {r['train_flops']:.3g} | {r['wall_clock_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def comparison_table(pairs: list[dict], digits: int = 2) -> list[str]:
     """Markdown rows of a family of comparisons: difference, spread of the differences, p, verdict."""
-    out = ["| comparison | paired seeds | mean difference | std of differences | p (Holm) | verdict |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| comparison | paired seeds | mean difference | std of differences | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in pairs:
         p = "–" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
-        out.append(f"| {c['a']} − {c['b']} | {c['n']} | {c['diff']:+.{digits}f} | {c['sd']:.{digits}f} | {p} | "
-                   f"{'**significant**' if c['significant'] else verdict(c).split(' (')[0]} |")
+        out.append(
+            f"| {c['a']} − {c['b']} | {c['n']} | {c['diff']:+.{digits}f} | {c['sd']:.{digits}f} | {p} | "
+            f"{'**significant**' if c['significant'] else verdict(c).split(' (')[0]} |"
+        )
     return out
 
 
 def _selection_markdown(best: dict, setting: str) -> str:
-    lines = [f"Hyperparameters chosen per method on the validation split (best mean {setting.replace('_', '-')} "
-             "accuracy over the validation seeds):", "",
-             "| method | hyperparameters | validation accuracy (%) | seeds | candidates |", "|---|---|---|---|---|"]
+    lines = [
+        f"Hyperparameters chosen per method on the validation split (best mean {setting.replace('_', '-')} "
+        "accuracy over the validation seeds):",
+        "",
+        "| method | hyperparameters | validation accuracy (%) | seeds | candidates |",
+        "|---|---|---|---|---|",
+    ]
     for label, b in best.items():
         hp = ", ".join(f"{k} {v}" for k, v in b["hyperparameters"].items() if v is not None)
         lines.append(f"| {label} | {hp} | {b['val_mean']:.2f} | {b['seeds']} | {b['candidates']} |")
@@ -364,10 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the rows and comparisons (or the selection) as JSON to this file")
     p.add_argument("--csv", help="write every run given as one curated CSV row to this file")
     p.add_argument("--split", choices=["test", "val"], help="only the runs evaluated on this split")
-    p.add_argument("--setting", default="class_il", choices=["class_il", "task_il"],
-                   help="setting of the pairwise comparison (or of the selection)")
-    p.add_argument("--select", action="store_true",
-                   help="the best hyperparameters per method (validation runs) instead of the table")
+    p.add_argument(
+        "--setting",
+        default="class_il",
+        choices=["class_il", "task_il"],
+        help="setting of the pairwise comparison (or of the selection)",
+    )
+    p.add_argument(
+        "--select",
+        action="store_true",
+        help="the best hyperparameters per method (validation runs) instead of the table",
+    )
     args = p.parse_args(argv)
     results = _load(args.files)
     if args.csv:  # every run given, whatever --split keeps for the table

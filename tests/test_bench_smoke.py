@@ -226,7 +226,11 @@ def test_gpu_presets_keep_the_gpu_cases():
     assert all(c.device == "cuda" for c in lin) and all(c.op == "spmm" for c in lin)
     conv = expand(PRESETS["gpu-conv"])
     tri = _grid(conv, "triton")
-    assert len(tri) == 14 * 4 * 4 * 2 and {t[2] for t in tri} == {128} and {c.provider for c in conv} == {"dense", "triton"}
+    assert (
+        len(tri) == 14 * 4 * 4 * 2
+        and {t[2] for t in tri} == {128}
+        and {c.provider for c in conv} == {"dense", "triton"}
+    )
     assert {c.shape.hw for c in conv if c.shape_name.endswith("-l1")} == {32, 64}
     quick = _grid(expand(PRESETS["gpu-conv-quick"]), "triton")
     assert len(quick) == 14 and {(t[3], t[4], t[5]) for t in quick} == {("block64", 0.9, "bfloat16")}
@@ -236,7 +240,10 @@ def test_gpu_presets_keep_the_gpu_cases():
 def test_smoke_shapes_never_get_a_goal():
     row = dict(provider="cpp", device="cpu", dtype="float32", mode="fwd+bwd", op="linear", layout="unstructured",
                sparsity="0.9", status="ok", speedup_vs_dense="0.5")  # fmt: skip
-    assert goal_fields({**row, "family": "mlp"}) == {"goal": goal_for({**row, "family": "mlp"}).label, "goal_met": "missed"}
+    assert goal_fields({**row, "family": "mlp"}) == {
+        "goal": goal_for({**row, "family": "mlp"}).label,
+        "goal_met": "missed",
+    }
     assert goal_for({**row, "family": "tiny"}) is None
     assert goal_fields({**row, "family": "tiny"}) == {"goal": "", "goal_met": "smoke, no goal"}
     assert goal_fields({**row, "family": "tiny", "provider": "reference"}) == {}
@@ -257,7 +264,9 @@ def test_network_sums_and_torch_sparse_tables():
     a = dict(op="spmm", mode="fwd+bwd", shape="s", batch="8", layout="unstructured", sparsity="0.9",
              dtype="float32", device="cpu", status="ok")  # fmt: skip
     rows = [{**a, "provider": "cpp", "p50": "1.0"}, {**a, "provider": "torch.sparse", "p50": "2.5"}]
-    assert "| spmm | fwd+bwd | float32 | cpp | CSR | 1 | 2.50x-2.50x | 2.50x |" in "\n".join(_vs_torch_sparse_lines(rows))
+    assert "| spmm | fwd+bwd | float32 | cpp | CSR | 1 | 2.50x-2.50x | 2.50x |" in "\n".join(
+        _vs_torch_sparse_lines(rows)
+    )
 
 
 def test_readme_keeps_one_part_per_csv(tmp_path):
@@ -284,8 +293,10 @@ def test_torch_sparse_step_and_kernel_check():
     assert y.shape == (16, TINY_LINEAR.out_features) and dx.shape == (16, TINY_LINEAR.in_features)
     assert dw.to_dense().shape == TINY_LINEAR.weight_shape
     if availability("cpp", "cpu")[0]:
-        for case in (Case("linear", "cpp", "fwd+bwd", TINY_LINEAR, 16, 0.9, "block16", "float32", "cpu"),
-                     Case("conv2d", "cpp", "fwd+bwd", TINY_CONV, 2, 0.9, "unstructured", "float32", "cpu")):
+        for case in (
+            Case("linear", "cpp", "fwd+bwd", TINY_LINEAR, 16, 0.9, "block16", "float32", "cpu"),
+            Case("conv2d", "cpp", "fwd+bwd", TINY_CONV, 2, 0.9, "unstructured", "float32", "cpu"),
+        ):
             prep = prepare(case, check=True)
             assert prep.max_rel_err is not None and prep.max_rel_err < 1e-5
         assert prep.conv_algo.count("/") == 2 and set(prep.conv_algo.split("/")) <= {"direct", "gemm"}

@@ -2,7 +2,7 @@
 
 ``formats._build_csr_torch`` / ``formats._tile_any_all_torch`` and the torch path of ``set_mask``
 are the specification: the C++ results must be the same tensors (``torch.equal``, same dtypes).
-With ``CI=true`` or ``SPARSEKERN_REQUIRE_CPP=1`` these tests fail when ``sparsekern._C`` is not
+With ``SPARSEKERN_STRICT=1`` (or ``CI=true``) these tests fail when ``sparsekern._C`` is not
 built; elsewhere they skip with the reason.
 """
 
@@ -57,7 +57,11 @@ SHAPES = [(1, 1), (7, 5), (3, 8), (5, 9), (1, 37), (37, 1), (1, 1000), (1000, 1)
 
 
 # the density matters for the random-based kinds only
-KINDS = [(k, d) for k in MASK_KINDS for d in ((0.0, 0.01, 0.3, 1.0) if k in ("random", "empty_rows", "empty_cols") else (0.3,))]
+KINDS = [
+    (k, d)
+    for k in MASK_KINDS
+    for d in ((0.0, 0.01, 0.3, 1.0) if k in ("random", "empty_rows", "empty_cols") else (0.3,))
+]
 
 
 @pytest.mark.parametrize("kind,density", KINDS, ids=lambda v: str(v))
@@ -196,16 +200,19 @@ def _mask_like(layer, density, seed):
 
 
 def _state(layer):
-    return tuple(t.detach().clone(memory_format=torch.contiguous_format)
-                 for t in (layer.weight, layer.weight_mask, layer.grad_mask))
+    return tuple(
+        t.detach().clone(memory_format=torch.contiguous_format)
+        for t in (layer.weight, layer.weight_mask, layer.grad_mask)
+    )
 
 
 def _assert_same_state(a, b):
     for x, y in zip(a, b):
         assert x.dtype == y.dtype
         # bitwise: +0 where pruned (masked_fill semantics, also for -0 and NaN), the rest untouched
-        assert torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
-                           y.view(torch.uint8) if y.dtype != torch.bool else y)
+        assert torch.equal(
+            x.view(torch.uint8) if x.dtype != torch.bool else x, y.view(torch.uint8) if y.dtype != torch.bool else y
+        )
 
 
 def _updates(layer):
@@ -337,8 +344,9 @@ def test_seeded_patterns_match_what_the_forward_builds(layout, block):
     pat = weight_pattern(layer.weight_mask, layout, layer.block_size)
     assert pat is cached
     if layout == "block":  # the grid of set_mask's check, kept for bsr()
-        assert torch.equal(pat.cache.peek(("block_grid", pat.block_size)), formats._tile_any_all_torch(
-            pat.matrix, *pat.block_size)[0])
+        assert torch.equal(
+            pat.cache.peek(("block_grid", pat.block_size)), formats._tile_any_all_torch(pat.matrix, *pat.block_size)[0]
+        )
     assert grad_pattern(pat, layer.grad_mask) is pat  # G == M: the weight pattern itself
     pat.validate()
     g = m & _mask_like(layer, 0.5, 6)
@@ -348,8 +356,13 @@ def test_seeded_patterns_match_what_the_forward_builds(layout, block):
     assert gp is not pat and torch.equal(gp.mask, g) and gp.mask.data_ptr() != layer.grad_mask.data_ptr()
     with torch.no_grad():
         gl = g.reshape(g.shape[0], -1)
-        constant = torch.equal(expand_block_mask(formats._tile_any_all_torch(gl, *pat.block_size)[0],
-                                                 pat.block_size, gl.shape), gl) if layout == "block" else False
+        constant = (
+            torch.equal(
+                expand_block_mask(formats._tile_any_all_torch(gl, *pat.block_size)[0], pat.block_size, gl.shape), gl
+            )
+            if layout == "block"
+            else False
+        )
     assert gp.layout == ("block" if constant else "unstructured")
     gp.validate()
     # a write to the buffer afterwards still invalidates the seeded pattern

@@ -51,6 +51,7 @@ def test_dense_backend_linear_matches_reference(density):
     y = choice.DENSE.linear_fwd(x, w, b, pat)
     dy = torch.randn_like(y)
     from sparsekern import reference as ref
+
     torch.testing.assert_close(y, ref.linear_fwd(x, w0, b, m))
     torch.testing.assert_close(choice.DENSE.linear_dx(dy, w, pat), ref.linear_dx(dy, w0, m))
     dw = choice.DENSE.linear_dw(dy, x, gpat)
@@ -66,11 +67,13 @@ def test_dense_backend_conv_matches_reference():
     w = _poisoned(w0, m)
     pat = sk.Pattern(m)
     from sparsekern import reference as ref
+
     y = choice.DENSE.conv2d_fwd(x, w, None, pat, conv)
     torch.testing.assert_close(y, ref.conv2d_fwd(x, w0, None, m, conv))
     dy = torch.randn_like(y)
-    torch.testing.assert_close(choice.DENSE.conv2d_dx(dy, w, pat, tuple(x.shape), conv),
-                               ref.conv2d_dx(dy, w0, m, tuple(x.shape), conv))
+    torch.testing.assert_close(
+        choice.DENSE.conv2d_dx(dy, w, pat, tuple(x.shape), conv), ref.conv2d_dx(dy, w0, m, tuple(x.shape), conv)
+    )
     dw = choice.DENSE.conv2d_dw(dy, x, pat, tuple(w.shape), conv)
     torch.testing.assert_close(dw, ref.conv2d_dw(dy, x, m, tuple(w.shape), conv))
     assert torch.all(dw[~m] == 0)

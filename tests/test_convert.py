@@ -76,7 +76,9 @@ def test_global_magnitude_threshold():
     w2 = torch.full((4, 4), 0.1)
     m1, m2 = masks.global_magnitude_masks([w1, w2], 0.5)
     assert m1.all() and not m2.any()
-    b1, b2 = masks.global_magnitude_masks([torch.randn(32, 32) * 5, torch.randn(32, 32)], 0.5, layout="block", block_size=16)
+    b1, b2 = masks.global_magnitude_masks(
+        [torch.randn(32, 32) * 5, torch.randn(32, 32)], 0.5, layout="block", block_size=16
+    )
     assert int(b1.sum()) + int(b2.sum()) == 1024
 
 

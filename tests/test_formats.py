@@ -51,25 +51,35 @@ def test_transpose_perm_maps_values():
 def test_validate_rejects_corrupt_metadata():
     mask = make_mask((6, 7), "random", 0.5)
     meta = build_csr(mask)
-    bad = formats.CSRMeta(meta.shape, meta.crow_indices.flip(0).contiguous(), meta.col_indices, meta.ccol_indices,
-                          meta.row_indices, meta.transpose_perm, meta.nnz)
+    bad = formats.CSRMeta(
+        meta.shape,
+        meta.crow_indices.flip(0).contiguous(),
+        meta.col_indices,
+        meta.ccol_indices,
+        meta.row_indices,
+        meta.transpose_perm,
+        meta.nnz,
+    )
     with pytest.raises(ValueError, match="crow_indices"):
         bad.validate()
     cols = meta.col_indices.clone()
     cols[0] = 99
-    bad = formats.CSRMeta(meta.shape, meta.crow_indices, cols, meta.ccol_indices, meta.row_indices,
-                          meta.transpose_perm, meta.nnz)
+    bad = formats.CSRMeta(
+        meta.shape, meta.crow_indices, cols, meta.ccol_indices, meta.row_indices, meta.transpose_perm, meta.nnz
+    )
     with pytest.raises(ValueError, match="col_indices"):
         bad.validate()
     perm = torch.zeros_like(meta.transpose_perm)
-    bad = formats.CSRMeta(meta.shape, meta.crow_indices, meta.col_indices, meta.ccol_indices, meta.row_indices,
-                          perm, meta.nnz)
+    bad = formats.CSRMeta(
+        meta.shape, meta.crow_indices, meta.col_indices, meta.ccol_indices, meta.row_indices, perm, meta.nnz
+    )
     with pytest.raises(ValueError, match="transpose_perm"):
         bad.validate()
     strided = torch.stack([meta.col_indices, meta.col_indices], 1)[:, 0]  # same values, not contiguous
     assert not strided.is_contiguous()
-    bad = formats.CSRMeta(meta.shape, meta.crow_indices, strided, meta.ccol_indices, meta.row_indices,
-                          meta.transpose_perm, meta.nnz)
+    bad = formats.CSRMeta(
+        meta.shape, meta.crow_indices, strided, meta.ccol_indices, meta.row_indices, meta.transpose_perm, meta.nnz
+    )
     with pytest.raises(ValueError, match="contiguous"):
         bad.validate()
 

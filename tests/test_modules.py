@@ -204,8 +204,13 @@ def _derived_items(mask):
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize(
     "backend,layout",
-    [("reference", "unstructured"), ("cpp", "unstructured"), ("cpp", "block"), ("triton", "unstructured"),
-     ("triton", "block")],
+    [
+        ("reference", "unstructured"),
+        ("cpp", "unstructured"),
+        ("cpp", "block"),
+        ("triton", "unstructured"),
+        ("triton", "block"),
+    ],
 )
 def test_mask_edit_through_module_rebuilds_every_derived_item(kind, backend, layout, monkeypatch):
     from sparsekern.kernels import cpu as cppmod
@@ -225,8 +230,11 @@ def test_mask_edit_through_module_rebuilds_every_derived_item(kind, backend, lay
         pytest.skip(f"{backend} cannot run here: {exc}")
 
     def masks():
-        m = make_block_mask(layer.weight.shape, (16, 16), 0.5) if layout == "block" else make_mask(
-            layer.weight.shape, "random", 0.5)
+        m = (
+            make_block_mask(layer.weight.shape, (16, 16), 0.5)
+            if layout == "block"
+            else make_mask(layer.weight.shape, "random", 0.5)
+        )
         return m, m & (torch.rand(layer.weight.shape) < 0.5)  # G a strict subset of M
 
     def step():

@@ -1,7 +1,7 @@
 """sparsekern.optim: sparse-aware SGD / Adam / AdamW against torch.optim, state remap, state_dict.
 
 The fused C++ path runs where ``sparsekern._C`` is built (with ``CI=true`` or
-``SPARSEKERN_REQUIRE_CPP=1`` a missing build fails the ``cpp`` cases instead of skipping them);
+``SPARSEKERN_STRICT=1`` a missing build fails the ``cpp`` cases instead of skipping them);
 the pure-PyTorch path is forced with ``SPARSEKERN_BACKEND=reference``.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ from torch import nn
 
 import sparsekern as sk
 import sparsekern.optim as so
+from tests.support import STRICT as REQUIRE  # SPARSEKERN_STRICT=1 / CI=true
 
-REQUIRE = os.environ.get("CI", "").lower() == "true" or os.environ.get("SPARSEKERN_REQUIRE_CPP", "") == "1"
 OK, WHY = so.kernels_available()
 
 # (class name, kwargs): the configurations checked bit-for-bit against torch.optim
@@ -40,7 +39,7 @@ def path(request, monkeypatch):
     """Which update runs: the fused C++ op or the PyTorch fallback; checks that it did."""
     if request.param == "cpp" and not OK:
         if REQUIRE:
-            pytest.fail(f"sparsekern._C is required here (CI / SPARSEKERN_REQUIRE_CPP) but not usable: {WHY}")
+            pytest.fail(f"sparsekern._C is required here (SPARSEKERN_STRICT / CI) but not usable: {WHY}")
         pytest.skip(f"C++ kernels not built: {WHY}")
     if request.param == "reference":
         monkeypatch.setenv("SPARSEKERN_BACKEND", "reference")
@@ -56,9 +55,15 @@ def mixed_model(dtype=torch.float32, sparsity=0.7) -> nn.Module:
     """SparseConv2d, BatchNorm, SparseLinear and a dense nn.Linear head; one layer with G ⊂ M."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.ReLU(), nn.Flatten(),
-        nn.Linear(8 * 3 * 3, 24), nn.ReLU(), nn.Linear(24, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 24),
+        nn.ReLU(),
+        nn.Linear(24, 5),
     )
     sk.sparsify_(model, sparsity, filter_fn=lambda m, fqn: fqn != "8")
     model = model.to(dtype)
@@ -197,8 +202,11 @@ def test_param_groups_and_empty_grad_mask(path):
 # ---------------------------------------------------------------------------- weight decay
 @pytest.mark.parametrize(
     "name,kw",
-    [("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}), ("Adam", {"lr": 1e-2, "weight_decay": 0.1}),
-     ("AdamW", {"lr": 1e-2, "weight_decay": 0.1})],
+    [
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+        ("Adam", {"lr": 1e-2, "weight_decay": 0.1}),
+        ("AdamW", {"lr": 1e-2, "weight_decay": 0.1}),
+    ],
     ids=["SGD", "Adam-L2", "AdamW"],
 )
 def test_weight_decay_leaves_entries_outside_g_alone(name, kw, path):
@@ -246,10 +254,14 @@ def test_regrowth_matches_torch_optim(name, kw, path):
         assert ob.state[layer.weight][key].numel() == int(layer.grad_mask.sum())
 
 
-@pytest.mark.parametrize("name,kw,keys", [
-    ("SGD", {"lr": 0.1, "momentum": 0.9}, ("momentum_buffer",)),
-    ("Adam", {"lr": 1e-2, "amsgrad": True}, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-], ids=["SGD", "Adam"])
+@pytest.mark.parametrize(
+    "name,kw,keys",
+    [
+        ("SGD", {"lr": 0.1, "momentum": 0.9}, ("momentum_buffer",)),
+        ("Adam", {"lr": 1e-2, "amsgrad": True}, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    ],
+    ids=["SGD", "Adam"],
+)
 def test_state_remap_keeps_survivors_and_zeroes_newcomers(name, kw, keys, path):
     model = mixed_model()
     opt = getattr(so, name)(model.parameters(), model=model, **kw)
@@ -280,8 +292,11 @@ def test_state_remap_keeps_survivors_and_zeroes_newcomers(name, kw, keys, path):
         opt.step()
         zero = torch.zeros_like(dense_state["exp_avg"])
         v = dense_state["exp_avg_sq"].mul(0.999).addcmul_(zero, zero, value=1 - 0.999)
-        expect = {"exp_avg": dense_state["exp_avg"].lerp(zero, 1 - 0.9), "exp_avg_sq": v,
-                  "max_exp_avg_sq": torch.maximum(dense_state["max_exp_avg_sq"], v)}
+        expect = {
+            "exp_avg": dense_state["exp_avg"].lerp(zero, 1 - 0.9),
+            "exp_avg_sq": v,
+            "max_exp_avg_sq": torch.maximum(dense_state["max_exp_avg_sq"], v),
+        }
         for k in keys:
             assert torch.equal(opt.state[w][k], expect[k][new_g.reshape(-1)])
         assert torch.all(opt.state[w]["exp_avg_sq"][grow.reshape(-1)[new_g.reshape(-1)]] == 0)
@@ -345,34 +360,46 @@ def test_torch_optim_state_dict_loads_and_continues_identically(name, kw):
 
 
 # ---------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda m: so.SGD(m.parameters(), lr=-0.1, model=m), ValueError, "lr"),
-    (lambda m: so.SGD(m.parameters(), lr="0.1", model=m), TypeError, "lr"),
-    (lambda m: so.SGD(m.parameters(), lr=0.1, momentum=-1, model=m), ValueError, "momentum"),
-    (lambda m: so.SGD(m.parameters(), lr=0.1, weight_decay=-1e-4, model=m), ValueError, "weight_decay"),
-    (lambda m: so.SGD(m.parameters(), lr=0.1, nesterov=True, model=m), ValueError, "nesterov"),
-    (lambda m: so.SGD(m.parameters(), lr=0.1, model=m.state_dict()), TypeError, "model"),
-    (lambda m: so.SGD(m.parameters(), lr=0.1), TypeError, "model"),
-    (lambda m: so.Adam(m.parameters(), lr=-1.0, model=m), ValueError, "lr"),
-    (lambda m: so.Adam(m.parameters(), eps=-1e-8, model=m), ValueError, "eps"),
-    (lambda m: so.Adam(m.parameters(), betas=(1.0, 0.999), model=m), ValueError, r"betas\[0\]"),
-    (lambda m: so.Adam(m.parameters(), betas=(0.9, -0.1), model=m), ValueError, r"betas\[1\]"),
-    (lambda m: so.Adam(m.parameters(), betas=0.9, model=m), ValueError, "betas"),
-    (lambda m: so.AdamW(m.parameters(), weight_decay=float("nan"), model=m), ValueError, "weight_decay"),
-], ids=["lr<0", "lr-str", "momentum", "wd", "nesterov", "model-dict", "no-model", "adam-lr", "eps", "beta0",
-        "beta1", "betas-float", "adamw-wd-nan"])
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda m: so.SGD(m.parameters(), lr=-0.1, model=m), ValueError, "lr"),
+        (lambda m: so.SGD(m.parameters(), lr="0.1", model=m), TypeError, "lr"),
+        (lambda m: so.SGD(m.parameters(), lr=0.1, momentum=-1, model=m), ValueError, "momentum"),
+        (lambda m: so.SGD(m.parameters(), lr=0.1, weight_decay=-1e-4, model=m), ValueError, "weight_decay"),
+        (lambda m: so.SGD(m.parameters(), lr=0.1, nesterov=True, model=m), ValueError, "nesterov"),
+        (lambda m: so.SGD(m.parameters(), lr=0.1, model=m.state_dict()), TypeError, "model"),
+        (lambda m: so.SGD(m.parameters(), lr=0.1), TypeError, "model"),
+        (lambda m: so.Adam(m.parameters(), lr=-1.0, model=m), ValueError, "lr"),
+        (lambda m: so.Adam(m.parameters(), eps=-1e-8, model=m), ValueError, "eps"),
+        (lambda m: so.Adam(m.parameters(), betas=(1.0, 0.999), model=m), ValueError, r"betas\[0\]"),
+        (lambda m: so.Adam(m.parameters(), betas=(0.9, -0.1), model=m), ValueError, r"betas\[1\]"),
+        (lambda m: so.Adam(m.parameters(), betas=0.9, model=m), ValueError, "betas"),
+        (lambda m: so.AdamW(m.parameters(), weight_decay=float("nan"), model=m), ValueError, "weight_decay"),
+    ],
+    ids=[
+        "lr<0",
+        "lr-str",
+        "momentum",
+        "wd",
+        "nesterov",
+        "model-dict",
+        "no-model",
+        "adam-lr",
+        "eps",
+        "beta0",
+        "beta1",
+        "betas-float",
+        "adamw-wd-nan",
+    ],
+)
 def test_bad_arguments_name_the_argument(make, exc, match):
     with pytest.raises(exc, match=match):
         make(mixed_model())
 
 
 # ---------------------------------------------------------------------------- the C++ ops
-@pytest.fixture
-def need_cpp():
-    if not OK:
-        if REQUIRE:
-            pytest.fail(f"sparsekern._C is required here (CI / SPARSEKERN_REQUIRE_CPP) but not usable: {WHY}")
-        pytest.skip(f"C++ kernels not built: {WHY}")
+# need_cpp: the fixture in tests/conftest.py
 
 
 def _op_args(dtype=torch.float32, n=40):
@@ -385,11 +412,29 @@ def _op_args(dtype=torch.float32, n=40):
 def test_opcheck(dtype, need_cpp):
     w, g, idx = _op_args(dtype)
     k = idx.numel()
-    torch.library.opcheck(torch.ops.sparsekern.sgd_step_masked_.default,
-                          (w, g, idx, torch.randn(k, dtype=dtype), 0.1, 0.9, 0.0, 0.01, True, False, False))
-    torch.library.opcheck(torch.ops.sparsekern.adam_step_masked_.default,
-                          (w, g, idx.long(), torch.randn(k, dtype=dtype), torch.rand(k, dtype=dtype),
-                           torch.rand(k, dtype=dtype), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3.0, True, False))
+    torch.library.opcheck(
+        torch.ops.sparsekern.sgd_step_masked_.default,
+        (w, g, idx, torch.randn(k, dtype=dtype), 0.1, 0.9, 0.0, 0.01, True, False, False),
+    )
+    torch.library.opcheck(
+        torch.ops.sparsekern.adam_step_masked_.default,
+        (
+            w,
+            g,
+            idx.long(),
+            torch.randn(k, dtype=dtype),
+            torch.rand(k, dtype=dtype),
+            torch.rand(k, dtype=dtype),
+            1e-3,
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            3.0,
+            True,
+            False,
+        ),
+    )
 
 
 def test_op_rejects_bad_inputs(need_cpp):
@@ -409,5 +454,6 @@ def test_op_rejects_bad_inputs(need_cpp):
     with pytest.raises(RuntimeError, match="idx: expected dtype int32 or int64"):
         sgd(w, g, idx.float(), buf, 0.1, 0.9, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="step: expected"):
-        torch.ops.sparsekern.adam_step_masked_(w, g, idx, buf, buf.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
-                                               0.0, False, False)
+        torch.ops.sparsekern.adam_step_masked_(
+            w, g, idx, buf, buf.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False
+        )

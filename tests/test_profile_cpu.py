@@ -14,7 +14,9 @@ OK, WHY = cppmod.load_library()
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("profile_cpu", os.path.join(ROOT, "benchmarks", "tools", "profile_cpu.py"))
+    spec = importlib.util.spec_from_file_location(
+        "profile_cpu", os.path.join(ROOT, "benchmarks", "tools", "profile_cpu.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -39,14 +39,22 @@ def _ops(x, w, dy, meta, blk, s):
     ops = torch.ops.sparsekern
     st, pd, dl = [s, s], [1, 1], [1, 1]
     return {
-        "fwd": (lambda: F.conv2d(x, w, None, s, 1),
-                lambda: ops.conv2d_fwd(x, w, None, meta.crow_indices, meta.col_indices, blk, st, pd, dl)),
-        "dx": (lambda: torch.ops.aten.convolution_backward(dy, x, w, None, st, pd, dl, False, [0, 0], 1,
-                                                           [True, False, False]),
-               lambda: ops.conv2d_dx(dy, w, meta.ccol_indices, meta.row_indices, blk, list(x.shape), st, pd, dl)),
-        "dw": (lambda: torch.ops.aten.convolution_backward(dy, x, w, None, st, pd, dl, False, [0, 0], 1,
-                                                           [False, True, False]),
-               lambda: ops.conv2d_dw(dy, x, meta.crow_indices, meta.col_indices, blk, list(w.shape), st, pd, dl)),
+        "fwd": (
+            lambda: F.conv2d(x, w, None, s, 1),
+            lambda: ops.conv2d_fwd(x, w, None, meta.crow_indices, meta.col_indices, blk, st, pd, dl),
+        ),
+        "dx": (
+            lambda: torch.ops.aten.convolution_backward(
+                dy, x, w, None, st, pd, dl, False, [0, 0], 1, [True, False, False]
+            ),
+            lambda: ops.conv2d_dx(dy, w, meta.ccol_indices, meta.row_indices, blk, list(x.shape), st, pd, dl),
+        ),
+        "dw": (
+            lambda: torch.ops.aten.convolution_backward(
+                dy, x, w, None, st, pd, dl, False, [0, 0], 1, [False, True, False]
+            ),
+            lambda: ops.conv2d_dw(dy, x, meta.crow_indices, meta.col_indices, blk, list(w.shape), st, pd, dl),
+        ),
     }
 
 
@@ -67,11 +75,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     layers = [LAYERS[int(i)] for i in args.layers.split(",")] if args.layers else LAYERS
     before = os.environ.get(ENV)
-    print(f"N={args.batch} sparsity={args.sparsity:.0%} {'block' + str(args.block) if args.block else 'unstructured'} "
-          f"fp32 threads={args.threads} rounds={args.rounds} reps={args.reps} isa={torch.ops.sparsekern.cpu_isa()}; "
-          "ms per call: median over rounds (min)")
-    print(f"{'layer':22s} {'op':3s} {'dense':>14s} {'gemm':>14s} {'direct':>14s} {'direct/gemm':>11s} "
-          f"{'dense/auto':>10s} {'auto':>6s}")
+    print(
+        f"N={args.batch} sparsity={args.sparsity:.0%} {'block' + str(args.block) if args.block else 'unstructured'} "
+        f"fp32 threads={args.threads} rounds={args.rounds} reps={args.reps} isa={torch.ops.sparsekern.cpu_isa()}; "
+        "ms per call: median over rounds (min)"
+    )
+    print(
+        f"{'layer':22s} {'op':3s} {'dense':>14s} {'gemm':>14s} {'direct':>14s} {'direct/gemm':>11s} "
+        f"{'dense/auto':>10s} {'auto':>6s}"
+    )
     try:
         for c, o, hw, s in layers:
             g = torch.Generator().manual_seed(0)
@@ -99,13 +111,17 @@ def main(argv=None) -> int:
                         if r:
                             res[name].append((time.perf_counter() - t0) / args.reps * 1e3)
                 os.environ[ENV] = "auto"
-                auto = torch.ops.sparsekern.conv2d_algo(op, list(x.shape), list(shape), [s, s], [1, 1], [1, 1], blk,
-                                                        int(mask.sum()))
+                auto = torch.ops.sparsekern.conv2d_algo(
+                    op, list(x.shape), list(shape), [s, s], [1, 1], [1, 1], blk, int(mask.sum())
+                )
                 md = {n: statistics.median(v) for n, v in res.items()}
                 mn = {n: min(v) for n, v in res.items()}
                 cell = [f"{md[n]:6.2f} ({mn[n]:5.2f})" for n in ("dense", "gemm", "direct")]
-                print(f"{f'{c}->{o} {hw}x{hw} s{s}':22s} {op:3s} {cell[0]:>14s} {cell[1]:>14s} {cell[2]:>14s} "
-                      f"{md['direct'] / md['gemm']:11.2f} {md['dense'] / md[auto]:10.2f} {auto:>6s}", flush=True)
+                print(
+                    f"{f'{c}->{o} {hw}x{hw} s{s}':22s} {op:3s} {cell[0]:>14s} {cell[1]:>14s} {cell[2]:>14s} "
+                    f"{md['direct'] / md['gemm']:11.2f} {md['dense'] / md[auto]:10.2f} {auto:>6s}",
+                    flush=True,
+                )
     finally:
         if before is None:
             os.environ.pop(ENV, None)

@@ -16,8 +16,10 @@ with open(sys.argv[1]) as f:
 for i, (out, *flags) in enumerate(lines):
     if os.path.isfile(os.path.join(out, "results.json")):
         continue
-    print(f"[{i + 1}/{len(lines)}] python -m sparsekern_cl {' '.join(common)} --output-dir {out} {' '.join(flags)}",
-          flush=True)
+    print(
+        f"[{i + 1}/{len(lines)}] python -m sparsekern_cl {' '.join(common)} --output-dir {out} {' '.join(flags)}",
+        flush=True,
+    )
     rc = main(common + ["--output-dir", out] + flags)
     if rc:
         sys.exit(rc)

@@ -1,9 +1,9 @@
 """Command line of the benchmark suite: ``python -m sparsekern.bench --help``.
 
-    python -m sparsekern.bench --preset quick                  # about a minute on 2 cores
-    python -m sparsekern.bench --preset cpu-kernels            # the CPU goal cases
-    python -m sparsekern.bench --preset gpu-linear --list      # list a preset's cases (no GPU needed)
-    python -m sparsekern.bench --from-csv benchmarks/results/cpu_kernels.csv --readme README.md
+python -m sparsekern.bench --preset quick                  # about a minute on 2 cores
+python -m sparsekern.bench --preset cpu-kernels            # the CPU goal cases
+python -m sparsekern.bench --preset gpu-linear --list      # list a preset's cases (no GPU needed)
+python -m sparsekern.bench --from-csv benchmarks/results/cpu_kernels.csv --readme README.md
 """
 
 from __future__ import annotations
@@ -65,17 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", type=_list("--layouts", LAYOUTS), help=f"comma list from {list(LAYOUTS)}")
     p.add_argument("--dtypes", type=_list("--dtypes", DTYPES), help=f"comma list from {list(DTYPES)}")
     p.add_argument("--batch", type=_list("--batch", conv=int), help="batch sizes (default: each shape's own)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's (gpu-* presets: cuda)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads, pinned (default: the CPUs this process may use)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: the preset's (gpu-* presets: cuda)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads, pinned (default: the CPUs this process may use)"
+    )
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
     p.add_argument("--out", default="benchmarks/results", help="directory for the CSV, Markdown and PNG")
     p.add_argument("--name", default=None, help="file stem (default: the preset's, else bench_<device>_<preset>)")
     p.add_argument("--readme", default=None, help="add or replace this run's part of the bench section of this README")
-    p.add_argument("--from-csv", nargs="+", default=None, metavar="CSV",
-                   help="make the Markdown/PNG (and with --readme the README part) of existing CSVs; time nothing")
+    p.add_argument(
+        "--from-csv",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="make the Markdown/PNG (and with --readme the README part) of existing CSVs; time nothing",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--check", action="store_true",
-                   help="compare each compiled kernel with the reference before timing (on for smoke and gpu-*)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare each compiled kernel with the reference before timing (on for smoke and gpu-*)",
+    )
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
     p.add_argument("--compile-only", type=int, metavar="SM", default=None,
                    help="compile every Triton kernel x tuning configuration for NVIDIA sm_SM with Triton's ptxas "

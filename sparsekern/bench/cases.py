@@ -188,7 +188,10 @@ def _mlp(batches) -> list[LinearShape]:
 
 def _llm_mlp(batches) -> list[LinearShape]:
     # the feed-forward layers of 1024- and 4096-wide transformers (up and down projections)
-    return [LinearShape(f"mlp-{k}x{m}", k, m, batches) for k, m in ((1024, 4096), (4096, 1024), (4096, 11008), (11008, 4096))]
+    return [
+        LinearShape(f"mlp-{k}x{m}", k, m, batches)
+        for k, m in ((1024, 4096), (4096, 1024), (4096, 11008), (11008, 4096))
+    ]
 
 
 # named shape sets, selectable with --shapes (a set name or single shape names)
@@ -481,8 +484,16 @@ _GPU_CONV = dict(ops=["conv2d"], providers=["dense", "triton"], modes=["fwd+bwd"
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "tiny shapes, every provider (the test suite's run; no goal applies)",
-        (Selection(ops=["linear"], providers=list(PROVIDERS), modes=["fwd+bwd"], shapes=["tiny-linear"],
-                   sparsities=[0.9], layouts=["unstructured", "block16"]),),  # fmt: skip
+        (
+            Selection(
+                ops=["linear"],
+                providers=list(PROVIDERS),
+                modes=["fwd+bwd"],
+                shapes=["tiny-linear"],
+                sparsities=[0.9],
+                layouts=["unstructured", "block16"],
+            ),
+        ),  # fmt: skip
         _T_SMOKE,
         check=True,
     ),
@@ -513,7 +524,14 @@ PRESETS: dict[str, Preset] = {
                 providers=list(PROVIDERS),
                 modes=["fwd+bwd"],
                 ops_modes={"spmm": ["fwd"], "sddmm": ["fwd"]},
-                shapes=["mlp-768x3072", "mlp-4096x4096", "resnet18-cifar", "resnet18-imagenet", "resnet50", "e2e-small"],
+                shapes=[
+                    "mlp-768x3072",
+                    "mlp-4096x4096",
+                    "resnet18-cifar",
+                    "resnet18-imagenet",
+                    "resnet50",
+                    "e2e-small",
+                ],
                 sparsities=[0.75, 0.9, 0.95, 0.98],
                 layouts=["unstructured", "block16", "block32", "block64"],
                 op_sparsities={"spmm": [0.5, 0.75, 0.9, 0.95, 0.98], "conv2d": [0.9, 0.95], "rebuild": [0.9]},
@@ -545,8 +563,12 @@ PRESETS: dict[str, Preset] = {
         (
             Selection(**_CPU_SPMM, shapes=["mlp-768x3072"], batches=[256], sparsities=[0.9, 0.98]),
             Selection(**_CPU_SPMM, shapes=["mlp-768x3072"], batches=[256], sparsities=[0.9], layouts=["block32"]),
-            Selection(**{**_CPU_CONV, "shapes": ["r18c-l2"]}, batches=[32], sparsities=[0.9],
-                      layouts=["unstructured", "block16"]),  # fmt: skip
+            Selection(
+                **{**_CPU_CONV, "shapes": ["r18c-l2"]},
+                batches=[32],
+                sparsities=[0.9],
+                layouts=["unstructured", "block16"],
+            ),  # fmt: skip
         ),
         _T_KERNELS,
         stem="cpu_kernels_quick",
@@ -554,24 +576,45 @@ PRESETS: dict[str, Preset] = {
     "gpu-linear": Preset(
         "GPU products of 8192 tokens, 4 shapes x 5 layouts x 5 sparsities x bf16/fp16/fp32/tf32 x fwd/bwd/fwd+bwd "
         "(triton vs cuBLAS and torch.sparse)",
-        (Selection(**_GPU_SPMM, shapes=_GPU_SPMM_SHAPES, layouts=list(LAYOUTS), sparsities=_GPU_SPARSITIES,
-                   dtypes=_GPU_DTYPES),),  # fmt: skip
+        (
+            Selection(
+                **_GPU_SPMM,
+                shapes=_GPU_SPMM_SHAPES,
+                layouts=list(LAYOUTS),
+                sparsities=_GPU_SPARSITIES,
+                dtypes=_GPU_DTYPES,
+            ),
+        ),  # fmt: skip
         _T_GPU,
         stem="gpu_linear",
         check=True,
     ),
     "gpu-linear-quick": Preset(
         "the GPU matmul goal cases and some context: 2 shapes, unstructured and block 64, bf16 and fp32",
-        (Selection(**_GPU_SPMM, shapes=_GPU_SPMM_SHAPES[:2], layouts=["unstructured", "block64"],
-                   sparsities=[0.5, 0.9, 0.98], dtypes=["bfloat16", "float32"]),),  # fmt: skip
+        (
+            Selection(
+                **_GPU_SPMM,
+                shapes=_GPU_SPMM_SHAPES[:2],
+                layouts=["unstructured", "block64"],
+                sparsities=[0.5, 0.9, 0.98],
+                dtypes=["bfloat16", "float32"],
+            ),
+        ),  # fmt: skip
         _T_GPU,
         stem="gpu_linear_quick",
         check=True,
     ),
     "gpu-linear-full": Preset(
         "gpu-linear on 7 shapes, up to 4096->11008",
-        (Selection(**_GPU_SPMM, shapes=[*_GPU_SPMM_SHAPES, "mlp-4096x1024", "mlp-4096x11008", "mlp-11008x4096"],
-                   layouts=list(LAYOUTS), sparsities=_GPU_SPARSITIES, dtypes=_GPU_DTYPES),),  # fmt: skip
+        (
+            Selection(
+                **_GPU_SPMM,
+                shapes=[*_GPU_SPMM_SHAPES, "mlp-4096x1024", "mlp-4096x11008", "mlp-11008x4096"],
+                layouts=list(LAYOUTS),
+                sparsities=_GPU_SPARSITIES,
+                dtypes=_GPU_DTYPES,
+            ),
+        ),  # fmt: skip
         _T_GPU,
         stem="gpu_linear_full",
         check=True,
@@ -579,8 +622,14 @@ PRESETS: dict[str, Preset] = {
     "gpu-conv": Preset(
         "GPU ResNet-18 3x3 convs, batch 128, 32x32 and 64x64 inputs, 80-98 %, unstructured and block 16/32/64, "
         "bf16 and fp32 (triton vs cuDNN, fwd+bwd)",
-        (Selection(**_GPU_CONV, layouts=["unstructured", "block16", "block32", "block64"],
-                   sparsities=[0.8, 0.9, 0.95, 0.98], dtypes=["bfloat16", "float32"]),),  # fmt: skip
+        (
+            Selection(
+                **_GPU_CONV,
+                layouts=["unstructured", "block16", "block32", "block64"],
+                sparsities=[0.8, 0.9, 0.95, 0.98],
+                dtypes=["bfloat16", "float32"],
+            ),
+        ),  # fmt: skip
         _T_GPU,
         stem="gpu_conv",
         check=True,

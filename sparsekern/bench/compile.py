@@ -41,8 +41,22 @@ def compile_kernel(fn, types: dict, consts: dict, arch: int, warps: int, stages:
 def _block_kernels(p: str, blk: int):
     from sparsekern.kernels.triton import bsr
 
-    spmm_types = dict(a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
-                      N="i32", R="i32", C="i32", n_rblocks="i32", stride_wr="i32", stride_wc="i32", n_hint="i32")
+    spmm_types = dict(
+        a_ptr=p,
+        w_ptr=p,
+        bias_ptr=p,
+        out_ptr=p,
+        ptr_ptr="*i32",
+        idx_ptr="*i32",
+        order_ptr="*i32",
+        N="i32",
+        R="i32",
+        C="i32",
+        n_rblocks="i32",
+        stride_wr="i32",
+        stride_wc="i32",
+        n_hint="i32",
+    )
     sddmm_types = dict(dy_ptr=p, x_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", N="i32", M="i32", K="i32",
                        n_hint="i32")  # fmt: skip
     return (
@@ -54,8 +68,21 @@ def _block_kernels(p: str, blk: int):
 def _csr_kernels(p: str):
     from sparsekern.kernels.triton import csr
 
-    spmm_types = dict(bt_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", order_ptr="*i32",
-                      N="i32", R="i32", stride_wr="i32", stride_wc="i32", n_hint="i32", len_hint="i32")
+    spmm_types = dict(
+        bt_ptr=p,
+        w_ptr=p,
+        bias_ptr=p,
+        out_ptr=p,
+        ptr_ptr="*i32",
+        idx_ptr="*i32",
+        order_ptr="*i32",
+        N="i32",
+        R="i32",
+        stride_wr="i32",
+        stride_wc="i32",
+        n_hint="i32",
+        len_hint="i32",
+    )
     sddmm_types = dict(at_ptr=p, bt_ptr=p, out_ptr=p, rows_ptr="*i32", cols_ptr="*i32", nnz="i32", N="i32", K="i32",
                        n_hint="i32", nnz_hint="i32")  # fmt: skip
     return (

@@ -59,7 +59,12 @@ def goal_for(row: dict) -> Goal | None:
                 for lvl, g in ((0.9, 5), (0.95, 8), (0.98, 15)):
                     if _sp(row, lvl):
                         return Goal(f"CPU fp32 linear fwd+bwd unstructured {round(lvl * 100)} %", g)
-            if op == "conv2d" and layout == "unstructured" and row.get("family") == "resnet18-cifar" and str(row.get("kernel")) == "3":
+            if (
+                op == "conv2d"
+                and layout == "unstructured"
+                and row.get("family") == "resnet18-cifar"
+                and str(row.get("kernel")) == "3"
+            ):
                 for lvl, g in ((0.9, 3), (0.95, 5)):
                     if _sp(row, lvl):
                         return Goal(f"CPU fp32 ResNet-18 3x3 conv fwd+bwd unstructured {round(lvl * 100)} %", g)
@@ -74,8 +79,11 @@ def goal_for(row: dict) -> Goal | None:
             return Goal("GPU bf16 block-64 matmul fwd+bwd 90 % over cuBLAS", 7)
         if dt == "float32" and op in ("linear", "spmm") and layout == "unstructured":
             return Goal("GPU fp32 (TF32 off) unstructured matmul 90 % over cuBLAS", 2)
-        if dt == "bfloat16" and op == "conv2d" and layout.startswith("block") and str(row.get("family", "")).startswith(
-            "resnet18"
+        if (
+            dt == "bfloat16"
+            and op == "conv2d"
+            and layout.startswith("block")
+            and str(row.get("family", "")).startswith("resnet18")
         ):
             return Goal("GPU bf16 block-sparse conv fwd+bwd ResNet-18 shapes 90 % over cuDNN", 4)
     return None

@@ -163,7 +163,9 @@ def _torch_sparse_step(case: Case, x, w, bias, mask) -> Callable[[], object]:
         warnings.simplefilter("ignore")
         zeros = torch.zeros_like(w.detach())
         # sampled_addmm has a BSR kernel on CUDA only; on CPU the block pattern goes in as CSR
-        pat = formats.to_torch_sparse_bsr(zeros, mask, b) if b and w.is_cuda else formats.to_torch_sparse_csr(zeros, mask)
+        pat = (
+            formats.to_torch_sparse_bsr(zeros, mask, b) if b and w.is_cuda else formats.to_torch_sparse_csr(zeros, mask)
+        )
     x, bias = x.detach(), (bias.detach() if bias is not None else None)
     dy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1)).to(x)
 
@@ -182,7 +184,9 @@ def _sparse_fwd(ws: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) ->
     return y + bias if bias is not None else y
 
 
-def _outputs(f: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str, dy: torch.Tensor) -> list[torch.Tensor]:
+def _outputs(
+    f: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str, dy: torch.Tensor
+) -> list[torch.Tensor]:
     y = f()
     if mode == "fwd":
         return [y]

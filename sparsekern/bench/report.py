@@ -106,8 +106,11 @@ def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
     if load:
         lines += ["", f"Load average (1/5/15 min): {load}."]
     elif loads:
-        lines += ["", f"1-minute load average while the cases ran: {min(loads):.2f} to {max(loads):.2f} "
-                  "(the machine is shared; ratios are taken within the run for that reason)."]
+        lines += [
+            "",
+            f"1-minute load average while the cases ran: {min(loads):.2f} to {max(loads):.2f} "
+            "(the machine is shared; ratios are taken within the run for that reason).",
+        ]
     lines += [
         "",
         "Speedup = dense p50 / case p50, both measured in this run (above 1: faster than dense PyTorch). "
@@ -196,8 +199,9 @@ def _network_lines(rows: list[dict]) -> list[str]:
         f"Each network's convs summed: every distinct layer shape's time times the number of layers of that "
         f"shape ({n} layers for ResNet-18's 3x3 convs in the residual stages), against dense summed the same way.",
         "",
-        *_table(["network", "batch", "provider", "layout", "sparsity", "dense ms", "ms", "speedup", "goal", "result"],
-                body),  # fmt: skip
+        *_table(
+            ["network", "batch", "provider", "layout", "sparsity", "dense ms", "ms", "speedup", "goal", "result"], body
+        ),  # fmt: skip
         "",
     ]
 
@@ -254,7 +258,10 @@ def _e2e_lines(rows: list[dict]) -> list[str]:
     if not rs:
         return []
     body = []
-    for r in sorted(rs, key=lambda r: (r["op"], r["shape"], r["provider"] != "dense", r["provider"], r["layout"], float(r["sparsity"]))):
+    for r in sorted(
+        rs,
+        key=lambda r: (r["op"], r["shape"], r["provider"] != "dense", r["provider"], r["layout"], float(r["sparsity"])),
+    ):
         sp = _f(r["speedup_vs_dense"])
         body.append([
             r["op"], r["dims"], r["provider"], r["layout"], _pct(r["sparsity"]) if r["provider"] != "dense" else "dense",
@@ -364,7 +371,13 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
-    colors = {"cpp": "tab:blue", "reference": "tab:gray", "torch.sparse": "tab:orange", "triton": "tab:green", "cuda": "tab:red"}
+    colors = {
+        "cpp": "tab:blue",
+        "reference": "tab:gray",
+        "torch.sparse": "tab:orange",
+        "triton": "tab:green",
+        "cuda": "tab:red",
+    }
     styles = {"unstructured": ("o", "-"), "block16": ("s", "--"), "block32": ("^", "-."), "block64": ("D", ":")}
     for ax, (op, mode, rs) in zip(axes.flat, panels):
         # one line per provider/layout (and per model for the end-to-end panels)
@@ -384,7 +397,9 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
                     color=colors.get(prov), label=label)  # fmt: skip
         if all_s:
             lim = [s for s in all_s if s < 1]
-            ax.plot([s * 100 for s in lim], [1 / (1 - s) for s in lim], ls=":", color="grey", label="FLOP limit 1/(1-s)")
+            ax.plot(
+                [s * 100 for s in lim], [1 / (1 - s) for s in lim], ls=":", color="grey", label="FLOP limit 1/(1-s)"
+            )
         ax.axhline(1.0, color="black", lw=0.8, label="dense")
         ax.set_yscale("log")
         ax.set_title(f"{op} ({mode})")
@@ -395,7 +410,10 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     r0 = rows[0]
-    fig.suptitle(f"sparsekern speedup vs dense PyTorch - {r0.get('cpu_model', '')}, {r0.get('threads', '')} thread(s)", fontsize=10)
+    fig.suptitle(
+        f"sparsekern speedup vs dense PyTorch - {r0.get('cpu_model', '')}, {r0.get('threads', '')} thread(s)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,7 @@ def _register_fakes() -> None:
     def _(mask, bo, bk):
         grid = (-(-mask.shape[0] // bo), -(-mask.shape[1] // bk))
         return mask.new_empty(grid), mask.new_empty(grid)
+
     # update_masks_ has no fake: it is set_mask's eager in-place pass, and its result (a
     # data-dependent int that decides whether set_mask raises) would break any traced graph anyway
 

@@ -95,8 +95,10 @@ class SparseMixin:
         keep = M if new is None else new
         ops = _native(keep)
         ts = [t for t in (keep, M, G, g, w if zero_pruned else None) if t is not None]
-        if ops is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in ts) and (
-            not zero_pruned or w.element_size() in (2, 4, 8)
+        if (
+            ops is not None
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+            and (not zero_pruned or w.element_size() in (2, 4, 8))
         ):
             code = ops.update_masks_(w, M, G, keep, g, zero_pruned)
             if code == 0:
@@ -168,9 +170,16 @@ class SparseMixin:
         if op == "conv2d":
             pad = self.padding if isinstance(self.padding, tuple) else (0, 0)
             conv = ConvParams(self.stride, pad, self.dilation, self.groups)
-        info = CallInfo(op, torch.device(device) if device is not None else self.weight.device,
-                        dtype or self.weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
-                        tuple(self.weight.shape))
+        info = CallInfo(
+            op,
+            torch.device(device) if device is not None else self.weight.device,
+            dtype or self.weight.dtype,
+            pattern.layout,
+            pattern.block_size,
+            gpattern.layout,
+            conv,
+            tuple(self.weight.shape),
+        )
         return info, pattern, gpattern
 
     def _note_choice(self) -> None:
@@ -212,7 +221,9 @@ class SparseMixin:
         return out
 
     # ------------------------------------------------------------------ state dict
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # torch.nn.utils.prune stores the weight as `weight_orig` next to a float `weight_mask`.
         orig = prefix + "weight_orig"
         if orig in state_dict and prefix + "weight" not in state_dict:

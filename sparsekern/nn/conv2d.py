@@ -48,8 +48,19 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
         backend: str | None = None,
         mask: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_sparse(sparsity, layout, block_size, backend, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +69,18 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         y = sparse_conv2d(
-            x, self.weight, self.bias, self.weight_mask, self.grad_mask,
-            self.stride, padding, self.dilation, self.groups,
-            backend=self.backend, layout=self.layout, block_size=self.block_size,
+            x,
+            self.weight,
+            self.bias,
+            self.weight_mask,
+            self.grad_mask,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            backend=self.backend,
+            layout=self.layout,
+            block_size=self.block_size,
         )
         self._note_choice()
         return y
@@ -75,18 +95,37 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             mask = mask_from_module(module)
         sparsity = kwargs.pop("sparsity", 0.0)
         new = cls(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode,
-            device=weight.device, dtype=weight.dtype, **kwargs,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
         )
         new._copy_from(module, weight, mask, sparsity)
         return new
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function (weights outside the mask set to zero)."""
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         return self._dense_copy(out)
 
     def extra_repr(self) -> str:

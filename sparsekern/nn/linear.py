@@ -48,8 +48,14 @@ class SparseLinear(SparseMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = sparse_linear(
-            x, self.weight, self.bias, self.weight_mask, self.grad_mask,
-            backend=self.backend, layout=self.layout, block_size=self.block_size,
+            x,
+            self.weight,
+            self.bias,
+            self.weight_mask,
+            self.grad_mask,
+            backend=self.backend,
+            layout=self.layout,
+            block_size=self.block_size,
         )
         self._note_choice()
         return y
@@ -69,16 +75,25 @@ class SparseLinear(SparseMixin, nn.Linear):
             mask = mask_from_module(module)
         sparsity = kwargs.pop("sparsity", 0.0)
         new = cls(
-            module.in_features, module.out_features, bias=module.bias is not None,
-            device=weight.device, dtype=weight.dtype, **kwargs,
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
         )
         new._copy_from(module, weight, mask, sparsity)
         return new
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function (weights outside the mask set to zero)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         return self._dense_copy(out)
 
     def extra_repr(self) -> str:

@@ -67,7 +67,9 @@ def seed_grad_pattern(pattern: Pattern, grad_mask: torch.Tensor, equal: bool) ->
     ``G & M`` pass and the comparison at the next call)."""
     # not equal: G & M == G, as a tensor of its own (metadata is built lazily, maybe after a
     # later write to grad_mask)
-    return _grad_entry(pattern, grad_mask, lambda: _effective_grad_pattern(pattern, None if equal else grad_mask.clone(), equal))
+    return _grad_entry(
+        pattern, grad_mask, lambda: _effective_grad_pattern(pattern, None if equal else grad_mask.clone(), equal)
+    )
 
 
 def _grad_entry(pattern: Pattern, grad_mask: torch.Tensor, build) -> Pattern:

@@ -57,7 +57,9 @@ def _dense_layout(t: torch.Tensor, backend) -> torch.Tensor:
 def _pair(v, name: str, *, minimum: int) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
-    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+    if not (
+        isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+    ):
         raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
         raise ValueError(f"{name}: expected values >= {minimum}, got {tuple(v)}")
@@ -157,7 +159,13 @@ def sparse_conv2d(
     pattern = weight_pattern(mask, layout, block_size)
     gpattern = grad_pattern(pattern, grad_mask)
     info = CallInfo(
-        "conv2d", weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout, conv,
+        "conv2d",
+        weight.device,
+        weight.dtype,
+        pattern.layout,
+        pattern.block_size,
+        gpattern.layout,
+        conv,
         tuple(weight.shape),
     )
     be = select_backend(info, backend)

@@ -63,8 +63,18 @@ from ..options import check_group, choice, fail, integer, number
 from ..strategies import Plugin, StepContext, Strategy
 from .masking import move_connections, pick
 
-__all__ = ["DSTConfig", "DSTPlugin", "GROWTH", "FIXED_GROWTH", "task_densities", "cosine_drop_rate",
-           "magnitude_drop", "choose_growth", "check_config", "make_dst_plugins"]
+__all__ = [
+    "DSTConfig",
+    "DSTPlugin",
+    "GROWTH",
+    "FIXED_GROWTH",
+    "task_densities",
+    "cosine_drop_rate",
+    "magnitude_drop",
+    "choose_growth",
+    "check_config",
+    "make_dst_plugins",
+]
 
 FIXED_GROWTH = ("random", "unfired", "gradient", "momentum")
 GROWTH = FIXED_GROWTH + ("adaptive_naive", "adaptive_capacity")
@@ -77,13 +87,16 @@ class DSTConfig:
 
     dst_growth: str = choice("random", f"DST growth strategy: {', '.join(GROWTH)}", GROWTH)
     dst_update_every: int = integer(100, "DST: topology update every this many steps within a task", min=1)
-    dst_drop_rate: float = number(0.5, "DST: fraction of the task's own weights dropped at the first update "
-                                       "(cosine-annealed)", "[0, 1]")
+    dst_drop_rate: float = number(
+        0.5, "DST: fraction of the task's own weights dropped at the first update (cosine-annealed)", "[0, 1]"
+    )
     dst_drop_rate_final: float = number(0.005, "DST: drop fraction at the end of a task", "[0, 1]")
-    dst_naive_switch: float = number(0.5, "DST adaptive_naive: fraction of the tasks grown randomly before "
-                                          "switching to gradient", "[0, 1]")
-    dst_capacity_threshold: float = number(0.7, "DST adaptive_capacity: a layer grows randomly while this fraction "
-                                                "of it is free", "[0, 1]")
+    dst_naive_switch: float = number(
+        0.5, "DST adaptive_naive: fraction of the tasks grown randomly before switching to gradient", "[0, 1]"
+    )
+    dst_capacity_threshold: float = number(
+        0.7, "DST adaptive_capacity: a layer grows randomly while this fraction of it is free", "[0, 1]"
+    )
 
 
 def check_config(cfg: dict) -> None:
@@ -91,8 +104,11 @@ def check_config(cfg: dict) -> None:
     check_group(DSTConfig, cfg)
     if cfg["sparsity"] > 0:
         if cfg["weight_decay"] != 0:
-            fail("weight_decay", "0 for method 'dst' (decay would change the frozen weights of earlier tasks)",
-                 cfg["weight_decay"])
+            fail(
+                "weight_decay",
+                "0 for method 'dst' (decay would change the frozen weights of earlier tasks)",
+                cfg["weight_decay"],
+            )
         if cfg["layout"] != "unstructured":
             fail("layout", "'unstructured' for method 'dst'", cfg["layout"])
 
@@ -124,7 +140,9 @@ def magnitude_drop(weight: torch.Tensor, own: torch.Tensor, k: int, generator: t
     return pick(own, k, weight.detach().abs(), largest=False, generator=generator)
 
 
-def choose_growth(candidates: torch.Tensor, k: int, scores: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+def choose_growth(
+    candidates: torch.Tensor, k: int, scores: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
     """Bool mask of ``k`` positions among ``candidates``: largest ``scores``, or uniform when ``None``."""
     return pick(candidates, k, scores, largest=True, generator=generator)
 
@@ -213,11 +231,17 @@ class DSTPlugin(Plugin):
         self.total_steps = self._steps_per_task(strategy, task)
         self.layer_growth = {n: self.growth_for(n, task) for n in self.layers}
         self.moments = {}
-        self.history.append({
-            "task": task, "growth": dict(self.layer_growth), "free_fraction_at_start": self.free_fraction(),
-            "free_fraction_per_layer": {n: self.free_fraction(n) for n in self.layers},
-            "steps": self.total_steps, "updates": 0, "moved": {n: 0 for n in self.layers},
-        })
+        self.history.append(
+            {
+                "task": task,
+                "growth": dict(self.layer_growth),
+                "free_fraction_at_start": self.free_fraction(),
+                "free_fraction_per_layer": {n: self.free_fraction(n) for n in self.layers},
+                "steps": self.total_steps,
+                "updates": 0,
+                "moved": {n: 0 for n in self.layers},
+            }
+        )
         for i, (name, layer) in enumerate(self.layers.items()):
             w = layer.weight
             used = self.used[name]
@@ -296,8 +320,9 @@ class DSTPlugin(Plugin):
     @torch.no_grad()
     def update_topology(self, strategy: Strategy | None = None) -> dict[str, int]:
         """Drop and regrow in every sparse layer now; returns the number moved per layer."""
-        rate = cosine_drop_rate(self.task_step, self.total_steps, self.cfg["dst_drop_rate"],
-                                self.cfg["dst_drop_rate_final"])
+        rate = cosine_drop_rate(
+            self.task_step, self.total_steps, self.cfg["dst_drop_rate"], self.cfg["dst_drop_rate_final"]
+        )
         moved = {}
         for i, (name, layer) in enumerate(self.layers.items()):
             growth = self.layer_growth.get(name, "random")
@@ -331,8 +356,14 @@ class DSTPlugin(Plugin):
         drop = magnitude_drop(layer.weight, own, k, generator)
         grow = choose_growth(candidates, k, None if growth in ("random", "unfired") else scores, generator)
         # other tasks' weights outside the mask keep their values (zero_pruned=False)
-        move_connections(layer, drop, grow, optimizer=getattr(strategy, "optimizer", None),
-                         grad_mask=(own & ~drop) | grow, zero_pruned=False)
+        move_connections(
+            layer,
+            drop,
+            grow,
+            optimizer=getattr(strategy, "optimizer", None),
+            grad_mask=(own & ~drop) | grow,
+            zero_pruned=False,
+        )
         self.fired[name] |= grow
         return k
 
@@ -383,8 +414,9 @@ class DSTPlugin(Plugin):
                     g += dy2.t() @ x2
                     macs = x2.shape[0] * x2.shape[1] * dy2.shape[1]
                 else:
-                    g += torch.nn.grad.conv2d_weight(x, tuple(layer.weight.shape), dy, layer.stride, layer.padding,
-                                                     layer.dilation, layer.groups)
+                    g += torch.nn.grad.conv2d_weight(
+                        x, tuple(layer.weight.shape), dy, layer.stride, layer.padding, layer.dilation, layer.groups
+                    )
                     macs = dy.numel() * layer.weight[0].numel()
                 if counter is not None:
                     counter.add(name, "dense_grad", 2.0 * macs, 0.0)
@@ -438,14 +470,31 @@ class DSTPlugin(Plugin):
 
     def state_dict(self) -> dict:
         return {
-            "used": self.used, "fired": self.fired, "masks": self.masks, "task_states": self.task_states,
-            "history": self.history, "task": self.task, "task_step": self.task_step,
-            "total_steps": self.total_steps, "layer_growth": self.layer_growth, "moments": self.moments,
+            "used": self.used,
+            "fired": self.fired,
+            "masks": self.masks,
+            "task_states": self.task_states,
+            "history": self.history,
+            "task": self.task,
+            "task_step": self.task_step,
+            "total_steps": self.total_steps,
+            "layer_growth": self.layer_growth,
+            "moments": self.moments,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("used", "fired", "masks", "task_states", "history", "task", "task_step", "total_steps",
-                    "layer_growth", "moments"):
+        for key in (
+            "used",
+            "fired",
+            "masks",
+            "task_states",
+            "history",
+            "task",
+            "task_step",
+            "total_steps",
+            "layer_growth",
+            "moments",
+        ):
             setattr(self, key, state[key])
 
 

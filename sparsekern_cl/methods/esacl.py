@@ -87,8 +87,17 @@ from ..options import check_group, choice, flag, group_defaults, number
 from ..strategies import Plugin, StepContext, Strategy
 from .masking import pick
 
-__all__ = ["EsaCLConfig", "EsaCLPlugin", "lmo_ksparse", "fw_step", "sam_perturbation", "top_j", "CONFIG_KEYS",
-           "check_config", "make_esacl_plugins"]
+__all__ = [
+    "EsaCLConfig",
+    "EsaCLPlugin",
+    "lmo_ksparse",
+    "fw_step",
+    "sam_perturbation",
+    "top_j",
+    "CONFIG_KEYS",
+    "check_config",
+    "make_esacl_plugins",
+]
 
 
 @dataclass(frozen=True)
@@ -96,28 +105,39 @@ class EsaCLConfig:
     """EsaCL: sharpness-aware directional pruning (SDP) and intelligent data selection (IDS)"""
 
     esacl_rho: float = number(0.05, "EsaCL: SAM neighbourhood radius rho", "[0, inf]")
-    esacl_tau: float = number(5.0, "EsaCL: K-sparse polytope radius, in units of the layer's initial RMS weight",
-                              "(0, inf]")
-    esacl_k: float = number(0.05, "EsaCL: fraction of a layer's trainable weights that are nonzero in an LMO vertex",
-                            "[0, 1]")
-    esacl_sse_frac: float = number(0.4, "EsaCL: fraction J of the batch kept as support examples (SAM's "
-                                        "perturbation)", "(0, 1]")
-    esacl_ere_frac: float = number(0.4, "EsaCL: fraction J of the batch kept by redundant-example elimination "
-                                        "(outer step)", "(0, 1]")
+    esacl_tau: float = number(
+        5.0, "EsaCL: K-sparse polytope radius, in units of the layer's initial RMS weight", "(0, inf]"
+    )
+    esacl_k: float = number(
+        0.05, "EsaCL: fraction of a layer's trainable weights that are nonzero in an LMO vertex", "[0, 1]"
+    )
+    esacl_sse_frac: float = number(
+        0.4, "EsaCL: fraction J of the batch kept as support examples (SAM's perturbation)", "(0, 1]"
+    )
+    esacl_ere_frac: float = number(
+        0.4, "EsaCL: fraction J of the batch kept by redundant-example elimination (outer step)", "(0, 1]"
+    )
     esacl_sa: bool = flag(True, "EsaCL: sharpness-aware perturbation on (false: 'w/o SA')")
-    esacl_sp: bool = flag(True, "EsaCL: sparse projection, Frank-Wolfe over the K-sparse polytope (false: 'w/o SP', "
-                                "plain optimizer)")
+    esacl_sp: bool = flag(
+        True, "EsaCL: sparse projection, Frank-Wolfe over the K-sparse polytope (false: 'w/o SP', plain optimizer)"
+    )
     esacl_sse: bool = flag(True, "EsaCL: support example selection on (false: 'w/o SSE')")
     esacl_ere: bool = flag(True, "EsaCL: redundant example elimination on (false: 'w/o ERE')")
-    esacl_momentum_form: str = choice("sum", "EsaCL: 'sum' (m <- m + g, eq. 3.15) or 'ema' (m <- b m + (1-b) g)",
-                                      ("sum", "ema"))
+    esacl_momentum_form: str = choice(
+        "sum", "EsaCL: 'sum' (m <- m + g, eq. 3.15) or 'ema' (m <- b m + (1-b) g)", ("sum", "ema")
+    )
     esacl_momentum: float = number(0.9, "EsaCL: b of the 'ema' momentum", "[0, 1]")
-    esacl_fw_step: str = choice("rescaled", "EsaCL: Frank-Wolfe step 'rescaled' (clamp(lr |g|/|theta-v|, 0, 1)) or "
-                                            "'constant' (lr)", ("rescaled", "constant"))
-    esacl_expand: float = number(1.0, "EsaCL: fraction of unused weights re-entering the mask at each task start",
-                                 "[0, 1]")
-    esacl_reinit: str = choice("random", "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'",
-                               ("random", "zero"))
+    esacl_fw_step: str = choice(
+        "rescaled",
+        "EsaCL: Frank-Wolfe step 'rescaled' (clamp(lr |g|/|theta-v|, 0, 1)) or 'constant' (lr)",
+        ("rescaled", "constant"),
+    )
+    esacl_expand: float = number(
+        1.0, "EsaCL: fraction of unused weights re-entering the mask at each task start", "[0, 1]"
+    )
+    esacl_reinit: str = choice(
+        "random", "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'", ("random", "zero")
+    )
 
 
 CONFIG_KEYS: MappingProxyType = MappingProxyType(group_defaults(EsaCLConfig))
@@ -127,8 +147,9 @@ def check_config(cfg: dict) -> None:
     """The EsaCL keys of ``cfg``, and the target sparsity EsaCL needs; ``ValueError`` naming the key."""
     check_group(EsaCLConfig, cfg)
     if cfg["sparsity"] <= 0:
-        raise ValueError(f"sparsity: EsaCL prunes to a target sparsity; expected a value in (0, 1), "
-                         f"got {cfg['sparsity']!r}")
+        raise ValueError(
+            f"sparsity: EsaCL prunes to a target sparsity; expected a value in (0, 1), got {cfg['sparsity']!r}"
+        )
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -366,8 +387,10 @@ class EsaCLPlugin(Plugin):
                 diff = float(((w.detach() - v) * allowed).norm())
                 eta = lr * float(g.norm()) / diff if diff > 0 else 0.0
             if not math.isfinite(eta):
-                raise ValueError(f"lr: the Frank-Wolfe step of layer {n!r} is not finite (the run diverged at "
-                                 f"lr={lr}); expected a smaller lr or esacl_tau")
+                raise ValueError(
+                    f"lr: the Frank-Wolfe step of layer {n!r} is not finite (the run diverged at "
+                    f"lr={lr}); expected a smaller lr or esacl_tau"
+                )
             fw_step(w.data, v, min(max(eta, 0.0), 1.0), allowed)
             w.grad = None  # the optimizer leaves Frank-Wolfe layers alone
 
@@ -386,9 +409,13 @@ class EsaCLPlugin(Plugin):
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {"momentum": {k: v.clone() for k, v in self.momentum.items()},
-                "frozen_values": {k: v.clone() for k, v in self.frozen_values.items()},
-                "budget": dict(self.budget), "radius": dict(self.radius), "task": self.task}
+        return {
+            "momentum": {k: v.clone() for k, v in self.momentum.items()},
+            "frozen_values": {k: v.clone() for k, v in self.frozen_values.items()},
+            "budget": dict(self.budget),
+            "radius": dict(self.radius),
+            "task": self.task,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum = {k: v.clone() for k, v in state["momentum"].items()}

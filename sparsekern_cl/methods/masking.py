@@ -16,8 +16,15 @@ from torch import nn
 __all__ = ["pick", "move_connections", "reset_optimizer_state"]
 
 
-def pick(candidates: torch.Tensor, k: int, score: torch.Tensor | None = None, *, largest: bool = True,
-         generator: torch.Generator | None = None, stable: bool = True) -> torch.Tensor:
+def pick(
+    candidates: torch.Tensor,
+    k: int,
+    score: torch.Tensor | None = None,
+    *,
+    largest: bool = True,
+    generator: torch.Generator | None = None,
+    stable: bool = True,
+) -> torch.Tensor:
     """Bool mask of ``min(k, #candidates)`` entries of ``candidates``: the best by ``score``, or uniform.
 
     Args:
@@ -77,9 +84,15 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.
 
 
 @torch.no_grad()
-def move_connections(layer: nn.Module, drop: torch.Tensor, grow: torch.Tensor, *,
-                     optimizer: torch.optim.Optimizer | None = None, grad_mask: torch.Tensor | None = None,
-                     zero_pruned: bool = True) -> torch.Tensor:
+def move_connections(
+    layer: nn.Module,
+    drop: torch.Tensor,
+    grow: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    grad_mask: torch.Tensor | None = None,
+    zero_pruned: bool = True,
+) -> torch.Tensor:
     """Remove ``drop`` from a sparse layer's weight mask and add ``grow``; returns the new mask.
 
     The dropped and grown weights are set to zero and their optimizer state cleared.

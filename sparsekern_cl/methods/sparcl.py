@@ -109,27 +109,39 @@ class SparCLConfig:
     sparcl_tdm: bool = flag(True, "SparCL: task-aware dynamic masking on (false: the initial mask stays fixed)")
     sparcl_ddr: bool = flag(True, "SparCL: dynamic data removal on")
     sparcl_dgm: bool = flag(True, "SparCL: dynamic gradient masking on")
-    sparcl_layers: str = choice("auto", "SparCL: sparse layers: auto (the backbone's default), all_convs, block_convs "
-                                        "(3x3 convs inside residual blocks), mlp_hidden", _LAYER_CHOICES)
-    sparcl_importance: str = choice("data", "SparCL: CWI gradients: data (α on current-task data, β on the buffer) "
-                                            "or last_batch (α times the last minibatch's gradient)",
-                                    ("data", "last_batch"))
-    sparcl_cwi_alpha: float = number(0.5, "SparCL: CWI weight α of the current-task gradient (the merged "
-                                          "coefficient for last_batch)", "[0, inf]")
+    sparcl_layers: str = choice(
+        "auto",
+        "SparCL: sparse layers: auto (the backbone's default), all_convs, block_convs "
+        "(3x3 convs inside residual blocks), mlp_hidden",
+        _LAYER_CHOICES,
+    )
+    sparcl_importance: str = choice(
+        "data",
+        "SparCL: CWI gradients: data (α on current-task data, β on the buffer) "
+        "or last_batch (α times the last minibatch's gradient)",
+        ("data", "last_batch"),
+    )
+    sparcl_cwi_alpha: float = number(
+        0.5, "SparCL: CWI weight α of the current-task gradient (the merged coefficient for last_batch)", "[0, inf]"
+    )
     sparcl_cwi_beta: float = number(0.5, "SparCL: CWI weight β of the buffer gradient (importance=data)", "[0, inf]")
-    sparcl_importance_samples: int = integer(256, "SparCL: examples of the task and of the buffer used for the CWI "
-                                                  "gradients", min=1)
+    sparcl_importance_samples: int = integer(
+        256, "SparCL: examples of the task and of the buffer used for the CWI gradients", min=1
+    )
     sparcl_delta: int = integer(5, "SparCL: epochs per mask-update stage (δ)", min=1)
-    sparcl_shrink: float = number(0.04, "SparCL: fraction q of active weights dropped (and regrown) at an "
-                                        "intra-task update", "[0, 1)")
+    sparcl_shrink: float = number(
+        0.04, "SparCL: fraction q of active weights dropped (and regrown) at an intra-task update", "[0, 1)"
+    )
     sparcl_expand: float = number(0.04, "SparCL: fraction λ of unused weights added at a task switch", "[0, 1)")
     sparcl_warmup: int = integer(5, "SparCL: epochs at the lower sparsity after a task switch", min=1)
     sparcl_freeze_last: int = integer(0, "SparCL: last epochs of each task without mask updates", min=0)
-    sparcl_ddr_ratio: float = number(0.3, "SparCL: fraction ρ of each task's examples removed by the cutoff",
-                                     "[0, 1)")
+    sparcl_ddr_ratio: float = number(0.3, "SparCL: fraction ρ of each task's examples removed by the cutoff", "[0, 1)")
     sparcl_ddr_cutoff: int = integer(4, "SparCL: stage after which no more examples are removed", min=1)
-    sparcl_ddr_count: str = choice("misclassified", "SparCL: misclassified (count per stage) or forgetting "
-                                                    "(correct->incorrect events)", ("misclassified", "forgetting"))
+    sparcl_ddr_count: str = choice(
+        "misclassified",
+        "SparCL: misclassified (count per stage) or forgetting (correct->incorrect events)",
+        ("misclassified", "forgetting"),
+    )
     sparcl_dgm_drop: float = number(0.2, "SparCL: fraction of active weights whose gradient DGM removes", "[0, 1)")
     sparcl_dgm_interval: int = integer(30, "SparCL: iterations between gradient-mask refreshes", min=1)
 
@@ -137,28 +149,60 @@ class SparCLConfig:
 SPARCL_DEFAULTS: MappingProxyType = MappingProxyType(group_defaults(SparCLConfig))
 
 # The two presets hold the method's settings only; add the dataset/backbone keys (configs/sparcl_*.yaml).
-SPARCL_PRESETS: MappingProxyType = MappingProxyType({
-    "sparcl-paper": {
-        "sparse_init": "random", "sparcl_layers": "all_convs", "sparcl_importance": "data",
-        "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.5, "sparcl_delta": 5, "sparcl_shrink": 0.04,
-        "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 0, "sparcl_ddr_ratio": 0.3,
-        "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "misclassified", "sparcl_dgm_drop": 0.2,
-        "sparcl_dgm_interval": 30, "alpha": 0.3, "beta": 0.5, "lr": 0.03, "batch_size": 32,
-    },
-    "sparcl-official": {
-        "sparse_init": "magnitude", "sparcl_layers": "block_convs", "sparcl_importance": "last_batch",
-        "sparcl_cwi_alpha": 0.5, "sparcl_cwi_beta": 0.0, "sparcl_delta": 5, "sparcl_shrink": 0.04,
-        "sparcl_expand": 0.04, "sparcl_warmup": 5, "sparcl_freeze_last": 5, "sparcl_ddr_ratio": 0.3,
-        "sparcl_ddr_cutoff": 4, "sparcl_ddr_count": "forgetting", "sparcl_dgm_drop": 0.2,
-        "sparcl_dgm_interval": 30, "alpha": 0.1, "beta": 0.5, "lr": 0.03, "batch_size": 32, "momentum": 0.0,
-        "weight_decay": 0.0,
-    },
-})
+SPARCL_PRESETS: MappingProxyType = MappingProxyType(
+    {
+        "sparcl-paper": {
+            "sparse_init": "random",
+            "sparcl_layers": "all_convs",
+            "sparcl_importance": "data",
+            "sparcl_cwi_alpha": 0.5,
+            "sparcl_cwi_beta": 0.5,
+            "sparcl_delta": 5,
+            "sparcl_shrink": 0.04,
+            "sparcl_expand": 0.04,
+            "sparcl_warmup": 5,
+            "sparcl_freeze_last": 0,
+            "sparcl_ddr_ratio": 0.3,
+            "sparcl_ddr_cutoff": 4,
+            "sparcl_ddr_count": "misclassified",
+            "sparcl_dgm_drop": 0.2,
+            "sparcl_dgm_interval": 30,
+            "alpha": 0.3,
+            "beta": 0.5,
+            "lr": 0.03,
+            "batch_size": 32,
+        },
+        "sparcl-official": {
+            "sparse_init": "magnitude",
+            "sparcl_layers": "block_convs",
+            "sparcl_importance": "last_batch",
+            "sparcl_cwi_alpha": 0.5,
+            "sparcl_cwi_beta": 0.0,
+            "sparcl_delta": 5,
+            "sparcl_shrink": 0.04,
+            "sparcl_expand": 0.04,
+            "sparcl_warmup": 5,
+            "sparcl_freeze_last": 5,
+            "sparcl_ddr_ratio": 0.3,
+            "sparcl_ddr_cutoff": 4,
+            "sparcl_ddr_count": "forgetting",
+            "sparcl_dgm_drop": 0.2,
+            "sparcl_dgm_interval": 30,
+            "alpha": 0.1,
+            "beta": 0.5,
+            "lr": 0.03,
+            "batch_size": 32,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+        },
+    }
+)
 
 
 # --------------------------------------------------------------------------- mask rules (pure)
-def continual_weight_importance(weight: torch.Tensor, grad_current: torch.Tensor | None,
-                                grad_buffer: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
+def continual_weight_importance(
+    weight: torch.Tensor, grad_current: torch.Tensor | None, grad_buffer: torch.Tensor | None, alpha: float, beta: float
+) -> torch.Tensor:
     """``CWI = |w| + α|g_current| + β|g_buffer|`` (a missing gradient contributes nothing)."""
     score = weight.detach().abs().clone()
     if grad_current is not None and alpha:
@@ -180,8 +224,9 @@ def expand_mask(mask: torch.Tensor, fraction: float, generator: torch.Generator)
     return mask | pick(unused, round(fraction * int(unused.sum())), generator=generator)
 
 
-def shrink_and_expand(mask: torch.Tensor, score: torch.Tensor, fraction: float,
-                      generator: torch.Generator) -> tuple[torch.Tensor, int]:
+def shrink_and_expand(
+    mask: torch.Tensor, score: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
     """Intra-task update: drop ``round(fraction * #active)`` lowest-score entries, regrow as many at random.
 
     Regrowth draws from the entries unused *before* the drop (so the update changes the mask); only
@@ -252,8 +297,10 @@ class _FullGradients:
 
 def _weight_grads(strategy: Strategy, loss: torch.Tensor) -> list[torch.Tensor]:
     weights = [m.weight for _, m in _layers(strategy)]
-    return [g if g is not None else torch.zeros_like(w)
-            for g, w in zip(torch.autograd.grad(loss, weights, allow_unused=True), weights)]
+    return [
+        g if g is not None else torch.zeros_like(w)
+        for g, w in zip(torch.autograd.grad(loss, weights, allow_unused=True), weights)
+    ]
 
 
 # --------------------------------------------------------------------------- TDM
@@ -288,9 +335,12 @@ class TaskAwareDynamicMasking(Plugin):
                 g_cur = self._current_task_grads(strategy, task)
                 g_buf = self._buffer_grads(strategy)
         a, b = c["sparcl_cwi_alpha"], c["sparcl_cwi_beta"]
-        return [continual_weight_importance(m.weight, None if g_cur is None else g_cur[i],
-                                            None if g_buf is None else g_buf[i], a, b)
-                for i, (_, m) in enumerate(layers)]
+        return [
+            continual_weight_importance(
+                m.weight, None if g_cur is None else g_cur[i], None if g_buf is None else g_buf[i], a, b
+            )
+            for i, (_, m) in enumerate(layers)
+        ]
 
     def _current_task_grads(self, strategy: Strategy, task: int) -> list[torch.Tensor]:
         data = strategy.scenario.train[task]
@@ -348,8 +398,9 @@ class TaskAwareDynamicMasking(Plugin):
             return
         rec = {"task": task, "epoch": -1, "kind": "expand", "removed": 0, "regrown": 0}
         for _, m in _layers(strategy):
-            rec["regrown"] += self._apply(strategy, m, expand_mask(m.weight_mask, self.cfg["sparcl_expand"],
-                                                                    self.generator))
+            rec["regrown"] += self._apply(
+                strategy, m, expand_mask(m.weight_mask, self.cfg["sparcl_expand"], self.generator)
+            )
         self.history.append(rec)
         self.in_warmup = True
 
@@ -376,8 +427,12 @@ class TaskAwareDynamicMasking(Plugin):
         return {"mask_updates": list(self.history)}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "targets": dict(self.targets),
-                "in_warmup": self.in_warmup, "history": list(self.history)}
+        return {
+            "generator": self.generator.get_state(),
+            "targets": dict(self.targets),
+            "in_warmup": self.in_warmup,
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
@@ -429,8 +484,10 @@ class DynamicDataRemoval(Plugin):
         if self.task != task:
             self._start(strategy, task)
         if indices.numel() != self.kept.numel():
-            raise ValueError(f"sparcl_ddr: expected the {self.kept.numel()} positions of task {task}'s data, "
-                             f"got {indices.numel()} (DDR supports strategies that train on one task at a time)")
+            raise ValueError(
+                f"sparcl_ddr: expected the {self.kept.numel()} positions of task {task}'s data, "
+                f"got {indices.numel()} (DDR supports strategies that train on one task at a time)"
+            )
         return indices[self.kept[indices]]
 
     def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
@@ -468,10 +525,17 @@ class DynamicDataRemoval(Plugin):
         return {"removed_per_stage": [list(r) for r in self.removed_per_stage]}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "task": self.task, "kept": self.kept,
-                "counts": self.counts, "learned": self.learned, "last_correct": self.last_correct,
-                "uid_sorted": self.uid_sorted, "uid_pos": self.uid_pos,
-                "removed_per_stage": [list(r) for r in self.removed_per_stage]}
+        return {
+            "generator": self.generator.get_state(),
+            "task": self.task,
+            "kept": self.kept,
+            "counts": self.counts,
+            "learned": self.learned,
+            "last_correct": self.last_correct,
+            "uid_sorted": self.uid_sorted,
+            "uid_pos": self.uid_pos,
+            "removed_per_stage": [list(r) for r in self.removed_per_stage],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
@@ -547,8 +611,7 @@ class DynamicGradientMasking(Plugin):
         self.steps_since += 1
 
     def report(self, strategy: Strategy) -> dict:
-        return {"refreshes": self.refreshes,
-                "grad_density": {n: m.grad_density() for n, m in _layers(strategy)}}
+        return {"refreshes": self.refreshes, "grad_density": {n: m.grad_density() for n, m in _layers(strategy)}}
 
     def state_dict(self) -> dict:
         return {"steps_since": self.steps_since, "refreshes": self.refreshes, "mask_snapshot": self.mask_snapshot}
@@ -568,8 +631,12 @@ def _wanted(choice: str, model: nn.Module) -> list[str]:
             continue
         if choice == "all_convs" and isinstance(m, nn.Conv2d):
             out.append(name)
-        elif choice == "block_convs" and isinstance(m, nn.Conv2d) and name.startswith("layer") \
-                and tuple(m.kernel_size) == (3, 3):
+        elif (
+            choice == "block_convs"
+            and isinstance(m, nn.Conv2d)
+            and name.startswith("layer")
+            and tuple(m.kernel_size) == (3, 3)
+        ):
             out.append(name)
         elif choice == "mlp_hidden" and isinstance(m, nn.Linear) and name != "head":
             out.append(name)
@@ -582,8 +649,10 @@ def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
     if choice == "auto":
         return
     if cfg["keep_dense"] != "auto":
-        raise ValueError(f"sparcl_layers: {choice!r} chooses the sparse layers itself; leave keep_dense at 'auto' "
-                         f"(got keep_dense={cfg['keep_dense']!r})")
+        raise ValueError(
+            f"sparcl_layers: {choice!r} chooses the sparse layers itself; leave keep_dense at 'auto' "
+            f"(got keep_dense={cfg['keep_dense']!r})"
+        )
     want = _wanted(choice, model)
     if not want:
         raise ValueError(f"sparcl_layers: {choice!r} selects no layer of backbone {cfg['backbone']!r}")
@@ -592,15 +661,24 @@ def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
     device = next(model.parameters()).device
     rng = torch.get_rng_state()
     torch.manual_seed(cfg["seed"])  # the same initial weights the runner drew
-    fresh = build_backbone(cfg["backbone"], scenario.input_shape, scenario.n_classes,
-                           hidden=cfg["mlp_hidden"], nf=cfg["nf"])
+    fresh = build_backbone(
+        cfg["backbone"], scenario.input_shape, scenario.n_classes, hidden=cfg["mlp_hidden"], nf=cfg["nf"]
+    )
     torch.set_rng_state(rng)
     sparsekern.densify_(model)
     model.load_state_dict(fresh.state_dict())
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    sparsify_backbone(model, cfg["sparsity"], distribution=cfg["sparse_distribution"], init=cfg["sparse_init"],
-                      layout=cfg["layout"], block_size=cfg["block_size"], backend=cfg["backend"],
-                      keep_dense=[n for n in names if n not in want], seed=cfg["seed"])
+    sparsify_backbone(
+        model,
+        cfg["sparsity"],
+        distribution=cfg["sparse_distribution"],
+        init=cfg["sparse_init"],
+        layout=cfg["layout"],
+        block_size=cfg["block_size"],
+        backend=cfg["backend"],
+        keep_dense=[n for n in names if n not in want],
+        seed=cfg["seed"],
+    )
     model.to(device)
 
 
@@ -618,4 +696,3 @@ def make_sparcl_plugins(cfg: dict, model: nn.Module, scenario) -> list[Plugin]:
     if cfg["sparcl_dgm"]:
         plugins.append(DynamicGradientMasking(cfg))
     return plugins
-

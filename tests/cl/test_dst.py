@@ -268,12 +268,15 @@ def test_dense_reference_is_a_multihead_finetune():
     assert res["acc_matrix"] == ft["acc_matrix"] and res["train_flops"] == ft["train_flops"]
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("dst_growth", "rigl", "dst_growth: expected one of"),
-    ("dst_update_every", 0, "dst_update_every: expected an integer"),
-    ("dst_drop_rate", 1.5, "dst_drop_rate: expected a number in"),
-    ("weight_decay", 1e-4, "weight_decay: expected 0 for method 'dst'"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("dst_growth", "rigl", "dst_growth: expected one of"),
+        ("dst_update_every", 0, "dst_update_every: expected an integer"),
+        ("dst_drop_rate", 1.5, "dst_drop_rate: expected a number in"),
+        ("weight_decay", 1e-4, "weight_decay: expected 0 for method 'dst'"),
+    ],
+)
 def test_bad_settings_are_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         sparsekern_cl.run({**TINY, key: value})

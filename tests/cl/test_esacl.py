@@ -63,7 +63,9 @@ def test_frank_wolfe_iterate_stays_in_the_polytope():
     g = torch.Generator().manual_seed(0)
     n, k, lam = 40, 5, 0.7
     # start inside C(K, λ): a convex combination of two vertices
-    theta = 0.5 * lmo_ksparse(torch.randn(n, generator=g), k, lam) + 0.5 * lmo_ksparse(torch.randn(n, generator=g), k, lam)
+    theta = 0.5 * lmo_ksparse(torch.randn(n, generator=g), k, lam) + 0.5 * lmo_ksparse(
+        torch.randn(n, generator=g), k, lam
+    )
     mom = torch.zeros(n)
     for _ in range(60):
         mom += torch.randn(n, generator=g)
@@ -115,8 +117,9 @@ def _batch(scenario, strategy, n=8, task=0):
 
 
 def test_sse_perturbs_along_the_support_examples_and_ere_keeps_the_top_losses():
-    cfg, scenario, model, strategy, _ = _setup(method="esacl_ewc", esacl_sse_frac=0.25, esacl_ere_frac=0.5,
-                                               esacl_rho=0.01)
+    cfg, scenario, model, strategy, _ = _setup(
+        method="esacl_ewc", esacl_sse_frac=0.25, esacl_ere_frac=0.5, esacl_rho=0.01
+    )
     strategy.begin_task(0)
     plugin = strategy.plugins[0]
     x, x_raw, y, uid = _batch(scenario, strategy)
@@ -169,8 +172,12 @@ def test_task_end_prunes_to_exactly_s_and_frozen_weights_never_change(method):
             for f, vals in (s[n] for s in snapshots):
                 assert bool((m.weight_mask & f == f).all()) and bool((~m.grad_mask & f == f).all())
                 assert torch.equal(m.weight.detach()[f], vals)
-        snapshots.append({n: ((m.weight_mask & ~m.grad_mask).clone(), m.weight.detach()[m.weight_mask & ~m.grad_mask].clone())
-                          for n, m in layers})
+        snapshots.append(
+            {
+                n: ((m.weight_mask & ~m.grad_mask).clone(), m.weight.detach()[m.weight_mask & ~m.grad_mask].clone())
+                for n, m in layers
+            }
+        )
         if t < 2:
             strategy.begin_task(t + 1)  # expansion: every unused weight re-enters, frozen ones stay out of G
             for n, m in layers:
@@ -263,13 +270,16 @@ def test_resume_is_exact(tmp_path):
     assert resumed["train_flops"] == pytest.approx(full["train_flops"])
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    ("esacl_rho", -1.0, "esacl_rho: expected a number in"),
-    ("esacl_sse_frac", 0.0, "esacl_sse_frac"),
-    ("esacl_momentum_form", "nesterov", "esacl_momentum_form: expected one of"),
-    ("esacl_sa", "yes", "esacl_sa: expected true or false"),
-    ("sparsity", 0.0, "sparsity: EsaCL prunes"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("esacl_rho", -1.0, "esacl_rho: expected a number in"),
+        ("esacl_sse_frac", 0.0, "esacl_sse_frac"),
+        ("esacl_momentum_form", "nesterov", "esacl_momentum_form: expected one of"),
+        ("esacl_sa", "yes", "esacl_sa: expected true or false"),
+        ("sparsity", 0.0, "sparsity: EsaCL prunes"),
+    ],
+)
 def test_bad_settings_name_the_key(key, value, msg):
     with pytest.raises(ValueError, match=msg):
         sparsekern_cl.run({**TINY, "method": "esacl_er", key: value})

@@ -39,8 +39,9 @@ def test_one_training_step_matches_hand_count():
     dw = 2 * n * (12 + 3)  # 2 * rows * nnz(G)
     assert counter.totals == pytest.approx({"forward": fwd, "input_grad": dx, "weight_grad": dw})
     dense_fwd, dense_dx, dense_dw = 2 * n * (48 + 24), 2 * n * 24, 2 * n * (48 + 24)
-    assert counter.dense_totals == pytest.approx({"forward": dense_fwd, "input_grad": dense_dx,
-                                                  "weight_grad": dense_dw})
+    assert counter.dense_totals == pytest.approx(
+        {"forward": dense_fwd, "input_grad": dense_dx, "weight_grad": dense_dw}
+    )
     assert counter.total == pytest.approx(fwd + dx + dw)
 
 
@@ -73,8 +74,9 @@ def test_mask_change_is_seen():
 
 
 def test_conv_and_frozen_weights():
-    conv = SparseConv2d(2, 3, 3, padding=1, bias=False, mask=make_mask((3, 2, 3, 3), "random", 0.5),
-                        backend="reference")
+    conv = SparseConv2d(
+        2, 3, 3, padding=1, bias=False, mask=make_mask((3, 2, 3, 3), "random", 0.5), backend="reference"
+    )
     nnz = int(conv.weight_mask.sum())
     model = nn.Sequential(nn.Conv2d(1, 2, 1), conv)
     model[0].weight.requires_grad_(False)  # frozen first layer: no weight gradient there

@@ -46,8 +46,9 @@ def test_pick_with_topk_and_2d_shapes():
     cand = torch.tensor([[True, False, True], [True, True, False]])
     score = torch.tensor([[5.0, 9.0, 1.0], [4.0, 3.0, 8.0]])
     assert torch.equal(pick(cand, 2, score, stable=False), torch.tensor([[True, False, False], [True, False, False]]))
-    assert torch.equal(pick(cand, 2, score, largest=False, stable=False),
-                       torch.tensor([[False, False, True], [False, True, False]]))
+    assert torch.equal(
+        pick(cand, 2, score, largest=False, stable=False), torch.tensor([[False, False, True], [False, True, False]])
+    )
     assert torch.equal(pick(cand, 2, score), pick(cand, 2, score, stable=False))  # no ties: the same choice
     with pytest.raises(ValueError, match="score"):
         pick(cand, 1)

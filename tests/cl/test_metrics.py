@@ -72,8 +72,13 @@ def test_table_groups_seeds_and_flags_differences():
     from sparsekern_cl.table import compare_groups, group_results, markdown_table
 
     def res(method, seed, cil, til, buffer=200):
-        return {"complete": True, "config": {"method": method, "seed": seed, "buffer_size": buffer, "sparsity": 0.0},
-                "avg_acc": {"class_il": cil, "task_il": til}, "train_flops": 1e9, "wall_clock_s": 1.0}
+        return {
+            "complete": True,
+            "config": {"method": method, "seed": seed, "buffer_size": buffer, "sparsity": 0.0},
+            "avg_acc": {"class_il": cil, "task_il": til},
+            "train_flops": 1e9,
+            "wall_clock_s": 1.0,
+        }
 
     results = [res("joint", s, 90 + s, 99) for s in range(3)] + [res("finetune", s, 20 + s, 95) for s in range(3)]
     results += [res("er", s, (21, 23, 22)[s], 96) for s in range(3)]
@@ -106,8 +111,16 @@ def test_select_best_uses_validation_runs_only():
     from sparsekern_cl.table import select_best
 
     def res(lr, seed, cil, split="val"):
-        cfg = {"method": "er", "seed": seed, "buffer_size": 200, "sparsity": 0.0, "lr": lr, "alpha": 0.3,
-               "beta": 0.5, "ewc_lambda": 10.0}
+        cfg = {
+            "method": "er",
+            "seed": seed,
+            "buffer_size": 200,
+            "sparsity": 0.0,
+            "lr": lr,
+            "alpha": 0.3,
+            "beta": 0.5,
+            "ewc_lambda": 10.0,
+        }
         return {"config": cfg, "scenario": {"eval_split": split}, "avg_acc": {"class_il": cil}}
 
     best = select_best([res(0.1, 0, 60), res(0.1, 1, 70), res(0.3, 0, 66), res(0.3, 1, 66)])

@@ -15,8 +15,19 @@ from sparsekern_cl.config import CORE_GROUPS, build_parser, config_groups, resol
 from sparsekern_cl.options import group_fields
 
 CL = pathlib.Path(sparsekern_cl.__file__).parent
-BUILTIN = ("finetune", "joint", "er", "derpp", "ewc", "sparcl_er", "sparcl_derpp", "dst", "esacl_er", "esacl_derpp",
-           "esacl_ewc")
+BUILTIN = (
+    "finetune",
+    "joint",
+    "er",
+    "derpp",
+    "ewc",
+    "sparcl_er",
+    "sparcl_derpp",
+    "dst",
+    "esacl_er",
+    "esacl_derpp",
+    "esacl_ewc",
+)
 
 
 def test_the_table_lists_every_builtin_method_once():
@@ -71,8 +82,9 @@ def _bad_values(f):
     return []
 
 
-_CHECKED = [(f.name, v) for g in CORE_GROUPS + registry.config_groups() for f in group_fields(g)
-            for v in _bad_values(f)]
+_CHECKED = [
+    (f.name, v) for g in CORE_GROUPS + registry.config_groups() for f in group_fields(g) for v in _bad_values(f)
+]
 
 
 @pytest.mark.parametrize("key,value", _CHECKED, ids=[f"{k}={v!r}" for k, v in _CHECKED])
@@ -101,8 +113,7 @@ def test_method_rules_apply_to_that_method_only():
 def test_cli_help_is_grouped():
     p = build_parser()
     titles = [g.title for g in p._action_groups]
-    for head in ("core", "data", "model", "sparsity", "replay buffer", "DER++", "online EWC", "SparCL", "DST",
-                 "EsaCL"):
+    for head in ("core", "data", "model", "sparsity", "replay buffer", "DER++", "online EWC", "SparCL", "DST", "EsaCL"):
         assert sum(t.startswith(head) for t in titles) == 1, (head, titles)
     assert "(sparcl_er, sparcl_derpp)" in next(t for t in titles if t.startswith("SparCL"))
     flags = {a.dest: g.title for g in p._action_groups for a in g._group_actions}
@@ -112,8 +123,13 @@ def test_cli_help_is_grouped():
 
 
 def test_cli_help_runs_with_a_preset():
-    out = subprocess.run([sys.executable, "-m", "sparsekern_cl", "--preset", "demo", "--help"], capture_output=True,
-                         text=True, cwd=CL.parent, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sparsekern_cl", "--preset", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=CL.parent,
+        check=True,
+    ).stdout
     assert "SparCL" in out and "--sparcl-delta" in out and "--dst-growth" in out and "mnist-mlp" in out
 
 
@@ -165,8 +181,14 @@ class _SpyConfig:
 
 
 def test_register_method_at_run_time_with_a_config_and_presets():
-    m = sparsekern_cl.register_method("er_watch", "er", lambda cfg, model, scenario: [], config=_SpyConfig,
-                                      presets={"watch-closely": {"spy_level": 5}}, help="ER, watched")
+    m = sparsekern_cl.register_method(
+        "er_watch",
+        "er",
+        lambda cfg, model, scenario: [],
+        config=_SpyConfig,
+        presets={"watch-closely": {"spy_level": 5}},
+        help="ER, watched",
+    )
     try:
         assert m.configs[-1] is _SpyConfig and not m.builtin and m.strategy is sparsekern_cl.strategies.ER
         assert resolve_config({"method": "er_watch", "preset": "watch-closely"})["spy_level"] == 5

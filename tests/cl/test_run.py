@@ -99,8 +99,15 @@ def _final_model(out):
 
 @pytest.mark.parametrize("stop", [3, 2], ids=["mid-task", "task-end"])
 def test_resume_after_kill_is_identical(tmp_path, stop):
-    cfg = {**TINY, "method": "derpp", "sparsity": 0.5, "backend": "reference", "augment": True,
-           "synthetic": {**TINY["synthetic"], "shape": [1, 8, 8]}, "checkpoint_every": 1}
+    cfg = {
+        **TINY,
+        "method": "derpp",
+        "sparsity": 0.5,
+        "backend": "reference",
+        "augment": True,
+        "synthetic": {**TINY["synthetic"], "shape": [1, 8, 8]},
+        "checkpoint_every": 1,
+    }
     full = sparsekern_cl.run({**cfg, "output_dir": str(tmp_path / "full")})
     out = str(tmp_path / "killed")
     part = sparsekern_cl.run({**cfg, "output_dir": out, "stop_after_epochs": stop})
@@ -169,9 +176,33 @@ def test_config_files_and_precedence(tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["--method", "er", "--dataset", "synthetic", "--synthetic", json.dumps(TINY["synthetic"]),
-            "--n-tasks", "3", "--mlp-hidden", "[24]", "--epochs", "1", "--buffer-size", "12", "--batch-size", "8",
-            "--progress", "false", "--output-dir", str(out), "--sparsity", "0.5", "--compare-dense", "--threads", "1"]
+    argv = [
+        "--method",
+        "er",
+        "--dataset",
+        "synthetic",
+        "--synthetic",
+        json.dumps(TINY["synthetic"]),
+        "--n-tasks",
+        "3",
+        "--mlp-hidden",
+        "[24]",
+        "--epochs",
+        "1",
+        "--buffer-size",
+        "12",
+        "--batch-size",
+        "8",
+        "--progress",
+        "false",
+        "--output-dir",
+        str(out),
+        "--sparsity",
+        "0.5",
+        "--compare-dense",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "dense" in text and "50% sp." in text and "wall-clock ratio" in text
@@ -232,8 +263,16 @@ def test_resnet18_backbone_sizes_and_tiny_sparse_run():
 
     full = build_backbone("resnet18", (3, 32, 32), 10, nf=64)
     assert sum(p.numel() for p in full.parameters()) == 11_173_962  # the CL literature's ResNet-18
-    res = _run(method="derpp", backbone="resnet18", nf=4, epochs=1, sparsity=0.5, batch_size=8,
-               synthetic={**TINY["synthetic"], "shape": [3, 8, 8]}, augment=True)
+    res = _run(
+        method="derpp",
+        backbone="resnet18",
+        nf=4,
+        epochs=1,
+        sparsity=0.5,
+        batch_size=8,
+        synthetic={**TINY["synthetic"], "shape": [3, 8, 8]},
+        augment=True,
+    )
     assert res["complete"]
     names = set(res["environment"]["layer_backends"])
     assert "conv1" not in names and "head" not in names and "layer1.0.conv1" in names  # stem, head dense

@@ -23,9 +23,12 @@ class _Payload:
 
 def _batch(n, seed, protocol=pickle.HIGHEST_PROTOCOL):
     rng = np.random.default_rng(seed)
-    d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-         b"labels": [int(v) for v in rng.integers(0, 10, n)], b"batch_label": b"x",
-         b"filenames": [b"a.png"] * n}
+    d = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        b"batch_label": b"x",
+        b"filenames": [b"a.png"] * n,
+    }
     return pickle.dumps(d, protocol=protocol)
 
 

@@ -24,10 +24,23 @@ from sparsekern_cl.strategies import StepContext
 TINY = {
     "dataset": "synthetic",
     "synthetic": {"n_classes": 6, "n_train": 16, "n_test": 6, "shape": [1, 6, 6], "noise": 30.0},
-    "n_tasks": 3, "backbone": "mlp", "mlp_hidden": [24], "epochs": 3, "batch_size": 8, "buffer_size": 12,
-    "lr": 0.3, "progress": False, "plots": False, "sparsity": 0.75,
-    "sparcl_delta": 1, "sparcl_warmup": 1, "sparcl_ddr_cutoff": 2, "sparcl_dgm_interval": 3,
-    "sparcl_shrink": 0.1, "sparcl_expand": 0.1, "sparcl_importance_samples": 16,
+    "n_tasks": 3,
+    "backbone": "mlp",
+    "mlp_hidden": [24],
+    "epochs": 3,
+    "batch_size": 8,
+    "buffer_size": 12,
+    "lr": 0.3,
+    "progress": False,
+    "plots": False,
+    "sparsity": 0.75,
+    "sparcl_delta": 1,
+    "sparcl_warmup": 1,
+    "sparcl_ddr_cutoff": 2,
+    "sparcl_dgm_interval": 3,
+    "sparcl_shrink": 0.1,
+    "sparcl_expand": 0.1,
+    "sparcl_importance_samples": 16,
 }
 
 
@@ -103,9 +116,14 @@ def test_tdm_updates_hold_sparsity_and_regrow_at_zero():
     assert target == round(0.25 * layer.weight.numel())
     strategy.begin_task(0)
     for b in range(2):  # fill the buffer and give weights non-zero values
-        x_raw = scenario.train[0].x[b * 8:(b + 1) * 8]
-        strategy.observe(strategy.transform(x_raw), x_raw, scenario.train[0].y[b * 8:(b + 1) * 8], 0,
-                         scenario.train[0].uid[b * 8:(b + 1) * 8])
+        x_raw = scenario.train[0].x[b * 8 : (b + 1) * 8]
+        strategy.observe(
+            strategy.transform(x_raw),
+            x_raw,
+            scenario.train[0].y[b * 8 : (b + 1) * 8],
+            0,
+            scenario.train[0].uid[b * 8 : (b + 1) * 8],
+        )
     old = layer.weight_mask.clone()
     with torch.no_grad():
         layer.weight.add_(1.0)  # values outside M become non-zero: regrowth must zero them
@@ -130,8 +148,9 @@ def test_tdm_updates_hold_sparsity_and_regrow_at_zero():
 
 
 def test_tdm_removes_the_weights_of_lowest_cwi():
-    cfg, scenario, model, strategy = _setup(sparcl_ddr=False, sparcl_dgm=False, sparcl_cwi_alpha=0.0,
-                                            sparcl_cwi_beta=0.0, sparcl_shrink=0.2)
+    cfg, scenario, model, strategy = _setup(
+        sparcl_ddr=False, sparcl_dgm=False, sparcl_cwi_alpha=0.0, sparcl_cwi_beta=0.0, sparcl_shrink=0.2
+    )
     tdm = _plugin(strategy, TaskAwareDynamicMasking)
     strategy.begin_task(0)
     layer = model.fc1
@@ -192,8 +211,9 @@ def test_ddr_forgetting_count_keeps_never_learned_examples():
 
 # --------------------------------------------------------------------------- DGM
 def test_dgm_gradient_mask_is_a_subset_and_gradients_outside_are_exactly_zero():
-    cfg, scenario, model, strategy = _setup(sparcl_tdm=False, sparcl_ddr=False, sparcl_dgm_drop=0.5,
-                                            sparcl_dgm_interval=100)
+    cfg, scenario, model, strategy = _setup(
+        sparcl_tdm=False, sparcl_ddr=False, sparcl_dgm_drop=0.5, sparcl_dgm_interval=100
+    )
     dgm = _plugin(strategy, DynamicGradientMasking)
     strategy.begin_task(0)
     data = scenario.train[0]
@@ -221,8 +241,17 @@ def test_dgm_gradient_mask_is_a_subset_and_gradients_outside_are_exactly_zero():
 @pytest.mark.parametrize("preset", ["sparcl-paper", "sparcl-official"])
 @pytest.mark.parametrize("method", ["sparcl_er", "sparcl_derpp"])
 def test_each_preset_runs_end_to_end(preset, method):
-    res = sparsekern_cl.run({**TINY, "method": method, "preset": preset, "sparcl_layers": "mlp_hidden",
-                             "lr": 0.3, "batch_size": 8, "epochs": 3})
+    res = sparsekern_cl.run(
+        {
+            **TINY,
+            "method": method,
+            "preset": preset,
+            "sparcl_layers": "mlp_hidden",
+            "lr": 0.3,
+            "batch_size": 8,
+            "epochs": 3,
+        }
+    )
     assert res["complete"]
     assert res["layers"]["fc1"]["weight"] == pytest.approx(0.25, abs=1e-9)  # sparsity held at the end
     assert res["layers"]["fc1"]["grad"] < 0.25
@@ -231,13 +260,16 @@ def test_each_preset_runs_end_to_end(preset, method):
 
 
 def test_ablation_flags_change_what_they_claim():
-    runs = {name: sparsekern_cl.run({**TINY, "method": "sparcl_derpp", **kw}) for name, kw in {
-        "static": dict(sparcl_tdm=False, sparcl_ddr=False, sparcl_dgm=False),
-        "tdm": dict(sparcl_ddr=False, sparcl_dgm=False),
-        "tdm_ddr": dict(sparcl_dgm=False),
-        "tdm_dgm": dict(sparcl_ddr=False),
-        "all": {},
-    }.items()}
+    runs = {
+        name: sparsekern_cl.run({**TINY, "method": "sparcl_derpp", **kw})
+        for name, kw in {
+            "static": dict(sparcl_tdm=False, sparcl_ddr=False, sparcl_dgm=False),
+            "tdm": dict(sparcl_ddr=False, sparcl_dgm=False),
+            "tdm_ddr": dict(sparcl_dgm=False),
+            "tdm_dgm": dict(sparcl_ddr=False),
+            "all": {},
+        }.items()
+    }
     # TDM alone keeps the same sparsity and gradient density as the static mask
     assert runs["tdm"]["layers"]["fc1"] == runs["static"]["layers"]["fc1"]
     # DDR removes examples: fewer FLOPs, the same per-example densities
@@ -253,8 +285,16 @@ def test_tdm_off_keeps_the_initial_mask():
     cfg, scenario, model, strategy = _setup(sparcl_tdm=False, sparcl_ddr=False, sparcl_dgm=False)
     init = model.fc1.weight_mask.clone()
     assert not any(isinstance(p, TaskAwareDynamicMasking) for p in strategy.plugins)
-    res = sparsekern_cl.run({**TINY, "method": "sparcl_derpp", "sparcl_tdm": False, "sparcl_ddr": False,
-                             "sparcl_dgm": False, "output_dir": None})
+    res = sparsekern_cl.run(
+        {
+            **TINY,
+            "method": "sparcl_derpp",
+            "sparcl_tdm": False,
+            "sparcl_ddr": False,
+            "sparcl_dgm": False,
+            "output_dir": None,
+        }
+    )
     assert res["layers"]["fc1"]["weight"] == pytest.approx(float(init.float().mean()))
 
 
@@ -274,8 +314,12 @@ def test_resume_after_a_stop_is_exact(tmp_path):
 
 
 def test_layer_choice_on_resnet():
-    base = {**TINY, "backbone": "resnet18", "nf": 2,
-            "synthetic": {"n_classes": 6, "n_train": 4, "n_test": 2, "shape": [3, 8, 8], "noise": 30.0}}
+    base = {
+        **TINY,
+        "backbone": "resnet18",
+        "nf": 2,
+        "synthetic": {"n_classes": 6, "n_train": 4, "n_test": 2, "shape": [3, 8, 8], "noise": 30.0},
+    }
     _, model, _, _ = build_run(resolve_config({**base, "method": "sparcl_derpp", "sparcl_layers": "block_convs"}))
     names = [n for n, _ in sparsekern.sparse_modules(model)]
     assert len(names) == 16 and all(n.startswith("layer") and "shortcut" not in n for n in names)
@@ -284,8 +328,16 @@ def test_layer_choice_on_resnet():
     assert "conv1" in names and any("shortcut" in n for n in names) and "head" not in names
 
 
-@pytest.mark.parametrize("key, value", [("sparcl_shrink", 1.5), ("sparcl_layers", "heads"),
-                                        ("sparcl_ddr_count", "loss"), ("sparcl_delta", 0), ("sparcl_dgm", "yes")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("sparcl_shrink", 1.5),
+        ("sparcl_layers", "heads"),
+        ("sparcl_ddr_count", "loss"),
+        ("sparcl_delta", 0),
+        ("sparcl_dgm", "yes"),
+    ],
+)
 def test_bad_settings_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         sparsekern_cl.run({**TINY, "method": "sparcl_derpp", key: value})

@@ -183,9 +183,7 @@ class TritonBackend(Backend):
         if grad_pattern.layout == "block":
             from .bsr import bsr_linear_dw
 
-            return bsr_linear_dw(
-                dy, x, self._block_meta(grad_pattern, "gradient"), precision=self.fp32_precision
-            )
+            return bsr_linear_dw(dy, x, self._block_meta(grad_pattern, "gradient"), precision=self.fp32_precision)
         from .csr import csr_linear_dw
 
         return csr_linear_dw(dy, x, grad_pattern.csr())
@@ -198,9 +196,7 @@ class TritonBackend(Backend):
         from . import conv as tc
 
         if pattern.layout == "block":
-            return tc.bsr_conv2d_fwd(
-                x, weight.contiguous(), bias, pattern.bsr(), conv, precision=self.fp32_precision
-            )
+            return tc.bsr_conv2d_fwd(x, weight.contiguous(), bias, pattern.bsr(), conv, precision=self.fp32_precision)
         return tc.csr_conv2d_fwd(x, weight.contiguous(), bias, pattern.csr(), conv)
 
     def conv2d_dx(self, dy, weight, pattern, input_shape, conv):
@@ -216,7 +212,5 @@ class TritonBackend(Backend):
         from . import conv as tc
 
         if grad_pattern.layout == "block":
-            return tc.bsr_conv2d_dw(
-                dy, x, grad_pattern.bsr(), weight_shape, conv, precision=self.fp32_precision
-            )
+            return tc.bsr_conv2d_dw(dy, x, grad_pattern.bsr(), weight_shape, conv, precision=self.fp32_precision)
         return tc.csr_conv2d_dw(dy, x, grad_pattern.csr(), weight_shape, conv)

@@ -112,12 +112,14 @@ def _bsr_conv2d_fwd_kernel(
                 # [BLOCK_P, BK]
                 b_x = tl.load(
                     x_ptr + n[:, None] * sxn + o_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-                    mask=(m_p & ok)[:, None] & m_c[None, :], other=0.0,
+                    mask=(m_p & ok)[:, None] & m_c[None, :],
+                    other=0.0,
                 )
                 # [BK, BO]
                 b_w = tl.load(
                     w_ptr + o_o[None, :] * swo + o_c[:, None] * swc + kh * swh + kw * sww,
-                    mask=m_c[:, None] & m_o[None, :], other=0.0,
+                    mask=m_c[:, None] & m_o[None, :],
+                    other=0.0,
                 )
                 if UPCAST:
                     b_acc += tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), input_precision="ieee", out_dtype=ACC)
@@ -165,12 +167,14 @@ def _bsr_conv2d_dx_kernel(
                 # [BLOCK_Q, BO]
                 b_dy = tl.load(
                     dy_ptr + n[:, None] * sdn + o_o[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
-                    mask=(m_q & ok)[:, None] & m_o[None, :], other=0.0,
+                    mask=(m_q & ok)[:, None] & m_o[None, :],
+                    other=0.0,
                 )
                 # [BO, BK]
                 b_w = tl.load(
                     w_ptr + o_o[:, None] * swo + o_c[None, :] * swc + kh * swh + kw * sww,
-                    mask=m_o[:, None] & m_c[None, :], other=0.0,
+                    mask=m_o[:, None] & m_c[None, :],
+                    other=0.0,
                 )
                 if UPCAST:
                     b_acc += tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), input_precision="ieee", out_dtype=ACC)
@@ -216,13 +220,15 @@ def _bsr_conv2d_dw_kernel(
         # [BO, BLOCK_P]
         b_dy = tl.load(
             dy_ptr + n[None, :] * sdn + o_o[:, None] * sdc + (r // Wo)[None, :] * sdh + (r % Wo)[None, :] * sdw,
-            mask=m_o[:, None] & m_p[None, :], other=0.0,
+            mask=m_o[:, None] & m_p[None, :],
+            other=0.0,
         )
         n, ih, iw, ok = _tap_source(o_p, Ho, Wo, kh, kw, SH, SW, PH, PW, DH, DW, H, W)
         # [BLOCK_P, BK]
         b_x = tl.load(
             x_ptr + n[:, None] * sxn + o_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-            mask=(m_p & ok)[:, None] & m_c[None, :], other=0.0,
+            mask=(m_p & ok)[:, None] & m_c[None, :],
+            other=0.0,
         )
         if UPCAST:
             b_acc += tl.dot(b_dy.to(tl.float32), b_x.to(tl.float32), input_precision="ieee", out_dtype=ACC)
@@ -321,7 +327,8 @@ def _csr_conv2d_dx_kernel(
                 # [BLOCK_R, BLOCK_Q]
                 b_dy = tl.load(
                     dy_ptr + n[None, :] * sdn + o_o[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
-                    mask=m_t[:, None] & (m_q & ok)[None, :], other=0.0,
+                    mask=m_t[:, None] & (m_q & ok)[None, :],
+                    other=0.0,
                 )
                 b_acc += b_w[:, None] * b_dy.to(ACC)
     n = o_q // (H * W)
@@ -360,8 +367,9 @@ def _csr_conv2d_dw_kernel(
         oh = r // Wo
         ow = r % Wo
         m = m_z[:, None] & m_p[None, :]
-        b_dy = tl.load(dy_ptr + n[None, :] * sdn + o_o[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
-                       mask=m, other=0.0)
+        b_dy = tl.load(
+            dy_ptr + n[None, :] * sdn + o_o[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw, mask=m, other=0.0
+        )
         ih = oh[None, :] * SH - PH + (kh * DH)[:, None]
         iw = ow[None, :] * SW - PW + (kw * DW)[:, None]
         ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & m
@@ -384,33 +392,41 @@ def _cfgs(name, space):
 _bsr_conv2d_fwd_tuned = Tuned(
     _bsr_conv2d_fwd_kernel,
     _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
-    key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64),
+    key=["NP", "O", "C", "BO", "BK"],
+    interpret_config=dict(BLOCK_P=64),
 )
 _bsr_conv2d_dx_tuned = Tuned(
     _bsr_conv2d_dx_kernel,
     _cfgs("BLOCK_Q", [(32, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4)]),
-    key=["NQ", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_Q=64),
+    key=["NQ", "O", "C", "BO", "BK"],
+    interpret_config=dict(BLOCK_Q=64),
 )
 _bsr_conv2d_dw_tuned = Tuned(
     _bsr_conv2d_dw_kernel,
     _cfgs("BLOCK_P", [(32, 4, 3), (64, 4, 3), (128, 8, 3)]),
-    key=["NP", "O", "C", "BO", "BK"], interpret_config=dict(BLOCK_P=64),
+    key=["NP", "O", "C", "BO", "BK"],
+    interpret_config=dict(BLOCK_P=64),
 )
 _csr_conv2d_fwd_tuned = Tuned(
     _csr_conv2d_fwd_kernel,
-    [triton.Config(dict(BLOCK_R=r, BLOCK_P=p), num_warps=w) for r, p, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4),
-                                                                              (16, 128, 8)]],
-    key=["NP", "O"], interpret_config=dict(BLOCK_R=16, BLOCK_P=128),
+    [
+        triton.Config(dict(BLOCK_R=r, BLOCK_P=p), num_warps=w)
+        for r, p, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4), (16, 128, 8)]
+    ],
+    key=["NP", "O"],
+    interpret_config=dict(BLOCK_R=16, BLOCK_P=128),
 )
 _csr_conv2d_dx_tuned = Tuned(
     _csr_conv2d_dx_kernel,
     [triton.Config(dict(BLOCK_R=r, BLOCK_Q=q), num_warps=w) for r, q, w in [(8, 128, 4), (16, 64, 4), (4, 256, 4)]],
-    key=["NQ", "C"], interpret_config=dict(BLOCK_R=16, BLOCK_Q=128),
+    key=["NQ", "C"],
+    interpret_config=dict(BLOCK_R=16, BLOCK_Q=128),
 )
 _csr_conv2d_dw_tuned = Tuned(
     _csr_conv2d_dw_kernel,
     [triton.Config(dict(BLOCK_Z=z, BLOCK_P=p), num_warps=w) for z, p, w in [(32, 128, 4), (64, 64, 4), (16, 256, 4)]],
-    key=["nnz", "NP"], interpret_config=dict(BLOCK_Z=64, BLOCK_P=128),
+    key=["nnz", "NP"],
+    interpret_config=dict(BLOCK_Z=64, BLOCK_P=128),
 )
 
 
@@ -607,4 +623,3 @@ def csr_conv2d_dw(dy, x, meta: CSRMeta, weight_shape, conv, *, config=None):
     )  # fmt: skip
     _csr_conv2d_dw_tuned(lambda m: (triton.cdiv(meta.nnz, m["BLOCK_Z"]),), args, config)
     return dw
-
