@@ -10,7 +10,7 @@ import pytest
 
 from sparsekern_cl import table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cl/ -> repo
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
 
