@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", default="", help="comma-separated indices into LAYERS (default: all)")
+    ap.add_argument("--nf", type=int, default=64, help="network width: channels scaled by nf / 64 (ResNet-18 nf)")
     args = ap.parse_args(argv)
     ok, why = load_library()
     if not ok:
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     layers = [LAYERS[int(i)] for i in args.layers.split(",")] if args.layers else LAYERS
+    layers = [(c * args.nf // 64, o * args.nf // 64, hw, s) for c, o, hw, s in layers]
     before = os.environ.get(ENV)
     print(
         f"N={args.batch} sparsity={args.sparsity:.0%} {'block' + str(args.block) if args.block else 'unstructured'} "
