@@ -285,3 +285,18 @@ def test_multihead_trains_each_task_slice():
     assert res["acc_matrix"]["task_il"][2][0] >= 75.0
     single = _run(method="finetune")
     assert res["acc_matrix"] != single["acc_matrix"]
+
+
+def test_warm_up_changes_no_result(monkeypatch):
+    """The untimed warm-up before training (runner._warm_up) leaves every result as it was."""
+    from sparsekern_cl import runner
+
+    calls = []
+    real = runner._warm_up
+    monkeypatch.setattr(runner, "_warm_up", lambda *a: calls.append(1) or real(*a))
+    warm = _run(method="derpp", sparsity=0.5)
+    monkeypatch.setattr(runner, "_warm_up", lambda *a: None)
+    cold = _run(method="derpp", sparsity=0.5)
+    assert calls == [1]
+    assert warm["acc_matrix"] == cold["acc_matrix"]
+    assert warm["train_flops"] == cold["train_flops"]
