@@ -21,7 +21,7 @@ from sparsekern.bench.report import (
     update_readme,
     write_readme,
 )
-from sparsekern.bench.timing import time_cpu
+from sparsekern.bench.timing import time_cpu, time_cpu_rounds
 from sparsekern.formats import BSRMeta
 
 TINY_LINEAR = SHAPE_SETS["tiny-linear"][0]
@@ -150,6 +150,23 @@ def test_timing_percentiles_are_ordered():
     t = time_cpu(lambda: x @ x, TimingConfig(threads=1, warmup=1, min_time=0.0, block_time=0.0, min_samples=5))
     assert t.samples == 5 and t.calls_per_sample >= 1
     assert 0 < t.p20 <= t.p50 <= t.p80
+
+
+def test_compared_cases_are_timed_in_alternating_rounds():
+    """A dense case and its sparse cases are timed round by round, not one after the other."""
+    calls: list[str] = []
+    fns = [lambda n=n: calls.append(n) for n in "abc"]
+    cfg = TimingConfig(threads=1, warmup=1, min_time=0.0, block_time=0.0, min_samples=5, max_samples=5)
+    times = time_cpu_rounds(fns, cfg, rounds=5)
+    assert [t.samples for t in times] == [5, 5, 5]
+    # after one warm-up call each; a timed block may call its callable more than once (the
+    # Timer's own warm-up), so compare the sequence of blocks
+    timed = [n for k, n in enumerate(calls[3:]) if k == 0 or calls[3 + k - 1] != n]
+    assert len(timed) == 15
+    for r in range(5):  # every round times every callable once, the order rotating
+        assert sorted(timed[3 * r : 3 * r + 3]) == ["a", "b", "c"]
+    assert timed[0] != timed[3]
+    assert all(t.p20 <= t.p50 <= t.p80 for t in times)
 
 
 @pytest.mark.parametrize("layout", ["unstructured", "block16"])

@@ -20,7 +20,7 @@ import sparsekern
 from .cases import Case, ConvShape, ModelShape, block_of
 from .goals import goal_fields
 from .providers import Skip, availability, prepare
-from .timing import TimingConfig, time_fn
+from .timing import TimingConfig, time_fns
 
 __all__ = ["RunMeta", "collect_meta", "cpu_model", "git_commit", "run_cases", "COLUMNS"]
 
@@ -179,78 +179,95 @@ def run_cases(
 
 
 def _run(cases, cfg, meta, log, seed, check, gpu) -> list[dict]:
+    """Cases sharing a dense reference (:meth:`Case.dense_key`) are prepared together and timed in
+    alternating rounds (:func:`~sparsekern.bench.timing.time_fns`); rows keep the cases' order."""
     dense_p50: dict[tuple, float] = {}
-    rows: list[dict] = []
+    rows: list[dict | None] = [None] * len(cases)
     told: set[tuple[str, str]] = set()
-    for i, case in enumerate(cases, 1):
-        row = dict.fromkeys(COLUMNS, "")
-        row.update(_case_fields(case))
-        row.update(
-            machine=meta.machine, cpu_model=meta.cpu_model, threads=meta.threads, torch=meta.torch,
-            triton=meta.triton, sparsekern=meta.sparsekern, commit=meta.commit, command=meta.command,
-        )  # fmt: skip
-        row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        row["load_avg_1m"] = round(_loadavg()[0], 2)
-        _precision(case.dtype, gpu)
-        try:
-            prep = prepare(case, seed=seed, check=check)
-            t = time_fn(prep.fn, case.device, cfg)
-        except Skip as exc:
-            row.update(status="skipped", reason=str(exc))
-            row.update(goal_fields(row))
-            key = (case.provider, str(exc))
-            ok, _ = availability(case.provider, case.device)
-            if ok or key not in told:  # an unavailable provider is announced once
-                told.add(key)
-                log(f"[{i}/{len(cases)}] {case.id}: skipped ({exc})")
-            rows.append(row)
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(case.dense_key(), []).append(i)
+    for key, members in groups.items():
+        prepared = []  # (index, case, row, Prepared)
+        for i in members:
+            case = cases[i]
+            row = dict.fromkeys(COLUMNS, "")
+            row.update(_case_fields(case))
+            row.update(
+                machine=meta.machine, cpu_model=meta.cpu_model, threads=meta.threads, torch=meta.torch,
+                triton=meta.triton, sparsekern=meta.sparsekern, commit=meta.commit, command=meta.command,
+            )  # fmt: skip
+            row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            row["load_avg_1m"] = round(_loadavg()[0], 2)
+            rows[i] = row
+            _precision(case.dtype, gpu)
+            try:
+                prepared.append((i, case, row, prepare(case, seed=seed, check=check)))
+            except Skip as exc:
+                row.update(status="skipped", reason=str(exc))
+                row.update(goal_fields(row))
+                told_key = (case.provider, str(exc))
+                ok, _ = availability(case.provider, case.device)
+                if ok or told_key not in told:  # an unavailable provider is announced once
+                    told.add(told_key)
+                    log(f"[{i + 1}/{len(cases)}] {case.id}: skipped ({exc})")
+            except Exception as exc:  # a failing case must not end the sweep; the row says why
+                _error(row, exc, log, i, len(cases), case)
+        if not prepared:
             continue
-        except Exception as exc:  # a failing case must not end the sweep; the row says why
-            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-            row.update(goal_fields(row))
-            log(f"[{i}/{len(cases)}] {case.id}: ERROR {row['reason']}")
-            rows.append(row)
+        _precision(cases[members[0]].dtype, gpu)
+        try:
+            times = time_fns([p.fn for *_, p in prepared], cases[members[0]].device, cfg)
+        except Exception as exc:
+            for i, case, row, _ in prepared:
+                _error(row, exc, log, i, len(cases), case)
             continue
         finally:
             gc.collect()
-        row.update(
-            status="ok",
-            density=round(prep.density, 6),
-            p50=t.p50 * 1e3,
-            p20=t.p20 * 1e3,
-            p80=t.p80 * 1e3,
-            unit="ms",
-            samples=t.samples,
-            calls_per_sample=t.calls_per_sample,
-            gflops=round(prep.flops / t.p50 / 1e9, 3) if prep.flops else "",
-            conv_algo=prep.conv_algo,
-            max_rel_err=f"{prep.max_rel_err:.3g}" if prep.max_rel_err is not None else "",
-        )
-        key = case.dense_key()
-        if case.provider == "dense":
-            dense_p50[key] = t.p50
-        ref = dense_p50.get(key)
-        if ref is not None:
-            row["dense_p50"] = ref * 1e3
-            row["speedup_vs_dense"] = round(ref / t.p50, 4)
-            row["dense_ref"] = f"dense {key[0]} {key[1]}"
-        row.update(goal_fields(row))
-        sp = ""
-        if row["speedup_vs_dense"] != "":
-            sp = f"  x{row['speedup_vs_dense']:.2f} vs dense"
-            if case.op == "rebuild":  # a rebuild is not a replacement for a dense pass: state its cost
-                sp = f"  = {1 / row['speedup_vs_dense']:.2f} dense fwd+bwd of the layer"
-        gl = f"  ({row['goal_met']})" if row["goal_met"] else ""
-        if row["goal"]:
-            gl = f"  goal {row['goal'].split(' (')[0]}: {row['goal_met']}"
-        extra = (f"  algo {prep.conv_algo}" if prep.conv_algo else "") + (
-            f"  rel err {row['max_rel_err']}" if row["max_rel_err"] else ""
-        )
-        log(
-            f"[{i}/{len(cases)}] {case.id}: {_fmt_s(t.p50)} (p20 {t.p20 * 1e3:.3f}, p80 {t.p80 * 1e3:.3f} ms)"
-            f"{sp}{gl}{extra}"
-        )
-        rows.append(row)
+        for (_, case, _, _), t in zip(prepared, times):
+            if case.provider == "dense":
+                dense_p50[key] = t.p50
+        for (i, case, row, prep), t in zip(prepared, times):
+            _report(row, case, prep, t, dense_p50.get(key), key, log, i, len(cases))
         sys.stdout.flush()
     meta.load_end = _loadavg()
-    return rows
+    return [r for r in rows if r is not None]
+
+
+def _error(row: dict, exc: Exception, log, i: int, n: int, case: Case) -> None:
+    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+    row.update(goal_fields(row))
+    log(f"[{i + 1}/{n}] {case.id}: ERROR {row['reason']}")
+
+
+def _report(row: dict, case: Case, prep, t, ref, key, log, i: int, n: int) -> None:
+    row.update(
+        status="ok",
+        density=round(prep.density, 6),
+        p50=t.p50 * 1e3,
+        p20=t.p20 * 1e3,
+        p80=t.p80 * 1e3,
+        unit="ms",
+        samples=t.samples,
+        calls_per_sample=t.calls_per_sample,
+        gflops=round(prep.flops / t.p50 / 1e9, 3) if prep.flops else "",
+        conv_algo=prep.conv_algo,
+        max_rel_err=f"{prep.max_rel_err:.3g}" if prep.max_rel_err is not None else "",
+    )
+    if ref is not None:
+        row["dense_p50"] = ref * 1e3
+        row["speedup_vs_dense"] = round(ref / t.p50, 4)
+        row["dense_ref"] = f"dense {key[0]} {key[1]}"
+    row.update(goal_fields(row))
+    sp = ""
+    if row["speedup_vs_dense"] != "":
+        sp = f"  x{row['speedup_vs_dense']:.2f} vs dense"
+        if case.op == "rebuild":  # a rebuild is not a replacement for a dense pass: state its cost
+            sp = f"  = {1 / row['speedup_vs_dense']:.2f} dense fwd+bwd of the layer"
+    gl = f"  ({row['goal_met']})" if row["goal_met"] else ""
+    if row["goal"]:
+        gl = f"  goal {row['goal'].split(' (')[0]}: {row['goal_met']}"
+    extra = (f"  algo {prep.conv_algo}" if prep.conv_algo else "") + (
+        f"  rel err {row['max_rel_err']}" if row["max_rel_err"] else ""
+    )
+    log(f"[{i + 1}/{n}] {case.id}: {_fmt_s(t.p50)} (p20 {t.p20 * 1e3:.3f}, p80 {t.p80 * 1e3:.3f} ms){sp}{gl}{extra}")

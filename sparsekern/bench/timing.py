@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "TimingConfig", "time_cpu", "time_gpu", "time_fn"]
+__all__ = ["Timing", "TimingConfig", "time_cpu", "time_cpu_rounds", "time_gpu", "time_fn", "time_fns"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,48 @@ def time_cpu(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples), number)
 
 
+def time_cpu_rounds(fns: list[Callable[[], object]], cfg: TimingConfig, rounds: int = 5) -> list[Timing]:
+    """:func:`time_cpu` of several callables in alternating rounds: each round times every callable
+    for ``cfg.min_time / rounds`` (the order rotating from round to round), so a machine whose
+    speed drifts (other jobs, a shared host) slows all of them alike and their ratios hold.  The
+    percentiles are over the blocks of all rounds.
+    """
+    from torch.utils.benchmark import Timer
+
+    torch.set_num_threads(cfg.threads)
+    numbers, per_calls = [], []
+    for fn in fns:
+        t0 = time.perf_counter()
+        calls = 0
+        for _ in range(max(1, cfg.warmup)):
+            fn()
+            calls += 1
+            if time.perf_counter() - t0 > 1.0:
+                break
+        per_call = (time.perf_counter() - t0) / calls
+        per_calls.append(per_call)
+        numbers.append(max(1, int(cfg.block_time / max(per_call, 1e-9))))
+    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=cfg.threads) for fn in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    budget = cfg.min_time / rounds
+    per_round = max(1, -(-cfg.min_samples // rounds))
+    for r in range(rounds):
+        order = list(range(len(fns)))
+        order = order[r % len(order) :] + order[: r % len(order)] if order else order
+        for i in order:
+            spent, taken = 0.0, 0
+            while taken < per_round or (spent < budget and taken < -(-cfg.max_samples // rounds)):
+                m = timers[i].timeit(numbers[i])
+                samples[i].append(m.mean)
+                spent += m.mean * numbers[i]
+                taken += 1
+                if per_calls[i] > budget:  # a slow call: the minimum number of blocks per round
+                    break
+    return [
+        Timing(statistics.median(x), _quantile(x, 0.2), _quantile(x, 0.8), len(x), n) for x, n in zip(samples, numbers)
+    ]
+
+
 def time_gpu(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
     """Median / p20 / p80 of ``fn()`` on the current CUDA device with ``triton.testing.do_bench``."""
     from triton.testing import do_bench
@@ -101,3 +143,13 @@ def time_gpu(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
 
 def time_fn(fn: Callable[[], object], device: str, cfg: TimingConfig) -> Timing:
     return time_gpu(fn, cfg) if device == "cuda" else time_cpu(fn, cfg)
+
+
+def time_fns(fns: list[Callable[[], object]], device: str, cfg: TimingConfig) -> list[Timing]:
+    """Callables compared with each other (a dense case and its sparse cases): on CPU in
+    alternating rounds (:func:`time_cpu_rounds`); on CUDA one after the other (device time)."""
+    if device == "cuda":
+        return [time_gpu(fn, cfg) for fn in fns]
+    if len(fns) == 1:
+        return [time_cpu(fns[0], cfg)]
+    return time_cpu_rounds(fns, cfg)
