@@ -376,7 +376,12 @@ class DERPP(_Replay):
     """DER++: CE on the batch + ``alpha`` * MSE to stored logits + ``beta`` * CE on stored labels.
 
     The two replay terms use two independent buffer samples; stored logits are those of the
-    training forward when the example was inserted (no extra pass).
+    training forward when the example was inserted (no extra pass).  A backbone whose output for
+    an example does not depend on the rest of its batch (no batch norm, no dropout) runs the
+    current batch and both replay samples as one forward pass: the same function and gradients
+    (up to the order of floating-point sums), a third of the per-call costs, larger batches for
+    the kernels.  Other backbones (batch norm in training mode) keep three passes, as the
+    reference implementation does.
     """
 
     name = "derpp"
@@ -385,9 +390,27 @@ class DERPP(_Replay):
         self.draw(ctx, "replay_logits")
         self.draw(ctx, "replay_labels")
 
+    def _one_pass(self) -> bool:
+        if not hasattr(self, "_one_pass_ok"):
+            batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+            self._one_pass_ok = not any(isinstance(m, batch_dependent) for m in self.model.modules())
+        return self._one_pass_ok
+
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        loss = super().loss(ctx)
         a, b = self.cfg["alpha"], self.cfg["beta"]
+        rl = ctx.extra.get("replay_logits") if a else None
+        rb = ctx.extra.get("replay_labels") if b else None
+        if (rl is not None or rb is not None) and self._one_pass():
+            parts = [ctx.x] + [r[0] for r in (rl, rb) if r is not None]
+            outs = self.model(torch.cat(parts)).split([p.shape[0] for p in parts])
+            ctx.logits = outs[0].detach()
+            loss = F.cross_entropy(self.masked_logits(outs[0], ctx.task), ctx.y)
+            if rl is not None:
+                loss = loss + a * F.mse_loss(outs[1], rl[2])
+            if rb is not None:
+                loss = loss + b * F.cross_entropy(self.masked_logits(outs[-1], rb[3]), rb[1])
+            return loss
+        loss = super().loss(ctx)
         rep = ctx.extra.get("replay_logits")
         if rep is not None and a:
             xb, _, lb, _ = rep

@@ -300,3 +300,57 @@ def test_warm_up_changes_no_result(monkeypatch):
     assert calls == [1]
     assert warm["acc_matrix"] == cold["acc_matrix"]
     assert warm["train_flops"] == cold["train_flops"]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_derpp_one_pass_matches_three_passes(sparsity):
+    """DER++ on a backbone without batch norm runs one forward pass over the current batch and
+    both replay samples: the same loss and gradients as three separate passes."""
+    from sparsekern_cl.runner import build_run
+    from sparsekern_cl.strategies import StepContext
+
+    cfg = resolve_config({**TINY, "method": "derpp", "sparsity": sparsity})
+    scenario, model, strategy, _ = build_run(cfg)
+    assert strategy._one_pass()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 6, 6, generator=g)
+    y = torch.randint(0, 2, (8,), generator=g)
+    rl = (torch.randn(5, 1, 6, 6, generator=g), None, torch.randn(5, 6, generator=g), torch.zeros(5, dtype=torch.long))
+    rb = (
+        torch.randn(7, 1, 6, 6, generator=g),
+        torch.randint(0, 2, (7,), generator=g),
+        None,
+        torch.zeros(7, dtype=torch.long),
+    )
+    results = []
+    for one in (True, False):
+        strategy._one_pass_ok = one
+        model.zero_grad(set_to_none=True)
+        ctx = StepContext(x=x, x_raw=x, y=y, task=0, uid=torch.arange(8), step=0)
+        ctx.extra.update(replay_logits=rl, replay_labels=rb)
+        loss = strategy.loss(ctx)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((loss.detach(), ctx.logits, grads))
+    (l1, z1, g1), (l3, z3, g3) = results
+    torch.testing.assert_close(l1, l3)
+    torch.testing.assert_close(z1, z3)
+    assert len(g1) == len(g3) > 0
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(a, b)
+
+
+def test_derpp_keeps_three_passes_with_batch_norm():
+    from sparsekern_cl.runner import build_run
+
+    cfg = resolve_config(
+        {
+            **TINY,
+            "method": "derpp",
+            "backbone": "resnet18",
+            "nf": 4,
+            "synthetic": {**TINY["synthetic"], "shape": [3, 8, 8]},
+        }
+    )
+    _, _, strategy, _ = build_run(cfg)
+    assert not strategy._one_pass()
