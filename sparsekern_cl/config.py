@@ -101,6 +101,11 @@ class CoreConfig:
     optimizer: str = choice("sgd", "sgd or adam", ("sgd", "adam"))
     lr: float = number(0.1, "learning rate", "(0, inf]")
     momentum: float = number(0.0, "SGD momentum", "[0, 1)")
+    sparse_optimizer: bool = flag(
+        True,
+        "step the weights of sparse layers on their gradient mask only (sparsekern.optim: compact state; "
+        "frozen and pruned weights never move); false: the stock torch.optim step over every entry",
+    )
     weight_decay: float = number(0.0, "weight decay", "[0, inf]")
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
     threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)

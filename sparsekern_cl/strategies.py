@@ -169,11 +169,18 @@ class Strategy:
 
     # ---------------------------------------------------------------- helpers
     def make_optimizer(self) -> torch.optim.Optimizer:
+        """SGD or Adam; with ``sparse_optimizer`` (default) and sparse layers in the model, the
+        :mod:`sparsekern.optim` variant, whose step touches only each sparse weight's gradient mask
+        (bit-identical to torch.optim while the masks are fixed and weight_decay is 0)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         c = self.cfg
+        sparse = c.get("sparse_optimizer", True) and bool(sparsekern.sparse_modules(self.model))
+        kw = {"model": self.model} if sparse else {}
         if c["optimizer"] == "sgd":
-            return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
-        return torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
+            cls = sparsekern.optim.SGD if sparse else torch.optim.SGD
+            return cls(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"], **kw)
+        cls = sparsekern.optim.Adam if sparse else torch.optim.Adam
+        return cls(params, lr=c["lr"], weight_decay=c["weight_decay"], **kw)
 
     def sparse_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, layer)`` of every sparse layer: where masks and gradient masks are changed."""

@@ -354,3 +354,19 @@ def test_derpp_keeps_three_passes_with_batch_norm():
     )
     _, _, strategy, _ = build_run(cfg)
     assert not strategy._one_pass()
+
+
+def test_sparse_optimizer_matches_torch_optim_on_fixed_masks():
+    """With fixed masks and no weight decay the sparse-aware step (the default) gives the stock
+    optimizer's results bit for bit; a dense run keeps torch.optim."""
+    import sparsekern
+    from sparsekern_cl.runner import build_run
+
+    for momentum in (0.0, 0.9):
+        kw = {"method": "derpp", "sparsity": 0.5, "momentum": momentum, "epochs": 1}
+        fast, stock = _run(**kw), _run(**kw, sparse_optimizer=False)
+        assert fast["acc_matrix"] == stock["acc_matrix"]
+    _, _, strategy, _ = build_run(resolve_config({**TINY, "sparsity": 0.5}))
+    assert isinstance(strategy.make_optimizer(), sparsekern.optim.SGD)
+    _, _, strategy, _ = build_run(resolve_config({**TINY, "sparsity": 0.0}))
+    assert type(strategy.make_optimizer()) is torch.optim.SGD
