@@ -216,13 +216,20 @@ def _persist_file() -> str | None:
     return path
 
 
+def _batch_bucket(n: int) -> str:
+    """The batch part of a decision key: the power of two at or above ``n`` ("<=64"), so that the
+    sizes one run sees (a last partial batch, a replay sample appended to the batch) share one
+    probe instead of paying one each inside the timed epochs."""
+    return f"<={1 << max(0, int(n) - 1).bit_length()}"
+
+
 def _key(op, backend, x, weight, pattern, gpattern, conv, training) -> str:
     dens, gdens = pattern.density(), gpattern.density()  # cached with the pattern
     parts = [
         op,
         backend.name,
         str(tuple(weight.shape)),
-        str(tuple(x.shape)),
+        str((_batch_bucket(x.shape[0]), *x.shape[1:])),
         str(x.dtype).replace("torch.", ""),
         pattern.layout,
         str(pattern.block_size),

@@ -181,8 +181,9 @@ def _run_one(cfg: dict) -> dict:
         torch.set_num_threads(threads)  # a run leaves the process as it found it
 
 
-def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device) -> None:
-    """Untimed: two SGD steps (lr 0) of a throwaway copy of ``model`` on a few training inputs.
+def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device, rows: int = 1) -> None:
+    """Untimed: two SGD steps (lr 0) of a throwaway copy of ``model`` at the batch size and at
+    ``rows`` times it (a replay strategy's batch with its replay samples appended).
 
     One-time costs of a process — lazy imports inside ``torch.optim``, oneDNN / MKL primitive
     creation, the kernels' scratch memory, the sparse-vs-dense probe of :mod:`sparsekern.choice` —
@@ -191,21 +192,22 @@ def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device) -> N
     without augmentation, and the global RNG state is restored.
     """
     task = scenario.train[0]
-    n = min(len(task), int(cfg["batch_size"]))
-    if n == 0:
+    sizes = sorted({min(len(task), int(cfg["batch_size"]) * k) for k in {1, max(1, rows)}} - {0})
+    if not sizes:
         return
     rng = torch.get_rng_state()
     try:
         import copy
 
         twin = copy.deepcopy(model).train()
-        x = scenario.preprocess(task.x[:n], train=False).to(device)
-        y = task.y[:n].to(device)
         opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
-        for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(twin(x), y).backward()
-            opt.step()
+        for n in sizes:
+            x = scenario.preprocess(task.x[:n], train=False).to(device)
+            y = task.y[:n].to(device)
+            for _ in range(2):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(twin(x), y).backward()
+                opt.step()
     finally:
         torch.set_rng_state(rng)
 
@@ -216,7 +218,7 @@ def _train(cfg: dict) -> dict:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     scenario, model, strategy, counter = build_run(cfg)
-    _warm_up(model, scenario, cfg, strategy.device)
+    _warm_up(model, scenario, cfg, strategy.device, strategy.forward_rows_per_example())
     T = scenario.n_tasks
     epochs = cfg["epochs"]
     state = {

@@ -218,3 +218,12 @@ def test_conv_layer_on_the_dense_path_matches_the_spec():
     torch.testing.assert_close(layer.weight.grad, spec.weight.grad)
     torch.testing.assert_close(x.grad, xs.grad)
     assert torch.all(layer.weight.grad[~layer.weight_mask] == 0)
+
+
+def test_decision_key_buckets_the_batch():
+    """Batch sizes up to the same power of two share one decision (one probe per bucket)."""
+    from sparsekern.choice import _batch_bucket
+
+    assert _batch_bucket(17) == _batch_bucket(32) == "<=32"
+    assert _batch_bucket(33) == _batch_bucket(64) != _batch_bucket(32)
+    assert _batch_bucket(1) == "<=1"
