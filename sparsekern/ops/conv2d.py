@@ -129,11 +129,11 @@ def sparse_conv2d(
     """
     check_weight(weight)
     cast = autocast_dtype(weight)
-    if cast is not None:
-        x, weight, bias = autocast_cast(cast, x, weight, bias)
-        with torch.autocast(weight.device.type, enabled=False):
-            return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
-    return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+    if cast is None:
+        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+    x, weight, bias = autocast_cast(cast, x, weight, bias)
+    with torch.autocast(weight.device.type, enabled=False):
+        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
 
 
 def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size):
