@@ -4,12 +4,14 @@ each parameter's dtype; values against the fp32 masked reference with that dtype
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 import sparsekern as sk
-from tests.support import BF16, DTYPE_IDS, FP16
+from tests.support import BF16, DTYPE_IDS, FP16, requires_cpp
 
 # reference always; cpp where built (bf16 runs there, fp16 falls through to the reference)
 BACKENDS = ["reference", None]
@@ -70,3 +72,23 @@ def test_autocast_off_and_float64_untouched(kind):
     assert y.dtype == torch.float64  # autocast leaves float64 alone, as for nn.Linear
     with torch.autocast("cpu", dtype=BF16, enabled=False):
         assert sparse.float()(x).dtype == torch.float32
+
+
+@requires_cpp
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_bf16_autocast_runs_on_cpp(kind, monkeypatch):
+    """Under bf16 autocast the automatic order picks ``cpp``, not the reference."""
+    _, sparse, x = _layers(kind)
+    seen = []
+    module = importlib.import_module(f"sparsekern.ops.{kind}")
+    real = module.select_backend
+
+    def spy(info, backend=None):
+        be = real(info, backend)
+        seen.append((info.dtype, be.name))
+        return be
+
+    monkeypatch.setattr(module, "select_backend", spy)
+    with torch.autocast("cpu", dtype=BF16):
+        y = sparse(x)
+    assert y.dtype == BF16 and seen == [(BF16, "cpp")]
