@@ -12,7 +12,7 @@ from sparsekern_cl.strategies import Strategy
 
 CFG = {
     "dataset": "synthetic",
-    "synthetic": {"n_classes": 4, "n_train": 48, "n_test": 24, "shape": [1, 8, 8], "noise": 30.0},
+    "synthetic": {"n_classes": 4, "n_train": 48, "n_test": 24, "shape": [1, 8, 8], "noise": 200.0},
     "n_tasks": 2,
     "backbone": "mlp",
     "mlp_hidden": [64, 64],
@@ -27,10 +27,11 @@ CFG = {
     "threads": 1,
     "seed": 0,
 }
-# average accuracy (Class-IL and Task-IL): the autocast run within this of the fp32 run.  bf16
-# rounds every product's inputs to 8 bits of mantissa, so the two runs' trajectories drift apart;
-# on this task the seed-to-seed spread of the fp32 run is of the same order
-ACC_TOLERANCE = 0.15
+# average accuracy in percent (Task-IL, Class-IL): the autocast run within this many points of the
+# fp32 run.  bf16 rounds every product's inputs to 8 bits of mantissa, so the trajectories drift
+# apart; on this task the fp32 run's seed-to-seed spread (seeds 0-2) is about 14 points in
+# Class-IL (62.5-76.0) and 2 in Task-IL, while the autocast run measured within about 1 point
+ACC_TOLERANCE = 10.0
 
 
 def _run(monkeypatch, autocast: bool):
@@ -63,10 +64,10 @@ def test_autocast_derpp_trains(runs):
     first, last = losses[: steps // 4], losses[steps - steps // 4 : steps]
     assert sum(last) / len(last) < 0.7 * sum(first) / len(first)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert res["avg_acc"]["task_il"] > 0.75  # two classes per task: chance is 0.5
+    assert res["avg_acc"]["task_il"] > 75.0  # percent; two classes per task: chance is 50
 
 
 @pytest.mark.parametrize("setting", ["task_il", "class_il"])
 def test_autocast_accuracy_matches_fp32(runs, setting):
     fp32, amp = runs[False][0]["avg_acc"][setting], runs[True][0]["avg_acc"][setting]
-    assert abs(amp - fp32) <= ACC_TOLERANCE, f"{setting}: autocast {amp:.3f}, fp32 {fp32:.3f}"
+    assert abs(amp - fp32) <= ACC_TOLERANCE, f"{setting}: autocast {amp:.1f}, fp32 {fp32:.1f}"
