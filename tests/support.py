@@ -153,7 +153,7 @@ class Documented:
 
 #: README.md, "Backends": | backend | ops | dtypes | notes |  (tests/ops/test_backend_table.py keeps the two in step)
 DOCUMENTED = {
-    "cpp": Documented(("linear", "spmm", "sddmm", "conv2d"), (FP32, FP64), conv="groups=1, depthwise"),
+    "cpp": Documented(("linear", "spmm", "sddmm", "conv2d"), (FP32, FP64, BF16), conv="groups=1, depthwise"),
     "triton": Documented(("linear", "spmm", "sddmm", "conv2d"), (FP32, FP16, BF16), (FP64,), conv="groups=1"),
     "cuda": Documented(LINEAR_OPS, (FP16, BF16, FP32, FP64)),
     "reference": Documented(OPS, DTYPES),

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 #if defined(__linux__)
@@ -45,8 +46,76 @@ inline void check_float(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              ": expected dtype float32 or float64, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, name,
+              ": expected dtype float32, float64 or bfloat16, got ", st);
+}
+
+// Runs f(S{}, W{}) for a tensor of dtype t: S the compute type, W the storage (bf16 computes in
+// float: widened on load, rounded once on store).
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kDouble:
+      return f(double{}, double{});
+    case at::kBFloat16:
+      return f(float{}, bf16{});
+    default:
+      TORCH_CHECK(false, name, ": unsupported dtype ", t);
+  }
+}
+
+// The data of a tensor of storage type W (bf16: the bits of at::BFloat16).
+template <typename W>
+W* data_of(const Tensor& t) {
+  if constexpr (std::is_same_v<W, bf16>) {
+    static_assert(sizeof(at::BFloat16) == sizeof(bf16));
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  } else {
+    return t.data_ptr<W>();
+  }
+}
+
+// A bias of storage W as S values (widened into `tmp` for bf16), nullptr when undefined.
+template <typename S, typename W>
+const S* bias_values(const Tensor& bias, std::vector<S>& tmp) {
+  if (!bias.defined()) return nullptr;
+  if constexpr (std::is_same_v<S, W>) {
+    return bias.data_ptr<S>();
+  } else {
+    const W* b = data_of<W>(bias);
+    tmp.resize(bias.numel());
+    for (int64_t i = 0; i < bias.numel(); ++i) tmp[i] = S(as_float(b[i]));
+    return tmp.data();
+  }
+}
+
+// Tiles from / to rows of storage S or bf16 through the kernel table.
+template <typename S>
+void tile_from(const Kernels<S>& k, const S* src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* dst) {
+  k.spmm.tile_from_rows(src, ld, nt, ncols, T, dst);
+}
+template <typename S>
+void tile_from(const Kernels<S>& k, const bf16* src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* dst) {
+  k.spmm.tile_from_bf16(src, ld, nt, ncols, T, dst);
+}
+template <typename S>
+void tile_to(const Kernels<S>& k, const S* src, int64_t nr, int64_t nt, int64_t T, const S* bias, S* dst, int64_t ld) {
+  k.spmm.tile_to_rows(src, nr, nt, T, bias, dst, ld);
+}
+template <typename S>
+void tile_to(const Kernels<S>& k, const S* src, int64_t nr, int64_t nt, int64_t T, const S* bias, bf16* dst,
+             int64_t ld) {
+  k.spmm.tile_to_bf16(src, nr, nt, T, bias, dst, ld);
+}
+
+// bf16 ops without a bf16 path of their own run in float: the tensor widened (others as they are).
+inline Tensor widen_bf16(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+inline c10::optional<Tensor> widen_bf16(const c10::optional<Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return widen_bf16(*t);
 }
 
 inline void check_same_dtype(const Tensor& a, const char* an, const Tensor& b, const char* bn) {
@@ -223,19 +292,19 @@ struct PackedRows {
     }
   }
   int64_t size() const { return base.back(); }
-  template <typename S>
-  void scatter(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* acc, S* out) const {
+  template <typename S, typename O>
+  void scatter(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* acc, O* out) const {
     const int64_t rows = int64_t(base.size()) - 1;
     const int64_t work = rows * ncols + size();
     at::parallel_for(0, rows, work < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 64, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t rb = r / bo;
         const S* a = acc + base[r];
-        S* o = out + r * ncols;
-        std::fill(o, o + ncols, S(0));
+        O* o = out + r * ncols;
+        std::fill(o, o + ncols, O{});
         for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
           const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
-          for (int64_t c = c0; c < c1; ++c) o[c] = *a++;
+          for (int64_t c = c0; c < c1; ++c) store(o[c], *a++);
         }
       }
     });
@@ -263,13 +332,14 @@ int pick_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t
 // weight more than once (several batch tiles: each would stream the whole weight, since at
 // moderate sparsity every cache line of it holds a nonzero) or down its columns (the transposed
 // weight of input gradients: a cache miss per nonzero).  Values change every step, so nothing is
-// kept between calls.
-template <typename S>
+// kept between calls.  W: the weight's storage (S, or bf16: then the values are always gathered,
+// widened to S, so the panels read S).
+template <typename S, typename W = S>
 struct SparseA {
   const int32_t* ptr;
   const int32_t* idx;
   int64_t bo, bk, R, C;
-  const S* a;
+  const W* a;
   int64_t ars, acs;
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
   S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
@@ -287,14 +357,14 @@ struct SparseA {
     }
     nv = pick_width<S>(k, {2, 4, 8}, C, q);
     // rows of the weight with one tile: read in place (one pass over the weight either way)
-    if (acs == 1 && q <= width(k)) return;
+    if (std::is_same_v<S, W> && acs == 1 && q <= width(k)) return;
     const int64_t nnz = ptr[R];
     packed = Buf<S>(nnz, kMainC).get();
     // a parallel region costs more than gathering a small pattern serially
     at::parallel_for(0, R, nnz < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const S* ar = a + r * ars;
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = ar[int64_t(idx[j]) * acs];
+        const W* ar = a + r * ars;
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = S(as_float(ar[int64_t(idx[j]) * acs]));
       }
     });
   }
@@ -321,12 +391,13 @@ struct SparseA {
           const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, C);
           if (acs == 1) {  // rows of A are contiguous: read along them
             for (int64_t qq = 0; qq < qn; ++qq) {
-              const S* ar = a + (rb * bo + qq) * ars;
-              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = ar[c];
+              const W* ar = a + (rb * bo + qq) * ars;
+              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(as_float(ar[c]));
             }
           } else {
             for (int64_t c = c0; c < c1; ++c)
-              for (int64_t qq = 0; qq < qn; ++qq) out[(c - c0) * bo + qq] = a[(rb * bo + qq) * ars + c * acs];
+              for (int64_t qq = 0; qq < qn; ++qq)
+                out[(c - c0) * bo + qq] = S(as_float(a[(rb * bo + qq) * ars + c * acs]));
           }
           for (int64_t qq = qn; qq < bo; ++qq)
             for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(0);
@@ -339,10 +410,9 @@ struct SparseA {
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if (unstructured()) {
-      if (!packed)
-        k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
-      else
-        k.spmm.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
+      if constexpr (std::is_same_v<S, W>)
+        if (!packed) return k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
+      k.spmm.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
     } else
       k.spmm.panel_bsr(ptr, idx, bo, bk, C, packed, bbase.data(), r0, r1, bt, ot, cols);
   }

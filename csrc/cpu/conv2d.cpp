@@ -491,6 +491,9 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   check_float(x_, "x", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", x_, "x");
+  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return conv2d_fwd(widen_bf16(x_), widen_bf16(weight_), widen_bf16(bias_), crow, col, block, stride, padding,
+                      dilation).to(at::kBFloat16);
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_.size(1) == x_.size(1), "weight: expected ", x_.size(1),
               " input channels (groups=1; x has that many), got shape ", weight_.sizes());
@@ -552,6 +555,8 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   check_float(dy_, "dy", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", dy_, "dy");
+  if (dy_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return conv2d_dx(widen_bf16(dy_), widen_bf16(weight_), ccol, row, block, input_size, stride, padding, dilation).to(at::kBFloat16);
   check_size_arg(input_size, "input_size");
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_.size(1) == input_size[1], "weight: expected ", input_size[1],
@@ -623,6 +628,8 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   check_float(dy_, "dy", 4);
   check_float(x_, "x", 4);
   check_same_dtype(dy_, "dy", x_, "x");
+  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return conv2d_dw(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation).to(at::kBFloat16);
   check_size_arg(weight_size, "weight_size");
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_size[1] == x_.size(1), "weight_size: expected ", x_.size(1),

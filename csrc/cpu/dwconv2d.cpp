@@ -21,6 +21,8 @@ Tensor dwconv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional
   check_float(x_, "x", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", x_, "x");
+  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return dwconv2d_fwd(widen_bf16(x_), widen_bf16(weight_), widen_bf16(bias_), crow, col, stride, padding, dilation).to(at::kBFloat16);
   const ConvGeom g = make_geom(x_.sizes(), weight_.sizes(), stride, padding, dilation);
   check_depthwise(g, weight_.size(1));
   const Tensor bias = check_bias(bias_, weight_, g.O);
@@ -52,6 +54,8 @@ Tensor dwconv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& crow,
   check_float(dy_, "dy", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", dy_, "dy");
+  if (dy_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return dwconv2d_dx(widen_bf16(dy_), widen_bf16(weight_), crow, col, input_size, stride, padding, dilation).to(at::kBFloat16);
   check_size_arg(input_size, "input_size");
   const ConvGeom g = make_geom(input_size, weight_.sizes(), stride, padding, dilation);
   check_depthwise(g, weight_.size(1));
@@ -84,6 +88,8 @@ Tensor dwconv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, cons
   check_float(dy_, "dy", 4);
   check_float(x_, "x", 4);
   check_same_dtype(dy_, "dy", x_, "x");
+  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
+    return dwconv2d_dw(widen_bf16(dy_), widen_bf16(x_), crow, col, weight_size, stride, padding, dilation).to(at::kBFloat16);
   check_size_arg(weight_size, "weight_size");
   const ConvGeom g = make_geom(x_.sizes(), weight_size, stride, padding, dilation);
   check_depthwise(g, weight_size[1]);

@@ -3,9 +3,36 @@
 // take the table of the instruction set in use and call through it.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace sparsekern {
+
+// bfloat16 storage (the bits of at::BFloat16): the top half of a float.  The kernels compute in
+// float; bf16 is widened when a tile or a value is loaded and rounded (to nearest even, as torch
+// does) when a result is stored.
+struct bf16 {
+  uint16_t bits;
+};
+inline float as_float(float v) { return v; }
+inline double as_float(double v) { return v; }
+inline float as_float(bf16 h) {
+  const uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float& d, float v) { d = v; }
+inline void store(double& d, double v) { d = v; }
+inline void store(bf16& d, float v) {
+  if (v != v) {
+    d.bits = 0x7FC0;  // torch's NaN
+    return;
+  }
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  d.bits = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
 
 // Conv2d geometry, all sizes explicit.
 struct ConvGeom {
@@ -23,6 +50,9 @@ template <typename S>
 struct SpmmKernels {
   void (*tile_from_rows)(const S*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*tile_to_rows)(const S*, int64_t, int64_t, int64_t, const S*, S*, int64_t);
+  // the same from / to bf16 rows (widened on load, rounded on store)
+  void (*tile_from_bf16)(const bf16*, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*tile_to_bf16)(const S*, int64_t, int64_t, int64_t, const S*, bf16*, int64_t);
   // unstructured panels of width {2, 4, 8} * lanes
   void (*panel_csr[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*,
                        S*);

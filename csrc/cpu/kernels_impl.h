@@ -84,42 +84,59 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[j * ldd + i] = src[i * lds + j] for a full 16 x 16 float block (+ bias[j] per output row).
-inline void block16(const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {  // widen: the bf16 bits are the top half of each float
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {  // round to nearest even, NaN as torch's (see store())
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for a full 16 x 16 float block (+ bias[j] per output row);
+// either side may be bf16.
+template <typename I, typename O>
+inline void block16(const I* src, int64_t lds, O* dst, int64_t ldd, const float* bias) {
   __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; ++i) r[i] = load16(src + i * lds);
   transpose16(r);
   if (bias) {
     const __m512 b = _mm512_loadu_ps(bias);
-    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ldd, _mm512_add_ps(r[j], b));
+    for (int j = 0; j < 16; ++j) store16(dst + j * ldd, _mm512_add_ps(r[j], b));
   } else {
-    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ldd, r[j]);
+    for (int j = 0; j < 16; ++j) store16(dst + j * ldd, r[j]);
   }
 }
 template <typename S>
 constexpr bool fast_transpose() { return sizeof(S) == 4; }
-inline void block16(const double*, int64_t, double*, int64_t, const double*) {}
 #else
 template <typename S>
 constexpr bool fast_transpose() { return false; }
-inline void block16(const float*, int64_t, float*, int64_t, const float*) {}
-inline void block16(const double*, int64_t, double*, int64_t, const double*) {}
+template <typename I, typename O>
+inline void block16(const I*, int64_t, O*, int64_t, const float*) {}
 #endif
 
-// dst[c * T + t] = src[t * ld + c] for t < nt, c < ncols; zero for nt <= t < T.
-template <typename S>
-void tile_from_rows(const S* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* __restrict dst) {
+// dst[c * T + t] = src[t * ld + c] for t < nt, c < ncols; zero for nt <= t < T.  W: the storage
+// of src (S, or bf16 widened to S).
+template <typename S, typename W = S>
+void tile_from_rows(const W* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, S* __restrict dst) {
   constexpr int64_t B = 16;
   for (int64_t c0 = 0; c0 < ncols; c0 += B) {
     const int64_t c1 = std::min(c0 + B, ncols);
     int64_t t0 = 0;
-    if (fast_transpose<S>() && c1 - c0 == B)
-      for (; t0 + B <= nt; t0 += B) block16(src + t0 * ld + c0, ld, dst + c0 * T + t0, T, nullptr);
+    if constexpr (fast_transpose<S>())
+      if (c1 - c0 == B)
+        for (; t0 + B <= nt; t0 += B) block16(src + t0 * ld + c0, ld, dst + c0 * T + t0, T, nullptr);
     for (; t0 < nt; t0 += B) {
       const int64_t t1 = std::min(t0 + B, nt);
       for (int64_t c = c0; c < c1; ++c) {
         S* d = dst + c * T;
-        for (int64_t t = t0; t < t1; ++t) d[t] = src[t * ld + c];
+        for (int64_t t = t0; t < t1; ++t) d[t] = S(as_float(src[t * ld + c]));
       }
     }
     if (nt < T)
@@ -127,29 +144,30 @@ void tile_from_rows(const S* __restrict src, int64_t ld, int64_t nt, int64_t nco
   }
 }
 
-// dst[t * ld + r] = src[r * T + t] (+ bias[r]) for r < nr, t < nt.
-template <typename S>
-void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, const S* __restrict bias, S* __restrict dst,
+// dst[t * ld + r] = src[r * T + t] (+ bias[r]) for r < nr, t < nt; O: the storage of dst (S, or
+// bf16 rounded from S).
+template <typename S, typename O = S>
+void tile_to_rows(const S* __restrict src, int64_t nr, int64_t nt, int64_t T, const S* __restrict bias, O* __restrict dst,
                   int64_t ld) {
   constexpr int64_t B = 16;
   int64_t r0 = 0;
-  if (fast_transpose<S>()) {
+  if constexpr (fast_transpose<S>()) {
     for (; r0 + B <= nr; r0 += B) {
       int64_t t0 = 0;
       for (; t0 + B <= nt; t0 += B) block16(src + r0 * T + t0, T, dst + t0 * ld + r0, ld, bias ? bias + r0 : nullptr);
       for (int64_t t = t0; t < nt; ++t) {
-        S* d = dst + t * ld;
-        for (int64_t r = r0; r < r0 + B; ++r) d[r] = src[r * T + t] + (bias ? bias[r] : S(0));
+        O* d = dst + t * ld;
+        for (int64_t r = r0; r < r0 + B; ++r) store(d[r], src[r * T + t] + (bias ? bias[r] : S(0)));
       }
     }
   }
   if (r0 < nr) {
     for (int64_t t = 0; t < nt; ++t) {
-      S* d = dst + t * ld;
+      O* d = dst + t * ld;
       if (bias)
-        for (int64_t r = r0; r < nr; ++r) d[r] = src[r * T + t] + bias[r];
+        for (int64_t r = r0; r < nr; ++r) store(d[r], src[r * T + t] + bias[r]);
       else
-        for (int64_t r = r0; r < nr; ++r) d[r] = src[r * T + t];
+        for (int64_t r = r0; r < nr; ++r) store(d[r], src[r * T + t]);
     }
   }
 }

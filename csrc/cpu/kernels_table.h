@@ -14,6 +14,8 @@ Kernels<S> table(const char* isa) {
           {
               .tile_from_rows = &tile_from_rows<S>,
               .tile_to_rows = &tile_to_rows<S>,
+              .tile_from_bf16 = &tile_from_rows<S, bf16>,
+              .tile_to_bf16 = &tile_to_rows<S, bf16>,
               .panel_csr = {&panel_csr<S, 2>, &panel_csr<S, 4>, &panel_csr<S, 8>},
               .panel_csr_packed = {&panel_csr_packed<S, 2>, &panel_csr_packed<S, 4>, &panel_csr_packed<S, 8>},
               .panel_bsr = &panel_bsr<S>,

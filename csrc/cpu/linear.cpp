@@ -11,9 +11,9 @@
 namespace sparsekern {
 namespace {
 
-// out [N, R] = b [N, C] @ A^T (+ bias), A sparse.
-template <typename S>
-void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out) {
+// out [N, R] = b [N, C] @ A^T (+ bias), A sparse; b, A and out stored as W (S, or bf16).
+template <typename S, typename W>
+void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* out) {
   const Kernels<S>& k = kernels<S>();
   const int64_t T = A.width(k), R = A.R, C = A.C;
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
@@ -27,14 +27,14 @@ void spmm_rows(const S* b, int64_t N, const SparseA<S>& A, const S* bias, S* out
       if (r0 >= r1) continue;
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       if (tile != last) {
-        k.spmm.tile_from_rows(b + n0 * C, C, nt, C, T, bt.get());
+        tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
         last = tile;
       }
       // row blocks small enough that the panel output is still in L1 when transposed out
       for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
         const int64_t re = std::min(r1, rr + kRowBlock);
         A.rows(k, rr, re, bt.get(), ot.get(), cols);
-        k.spmm.tile_to_rows(ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+        tile_to(k, ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
       }
     }
   });
@@ -185,16 +185,20 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   Tensor y = huge_page_hint(at::empty({N, M}, x.options()));
   if (N == 0 || M == 0) return y;
   const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_fwd", [&] {
-    using S = scalar_t;
-    if (win.on()) {
-      spmm_windowed<S>(x.data_ptr<S>(), N, M, K, w.data_ptr<S>(), K, 1, win,
-                       bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
-      return;
+  dispatch_float(x.scalar_type(), "sparsekern::linear_fwd", [&](auto s_, auto w_) {
+    using S = decltype(s_);
+    using W = decltype(w_);
+    std::vector<S> btmp;
+    const S* bp = bias_values<S, W>(bias, btmp);
+    if constexpr (std::is_same_v<S, W>) {  // bf16 runs the panels (the window path is float-only)
+      if (win.on()) {
+        spmm_windowed<S>(x.data_ptr<S>(), N, M, K, w.data_ptr<S>(), K, 1, win, bp, y.data_ptr<S>());
+        return;
+      }
     }
-    SparseA<S> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, w.data_ptr<S>(), K, 1};
+    SparseA<S, W> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, data_of<W>(w), K, 1};
     A.plan(kernels<S>(), N);
-    spmm_rows<S>(x.data_ptr<S>(), N, A, bias.defined() ? bias.data_ptr<S>() : nullptr, y.data_ptr<S>());
+    spmm_rows<S, W>(data_of<W>(x), N, A, bp, data_of<W>(y));
   });
   return y;
 }
@@ -213,16 +217,19 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   Tensor dx = huge_page_hint(at::empty({N, K}, dy.options()));
   if (N == 0 || K == 0) return dx;
   const Windows win = check_windows(win_ptr, win_idx, window, K, M, row.numel(), bo == 1 && bk == 1);
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern::linear_dx", [&] {
-    using S = scalar_t;
-    if (win.on()) {
-      spmm_windowed<S>(dy.data_ptr<S>(), N, K, M, w.data_ptr<S>(), 1, K, win, nullptr, dx.data_ptr<S>());
-      return;
+  dispatch_float(dy.scalar_type(), "sparsekern::linear_dx", [&](auto s_, auto w_) {
+    using S = decltype(s_);
+    using W = decltype(w_);
+    if constexpr (std::is_same_v<S, W>) {
+      if (win.on()) {
+        spmm_windowed<S>(dy.data_ptr<S>(), N, K, M, w.data_ptr<S>(), 1, K, win, nullptr, dx.data_ptr<S>());
+        return;
+      }
     }
     // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
-    SparseA<S> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, w.data_ptr<S>(), 1, K};
+    SparseA<S, W> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, data_of<W>(w), 1, K};
     A.plan(kernels<S>(), N);
-    spmm_rows<S>(dy.data_ptr<S>(), N, A, nullptr, dx.data_ptr<S>());
+    spmm_rows<S, W>(data_of<W>(dy), N, A, nullptr, data_of<W>(dx));
   });
   return dx;
 }
@@ -240,12 +247,14 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
   Tensor dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
   const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::linear_dw", [&] {
-    using S = scalar_t;
+  dispatch_float(x.scalar_type(), "sparsekern::linear_dw", [&](auto s_, auto w_) {
+    using S = decltype(s_);
+    using W = decltype(w_);
+    constexpr bool plain = std::is_same_v<S, W>;  // bf16: the tile path below, accumulated in float
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
-    if (win.on()) {
+    if (plain && win.on()) {
       // window-major: tiles of 64 or 128 batch columns (a window of the x tile is then 16-32 KiB
       // of float), rows in blocks whose transposed dy slice stays in L2 across the windows
       const int nv = N > 4 * k.lanes ? 1 : 0;
@@ -276,10 +285,10 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         }
       });
       const PackedRows packed(ptr, idx, M, 1, 1, K);
-      packed.scatter(ptr, idx, 1, 1, K, acc.data(), dw.data_ptr<S>());
+      packed.scatter(ptr, idx, 1, 1, K, acc.data(), data_of<W>(dw));
       return;
     }
-    if (bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
+    if (plain && bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
       // whole blocks of whole vectors: a dense GEMM per block on column strips of x
       const int64_t nrb = M / bo;
       std::vector<int64_t> cost(nrb);
@@ -305,8 +314,8 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
     const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
-    const S* xp = x.data_ptr<S>();
-    const S* dyp = dy.data_ptr<S>();
+    const W* xw = data_of<W>(x);
+    const W* dyw = data_of<W>(dy);
     const PackedRows packed(ptr, idx, M, bo, bk, K);
     Buf<S> acc(packed.size(), kMainA);
     std::fill(acc.data(), acc.data() + packed.size(), S(0));
@@ -318,17 +327,17 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
         for (int64_t tile = 0; tile < ntiles; ++tile) {
           const int64_t n0 = tile * T, nt = std::min(T, N - n0);
-          k.spmm.tile_from_rows(xp + n0 * K, K, nt, K, T, bt.get());
+          tile_from(k, xw + n0 * K, K, nt, K, T, bt.get());
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
-            k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
+            tile_from(k, dyw + n0 * M + rr, M, nt, re - rr, T, at_.get());
             k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(),
                                   cols);
           }
         }
       }
     });
-    packed.scatter(ptr, idx, bo, bk, K, acc.data(), dw.data_ptr<S>());
+    packed.scatter(ptr, idx, bo, bk, K, acc.data(), data_of<W>(dw));
   });
   return dw;
 }

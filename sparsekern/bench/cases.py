@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 __all__ = [
     "OPS",
     "PROVIDERS",
+    "AUTOCAST_PROVIDERS",
+    "DENSE_PROVIDERS",
     "MODES",
     "LAYOUTS",
     "DTYPES",
@@ -27,19 +29,27 @@ __all__ = [
     "PRESETS",
     "expand",
     "block_of",
+    "base_provider",
     "network_layers",
 ]
 
 # op names; the stem of each matches the library's functional op where there is one
 OPS = ("spmm", "sddmm", "linear", "conv2d", "rebuild", "train_step", "train_epoch")
 # "dense" is plain PyTorch with a dense weight; "torch.sparse" a CSR/BSR weight; the rest are
-# sparsekern backends (``backend=``)
-PROVIDERS = ("dense", "torch.sparse", "reference", "cpp", "triton", "cuda", "auto")
+# sparsekern backends (``backend=``).  "<name>-bf16": provider <name> under
+# torch.autocast(device, torch.bfloat16) on the case's fp32 tensors (fp32 master weights: what a
+# user runs for speed); "dense-bf16" is the dense baseline a bf16 user compares against.
+PROVIDERS = ("dense", "dense-bf16", "torch.sparse", "reference", "cpp", "cpp-bf16", "triton", "cuda", "auto",
+             "auto-bf16")  # fmt: skip
+#: the autocast providers and the provider each runs under bf16 autocast
+AUTOCAST_PROVIDERS = {"dense-bf16": "dense", "cpp-bf16": "cpp", "auto-bf16": "auto"}
+#: the dense baselines of a group (every sparse case is compared with each, and with the fastest)
+DENSE_PROVIDERS = ("dense", "dense-bf16")
 #: "auto": sparsekern with no backend= (the default a user gets: the automatic order, then the
 #: per-call choice between the sparse kernels and dense masked compute, sparsekern.choice) with
 #: the sparse-aware optimizer step (sparsekern.optim); timed on whole models only
-SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda", "auto")
-E2E_ONLY_PROVIDERS = ("auto",)
+SPARSEKERN_PROVIDERS = ("reference", "cpp", "triton", "cuda", "auto", "cpp-bf16", "auto-bf16")
+E2E_ONLY_PROVIDERS = ("auto", "auto-bf16")
 MODES = ("fwd", "bwd", "fwd+bwd")
 LAYOUTS = ("unstructured", "block16", "block32", "block64", "block128")
 # "tfloat32": float32 tensors with TF32 allowed in cuBLAS / cuDNN and the Triton kernels (GPU);
@@ -56,6 +66,11 @@ OP_MODES = {
     "train_step": ("train",),
     "train_epoch": ("train",),
 }
+
+
+def base_provider(provider: str) -> str:
+    """The provider an autocast provider runs (``"cpp-bf16"`` -> ``"cpp"``); others as they are."""
+    return AUTOCAST_PROVIDERS.get(provider, provider)
 
 
 def block_of(layout: str) -> int | None:
@@ -400,6 +415,8 @@ def _expand_one(sel: Selection) -> list[Case]:
                     for mode in modes:
                         base = Case(op, "dense", mode, shape, batch, 0.0, "dense", dtype, sel.device)
                         add(base.dense_case() if op == "rebuild" else base)
+                        if op != "rebuild" and "dense-bf16" in sel.providers and dtype == "float32":
+                            add(replace(base, provider="dense-bf16"))  # the second baseline
                         if op == "rebuild":
                             for layout in layouts:
                                 for s in sparsities:
@@ -408,10 +425,12 @@ def _expand_one(sel: Selection) -> list[Case]:
                         for layout in layouts:
                             for s in sparsities:
                                 for p in sel.providers:
-                                    if p == "dense" or (
+                                    if p in DENSE_PROVIDERS or (
                                         p in E2E_ONLY_PROVIDERS and op not in ("train_step", "train_epoch")
                                     ):
                                         continue
+                                    if p in AUTOCAST_PROVIDERS and dtype != "float32":
+                                        continue  # autocast takes the fp32 tensors of a case
                                     if s not in sel.provider_sparsities.get(p, [s]) or (
                                         op not in ("train_step", "train_epoch")
                                         and mode not in sel.provider_modes.get(p, [mode])
@@ -457,6 +476,29 @@ _T_GPU = dict(warmup=1, min_time=0.1, block_time=0.0, min_samples=1, max_samples
 _CPU_SPMM = dict(ops=["spmm"], providers=["dense", "cpp", "torch.sparse"], modes=["fwd+bwd"])
 _CPU_CONV = dict(ops=["conv2d"], providers=["dense", "cpp"], modes=["fwd+bwd"], shapes=["resnet18-cifar-3x3"])
 _BLOCK90 = dict(sparsities=[0.9], layouts=["block16", "block32"])
+
+
+# the CPU bf16 goal cases: the same steps under bf16 autocast against dense under bf16 autocast
+# (and dense fp32), and a ResNet-18 training epoch under autocast
+_BF16_SPMM = dict(ops=["spmm"], providers=["dense", "dense-bf16", "cpp-bf16"], modes=["fwd+bwd"])
+_BF16_CONV = dict(_BF16_SPMM, ops=["conv2d"], shapes=["resnet18-cifar-3x3"])
+
+
+def _bf16_goals() -> tuple[Selection, ...]:
+    out = []
+    for shape, batches in (("mlp-768x3072", [256, 2048]), ("mlp-4096x4096", [256])):
+        out.append(Selection(**_BF16_SPMM, shapes=[shape], batches=batches, sparsities=[0.9, 0.95, 0.98]))
+        out.append(Selection(**_BF16_SPMM, shapes=[shape], batches=batches, **_BLOCK90))
+    out.append(Selection(**_BF16_CONV, batches=[32, 128], sparsities=[0.9]))
+    out.append(
+        Selection(
+            ops=["train_epoch"],
+            providers=["dense", "dense-bf16", "cpp-bf16", "auto-bf16"],
+            shapes=["e2e-r18-nf20", "e2e-r18-nf64"],
+            e2e_sparsities=[0.9],
+        )
+    )
+    return tuple(out)
 
 
 def _cpu_kernels() -> tuple[Selection, ...]:
@@ -573,6 +615,13 @@ PRESETS: dict[str, Preset] = {
         _T_KERNELS,
         stem="cpu_kernels_quick",
     ),
+    "bf16": Preset(
+        "CPU bf16 goal cases: the cpu-kernels linear steps at 90/95/98 % and block 16/32, ResNet-18 3x3 convs "
+        "N32/N128 at 90 %, ResNet-18 epochs at 90 % -- cpp under bf16 autocast vs dense bf16 autocast and dense fp32",
+        _bf16_goals(),
+        _T_KERNELS,
+        stem="cpu_bf16",
+    ),
     "gpu-linear": Preset(
         "GPU products of 8192 tokens, 4 shapes x 5 layouts x 5 sparsities x bf16/fp16/fp32/tf32 x fwd/bwd/fwd+bwd "
         "(triton vs cuBLAS and torch.sparse)",
@@ -642,11 +691,12 @@ PRESETS: dict[str, Preset] = {
         check=True,
     ),
     "e2e": Preset(
-        "training epochs users run: ResNet-18 (nf 20 / 64, 32x32) and the main job's MLP, dense vs cpp vs auto",
+        "training epochs users run: ResNet-18 (nf 20 / 64, 32x32) and the main job's MLP, dense vs cpp vs auto, "
+        "each also under bf16 autocast",
         (
             Selection(
                 ops=["train_epoch"],
-                providers=["dense", "cpp", "auto"],
+                providers=["dense", "dense-bf16", "cpp", "cpp-bf16", "auto", "auto-bf16"],
                 modes=["fwd+bwd"],
                 shapes=["e2e-user"],
                 e2e_sparsities=[0.9, 0.95],

@@ -6,7 +6,10 @@
                  is built outside the timed region) and the weight gradient
                  ``torch.sparse.sampled_addmm`` on the pattern (CSR on CPU, BSR on CUDA for block
                  layouts), no autograd; PyTorch has no sparse conv2d;
-``reference`` / ``cpp`` / ``triton`` / ``cuda``: the sparsekern backend of that name (``backend=``).
+``reference`` / ``cpp`` / ``triton`` / ``cuda``: the sparsekern backend of that name (``backend=``);
+``dense-bf16`` / ``cpp-bf16`` / ``auto-bf16``: ``dense`` / ``cpp`` / ``auto`` with the forward under
+                 ``torch.autocast(device, torch.bfloat16)`` on the case's fp32 tensors (fp32 master
+                 weights; the casts are part of the timed call, as in a user's step).
 
 :func:`availability` says, at run time, whether a provider can run on a device at all;
 :func:`prepare` builds the inputs (outside the timed region) and returns the callable, or raises
@@ -28,7 +31,17 @@ from sparsekern import formats, masks
 from sparsekern.kernels.cpu import conv2d_algo
 from sparsekern.models import MLP, ResNet18
 
-from .cases import SPARSEKERN_PROVIDERS, Case, ConvShape, LinearShape, ModelShape, block_of
+from .cases import (
+    AUTOCAST_PROVIDERS,
+    DENSE_PROVIDERS,
+    SPARSEKERN_PROVIDERS,
+    Case,
+    ConvShape,
+    LinearShape,
+    ModelShape,
+    base_provider,
+    block_of,
+)
 from .goals import KERNEL_PROVIDERS
 
 __all__ = ["Skip", "Prepared", "availability", "build_model", "prepare"]
@@ -67,6 +80,7 @@ def availability(provider: str, device: str) -> tuple[bool, str]:
     """Whether ``provider`` can run on ``device`` here, and the reason if not (checked at run time)."""
     if device == "cuda" and not torch.cuda.is_available():
         return False, "no CUDA device"
+    provider = base_provider(provider)
     if provider == "dense":
         return True, ""
     if provider == "torch.sparse":
@@ -99,7 +113,25 @@ def _mask(shape, sparsity: float, layout: str, device, gen: torch.Generator) -> 
 
 def _sk_kwargs(case: Case) -> dict:
     b = block_of(case.layout)
-    return {"backend": case.provider, "layout": "block" if b else "unstructured", "block_size": b}
+    return {"backend": base_provider(case.provider), "layout": "block" if b else "unstructured", "block_size": b}
+
+
+def _amp(case: Case, f: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``f`` under bf16 autocast for an autocast provider (the backward then runs outside it, as
+    ``torch.autocast`` recommends); ``f`` itself otherwise."""
+    if case.provider not in AUTOCAST_PROVIDERS:
+        return f
+
+    def amp():
+        with torch.autocast(case.device, dtype=torch.bfloat16):
+            return f()
+
+    return amp
+
+
+def _backend_of(case: Case) -> str | None:
+    """``backend=`` of a kernel op's closure: None for the dense providers (plain PyTorch)."""
+    return None if case.provider in DENSE_PROVIDERS else base_provider(case.provider)
 
 
 def _pass_factor(mode: str) -> int:
@@ -203,7 +235,7 @@ def _check(case: Case, build: Callable[..., Callable[[], torch.Tensor]], leaves:
     ref_f = build(ref_leaves, "reference")
     with torch.no_grad():
         dy = torch.randn(ref_f().shape, generator=torch.Generator().manual_seed(2)).to(leaves[0].device)
-    got = _outputs(build(leaves, case.provider), leaves, case.mode, dy)
+    got = _outputs(_amp(case, build(leaves, _backend_of(case))), leaves, case.mode, dy)
     ref = _outputs(ref_f, ref_leaves, case.mode, dy)
     err = 0.0
     for g, r in zip(got, ref):
@@ -236,11 +268,11 @@ def _prepare_linear(case: Case, gen: torch.Generator, check: bool = False) -> Pr
         kw = {**_sk_kwargs(case), "backend": backend}
         return lambda: sparsekern.sparse_linear(xx, ww, bb, mask, **kw)
 
-    f = build(leaves, None if case.provider == "dense" else case.provider)
+    f = _amp(case, build(leaves, _backend_of(case)))
     _try(f, case)
     fn = _wrap_mode(case.mode, f, leaves)
     _try(fn, case)
-    err = _check(case, build, leaves) if check and case.provider in KERNEL_PROVIDERS else None
+    err = _check(case, build, leaves) if check and base_provider(case.provider) in KERNEL_PROVIDERS else None
     return Prepared(fn, flops, nnz / mask.numel(), max_rel_err=err)
 
 
@@ -254,7 +286,7 @@ def _prepare_sddmm(case: Case, gen: torch.Generator) -> Prepared:
     b = torch.randn(n, k, generator=gen).to(dev, dt).requires_grad_(grad)
     mask = _mask((m, k), case.sparsity, case.layout, dev, gen)
     nnz = int(mask.sum())
-    if case.provider == "dense":
+    if case.provider in DENSE_PROVIDERS:
         f = lambda: a @ b  # noqa: E731
     elif case.provider == "torch.sparse":
         if block_of(case.layout) is not None:
@@ -266,6 +298,7 @@ def _prepare_sddmm(case: Case, gen: torch.Generator) -> Prepared:
     else:
         kw = _sk_kwargs(case)
         f = lambda: sparsekern.sddmm(a, b, mask, **kw)  # noqa: E731
+    f = _amp(case, f)
     _try(f, case)
     fn = _wrap_mode(case.mode, f, [a, b])
     _try(fn, case)
@@ -292,13 +325,13 @@ def _prepare_conv(case: Case, gen: torch.Generator, check: bool = False) -> Prep
         kw = {**_sk_kwargs(case), "backend": backend}
         return lambda: sparsekern.sparse_conv2d(xx, ww, None, mask, None, s, p, **kw)
 
-    f = build([x, w], None if case.provider == "dense" else case.provider)
+    f = _amp(case, build([x, w], _backend_of(case)))
     _try(f, case)
     fn = _wrap_mode(case.mode, f, [x, w])
     _try(fn, case)
-    err = _check(case, build, [x, w]) if check and case.provider in KERNEL_PROVIDERS else None
+    err = _check(case, build, [x, w]) if check and base_provider(case.provider) in KERNEL_PROVIDERS else None
     algo = ""
-    if case.provider == "cpp":
+    if base_provider(case.provider) == "cpp":
         b = block_of(case.layout)
         pat = formats.pattern_of(mask, "block" if b else "unstructured", b)
         algo = "/".join(conv2d_algo(op, x.shape, w.shape, s, p, pattern=pat) for op in ("fwd", "dx", "dw"))
@@ -357,15 +390,16 @@ def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
     dev, dt = torch.device(case.device), torch_dtype(case.dtype)
     torch.manual_seed(0)
     model, in_shape, keep = build_model(shape.model, shape.width)
-    if case.provider != "dense":
-        if case.provider == "torch.sparse":
+    provider = base_provider(case.provider)
+    if provider != "dense":
+        if provider == "torch.sparse":
             raise Skip("torch.sparse has no training modules (sparsify_ targets sparsekern backends)")
         b = block_of(case.layout)
         cfg = sparsekern.SparsityConfig(
             sparsity=case.sparsity,
             layout="block" if b else "unstructured",
             block_size=b,
-            backend=None if case.provider == "auto" else case.provider,
+            backend=None if provider == "auto" else provider,
             keep_dense=tuple(sorted(keep)),
         )
         sparsekern.sparsify_(model, cfg)
@@ -373,15 +407,18 @@ def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
     steps = 1 if case.op == "train_step" else shape.steps_per_epoch
     xs = [torch.randn(case.batch, *in_shape, generator=gen).to(dev, dt) for _ in range(steps)]
     ys = [torch.randint(0, 10, (case.batch,), generator=gen).to(dev) for _ in range(steps)]
-    if case.provider == "auto":  # the library's own path: sparse-aware optimizer step on G
+    if provider == "auto":  # the library's own path: sparse-aware optimizer step on G
         opt = sparsekern.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, model=model)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+    amp = case.provider in AUTOCAST_PROVIDERS  # the forward under bf16 autocast, the backward outside
+
     def epoch():
         for x, y in zip(xs, ys):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
 

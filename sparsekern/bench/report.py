@@ -14,8 +14,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .cases import network_layers
-from .goals import NO_GOAL_SMOKE, goal_fields
+from .cases import DENSE_PROVIDERS, network_layers
+from .goals import NO_GOAL_SMOKE, SPEEDUP_COLUMN, goal_fields, goal_for
 from .runner import COLUMNS
 
 __all__ = [
@@ -91,6 +91,23 @@ def _ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok"]
 
 
+def _has_fastest(rows: list[dict]) -> bool:
+    """Whether a dense baseline other than dense fp32 (dense under bf16 autocast) ran and was the
+    fastest somewhere: then the tables add a "vs fastest dense" column."""
+    return any(r.get("fastest_dense") not in (None, "", "dense") for r in rows)
+
+
+def _vs_fastest(r: dict) -> str:
+    sp = _f(r.get("speedup_vs_fastest_dense"))
+    return f"{sp:.2f}x ({r['fastest_dense']})" if sp else ""
+
+
+def _goal_speedup(r: dict) -> float:
+    """A goal row's speedup over the goal's own baseline (dense fp32, or dense bf16 autocast)."""
+    goal = goal_for(r)
+    return float(r[SPEEDUP_COLUMN[goal.baseline if goal else "dense"]])
+
+
 def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
     r = rows[0] if rows else {}
     devices = sorted({x["device"] for x in rows})
@@ -117,6 +134,11 @@ def _meta_lines(rows: list[dict], load: str | None) -> list[str]:
         "Times are medians of repeated calls (p20-p80 in the CSV); inputs and the mask metadata are built "
         "before timing.",
     ]
+    if _has_fastest(rows):
+        lines[-1] += (
+            ' Dense under bf16 autocast (`dense-bf16`, fp32 master weights) ran too: "vs fastest dense" is the '
+            "fastest dense of the same case and run over the case's p50, and the bf16 goals are against `dense-bf16`."
+        )
     return lines
 
 
@@ -132,25 +154,32 @@ def _goal_lines(rows: list[dict], *, detail: bool = True) -> list[str]:
     body = []
     for label, rs in by_goal.items():
         ran = [r for r in rs if r["goal_met"] in ("met", "missed")]
-        best = max(ran, key=lambda r: float(r["speedup_vs_dense"]), default=None)
+        best = max(ran, key=_goal_speedup, default=None)
         not_run = sorted({f"{r['provider']}: {r['reason']}" for r in rs if r["goal_met"] == "not run"})
         body.append([
             label.split(" (", 1)[1].rstrip(")"), label.split(" (")[0], len(ran),
             sum(r["goal_met"] == "met" for r in ran),
-            f"{float(best['speedup_vs_dense']):.2f}x ({best['provider']}, {best['shape']}, N{best['batch']})" if best else "-",
+            f"{_goal_speedup(best):.2f}x ({best['provider']}, {best['shape']}, N{best['batch']})" if best else "-",
             f"{len(rs) - len(ran)} ({'; '.join(not_run)})".replace("|", "/") if not_run else "0",
         ])  # fmt: skip
     out = _table(["case", "goal", "cases run", "met", "best speedup", "cases not run"], body)
     ran = [r for r in g if r["goal_met"] in ("met", "missed")]
     if detail and ran:
+        fast = _has_fastest(rows)
         out += ["", *_table(
-            ["op", "provider", "shape", "batch", "layout", "sparsity", "mode", "dense ms", "ms", "speedup", "goal",
-             "result"],
+            ["op", "provider", "shape", "batch", "layout", "sparsity", "mode", "dense ms", "ms", "speedup",
+             *(["dense bf16 ms", "vs dense bf16", "vs fastest dense"] if fast else []), "goal", "result"],
             [[r["op"], r["provider"], r["shape"], r["batch"], r["layout"], _pct(r["sparsity"]) + _density_note(r),
-              r["mode"], _ms(r.get("dense_p50")), _ms(r.get("p50")), f"{float(r['speedup_vs_dense']):.2f}x",
+              r["mode"], _ms(r.get("dense_p50")), _ms(r.get("p50")), _sx(r.get("speedup_vs_dense")),
+              *([_ms(r.get("dense_bf16_p50")), _sx(r.get("speedup_vs_dense_bf16")), _vs_fastest(r)] if fast else []),
               r["goal"].split(" (")[0], r["goal_met"]] for r in ran],
         )]  # fmt: skip
     return out + ([""] + smoke if smoke else [])
+
+
+def _sx(v) -> str:
+    x = _f(v)
+    return "" if x is None else f"{x:.2f}x"
 
 
 def _ms(v) -> str:
@@ -175,12 +204,13 @@ def _network_lines(rows: list[dict]) -> list[str]:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in _ok(rows):
         layers = network_layers(r.get("family", ""))
-        if r["provider"] == "dense" or r["shape"] not in layers or _f(r.get("dense_p50")) is None:
+        if r["provider"] in DENSE_PROVIDERS or r["shape"] not in layers or _f(r.get("dense_p50")) is None:
             continue
         key = (r["family"], r["op"], r["mode"], r["dtype"], int(float(r["batch"])), r["provider"], r["layout"],
                float(r["sparsity"]))  # fmt: skip
         groups[key][r["shape"]] = r
     body = []
+    fast = _has_fastest(rows)
     for key in sorted(groups):
         family, batch, provider, layout, sp = key[0], key[4], key[5], key[6], key[7]
         layers, got = network_layers(family), groups[key]
@@ -188,20 +218,27 @@ def _network_lines(rows: list[dict]) -> list[str]:
             continue
         dense = sum(float(got[n]["dense_p50"]) * c for n, c in layers.items())
         ms = sum(float(got[n]["p50"]) * c for n, c in layers.items())
+        bf16 = [_f(got[n].get("dense_bf16_p50")) for n in layers]
+        bf16 = sum(b * c for b, c in zip(bf16, layers.values())) if None not in bf16 else None
         first = next(iter(got.values()))
-        g = goal_fields({**first, "shape": family, "status": "ok", "speedup_vs_dense": dense / ms})
+        g = goal_fields({**first, "shape": family, "status": "ok", "speedup_vs_dense": dense / ms,
+                         "speedup_vs_dense_bf16": bf16 / ms if bf16 else ""})  # fmt: skip
+        extra = []
+        if fast:
+            best = min(dense, bf16 or dense)
+            extra = [f"{bf16:.1f}" if bf16 else "", _sx(bf16 / ms if bf16 else None), _sx(best / ms)]
         body.append([family, batch, provider, layout, _pct(sp), f"{dense:.1f}", f"{ms:.1f}", f"{dense / ms:.2f}x",
-                     g.get("goal", "").split(" (")[0], g.get("goal_met", "")])  # fmt: skip
+                     *extra, g.get("goal", "").split(" (")[0], g.get("goal_met", "")])  # fmt: skip
     if not body:
         return []
     n = sum(network_layers(body[0][0]).values())
+    head = ["network", "batch", "provider", "layout", "sparsity", "dense ms", "ms", "speedup"]
+    head += [*(["dense bf16 ms", "vs dense bf16", "vs fastest dense"] if fast else []), "goal", "result"]
     return [
         f"Each network's convs summed: every distinct layer shape's time times the number of layers of that "
         f"shape ({n} layers for ResNet-18's 3x3 convs in the residual stages), against dense summed the same way.",
         "",
-        *_table(
-            ["network", "batch", "provider", "layout", "sparsity", "dense ms", "ms", "speedup", "goal", "result"], body
-        ),  # fmt: skip
+        *_table(head, body),
         "",
     ]
 
@@ -258,16 +295,21 @@ def _e2e_lines(rows: list[dict]) -> list[str]:
     if not rs:
         return []
     body = []
+    fast = _has_fastest(rows)
     for r in sorted(
         rs,
-        key=lambda r: (r["op"], r["shape"], r["provider"] != "dense", r["provider"], r["layout"], float(r["sparsity"])),
-    ):
+        key=lambda r: (r["op"], r["shape"], r["provider"] not in DENSE_PROVIDERS, r["provider"], r["layout"],
+                       float(r["sparsity"])),
+    ):  # fmt: skip
         sp = _f(r["speedup_vs_dense"])
         body.append([
-            r["op"], r["dims"], r["provider"], r["layout"], _pct(r["sparsity"]) if r["provider"] != "dense" else "dense",
+            r["op"], r["dims"], r["provider"], r["layout"],
+            _pct(r["sparsity"]) if r["provider"] not in DENSE_PROVIDERS else "dense",
             f"{float(r['p50']):.1f}", f"{float(r['p20']):.1f}-{float(r['p80']):.1f}", f"{sp:.2f}x" if sp else "",
+            *([_vs_fastest(r)] if fast else []),
         ])  # fmt: skip
-    return _table(["op", "model", "provider", "layout", "sparsity", "p50 ms", "p20-p80 ms", "speedup"], body) + [""]
+    head = ["op", "model", "provider", "layout", "sparsity", "p50 ms", "p20-p80 ms", "speedup"]
+    return _table(head + (["vs fastest dense"] if fast else []), body) + [""]
 
 
 def _rebuild_lines(rows: list[dict]) -> list[str]:
@@ -324,6 +366,7 @@ def markdown_full(rows: list[dict], *, load: str | None = None, links: dict[str,
     ok = _ok(rows)
     algo = any(r.get("conv_algo") for r in ok)
     err = any(r.get("max_rel_err") for r in ok)
+    fast = _has_fastest(ok)
     body = []
     for r in ok:
         sp = _f(r["speedup_vs_dense"])
@@ -333,11 +376,11 @@ def markdown_full(rows: list[dict], *, load: str | None = None, links: dict[str,
             r["op"], r["provider"], r["mode"], r["dims"], r["layout"], _pct(r["sparsity"]),
             f"{float(r['density']):.3f}" if _f(r.get("density")) is not None else "", r["dtype"],
             f"{float(r['p50']):.3f}", spread, r["gflops"], f"{sp:.2f}x" if sp else "",
-            *([r.get("conv_algo", "")] if algo else []), *([r.get("max_rel_err", "")] if err else []),
+            *([_vs_fastest(r)] if fast else []), *([r.get("conv_algo", "")] if algo else []), *([r.get("max_rel_err", "")] if err else []),
             r.get("goal_met", ""),
         ])  # fmt: skip
     head = ["op", "provider", "mode", "dims", "layout", "sparsity", "density", "dtype", "p50 ms", "p20-p80 ms",
-            "GFLOP/s", "speedup", *(["conv algo (fwd/dx/dw)"] if algo else []), *(["max rel err"] if err else []),
+            "GFLOP/s", "speedup", *(["vs fastest dense"] if fast else []), *(["conv algo (fwd/dx/dw)"] if algo else []), *(["max rel err"] if err else []),
             "goal"]  # fmt: skip
     return (
         "# sparsekern benchmark results\n\n"

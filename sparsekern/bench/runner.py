@@ -17,7 +17,7 @@ import torch
 
 import sparsekern
 
-from .cases import Case, ConvShape, ModelShape, block_of
+from .cases import DENSE_PROVIDERS, Case, ConvShape, ModelShape, block_of
 from .goals import goal_fields
 from .providers import Skip, availability, prepare
 from .timing import TimingConfig, time_fns
@@ -33,7 +33,8 @@ COLUMNS = [
     "sparsity", "density", "layout", "block", "dtype", "device",
     "status", "reason",
     "p50", "p20", "p80", "unit", "samples", "calls_per_sample", "gflops", "conv_algo", "max_rel_err",
-    "dense_p50", "speedup_vs_dense", "dense_ref", "goal", "goal_met",
+    "dense_p50", "speedup_vs_dense", "dense_ref", "dense_bf16_p50", "speedup_vs_dense_bf16", "fastest_dense",
+    "speedup_vs_fastest_dense", "goal", "goal_met",
     "machine", "cpu_model", "threads", "torch", "triton", "sparsekern", "commit", "time", "load_avg_1m", "command",
 ]  # fmt: skip
 
@@ -178,10 +179,24 @@ def run_cases(
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
 
 
+def _baseline_fields(key: tuple, base: dict[str, float], p50: float) -> dict:
+    """The ratio columns of a row timed at ``p50`` against the dense baselines timed in its group
+    (``base``: provider -> p50): dense fp32, dense under bf16 autocast, and the fastest of them."""
+    out = {}
+    if "dense" in base:
+        out.update(dense_p50=base["dense"] * 1e3, speedup_vs_dense=round(base["dense"] / p50, 4),
+                   dense_ref=f"dense {key[0]} {key[1]}")  # fmt: skip
+    if "dense-bf16" in base:
+        out.update(dense_bf16_p50=base["dense-bf16"] * 1e3, speedup_vs_dense_bf16=round(base["dense-bf16"] / p50, 4))
+    if base:
+        fastest = min(base, key=base.get)
+        out.update(fastest_dense=fastest, speedup_vs_fastest_dense=round(base[fastest] / p50, 4))
+    return out
+
+
 def _run(cases, cfg, meta, log, seed, check, gpu) -> list[dict]:
     """Cases sharing a dense reference (:meth:`Case.dense_key`) are prepared together and timed in
     alternating rounds (:func:`~sparsekern.bench.timing.time_fns`); rows keep the cases' order."""
-    dense_p50: dict[tuple, float] = {}
     rows: list[dict | None] = [None] * len(cases)
     told: set[tuple[str, str]] = set()
     groups: dict[tuple, list[int]] = {}
@@ -224,11 +239,9 @@ def _run(cases, cfg, meta, log, seed, check, gpu) -> list[dict]:
             continue
         finally:
             gc.collect()
-        for (_, case, _, _), t in zip(prepared, times):
-            if case.provider == "dense":
-                dense_p50[key] = t.p50
+        base = {case.provider: t.p50 for (_, case, _, _), t in zip(prepared, times) if case.provider in DENSE_PROVIDERS}
         for (i, case, row, prep), t in zip(prepared, times):
-            _report(row, case, prep, t, dense_p50.get(key), key, log, i, len(cases))
+            _report(row, case, prep, t, base, key, log, i, len(cases))
         sys.stdout.flush()
     meta.load_end = _loadavg()
     return [r for r in rows if r is not None]
@@ -240,7 +253,7 @@ def _error(row: dict, exc: Exception, log, i: int, n: int, case: Case) -> None:
     log(f"[{i + 1}/{n}] {case.id}: ERROR {row['reason']}")
 
 
-def _report(row: dict, case: Case, prep, t, ref, key, log, i: int, n: int) -> None:
+def _report(row: dict, case: Case, prep, t, base: dict[str, float], key, log, i: int, n: int) -> None:
     row.update(
         status="ok",
         density=round(prep.density, 6),
@@ -254,14 +267,13 @@ def _report(row: dict, case: Case, prep, t, ref, key, log, i: int, n: int) -> No
         conv_algo=prep.conv_algo,
         max_rel_err=f"{prep.max_rel_err:.3g}" if prep.max_rel_err is not None else "",
     )
-    if ref is not None:
-        row["dense_p50"] = ref * 1e3
-        row["speedup_vs_dense"] = round(ref / t.p50, 4)
-        row["dense_ref"] = f"dense {key[0]} {key[1]}"
+    row.update(_baseline_fields(key, base, t.p50))
     row.update(goal_fields(row))
     sp = ""
     if row["speedup_vs_dense"] != "":
         sp = f"  x{row['speedup_vs_dense']:.2f} vs dense"
+        if row["fastest_dense"] not in ("", "dense"):
+            sp += f", x{row['speedup_vs_fastest_dense']:.2f} vs {row['fastest_dense']}"
         if case.op == "rebuild":  # a rebuild is not a replacement for a dense pass: state its cost
             sp = f"  = {1 / row['speedup_vs_dense']:.2f} dense fwd+bwd of the layer"
     gl = f"  ({row['goal_met']})" if row["goal_met"] else ""

@@ -59,7 +59,7 @@ OP_NAMES = (
 )
 
 _STATE: dict = {}
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -210,7 +210,9 @@ def _windows(meta, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return meta.derived(("cpp.windows", transposed, WINDOW), build)
 
 
-def _window_args(pattern, batch: int, transposed: bool) -> dict:
+def _window_args(pattern, batch: int, transposed: bool, dtype: torch.dtype = torch.float32) -> dict:
+    if dtype == torch.bfloat16:  # bf16 runs the panels (the window kernels are float / double)
+        return {}
     if pattern.layout != "unstructured" or batch < WINDOW_MIN_BATCH or not _windows_enabled():
         return {}
     meta = pattern.csr()
@@ -230,8 +232,10 @@ def _is_depthwise(weight_shape, groups: int) -> bool:
 
 
 class CppBackend(Backend):
-    """C++ CPU kernels: float32 / float64, unstructured and block layouts, linear and conv2d
-    (groups=1 and depthwise).  Results are bit-identical for any ``torch.get_num_threads()``."""
+    """C++ CPU kernels: float32 / float64 / bfloat16, unstructured and block layouts, linear and
+    conv2d (groups=1 and depthwise).  bf16 computes in fp32 (operands widened on load, one
+    rounding on store); linear reads and writes bf16 in its tile kernels, conv2d widens at the op
+    boundary.  Results are bit-identical for any ``torch.get_num_threads()``."""
 
     name = "cpp"
 
@@ -242,7 +246,7 @@ class CppBackend(Backend):
         if info.device.type != "cpu":
             return False, f"runs on CPU tensors only, got {info.device.type}"
         if info.dtype not in _DTYPES:
-            return False, f"supports float32 and float64, got {info.dtype}"
+            return False, f"supports float32, float64 and bfloat16, got {info.dtype}"
         if info.layout not in ("unstructured", "block") or info.grad_layout not in ("unstructured", "block"):
             return False, f"unknown layout {info.layout!r} / {info.grad_layout!r}"
         if info.op == "conv2d" and info.conv is not None and info.conv.groups != 1:
@@ -264,24 +268,24 @@ class CppBackend(Backend):
             return
         super().prepare(info, pattern, grad_pattern, batch)
         if info.op == "linear" and batch is not None:
-            _window_args(pattern, batch, transposed=False)
-            _window_args(pattern, batch, transposed=True)
-            _window_args(grad_pattern, batch, transposed=False)
+            _window_args(pattern, batch, False, info.dtype)
+            _window_args(pattern, batch, True, info.dtype)
+            _window_args(grad_pattern, batch, False, info.dtype)
 
     # ---- linear -------------------------------------------------------------------------------
     def linear_fwd(self, x, weight, bias, pattern):
         crow, col, block = _csr_args(pattern)
-        win = _window_args(pattern, x.shape[0], transposed=False)
+        win = _window_args(pattern, x.shape[0], False, x.dtype)
         return torch.ops.sparsekern.linear_fwd(x, weight, bias, crow, col, block, **win)
 
     def linear_dx(self, dy, weight, pattern):
         ccol, row, block = _csc_args(pattern)
-        win = _window_args(pattern, dy.shape[0], transposed=True)
+        win = _window_args(pattern, dy.shape[0], True, dy.dtype)
         return torch.ops.sparsekern.linear_dx(dy, weight, ccol, row, block, **win)
 
     def linear_dw(self, dy, x, grad_pattern):
         crow, col, block = _csr_args(grad_pattern)
-        win = _window_args(grad_pattern, dy.shape[0], transposed=False)
+        win = _window_args(grad_pattern, dy.shape[0], False, dy.dtype)
         return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block, **win)
 
     # ---- conv2d -------------------------------------------------------------------------------

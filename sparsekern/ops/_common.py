@@ -7,6 +7,28 @@ import torch
 from ..formats import LAYOUTS, Pattern, block_grid, pattern_of
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# what torch.autocast casts (its "eligible" tensors): floating, not float64
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts a matmul / conv on ``x``'s device to, or ``None`` outside
+    autocast (or on a device type autocast does not cover)."""
+    if not isinstance(x, torch.Tensor):
+        return None  # the argument checks say what is wrong
+    dev = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except (RuntimeError, TypeError):  # a device type without autocast support
+        return None
+    return torch.get_autocast_dtype(dev) if enabled else None
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """``tensors`` cast to ``dtype`` as ``nn.Linear`` / ``nn.Conv2d`` are under autocast: floating
+    non-float64 tensors only, ``None`` kept.  The casts are differentiable, so gradients reach the
+    (fp32 master) parameters in their own dtype."""
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def check_tensor(t, name: str, *, dim=None, dtype=None, device=None) -> None:

@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 from .. import choice
 from .._backends import CallInfo, ConvParams, is_automatic, select_backend
 from ..formats import Pattern
-from ._common import check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
+from ._common import autocast_cast, autocast_dtype, check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
 
 __all__ = ["sparse_conv2d", "normalize_conv_args"]
 
@@ -124,9 +124,19 @@ def sparse_conv2d(
             channels and every kernel tap.
 
     Returns:
-        ``[N, C_out, H_out, W_out]``.
+        ``[N, C_out, H_out, W_out]`` (in the autocast dtype under ``torch.autocast``, which casts
+        x, weight and bias as it does for ``nn.Conv2d``).
     """
     check_weight(weight)
+    cast = autocast_dtype(weight)
+    if cast is None:
+        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+    x, weight, bias = autocast_cast(cast, x, weight, bias)
+    with torch.autocast(weight.device.type, enabled=False):
+        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+
+
+def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size):
     if weight.dim() != 4:
         raise ValueError(f"weight: expected a 4-D [out, in/groups, kh, kw] tensor, got shape {tuple(weight.shape)}")
     check_tensor(x, "x", dim=(3, 4), dtype=weight.dtype, device=weight.device)

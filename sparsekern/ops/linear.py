@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 from .. import choice
 from .._backends import CallInfo, is_automatic, select_backend
 from ..formats import Pattern
-from ._common import check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
+from ._common import autocast_cast, autocast_dtype, check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
 
 __all__ = ["LinearFunction", "sparse_linear"]
 
@@ -100,7 +100,20 @@ def sparse_linear(
 
 
 def linear(x, weight, bias, mask, grad_mask=None, *, backend=None, layout="unstructured", block_size=None, op="linear"):
-    """:func:`sparse_linear` dispatched as ``op`` (``"linear"``, or ``"spmm"`` for :func:`~sparsekern.spmm`)."""
+    """:func:`sparse_linear` dispatched as ``op`` (``"linear"``, or ``"spmm"`` for :func:`~sparsekern.spmm`).
+
+    Under ``torch.autocast`` the call follows ``nn.Linear``: x, weight and bias are cast to the
+    autocast dtype and the op runs in it with autocast off (the backend sees one dtype).
+    """
+    cast = autocast_dtype(weight)
+    if cast is not None:
+        x, weight, bias = autocast_cast(cast, x, weight, bias)
+        with torch.autocast(weight.device.type, enabled=False):
+            return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op)
+    return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op)
+
+
+def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op):
     pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()

@@ -64,9 +64,9 @@ def test_kernels_threaded_like_torch():
 
 
 def test_supports_refuses_with_reason(be):
-    bf16 = CallInfo("linear", torch.device("cpu"), torch.bfloat16, "unstructured", None, "unstructured")
-    ok, why = be.supports(bf16)
-    assert not ok and "float32" in why
+    fp16 = CallInfo("linear", torch.device("cpu"), torch.float16, "unstructured", None, "unstructured")
+    ok, why = be.supports(fp16)
+    assert not ok and "bfloat16" in why
     grouped = CallInfo(
         "conv2d", torch.device("cpu"), torch.float32, "unstructured", None, "unstructured",
         ConvParams(groups=2), (8, 4, 3, 3),

@@ -198,7 +198,7 @@ def test_cpp_ops_reject_bad_input():
     op = torch.ops.sparsekern.linear_fwd
     csr = pattern_of(make_mask((6, 10), "random", 0.5)).csr()
     x, w, crow, col = torch.randn(4, 10), torch.randn(6, 10), csr.crow_indices.clone(), csr.col_indices.clone()
-    with pytest.raises(RuntimeError, match="x: expected dtype float32 or float64"):
+    with pytest.raises(RuntimeError, match="x: expected dtype float32, float64 or bfloat16"):
         op(x.long(), w, None, crow, col, [1, 1])
     with pytest.raises(RuntimeError, match=r"x: expected dtype torch.float32|x: expected dtype Float"):
         op(x.double(), w, None, crow, col, [1, 1])
