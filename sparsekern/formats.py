@@ -212,7 +212,7 @@ def mask_checksum(mask: torch.Tensor) -> int:
     if pad:
         b = torch.cat([b, b.new_zeros(pad)])
     words = b.view(torch.int64)
-    odd = torch.arange(1, 2 * words.numel(), 2, dtype=torch.int64, device=words.device)
+    odd = torch.arange(words.numel(), dtype=torch.int64, device=words.device).mul_(2).add_(1)
     return int(words.mul(odd).sum()) ^ b.numel()
 
 

@@ -129,6 +129,9 @@ def _out_hw(hw, kernel, conv: ConvParams) -> tuple[int, int]:
 
 
 def conv2d_fwd(x, weight, bias, mask, conv: ConvParams):
+    if weight.shape[1] == 0:  # no input channels: y is the bias (F.conv2d would drop the out channels)
+        y = x.new_zeros(x.shape[0], weight.shape[0], *_out_hw(x.shape[2:], weight.shape[2:], conv))
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
     wm = _masked(weight, mask)
     if _all_finite(x, wm):
         return F.conv2d(x, wm, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
