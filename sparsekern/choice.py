@@ -35,8 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
+from . import reference
 from ._backends import Backend, ConvParams
 
 __all__ = [
@@ -72,44 +72,43 @@ PROBE_ROUNDS = 3
 class DenseBackend(Backend):
     """Dense PyTorch on ``W⊙M``: the fall-back for calls the sparse kernels would lose.
 
-    Same semantics as the kernels: a pruned weight does not exist (``torch.where``, so a NaN or
-    Inf stored outside ``M`` never reaches the output), ``dW`` is exactly zero outside ``G``.
+    Same semantics as the kernels, by running the reference's definitions
+    (:mod:`sparsekern.reference`): a pruned weight does not exist (a NaN or Inf stored outside
+    ``M``, or one in ``x`` / ``dy`` meeting only pruned weights, never reaches a result), ``dW``
+    is exactly zero outside ``G``.
     """
 
     name = "dense"
     channels_last = True
 
-    @staticmethod
-    def _w(weight, pattern):
-        return torch.where(pattern.mask, weight, weight.new_zeros(()))
-
-    @staticmethod
-    def _g(dw, grad_pattern):
-        return torch.where(grad_pattern.mask, dw, dw.new_zeros(()))
-
     def linear_fwd(self, x, weight, bias, pattern):
-        return F.linear(x, self._w(weight, pattern), bias)
+        return reference.linear_fwd(x, weight, bias, pattern.mask)
 
     def linear_dx(self, dy, weight, pattern):
-        return dy @ self._w(weight, pattern)
+        return reference.linear_dx(dy, weight, pattern.mask)
 
     def linear_dw(self, dy, x, grad_pattern):
-        return self._g(dy.t() @ x, grad_pattern)
+        return reference.linear_dw(dy, x, grad_pattern.mask)
 
     def conv2d_fwd(self, x, weight, bias, pattern, conv: ConvParams):
-        return F.conv2d(x, self._w(weight, pattern), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return reference.conv2d_fwd(x, weight, bias, pattern.mask, conv)
 
     def conv2d_dx(self, dy, weight, pattern, input_shape, conv: ConvParams):
-        return torch.nn.grad.conv2d_input(
-            list(input_shape), self._w(weight, pattern), dy, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
+        return reference.conv2d_dx(dy, weight, pattern.mask, tuple(input_shape), conv)
 
     def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
-        """Both gradients from one ``convolution_backward`` call, as autograd's own conv does."""
+        """Both gradients from one ``convolution_backward`` call, as autograd's own conv does
+        (non-finite inputs: the reference's two passes)."""
+        wm = weight.masked_fill(~pattern.mask, 0)
+        if not reference._all_finite(dy, x, wm):
+            return (
+                self.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv),
+                self.conv2d_dw(dy, x, grad_pattern, tuple(weight.shape), conv),
+            )
         dx, dw, _ = torch.ops.aten.convolution_backward(
             dy,
             x,
-            self._w(weight, pattern),
+            wm,
             None,
             list(conv.stride),
             list(conv.padding),
@@ -119,13 +118,10 @@ class DenseBackend(Backend):
             conv.groups,
             [True, True, False],
         )
-        return dx, self._g(dw, grad_pattern)
+        return dx, dw.masked_fill(~grad_pattern.mask, 0)
 
     def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
-        dw = torch.nn.grad.conv2d_weight(
-            x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
-        return self._g(dw, grad_pattern)
+        return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
 
 
 DENSE = DenseBackend()

@@ -20,6 +20,18 @@ backend derives from them (column windows, walk orders) are built once and rebui
 mask changes.  Backends ask for what they need with ``pattern.derived(key, build)`` or
 ``meta.derived(key, build)`` instead of keeping caches of their own.
 
+What is detected.  By default (no per-call work proportional to the mask): every write that
+bumps the version counter -- ``set_mask`` / ``set_grad_mask``, ``load_state_dict``, in-place
+torch ops on the buffer (``copy_``, ``fill_``, indexing), a buffer replaced by a new tensor
+(``torch.nn.utils.prune``, ``load_state_dict(assign=True)``) -- and a mask written between a
+forward and its backward (that backward raises).  Not detected by default: writes that bypass the
+counter -- ``mask.data.fill_(...)``, a NumPy view (``mask.numpy()[...] = ...``), DDP's buffer
+broadcast or any other write through the raw storage.  After such a write, call
+:func:`invalidate` on the mask (or write it with the module's ``set_mask``).  With
+``SPARSEKERN_CHECK_MASKS=1`` (the test suite sets it) every cache lookup and every backward
+also compares a content checksum of the mask (:func:`mask_checksum`, one pass over it): a cache
+whose mask changed behind the counter is rebuilt, and a backward whose mask changed raises.
+
 Block sizes inside the library are :class:`BlockSize` tiles in matrix units; users give an int or
 a pair in channel units, which :meth:`BlockSize.of` converts once, at the boundary.
 
@@ -35,6 +47,7 @@ are the specification and run everywhere else.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -47,6 +60,9 @@ __all__ = [
     "BlockSize",
     "MetaCache",
     "meta_cache",
+    "invalidate",
+    "mask_checksum",
+    "checking_masks",
     "CSRMeta",
     "BSRMeta",
     "Pattern",
@@ -176,6 +192,35 @@ class BlockSize(NamedTuple):
         return self.rows, self.cols // taps
 
 
+CHECK_VAR = "SPARSEKERN_CHECK_MASKS"
+
+
+def checking_masks() -> bool:
+    """Whether ``SPARSEKERN_CHECK_MASKS`` asks for content checksums (read at call time)."""
+    return os.environ.get(CHECK_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def mask_checksum(mask: torch.Tensor) -> int:
+    """A cheap content checksum of a boolean mask: one pass over its bytes, read 8 at a time.
+
+    Each 8-byte word is multiplied by a distinct odd number and the products summed (wrapping
+    int64 arithmetic), so any change of a single entry changes the sum.  A host sync on a GPU.
+    """
+    b = mask.detach().contiguous().view(-1)
+    b = b.view(torch.uint8) if b.dtype == torch.bool else (b != 0).view(torch.uint8)
+    pad = (-b.numel()) % 8
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    words = b.view(torch.int64)
+    odd = torch.arange(words.numel(), dtype=torch.int64, device=words.device).mul_(2).add_(1)
+    return int(words.mul(odd).sum()) ^ b.numel()
+
+
+def _state(t: torch.Tensor, check: bool) -> tuple:
+    """What a cache compares to tell whether ``t`` changed: its version, and its checksum if ``check``."""
+    return (t._version, mask_checksum(t) if check else None)
+
+
 def _as_key(key: Hashable) -> tuple:
     return key if isinstance(key, tuple) else (key,)
 
@@ -205,16 +250,23 @@ class MetaCache:
     Derived data never travels: a pickled or deep-copied cache arrives empty.
     """
 
-    __slots__ = ("_owner", "_version", "_items")
+    __slots__ = ("_owner", "_version", "_checksum", "_items")
 
     def __init__(self, mask: torch.Tensor | None = None) -> None:
         self._owner = None if mask is None else id(mask)
         self._version = None if mask is None else mask._version
+        #: the mask's content checksum when it was built under SPARSEKERN_CHECK_MASKS, else None
+        self._checksum = mask_checksum(mask) if mask is not None and checking_masks() else None
         self._items: dict[tuple, tuple[tuple, Any]] = {}
 
     def describes(self, mask: torch.Tensor) -> bool:
-        """Whether this is the cache of ``mask`` as it is now (same tensor, same version)."""
-        return self._owner == id(mask) and self._version == mask._version
+        """Whether this is the cache of ``mask`` as it is now (same tensor, same version and,
+        under ``SPARSEKERN_CHECK_MASKS``, same content)."""
+        if self._owner != id(mask) or self._version != mask._version:
+            return False
+        if not checking_masks():
+            return True
+        return self._checksum == mask_checksum(mask)
 
     def get(self, key: Hashable, build: Callable[[], Any], *, deps: Sequence[torch.Tensor] = ()) -> Any:
         """The entry ``key``, made by ``build()`` on first use.
@@ -223,12 +275,13 @@ class MetaCache:
         tensor or has been written to since it was built.
         """
         key = _as_key(key)
-        sig = tuple((d, d._version) for d in deps)
+        check = checking_masks()
+        sig = tuple((d, _state(d, check)) for d in deps)
         hit = self._items.get(key)
         if (
             hit is not None
             and len(hit[0]) == len(sig)
-            and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[0], sig))
+            and all(a is b and (va[0], va[1] if check else None) == sb for (a, va), (b, sb) in zip(hit[0], sig))
         ):
             return hit[1]
         value = build()
@@ -261,6 +314,14 @@ def meta_cache(mask: torch.Tensor) -> MetaCache:
         except (AttributeError, RuntimeError):  # pragma: no cover - tensor subclasses without __dict__
             pass
     return cache
+
+
+def invalidate(mask: torch.Tensor) -> None:
+    """Drop everything cached for ``mask``: call it after writing the mask behind its version
+    counter (``mask.data``, a NumPy view, DDP's buffer broadcast).  The modules' ``set_mask``,
+    ``set_grad_mask`` and ``load_state_dict`` invalidate by themselves."""
+    if getattr(mask, _CACHE_ATTR, None) is not None:
+        setattr(mask, _CACHE_ATTR, None)
 
 
 def _check_bool_mask(mask: torch.Tensor, name: str = "mask") -> None:

@@ -72,7 +72,7 @@ def _tile_scores(score: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 def _keep_top(scores: torch.Tensor, density: float) -> torch.Tensor:
     k = int(round(density * scores.numel()))
-    if density > 0 and k == 0:  # a layer asked to keep something keeps at least one weight/tile
+    if density > 0 and k == 0 and scores.numel():  # a layer asked to keep something keeps at least one weight/tile
         k = 1
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
@@ -83,7 +83,7 @@ def _keep_top(scores: torch.Tensor, density: float) -> torch.Tensor:
 
 def _mask_from_scores(score: torch.Tensor, shape, density, layout, block_size) -> torch.Tensor:
     """Keep the top ``density`` fraction of ``score`` (weight-shaped) as elements or tiles."""
-    mat = score.reshape(shape[0], -1)
+    mat = score.reshape(shape[0], math.prod(shape[1:]))
     if layout == "unstructured":
         return _keep_top(mat, density).view(shape)
     block = matrix_block(shape, block_size)

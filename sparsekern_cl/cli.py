@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from sparsekern import BackendError
+
 from .config import build_parser
+from .data import DatasetError
 from .runner import run
 
 __all__ = ["main", "format_summary"]
@@ -30,6 +33,12 @@ def format_summary(res: dict) -> str:
         f"{c['method']} on {c['dataset']} ({res['scenario']['n_tasks']} tasks, {c['backbone']}, "
         f"{c['epochs']} epoch(s)/task, seed {c['seed']}, eval on {res['scenario']['eval_split']})"
     )
+    if "diverged" in res:
+        d = res["diverged"]
+        return head + (
+            f"\ndiverged at task {d['task']}, epoch {d['epoch']}, step {d['step']}: {d['reason']}; the run stopped "
+            "there (complete: false) and its last checkpoint is kept; try a lower lr"
+        )
     if not res["complete"]:
         return head + f"\nstopped after {res['tasks_done']} of {res['scenario']['n_tasks']} tasks; resume with --resume"
     lines = [head]
@@ -61,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: v for k, v in args.items() if v is not None or k not in ("config", "preset")}
     try:
         res = run(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, DatasetError, BackendError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(res))
-    return 0
+    return 1 if "diverged" in res else 0

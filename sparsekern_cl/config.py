@@ -86,6 +86,19 @@ def _mapping(key, v):
     return v
 
 
+_DEVICE_EXPECTED = "a torch device string such as 'cpu', 'cuda' or 'cuda:1'"
+
+
+def _device(key, v):
+    import torch
+
+    try:
+        torch.device(v)
+    except (RuntimeError, TypeError, ValueError):
+        fail(key, _DEVICE_EXPECTED, v)
+    return v
+
+
 def _method_names() -> list[str]:
     return registry.method_names()
 
@@ -99,17 +112,17 @@ class CoreConfig:
     batch_size: int = integer(10, "batch size of the current task's data", min=1)
     eval_batch_size: int = integer(256, "batch size of the evaluation passes", min=1)
     optimizer: str = choice("sgd", "sgd or adam", ("sgd", "adam"))
-    lr: float = number(0.1, "learning rate", "(0, inf]")
+    lr: float = number(0.1, "learning rate", "(0, inf)")
     momentum: float = number(0.0, "SGD momentum", "[0, 1)")
     sparse_optimizer: bool = flag(
         True,
         "step the weights of sparse layers on their gradient mask only (sparsekern.optim: compact state; "
         "frozen and pruned weights never move); false: the stock torch.optim step over every entry",
     )
-    weight_decay: float = number(0.0, "weight decay", "[0, inf]")
+    weight_decay: float = number(0.0, "weight decay", "[0, inf)")
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
     threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)
-    device: str = text("cpu", "torch device of the run", "a device string such as 'cpu' or 'cuda'")
+    device: str = custom("cpu", "torch device of the run", _device, _DEVICE_EXPECTED)
     output_dir: str | None = text(
         None, "where results.json, plots and checkpoints go (default: no files)", "a folder path", nullable=True
     )

@@ -259,6 +259,14 @@ def build_scenario(
             tasks.append(TaskData(x[sel].contiguous(), y[sel].contiguous(), uid[sel].contiguous()))
         return tasks
 
+    present = torch.bincount(y_tr, minlength=n_classes) > 0
+    if not bool(present.all()):  # a task would train without one of its classes
+        c = int((~present).nonzero()[0])
+        raise DatasetError(
+            f"{raw.source or dataset}: the training labels hold no example of class {order[c]}, "
+            f"which task {c // k} needs (every class of every task must be present)"
+        )
+
     pre = Preprocess(raw.mean, raw.std, raw.augment if augment is None else bool(augment))
     return Scenario(
         name=dataset,
@@ -406,6 +414,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle(blob: bytes, where: str) -> dict:
+    if not blob:
+        raise DatasetError(f"{where}: empty file (expected a pickled CIFAR batch)")
     try:
         d = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as exc:  # truncated or not a pickle
@@ -415,17 +425,29 @@ def _unpickle(blob: bytes, where: str) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _cifar_arrays(d: dict, label_key: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_arrays(d: dict, label_key: str, where: str, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     if "data" not in d or label_key not in d:
         raise DatasetError(f"{where}: expected keys 'data' and {label_key!r}, found {sorted(d)}")
     data = np.asarray(d["data"])
-    labels = np.asarray(d[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+    labels = np.asarray(d[label_key])
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or data.shape[0] != labels.shape[0]:
         raise DatasetError(
             f"{where}: expected 'data' of shape [N, 3072] and N labels, got {data.shape} and {labels.shape}"
         )
+    if data.shape[0] == 0:
+        raise DatasetError(f"{where}: field 'data' holds no images")
+    if data.dtype != np.uint8:  # other integer types are fine when every value is a pixel value
+        if not np.issubdtype(data.dtype, np.integer) or int(data.min()) < 0 or int(data.max()) > 255:
+            raise DatasetError(f"{where}: field 'data': expected uint8 pixel values 0..255, got {data.dtype} data")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{where}: field {label_key!r}: expected integer class ids, got {labels.dtype}")
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise DatasetError(
+            f"{where}: field {label_key!r}: expected class ids 0..{n_classes - 1}, "
+            f"got values in {int(labels.min())}..{int(labels.max())}"
+        )
     x = torch.from_numpy(data.astype(np.uint8)).view(-1, 3, 32, 32)
-    return x, torch.from_numpy(labels)
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def load_cifar(root: str, n_classes: int) -> RawData:
@@ -475,17 +497,13 @@ def load_cifar(root: str, n_classes: int) -> RawData:
             f"(with {test_files[0]!r}) in {root}"
         )
     xs, ys = [], []
-    for name in train_files:
-        x, y = _cifar_arrays(_unpickle(blobs[name], f"{where}/{name}"), label_key, f"{where}/{name}")
+    for name in train_files + test_files:
+        at = f"{where}/{name}"
+        x, y = _cifar_arrays(_unpickle(blobs[name], at), label_key, at, n_classes)
         xs.append(x)
         ys.append(y)
-    xte, yte = _cifar_arrays(
-        _unpickle(blobs[test_files[0]], f"{where}/{test_files[0]}"), label_key, f"{where}/{test_files[0]}"
-    )
+    xte, yte = xs.pop(), ys.pop()
     xtr, ytr = torch.cat(xs), torch.cat(ys)
-    for y, name in ((ytr, "train"), (yte, "test")):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-            raise DatasetError(f"CIFAR-{n_classes} {name} labels in {where}: expected 0..{n_classes - 1}")
     return RawData(
         xtr, ytr, xte, yte, n_classes, CIFAR_MEAN[n_classes], CIFAR_STD[n_classes], augment=True, source=where
     )

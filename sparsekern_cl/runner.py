@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -161,10 +163,13 @@ def load_checkpoint(path: str) -> dict:
     try:
         ck = torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every unreadable file gets the same clear message
-        raise ValueError(
-            f"resume: {path} is not a readable sparsekern_cl checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            why = "an empty file"
+        elif isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False: not here
+            why = "not a torch file of tensors and plain values"
+        else:
+            why = f"truncated or corrupt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ValueError(f"resume: {path} is not a readable sparsekern_cl checkpoint ({why})") from exc
     if not isinstance(ck, dict) or not {"config", "state", "model", "strategy"} <= set(ck):
         raise ValueError(f"resume: {path} is not a sparsekern_cl checkpoint (missing keys)")
     return ck
@@ -271,6 +276,7 @@ def _train(cfg: dict) -> dict:
 
     epochs_run = 0
     stopped = False
+    diverged = None
     tasks_iter = _progress(cfg, range(state["task"], T), T - state["task"], "tasks")
     for t in tasks_iter:
         data = _concat([scenario.train[i] for i in strategy.training_tasks(t)])
@@ -287,11 +293,18 @@ def _train(cfg: dict) -> dict:
             model.train()
             counter.active = True
             t0 = time.perf_counter()
-            for b in _progress(cfg, batches, len(batches), f"task {t} epoch {epoch}", leave=False):
+            for step, b in enumerate(_progress(cfg, batches, len(batches), f"task {t} epoch {epoch}", leave=False)):
                 x_raw = data.x[b]
-                strategy.observe(strategy.transform(x_raw), x_raw, data.y[b].to(strategy.device), t, data.uid[b])
-            strategy.end_epoch(t, epoch)
+                loss = strategy.observe(strategy.transform(x_raw), x_raw, data.y[b].to(strategy.device), t, data.uid[b])
+                if not math.isfinite(loss):
+                    diverged = {"task": t, "epoch": epoch, "step": step, "reason": f"the training loss is {loss}"}
+                    break
+            if diverged is None:
+                strategy.end_epoch(t, epoch)
+                diverged = _nonfinite_weights(model, t, epoch, len(batches))
             counter.active = False
+            if diverged is not None:  # the last checkpoint stays as it was: nothing is lost
+                break
             dt = time.perf_counter() - t0
             state["epoch_time"][t].append(dt)
             state["task_time_acc"] += dt
@@ -304,7 +317,7 @@ def _train(cfg: dict) -> dict:
                 checkpoint()
             if stopped and not last_epoch:
                 break
-        if stopped and state["epoch"] < epochs:
+        if diverged is not None or (stopped and state["epoch"] < epochs):
             break
         counter.active = True
         t0 = time.perf_counter()
@@ -327,12 +340,23 @@ def _train(cfg: dict) -> dict:
             break
 
     results = _results(cfg, scenario, model, strategy, counter, state)
+    if diverged is not None:
+        results["complete"] = False
+        results["diverged"] = diverged
     if results["complete"]:
         state["finished"], state["results"] = True, results
         checkpoint()
     if out_dir:
         _write_outputs(results, out_dir, cfg["plots"])
     return results
+
+
+def _nonfinite_weights(model, task: int, epoch: int, steps: int) -> dict | None:
+    """The divergence record of a model with a NaN / Inf parameter (one pass over the weights)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return {"task": task, "epoch": epoch, "step": steps - 1, "reason": f"parameter {name} is not finite"}
+    return None
 
 
 def _results(cfg, scenario, model, strategy, counter, state) -> dict:
@@ -395,6 +419,17 @@ def _write_outputs(results: dict, out_dir: str, plots: bool) -> None:
         json.dump(results, f, indent=1)
 
 
+def _check_device(device: str) -> None:
+    """Raise a ``ValueError`` naming ``device`` when this machine cannot run on it."""
+    dev = torch.device(device)  # the syntax is checked with the configuration
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} needs CUDA, which is not available here (torch {torch.__version__})")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise ValueError(f"device: {device!r} is not usable here ({str(exc).splitlines()[0]})") from exc
+
+
 # --------------------------------------------------------------------------- public entry
 def run(config: dict | None = None, **overrides) -> dict:
     """Run one continual-learning experiment and return its results.
@@ -413,13 +448,22 @@ def run(config: dict | None = None, **overrides) -> dict:
         ``wall_clock_ratio`` (dense / sparse training time) beside them.
 
     Raises:
-        ValueError: a configuration value is invalid (the message names the key).
+        ValueError: a configuration value is invalid, the device is not available here,
+            ``output_dir`` is a file or the checkpoint to resume is unreadable (the message names
+            the key).
+
+    A run whose loss or weights become NaN / Inf stops there: its results have
+    ``complete: false`` and ``diverged`` (``task``, ``epoch``, ``step``, ``reason``), and the
+    last checkpoint is left as it was.
 
     Example:
         >>> res = sparsekern_cl.run({"method": "er", "dataset": "mnist", "buffer_size": 200})
         >>> res["avg_acc"]["class_il"]
     """
     cfg = resolve_config({**(config or {}), **overrides})
+    _check_device(cfg["device"])
+    if cfg["output_dir"] and os.path.exists(cfg["output_dir"]) and not os.path.isdir(cfg["output_dir"]):
+        raise ValueError(f"output_dir: expected a folder, got the file {cfg['output_dir']!r}")
     if not cfg["compare_dense"]:
         return _run_one(cfg)
     out = cfg["output_dir"]

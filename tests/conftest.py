@@ -10,6 +10,9 @@ import torch
 # dense compute (sparsekern.choice, default "probe") would send its small test layers to the dense
 # path by timing.  tests/test_choice.py switches it back on where it is the subject.
 os.environ.setdefault("SPARSEKERN_AUTO", "off")
+# Mask caches and backwards also compare a content checksum of the mask (sparsekern.formats), so a
+# test that writes a mask behind its version counter gets a rebuild, not a stale answer.
+os.environ.setdefault("SPARSEKERN_CHECK_MASKS", "1")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -37,6 +37,7 @@ import os
 
 import torch
 
+from .. import reference
 from .._backends import OPS, Backend, BackendError, CallInfo
 
 __all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
@@ -293,7 +294,19 @@ class CppBackend(Backend):
     def _conv_args(conv):
         return list(conv.stride), list(conv.padding), list(conv.dilation)
 
+    # The conv kernels compute on zero-padded buffers: the direct algorithm multiplies a zero dy
+    # outside y by W (dx) and by x (dW), the depthwise kernels skip the padding taps of x.  With
+    # finite values that changes nothing; with a NaN / Inf it would break the reference's
+    # semantics (sparsekern.reference), so those calls run the reference's exact definition.
+    # The checks read W (fwd, dx) and dW (dW), never the activations, except dy of a depthwise
+    # dW; a kernel's spurious terms are 0 * Inf = NaN, so a NaN-free dW needs no second look.
+    @staticmethod
+    def _weight_nonfinite(weight, pattern) -> bool:
+        return not bool(torch.isfinite(weight).all()) and not bool(torch.isfinite(weight[pattern.mask]).all())
+
     def conv2d_fwd(self, x, weight, bias, pattern, conv):
+        if self._weight_nonfinite(weight, pattern):
+            return reference.conv2d_fwd(x, weight, bias, pattern.mask, conv)
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -303,6 +316,8 @@ class CppBackend(Backend):
         return torch.ops.sparsekern.conv2d_fwd(x, weight, bias, crow, col, block, s, p, d)
 
     def conv2d_dx(self, dy, weight, pattern, input_shape, conv):
+        if self._weight_nonfinite(weight, pattern):
+            return reference.conv2d_dx(dy, weight, pattern.mask, tuple(input_shape), conv)
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight.shape, conv.groups)
@@ -315,10 +330,15 @@ class CppBackend(Backend):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight_shape, conv.groups)
+            if not bool(torch.isfinite(dy).all()):
+                return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
             crow, col = _elem_csr(grad_pattern)
             return torch.ops.sparsekern.dwconv2d_dw(dy, x, crow, col, list(weight_shape), s, p, d)
         crow, col, block = _csr_args(grad_pattern)
-        return torch.ops.sparsekern.conv2d_dw(dy, x, crow, col, block, list(weight_shape), s, p, d)
+        dw = torch.ops.sparsekern.conv2d_dw(dy, x, crow, col, block, list(weight_shape), s, p, d)
+        if bool(torch.isnan(dw).any()):
+            return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
+        return dw
 
     @staticmethod
     def _need_depthwise(weight_shape, groups: int) -> None:

@@ -5,8 +5,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import LAYOUTS, _native, as_matrix, checked_block_grid, normalize_block_size, pattern_block, seed_pattern
+from ..formats import (
+    LAYOUTS,
+    _native,
+    as_matrix,
+    checked_block_grid,
+    invalidate,
+    normalize_block_size,
+    pattern_block,
+    seed_pattern,
+)
 from ..masks import check_sparsity, magnitude_mask
+
+
+def _zero_one(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A boolean mask from a boolean or 0/1 tensor (e.g. ``torch.nn.utils.prune``'s float masks);
+    any other value raises, so a score tensor never silently becomes a dense mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not (mask.is_floating_point() or mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name}: expected a boolean (or 0/1) tensor, got {mask.dtype}")
+    ones = mask == 1
+    if not bool((ones | (mask == 0)).all()):
+        bad = mask[~(ones | (mask == 0))].flatten()[0].item()
+        raise ValueError(
+            f"{name}: expected a boolean or 0/1 tensor, got a {mask.dtype} tensor holding {bad!r} "
+            f"(threshold scores first, e.g. `scores > t`)"
+        )
+    return ones
 
 
 def _as_bool_mask(mask, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -14,16 +40,19 @@ def _as_bool_mask(mask, weight: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(f"{name}: expected the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.dtype in (torch.uint8, torch.int8, torch.int32, torch.int64):
-            mask = mask != 0  # e.g. torch.nn.utils.prune's float 0/1 masks
-        else:
-            raise TypeError(f"{name}: expected a boolean (or 0/1) tensor, got {mask.dtype}")
-    return mask.detach().to(weight.device)
+    return _zero_one(mask, name).detach().to(weight.device)
 
 
 class SparseMixin:
-    """Adds ``weight_mask`` / ``grad_mask`` buffers and the mask API to a Linear/Conv2d subclass."""
+    """Adds ``weight_mask`` / ``grad_mask`` buffers and the mask API to a Linear/Conv2d subclass.
+
+    Write masks with ``set_mask`` / ``set_grad_mask`` or ``load_state_dict``: these always
+    invalidate the cached index metadata.  In-place torch ops on the buffers bump their version
+    counter and are seen too; writes behind the counter (``.data``, a NumPy view, DDP's buffer
+    broadcast) are seen only under ``SPARSEKERN_CHECK_MASKS=1`` -- otherwise call
+    :func:`sparsekern.formats.invalidate` on the buffer after them (see :mod:`sparsekern.formats`).
+    A mask written between a forward and its backward makes that backward raise.
+    """
 
     weight: nn.Parameter
     weight_mask: torch.Tensor
@@ -92,6 +121,8 @@ class SparseMixin:
         before writing anything if ``g`` is not a subset of the new ``M``.  Returns whether
         ``G == M`` afterwards when that came for free (the C++ pass), else ``None``."""
         w, M, G = self.weight, self.weight_mask, self.grad_mask
+        for t in (G,) if new is None else (M, G):
+            invalidate(t)
         keep = M if new is None else new
         ops = _native(keep)
         ts = [t for t in (keep, M, G, g, w if zero_pruned else None) if t is not None]
@@ -118,6 +149,10 @@ class SparseMixin:
         if zero_pruned:
             w.masked_fill_(~new, 0)
         return None
+
+    def _invalidate_masks(self) -> None:
+        invalidate(self.weight_mask)
+        invalidate(self.grad_mask)
 
     def _seed_patterns(self, grid, equal: bool | None) -> None:
         """Cache the patterns the next forward asks for from what the mask update already knows
@@ -230,8 +265,12 @@ class SparseMixin:
             state_dict[prefix + "weight"] = state_dict.pop(orig)
         for name in ("weight_mask", "grad_mask"):
             key = prefix + name
-            if key in state_dict and state_dict[key].dtype != torch.bool:
-                state_dict[key] = state_dict[key] != 0
+            if key in state_dict and isinstance(state_dict[key], torch.Tensor):
+                try:
+                    state_dict[key] = _zero_one(state_dict[key], key)
+                except (TypeError, ValueError) as exc:
+                    error_msgs.append(str(exc))
+                    return
         has_mask = prefix + "weight_mask" in state_dict
         has_grad = prefix + "grad_mask" in state_dict
         if has_mask and not has_grad:
@@ -239,6 +278,7 @@ class SparseMixin:
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._invalidate_masks()
         # A dense nn.Linear / nn.Conv2d state dict has no masks: keep the current ones.
         for name in ("weight_mask", "grad_mask"):
             key = prefix + name

@@ -48,6 +48,8 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
         backend: str | None = None,
         mask: torch.Tensor | None = None,
     ) -> None:
+        if isinstance(out_channels, int) and out_channels < 1:  # nn.Conv2d would fail only at its forward
+            raise ValueError(f"out_channels: expected an integer >= 1, got {out_channels!r}")
         super().__init__(
             in_channels,
             out_channels,

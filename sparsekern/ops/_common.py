@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import LAYOUTS, Pattern, block_grid, pattern_of
+from ..formats import LAYOUTS, Pattern, _state, block_grid, checking_masks, pattern_of
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # what torch.autocast casts (its "eligible" tensors): floating, not float64
@@ -112,3 +112,27 @@ def _effective_grad_pattern(pattern: Pattern, eff: torch.Tensor | None, equal: b
             pat.derived(("block_grid", pat.block_size), lambda: grid)
             return pat
     return Pattern(eff, "unstructured", None)
+
+
+def mask_guard(*masks) -> tuple:
+    """What a forward records of its masks (tensors, patterns or ``None``), so its backward can
+    tell whether they changed: each mask with its version (and, under ``SPARSEKERN_CHECK_MASKS``,
+    its checksum)."""
+    check = checking_masks()
+    seen: dict[int, tuple] = {}
+    for m in masks:
+        m = m.mask if isinstance(m, Pattern) else m
+        if m is not None:
+            seen.setdefault(id(m), (m, _state(m, check)))
+    return tuple(seen.values())
+
+
+def check_mask_guard(guard: tuple, op: str) -> None:
+    """Raise if a mask recorded by :func:`mask_guard` was written since: the backward would
+    otherwise read the new mask's metadata for a forward computed with the old one."""
+    for mask, (version, checksum) in guard:
+        if mask._version != version or (checksum is not None and _state(mask, True)[1] != checksum):
+            raise RuntimeError(
+                f"mask: changed between the forward and the backward of {op}; change masks "
+                "(set_mask, set_grad_mask, load_state_dict) only after backward() has run"
+            )

@@ -9,7 +9,17 @@ from torch.autograd.function import once_differentiable
 from .. import choice
 from .._backends import CallInfo, ConvParams, is_automatic, select_backend
 from ..formats import Pattern
-from ._common import autocast_cast, autocast_dtype, check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
+from ._common import (
+    autocast_cast,
+    autocast_dtype,
+    check_mask,
+    check_mask_guard,
+    check_tensor,
+    check_weight,
+    grad_pattern,
+    mask_guard,
+    weight_pattern,
+)
 
 __all__ = ["sparse_conv2d", "normalize_conv_args"]
 
@@ -22,15 +32,17 @@ class Conv2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend):
+    def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend, guard):
         ctx.save_for_backward(x, weight)
         ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend = pattern, gpattern, conv, backend
         ctx.has_bias = bias is not None
+        ctx.guard = guard  # mask_guard() of the call's masks
         return backend.conv2d_fwd(x, weight, bias, pattern, conv)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        check_mask_guard(ctx.guard, "sparse_conv2d")
         x, weight = ctx.saved_tensors
         dy = _dense_layout(dy, ctx.backend)
         dx = dw = db = None
@@ -44,7 +56,7 @@ class Conv2dFunction(torch.autograd.Function):
                 dw = ctx.backend.conv2d_dw(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def _dense_layout(t: torch.Tensor, backend) -> torch.Tensor:
@@ -181,5 +193,6 @@ def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups,
     be = select_backend(info, backend)
     if is_automatic(backend):
         be = choice.choose("conv2d", be, x, weight, bias, pattern, gpattern, conv)
-    y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be)
+    guard = mask_guard(pattern, gpattern, grad_mask)
+    y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be, guard)
     return y.squeeze(0) if unbatched else y

@@ -8,7 +8,17 @@ from torch.autograd.function import once_differentiable
 from .. import choice
 from .._backends import CallInfo, is_automatic, select_backend
 from ..formats import Pattern
-from ._common import autocast_cast, autocast_dtype, check_mask, check_tensor, check_weight, grad_pattern, weight_pattern
+from ._common import (
+    autocast_cast,
+    autocast_dtype,
+    check_mask,
+    check_mask_guard,
+    check_tensor,
+    check_weight,
+    grad_pattern,
+    mask_guard,
+    weight_pattern,
+)
 
 __all__ = ["LinearFunction", "sparse_linear"]
 
@@ -17,15 +27,17 @@ class LinearFunction(torch.autograd.Function):
     """``y = x (W⊙M)ᵀ + b``; ``dW`` on the gradient pattern only.  x is 2-D and contiguous."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern, gpattern, backend):
+    def forward(ctx, x, weight, bias, pattern, gpattern, backend, guard):
         ctx.save_for_backward(x, weight)
         ctx.pattern, ctx.gpattern, ctx.backend = pattern, gpattern, backend
         ctx.has_bias = bias is not None
+        ctx.guard = guard  # mask_guard() of the call's masks
         return backend.linear_fwd(x, weight, bias, pattern)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        check_mask_guard(ctx.guard, "sparse_linear")
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         dx = dw = db = None
@@ -35,7 +47,7 @@ class LinearFunction(torch.autograd.Function):
             dw = ctx.backend.linear_dw(dy, x, ctx.gpattern)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op):
@@ -116,8 +128,9 @@ def linear(x, weight, bias, mask, grad_mask=None, *, backend=None, layout="unstr
 def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op):
     pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()  # -1 is ambiguous when in_features = 0
     if op == "linear" and is_automatic(backend):
         be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern)
-    y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be)
+    guard = mask_guard(pattern, gpattern, grad_mask)
+    y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be, guard)
     return y.reshape(*lead, weight.shape[0])

@@ -7,7 +7,7 @@ from torch.autograd.function import once_differentiable
 
 from .._backends import CallInfo, select_backend
 from ..formats import Pattern
-from ._common import check_mask, check_tensor, weight_pattern
+from ._common import check_mask, check_mask_guard, check_tensor, mask_guard, weight_pattern
 
 __all__ = ["SddmmFunction", "sddmm"]
 
@@ -19,11 +19,13 @@ class SddmmFunction(torch.autograd.Function):
     def forward(ctx, a, b, pattern, backend):
         ctx.save_for_backward(a, b)
         ctx.pattern, ctx.backend = pattern, backend
+        ctx.guard = mask_guard(pattern)
         return backend.linear_dw(a.t().contiguous(), b, pattern)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dc):
+        check_mask_guard(ctx.guard, "sddmm")
         a, b = ctx.saved_tensors
         dc = dc.contiguous()
         da = db = None

@@ -9,8 +9,19 @@ With weight mask ``M`` and gradient mask ``G`` (the effective ``G`` is always ``
 
 as ``linear_fwd / linear_dx / linear_dw`` and ``conv2d_fwd / conv2d_dx / conv2d_dw``.
 
-Masking uses ``masked_fill`` rather than a multiply, so a non-finite value stored at a pruned
-position never leaks into a result (the kernels do not read pruned positions either).
+Non-finite values: **a pruned weight does not exist.**  Every result equals the computation that
+never forms a term with a pruned weight: a NaN or Inf stored at a pruned position never reaches a
+result (masking uses ``masked_fill``, not a multiply), and a NaN or Inf in ``x`` (forward) or in
+``dy`` (input gradient) reaches only the outputs it is connected to through ``M``: ``x = inf``
+whose every connection to an output is pruned leaves that output finite, where ``x @ (W⊙M)ᵀ``
+would give ``inf * 0 = NaN``.  Terms with existing weights follow IEEE arithmetic (``0 * inf`` is
+NaN, ``inf - inf`` is NaN).  For conv2d, zero padding is part of the input (a zero that multiplies,
+as in ``F.conv2d``: an Inf weight at a tap that reads padding gives NaN there, in ``y`` and in
+``dW``), while output positions outside ``y`` do not exist (``dx`` sums over the outputs ``y``
+has).  The dense PyTorch ops give exactly this when the inputs of a pass are finite; otherwise the
+pass is recomputed term by term on the non-finite columns (:func:`masked_mm`, and ``unfold`` /
+``fold`` for conv2d) -- slower, and a host sync per call to find them, which the finite case pays
+too (one ``isfinite`` scan of the pass's inputs).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ __all__ = [
     "conv2d_fwd",
     "conv2d_dx",
     "conv2d_dw",
+    "masked_mm",
 ]
 
 
@@ -35,14 +47,44 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(~mask, 0)
 
 
+#: elements of the ``[rows, out, inner]`` products one chunk of :func:`masked_mm` forms at most
+_TERMS_PER_CHUNK = 1 << 22
+
+
+def _all_finite(*ts: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def masked_mm(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``a [N, R] @ b [R, C]`` summing only the terms ``a[n, r] * b[r, c]`` with ``keep[r, c]``.
+
+    Equal to ``a @ b.masked_fill(~keep, 0)`` when ``a`` is finite; a non-finite ``a[n, r]`` meets
+    only the ``b[r, c]`` that are kept (the columns of ``a`` holding one are summed term by term).
+    """
+    bk = _masked(b, keep)
+    bad = (~torch.isfinite(a)).any(0).nonzero().flatten()
+    if bad.numel() == 0:
+        return a @ bk
+    out = a.index_fill(1, bad, 0) @ bk.index_fill(0, bad, 0)
+    a_bad, b_bad, k_bad = a.index_select(1, bad), b.index_select(0, bad), keep.index_select(0, bad)
+    step = max(1, _TERMS_PER_CHUNK // max(1, b_bad.numel()))
+    for i in range(0, a.shape[0], step):
+        terms = a_bad[i : i + step, :, None] * b_bad[None]  # [rows, R', C]
+        out[i : i + step] += terms.masked_fill(~k_bad[None], 0).sum(1)
+    return out
+
+
 def linear_fwd(x, weight, bias, mask):
     """``x [N, K] @ (W⊙M)ᵀ [K, M] + b`` -> ``[N, M]``."""
-    return F.linear(x, _masked(weight, mask), bias)
+    if _all_finite(x):
+        return F.linear(x, _masked(weight, mask), bias)
+    y = masked_mm(x, weight.t(), mask.t())
+    return y if bias is None else y + bias
 
 
 def linear_dx(dy, weight, mask):
     """``dy [N, M] @ (W⊙M) [M, K]`` -> ``[N, K]``."""
-    return dy @ _masked(weight, mask)
+    return masked_mm(dy, weight, mask)
 
 
 def linear_dw(dy, x, grad_mask):
@@ -50,18 +92,81 @@ def linear_dw(dy, x, grad_mask):
     return (dy.t() @ x).masked_fill(~grad_mask, 0)
 
 
-def conv2d_fwd(x, weight, bias, mask, conv: ConvParams):
-    return F.conv2d(x, _masked(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+def _unfold(x, kernel, conv: ConvParams) -> torch.Tensor:
+    """The ``[N, C*kh*kw, L]`` columns of ``x`` (padding included as zeros)."""
+    return F.unfold(x, tuple(kernel), conv.dilation, conv.padding, conv.stride)
 
 
-def conv2d_dx(dy, weight, mask, input_shape, conv: ConvParams):
-    return torch.nn.grad.conv2d_input(
-        list(input_shape), _masked(weight, mask), dy, conv.stride, conv.padding, conv.dilation, conv.groups
+def _per_group(conv: ConvParams, weight_shape, fn, dim: int = 1) -> torch.Tensor:
+    """``fn(rows, cols)`` for each group's slices of the ``[out, in/groups*kh*kw]`` weight matrix
+    and of the ``[N, in*kh*kw, L]`` input columns, concatenated along ``dim``."""
+    o_g = weight_shape[0] // conv.groups
+    k_g = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    return torch.cat(
+        [fn(slice(g * o_g, (g + 1) * o_g), slice(g * k_g, (g + 1) * k_g)) for g in range(conv.groups)], dim=dim
     )
 
 
+def _conv_fwd_terms(x, weight, mask, conv: ConvParams) -> torch.Tensor:
+    """:func:`conv2d_fwd` without bias, as a :func:`masked_mm` over the input columns."""
+    n = x.shape[0]
+    cols = _unfold(x, weight.shape[2:], conv)
+    w, m = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
+
+    def group(rows, ks):
+        a = cols[:, ks].transpose(1, 2).reshape(-1, ks.stop - ks.start)  # [N*L, K_g]
+        return masked_mm(a, w[rows].t(), m[rows].t()).reshape(n, -1, rows.stop - rows.start).transpose(1, 2)
+
+    y = _per_group(conv, weight.shape, group)
+    return y.reshape(n, weight.shape[0], *_out_hw(x.shape[2:], weight.shape[2:], conv))
+
+
+def _out_hw(hw, kernel, conv: ConvParams) -> tuple[int, int]:
+    return tuple(
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, p, d, st in zip(hw, kernel, conv.padding, conv.dilation, conv.stride)
+    )
+
+
+def conv2d_fwd(x, weight, bias, mask, conv: ConvParams):
+    if weight.shape[1] == 0:  # no input channels: y is the bias (F.conv2d would drop the out channels)
+        y = x.new_zeros(x.shape[0], weight.shape[0], *_out_hw(x.shape[2:], weight.shape[2:], conv))
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    wm = _masked(weight, mask)
+    if _all_finite(x, wm):
+        return F.conv2d(x, wm, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = _conv_fwd_terms(x, weight, mask, conv)
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+def conv2d_dx(dy, weight, mask, input_shape, conv: ConvParams):
+    wm = _masked(weight, mask)
+    if _all_finite(dy, wm):
+        return torch.nn.grad.conv2d_input(
+            list(input_shape), wm, dy, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+    n = dy.shape[0]
+    d = dy.reshape(n, dy.shape[1], -1)
+    w, m = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
+
+    def group(rows, ks):
+        a = d[:, rows].transpose(1, 2).reshape(-1, rows.stop - rows.start)  # [N*L, O_g]
+        return masked_mm(a, w[rows], m[rows]).reshape(n, -1, ks.stop - ks.start).transpose(1, 2)
+
+    cols = _per_group(conv, weight.shape, group)  # [N, in*kh*kw, L]
+    return F.fold(cols, tuple(input_shape[2:]), tuple(weight.shape[2:]), conv.dilation, conv.padding, conv.stride)
+
+
 def conv2d_dw(dy, x, grad_mask, weight_shape, conv: ConvParams):
-    dw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if _all_finite(dy, x):
+        dw = torch.nn.grad.conv2d_weight(
+            x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+    else:  # padding multiplies as the zero it is (torch's own weight gradient may skip it)
+        cols = _unfold(x, weight_shape[2:], conv)
+        d = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        dw = _per_group(conv, weight_shape, lambda rows, ks: torch.einsum("nol,nkl->ok", d[:, rows], cols[:, ks]), 0)
+        dw = dw.reshape(weight_shape)
     return dw.masked_fill(~grad_mask, 0)
 
 

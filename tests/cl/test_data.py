@@ -50,10 +50,12 @@ def test_digits_and_class_orders():
 
 
 # ----------------------------------------------------------------------------- CIFAR
-def _cifar_dict(n, n_classes, label_key, seed):
+def _cifar_dict(n, n_classes, label_key, seed, every_class=False):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, n_classes, n)]
+    if every_class:  # a scenario needs every class in the training labels
+        labels = [int(v) for v in rng.permutation(np.arange(n) % n_classes)]
     return {b"data": data, label_key.encode(): labels, b"batch_label": b"x"}
 
 
@@ -89,11 +91,11 @@ def test_cifar10_folder_and_archive(tmp_path):
 def test_cifar100_fine_labels(tmp_path):
     d = tmp_path / "cifar-100-python"
     d.mkdir()
-    for name, n in (("train", 10), ("test", 4)):
+    for name, n in (("train", 100), ("test", 4)):
         with open(d / name, "wb") as f:
-            pickle.dump(_cifar_dict(n, 100, "fine_labels", n), f)
+            pickle.dump(_cifar_dict(n, 100, "fine_labels", n, every_class=name == "train"), f)
     raw = load_raw("cifar100", str(tmp_path))
-    assert raw.n_classes == 100 and raw.x_train.shape[0] == 10
+    assert raw.n_classes == 100 and raw.x_train.shape[0] == 100
     sc = build_scenario("cifar100", n_tasks=20, data_dir=str(tmp_path))
     assert sc.classes_per_task == 5
 
@@ -222,3 +224,41 @@ def test_augmentations_train_only_and_seeded():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset"):
         load_raw("imagenet21k")
+
+
+def _write_batch(root, name, d):
+    with open(os.path.join(root, name), "wb") as f:
+        pickle.dump(d, f)
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("data_batch_2", {b"data": np.zeros((6, 3072), np.float32), b"labels": [0] * 6}, r"field 'data'.*uint8"),
+        ("data_batch_2", {b"data": np.full((6, 3072), 300, np.int64), b"labels": [0] * 6}, r"field 'data'.*0\.\.255"),
+        ("test_batch", {b"data": np.zeros((6, 3072), np.uint8), b"labels": [0, 1, 2, 3, 4, 10]}, r"'labels'.*0\.\.9"),
+        ("test_batch", {b"data": np.zeros((6, 3072), np.uint8), b"labels": [-1] * 6}, r"'labels'.*0\.\.9"),
+        ("data_batch_1", {b"data": np.zeros((6, 3072), np.uint8), b"labels": [0.5] * 6}, r"'labels'.*integer"),
+        ("data_batch_4", {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, r"'data' holds no images"),
+        ("data_batch_3", None, r"empty file"),
+    ],
+    ids=["float-data", "data-over-255", "label-too-big", "label-negative", "float-labels", "no-images", "empty"],
+)
+def test_bad_cifar_content_names_file_and_field(tmp_path, name, content, match):
+    d = _write_cifar10_folder(str(tmp_path))
+    if content is None:
+        open(os.path.join(d, name), "wb").close()
+    else:
+        _write_batch(d, name, content)
+    with pytest.raises(DatasetError, match=f"{name}.*{match}"):
+        load_raw("cifar10", str(tmp_path))
+
+
+def test_class_missing_from_a_task(tmp_path):
+    d = _write_cifar10_folder(str(tmp_path))
+    for i in range(1, 6):  # class 7 is nowhere in the training batches
+        _write_batch(
+            d, f"data_batch_{i}", {b"data": np.zeros((9, 3072), np.uint8), b"labels": [0, 1, 2, 3, 4, 5, 6, 8, 9]}
+        )
+    with pytest.raises(DatasetError, match=r"cifar-10-batches-py.*no example of class 7, which task 3 needs"):
+        build_scenario("cifar10", n_tasks=5, data_dir=str(tmp_path))

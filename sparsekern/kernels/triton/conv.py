@@ -177,9 +177,11 @@ def _bsr_conv2d_dx_kernel(
                     other=0.0,
                 )
                 if UPCAST:
-                    b_acc += tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+                    b_t = tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), input_precision="ieee", out_dtype=ACC)
                 else:
-                    b_acc += tl.dot(b_dy, b_w, input_precision=PRECISION, out_dtype=ACC)
+                    b_t = tl.dot(b_dy, b_w, input_precision=PRECISION, out_dtype=ACC)
+                # an output outside y does not exist: no term (an Inf weight times its 0 is NaN)
+                b_acc += tl.where(ok[:, None], b_t, 0.0)
     n = o_q // (H * W)
     r = o_q % (H * W)
     p_dx = dx_ptr + n[:, None] * sxn + o_c[None, :] * sxc + (r // W)[:, None] * sxh + (r % W)[:, None] * sxw
@@ -330,7 +332,8 @@ def _csr_conv2d_dx_kernel(
                     mask=m_t[:, None] & (m_q & ok)[None, :],
                     other=0.0,
                 )
-                b_acc += b_w[:, None] * b_dy.to(ACC)
+                # an output outside y does not exist: no term (an Inf weight times its 0 is NaN)
+                b_acc += tl.where(ok[None, :], b_w[:, None] * b_dy.to(ACC), 0.0)
     n = o_q // (H * W)
     r = o_q % (H * W)
     p_dx = dx_ptr + n[None, :] * sxn + o_c[:, None] * sxc + (r // W)[None, :] * sxh + (r % W)[None, :] * sxw
