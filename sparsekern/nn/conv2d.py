@@ -82,7 +82,8 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             layout=self.layout,
             block_size=self.block_size,
         )
-        self._note_choice()
+        if not torch.compiler.is_compiling():  # the traced op decides when it runs
+            self._note_choice()
         return y
 
     @classmethod

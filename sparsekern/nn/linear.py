@@ -57,7 +57,8 @@ class SparseLinear(SparseMixin, nn.Linear):
             layout=self.layout,
             block_size=self.block_size,
         )
-        self._note_choice()
+        if not torch.compiler.is_compiling():  # the traced op decides when it runs
+            self._note_choice()
         return y
 
     @classmethod
