@@ -68,11 +68,11 @@ class SparseMixin:
             zero_pruned: set weights outside the new mask to zero, so regrown connections start
                 at zero and ``to_dense`` and the stored weight agree.
         """
-        new = _as_bool_mask(mask, self.weight, "mask")
+        new = _as_bool_mask(mask, self._stored_weight(), "mask")
         grid = None
         if self.layout == "block":  # raises if not constant on the tiles
             grid = checked_block_grid(as_matrix(new), *pattern_block(new, "block", self.block_size))
-        g = None if grad_mask is None else _as_bool_mask(grad_mask, self.weight, "grad_mask")
+        g = None if grad_mask is None else _as_bool_mask(grad_mask, self._stored_weight(), "grad_mask")
         equal = self._write_masks(
             new, g, zero_pruned, "grad_mask: must be a subset of mask (a gradient only exists where a weight does)"
         )
@@ -81,7 +81,7 @@ class SparseMixin:
     @torch.no_grad()
     def set_grad_mask(self, mask) -> None:
         """Replace the gradient mask ``G``; it must be a subset of ``weight_mask``."""
-        g = _as_bool_mask(mask, self.weight, "mask")
+        g = _as_bool_mask(mask, self._stored_weight(), "mask")
         equal = self._write_masks(None, g, False, "mask: the gradient mask must be a subset of weight_mask")
         self._seed_patterns(None, equal)
 
@@ -91,7 +91,7 @@ class SparseMixin:
         weights outside ``new`` zeroed if ``zero_pruned``.  Raises ``ValueError(not_subset)``
         before writing anything if ``g`` is not a subset of the new ``M``.  Returns whether
         ``G == M`` afterwards when that came for free (the C++ pass), else ``None``."""
-        w, M, G = self.weight, self.weight_mask, self.grad_mask
+        w, M, G = self._stored_weight(), self.weight_mask, self.grad_mask
         keep = M if new is None else new
         ops = _native(keep)
         ts = [t for t in (keep, M, G, g, w if zero_pruned else None) if t is not None]
@@ -132,6 +132,44 @@ class SparseMixin:
             pat = weight_pattern(self.weight_mask, self.layout, self.block_size)
         if equal is not None:
             seed_grad_pattern(pat, self.grad_mask, equal)
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The weight parameter: ``weight_orig`` while ``torch.nn.utils.prune`` reparametrises it."""
+        orig = self._parameters.get("weight_orig")
+        return self.weight if orig is None else orig
+
+    # ---------------------------------------------------------- torch.nn.utils.prune
+    # prune registers a float ``weight_mask`` (a new buffer) and its ``remove`` deletes it; the layer
+    # keeps its own boolean buffer instead, written in place, so every metadata cache sees the change.
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        if (
+            name == "weight_mask"
+            and isinstance(tensor, torch.Tensor)
+            and isinstance(self._buffers.get(name), torch.Tensor)
+        ):
+            if tensor is not self._buffers[name]:
+                self._take_prune_mask(tensor)
+            return
+        super().register_buffer(name, tensor, persistent)  # type: ignore[misc]
+
+    @torch.no_grad()
+    def _take_prune_mask(self, mask: torch.Tensor) -> None:
+        """``M := M & (mask != 0)``: pruning removes connections (``set_mask`` regrows them); the
+        stored weight keeps its values (prune's ``weight = weight_orig * weight_mask``)."""
+        new = _as_bool_mask(mask, self.weight_mask, "weight_mask").logical_and(self.weight_mask)
+        self.set_mask(new, zero_pruned=False)
+
+    def __delattr__(self, name: str) -> None:
+        # prune.remove deletes the computed `weight`, then the mask buffer: keep the buffer to restore
+        if name == "weight" and "weight_orig" in self._parameters and "weight_mask" in self._buffers:
+            self.__dict__["_sparsekern_pruned_mask"] = self._buffers["weight_mask"]
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)  # type: ignore[misc]
+        kept = self.__dict__.pop("_sparsekern_pruned_mask", None) if name == "weight" else None
+        if kept is not None and "weight_mask" not in self._buffers:
+            self._buffers["weight_mask"] = kept
 
     def density(self) -> float:
         """Fraction of weights in ``weight_mask``."""
