@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -226,6 +228,33 @@ class SparseMixin:
         from .._backends import is_automatic
 
         self.last_choice = choice.last_decision() if is_automatic(self.backend) else None
+        key = (self.weight.device.type, self.weight.dtype)
+        warned = self.__dict__.setdefault("_sparsekern_fallbacks", set())
+        if key not in warned:
+            warned.add(key)
+            self._warn_fallback()
+
+    def _warn_fallback(self) -> None:
+        """Warn (once per layer, device and dtype) when the automatic order passed over a built
+        backend that refuses this layer's calls (a grouped conv, a dtype), naming where it runs."""
+        from .._backends import AUTO_ORDER, _check, get_backend, is_automatic
+
+        if not is_automatic(self.backend):
+            return
+        info = self._call_info()[0]
+        refused = []
+        for name in AUTO_ORDER.get(info.device.type, ()):
+            ok, why = _check(name, info)
+            if ok:
+                break
+            if get_backend(name).available()[0]:  # built but refusing: a property of this layer
+                refused.append(f"{name!r} refuses it ({why})")
+        if refused:
+            warnings.warn(
+                f"sparsekern: {type(self).__name__}{tuple(self.weight.shape)} ({info.dtype}) runs on backend "
+                f"{name!r}: " + "; ".join(refused),
+                stacklevel=4,
+            )
 
     def _sparse_repr(self) -> str:
         s = f", density={self.density():.4f}, layout={self.layout}"
@@ -240,7 +269,9 @@ class SparseMixin:
 
     @torch.no_grad()
     def _copy_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
-        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``)."""
+        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``;
+        ``"nonzero"``: the weight's nonzero pattern)."""
+        mask = _from_dense_mask(weight, mask, sparsity, type(module).__name__)
         self.weight.copy_(weight)
         if module.bias is not None:
             self.bias.copy_(module.bias)
@@ -284,6 +315,27 @@ class SparseMixin:
                 missing_keys.remove(key)
         if has_mask and bool((self.grad_mask & ~self.weight_mask).any()):
             error_msgs.append(f"{prefix}grad_mask: must be a subset of weight_mask")
+
+
+#: ``from_dense`` warns when a weight without a mask has more exact zeros than this fraction
+MOSTLY_ZERO = 0.5
+
+
+def _from_dense_mask(weight: torch.Tensor, mask, sparsity: float, kind: str):
+    if isinstance(mask, str):
+        if mask != "nonzero":
+            raise ValueError(f"mask: expected a tensor, None or 'nonzero', got {mask!r}")
+        return weight != 0
+    if mask is None and not sparsity and weight.numel():
+        zeros = 1.0 - float(weight.count_nonzero()) / weight.numel()
+        if zeros > MOSTLY_ZERO:
+            warnings.warn(
+                f"from_dense: the {kind} weight {tuple(weight.shape)} is {zeros:.0%} zeros but no mask or sparsity "
+                "was given, so the sparse layer keeps every connection (density 1.0) and computes the zeros; "
+                "pass mask='nonzero' to take the zero pattern (or mask= / sparsity=)",
+                stacklevel=4,
+            )
+    return mask
 
 
 def mask_from_module(module: nn.Module):

@@ -87,7 +87,7 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
         return y
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | None = None, **kwargs) -> SparseConv2d:
+    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | str | None = None, **kwargs) -> SparseConv2d:
         """A ``SparseConv2d`` with ``module``'s weights (copied) and ``mask``; see ``SparseLinear.from_dense``."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module: expected nn.Conv2d, got {type(module).__name__}")
