@@ -22,6 +22,8 @@ Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix unit
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
+* ``built_with_torch()``: the torch version the library was compiled against; :func:`load_library`
+  refuses a library built against another torch.
 * ``csr_from_mask``, ``tile_any_all``, ``update_masks_``: the metadata builders and the mask update
   that :mod:`sparsekern.formats` and ``set_mask`` use on CPU tensors (``csrc/cpu/build_meta.cpp``).
 
@@ -39,7 +41,7 @@ import torch
 
 from .._backends import OPS, Backend, BackendError, CallInfo
 
-__all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
+__all__ = ["CppBackend", "load_library", "OP_NAMES", "check_torch_version", "conv2d_algo"]
 
 OP_NAMES = (
     "linear_fwd",
@@ -56,6 +58,7 @@ OP_NAMES = (
     "csr_from_mask",
     "tile_any_all",
     "update_masks_",
+    "built_with_torch",
 )
 
 _STATE: dict = {}
@@ -198,6 +201,17 @@ def _register_autograd() -> None:
     torch.library.register_autograd("sparsekern::dwconv2d_fwd", conv_grad, setup_context=setup)
 
 
+def check_torch_version(built: str, running: str) -> None:
+    """Raise ``ImportError`` unless the extension was built against the running torch: the C++
+    ABI of another build (another version, or CPU vs CUDA) may differ, and a mismatch crashes or
+    computes garbage instead of failing."""
+    if built != running:
+        raise ImportError(
+            f"sparsekern._C was built against torch {built} but torch {running} is running; it is not used "
+            "(rebuild it against this torch with `pip install --no-build-isolation -e .`)"
+        )
+
+
 def load_library() -> tuple[bool, str]:
     """Import ``sparsekern._C`` once; ``(ok, reason)``."""
     if "ok" not in _STATE:
@@ -207,6 +221,7 @@ def load_library() -> tuple[bool, str]:
             missing = [n for n in OP_NAMES if not hasattr(torch.ops.sparsekern, n)]
             if missing:
                 raise ImportError(f"sparsekern._C is loaded but lacks the ops {missing}; rebuild it")
+            check_torch_version(torch.ops.sparsekern.built_with_torch(), torch.__version__)
             _register_fakes()
             _register_autograd()
             _STATE["ok"], _STATE["why"] = True, ""
