@@ -143,8 +143,8 @@ def _transposed(crow, col, block, weight) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = weight.shape[0], weight[0].numel()
     grid_shape = (-(-rows // block[0]), -(-cols // block[1]))
     counts = (crow[1:] - crow[:-1]).long()
-    row_ids = torch.repeat_interleave(torch.arange(grid_shape[0]), counts, output_size=col.numel())
-    grid = torch.zeros(grid_shape, dtype=torch.bool)
+    row_ids = torch.repeat_interleave(torch.arange(grid_shape[0], device=crow.device), counts, output_size=col.numel())
+    grid = torch.zeros(grid_shape, dtype=torch.bool, device=crow.device)
     grid[row_ids, col.long()] = True
     meta = build_csr(grid)
     return meta.ccol_indices.to(crow.dtype), meta.row_indices.to(crow.dtype)

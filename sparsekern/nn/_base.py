@@ -223,7 +223,8 @@ class SparseMixin:
         return info, pattern, gpattern
 
     def _note_choice(self) -> None:
-        """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`)."""
+        """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`);
+        the first call per device and dtype also warns about a fall-back (:meth:`_warn_fallback`)."""
         from .. import choice
         from .._backends import is_automatic
 
