@@ -19,8 +19,11 @@ one).  Switches, read from the environment:
   MAX_JOBS=N            parallel compile jobs (torch's BuildExtension honours it).
 
 When torch or a C++ compiler is missing the extension is skipped with one message and the
-pure-Python package is installed (under SPARSEKERN_STRICT the install fails instead).  Every
-decision is printed as one ``[sparsekern]`` line.
+pure-Python package is installed (under SPARSEKERN_STRICT the install fails instead).  A compile
+that fails prints a banner, installs the pure-Python package, and tags a wheel being built as pure
+(``py3-none-any``): a platform-tagged wheel always holds the extension.  Every other decision is
+printed as one ``[sparsekern]`` line.  The extension records the torch it was built against
+(``torch.ops.sparsekern.built_with_torch()``) and is not used under another one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,6 +62,39 @@ def _skip_build(msg: str):
     return [], {}
 
 
+def _failed_build(dist, exc: Exception) -> None:
+    bar = "!" * 78
+    print(
+        f"\n{bar}\n[sparsekern] BUILDING THE C++ KERNELS FAILED: {exc}\n"
+        "[sparsekern] installing the pure-Python package only: the 'cpp' backend is unavailable and\n"
+        "[sparsekern] CPU calls run on the (dense, slow) reference backend.  Fix the build (the compiler\n"
+        "[sparsekern] output is above), or set SPARSEKERN_CPP=0 to skip it on purpose; SPARSEKERN_STRICT=1\n"
+        f"[sparsekern] makes this failure fatal.\n{bar}\n",
+        file=sys.stderr,
+    )
+    dist.ext_modules = []
+    wheel = dist.command_obj.get("bdist_wheel")
+    if wheel is not None:  # tagged when finalized, before the build: retag as pure
+        wheel.root_is_pure = True
+        wheel.plat_name_supplied = False
+
+
+class _BuildPy(build_py):
+    """build_py that also ships configs/*.yaml as sparsekern_cl/configs/ (package data), so the
+    README's ``--config configs/NAME.yaml`` resolves from an installed package."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(ROOT, "configs")
+        if self.editable_mode or not os.path.isdir(src):
+            return  # an editable install reads configs/ from the source tree
+        dst = os.path.join(self.build_lib, "sparsekern_cl", "configs")
+        os.makedirs(dst, exist_ok=True)
+        for name in sorted(os.listdir(src)):
+            if name.endswith((".yaml", ".yml", ".json")):
+                self.copy_file(os.path.join(src, name), os.path.join(dst, name))
+
+
 def _extensions():
     if not _flag("SPARSEKERN_CPP", "1"):
         _say("SPARSEKERN_CPP=0: skipping the C++ kernels; installing the pure-Python package")
@@ -81,6 +118,8 @@ def _extensions():
     _say("SPARSEKERN_DEBUG=1: -O0 -g" if debug else "optimisation: -O3")
     # FMA contraction is off in ISO C++ modes by default; the kernels want it.
     cflags += ["-std=c++20", "-ffp-contract=fast", "-Wno-psabi", "-fvisibility=hidden"]
+    # recorded in the library (built_with_torch); loading it under another torch is refused
+    cflags.append(f"-DSPARSEKERN_TORCH_VERSION={torch.__version__}")
     # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp it
     # compiles to a serial loop.  The OpenMP runtime this links (soname libgomp.so.1) resolves to
     # the one torch has already loaded, so torch.set_num_threads governs the kernels too.
@@ -130,7 +169,9 @@ def _extensions():
     )
 
     class _Build(BuildExtension):
-        """BuildExtension that falls back to the pure-Python package if compiling fails."""
+        """BuildExtension that falls back to the pure-Python package if compiling fails: loudly,
+        and with the wheel (if one is being built) tagged pure (py3-none-any), so no
+        platform-tagged wheel ever lacks the extension."""
 
         def run(self):
             try:
@@ -138,10 +179,10 @@ def _extensions():
             except Exception as exc:
                 if _strict():
                     raise
-                _say(f"building the C++ kernels failed ({exc}); installing the pure-Python package only")
+                _failed_build(self.distribution, exc)
 
     return [ext], {"build_ext": _Build.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": _BuildPy, **cmdclass})

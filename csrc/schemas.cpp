@@ -32,6 +32,19 @@ std::string parallel_backend() {
 #endif
 }
 
+// The torch version this library was compiled against (setup.py passes it as a bare token:
+// -DSPARSEKERN_TORCH_VERSION=2.13.0+cpu); sparsekern.kernels.cpu refuses to use the library under
+// any other torch, whose C++ ABI may differ.
+#define SPARSEKERN_STR2(x) #x
+#define SPARSEKERN_STR(x) SPARSEKERN_STR2(x)
+#ifdef SPARSEKERN_TORCH_VERSION
+constexpr const char* kBuiltWithTorch = SPARSEKERN_STR(SPARSEKERN_TORCH_VERSION);
+#else
+constexpr const char* kBuiltWithTorch = "unknown";
+#endif
+
+std::string built_with_torch() { return kBuiltWithTorch; }
+
 }  // namespace
 }  // namespace sparsekern
 
@@ -72,4 +85,6 @@ TORCH_LIBRARY(sparsekern, m) {
       "int[2] block, int nnz) -> str");
   // Not a tensor op: how the kernels are threaded ("openmp" or "serial").
   m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
+  // Not a tensor op: the torch version the library was built against.
+  m.def("built_with_torch() -> str", &sparsekern::built_with_torch);
 }

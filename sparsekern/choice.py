@@ -313,17 +313,34 @@ def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how
     )
 
 
-def choose(op: str, be: Backend, x, weight, bias, pattern, gpattern, conv: ConvParams | None = None) -> Backend:
+def choose(
+    op: str,
+    be: Backend,
+    x,
+    weight,
+    bias,
+    pattern,
+    gpattern,
+    conv: ConvParams | None = None,
+    *,
+    training: bool | None = None,
+) -> Backend:
     """The backend that runs an automatically dispatched call: ``be`` (sparse) or :data:`DENSE`.
 
     ``op`` is ``"linear"`` (``x`` 2-D) or ``"conv2d"`` (``x`` 4-D).  Only the CPU kernels are
     decided here; other devices keep ``be`` (their probe would need device timing).
+    ``training``: whether a backward follows (``None``: from grad mode and ``requires_grad``; the
+    registered ops of a traced call pass what the trace saw).  Under tracing a key not yet decided
+    is decided by the rules, never by a timed probe.
     """
     how = mode()
     if how == "off" or be.name == "reference" or x.device.type != "cpu":
         _LAST.decision = None
         return be
-    training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    if how == "probe" and torch.compiler.is_compiling():
+        how = "rules"
+    if training is None:
+        training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     key = _key(op, be, x, weight, pattern, gpattern, conv, training)
     path = _persist_file()
     with _LOCK:

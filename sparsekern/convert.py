@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,7 +80,10 @@ def sparsify_(
         model: any module; converted in place and returned.
         config: a :class:`SparsityConfig`, or a float sparsity (uniform, magnitude, unstructured).
         filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it returns True are
-            converted (and not named in ``config.keep_dense``).
+            converted (and not named in ``config.keep_dense``).  Subclasses of ``nn.Linear`` /
+            ``nn.Conv2d`` that keep the parent's forward are converted too; one that cannot be
+            (an attention block's ``out_proj``, an overridden forward, a lazy module) stays dense
+            with a warning that says why.
 
     Returns:
         ``model``.  Pruned masks from ``torch.nn.utils.prune`` are taken over as they are.
@@ -103,7 +107,7 @@ def sparsify_(
     targets = [
         (fqn, m)
         for fqn, m in model.named_modules()
-        if type(m) in (nn.Linear, nn.Conv2d) and fqn not in config.keep_dense and filt(m, fqn)
+        if fqn not in config.keep_dense and _convertible(model, fqn, m) and filt(m, fqn)
     ]
     if not targets:
         return model
@@ -135,6 +139,39 @@ def sparsify_(
         new = cls.from_dense(module, mask=mask, **kwargs)
         _set_submodule(model, fqn, new)
     return model
+
+
+def _not_convertible(model: nn.Module, fqn: str, module: nn.Module) -> str | None:
+    """Why a subclass of ``nn.Linear`` / ``nn.Conv2d`` cannot become a sparse layer (``None``: it can)."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    parent = model.get_submodule(fqn.rpartition(".")[0]) if fqn else None
+    if isinstance(parent, nn.MultiheadAttention):
+        return (
+            "nn.MultiheadAttention reads its out_proj's weight directly (F.multi_head_attention_forward) and never "
+            "calls out_proj's forward, so a mask would be ignored"
+        )
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return "a lazy module has no weight yet; run one forward first"
+    overridden = [
+        f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(base, f, None)
+    ]
+    if overridden:
+        return f"{type(module).__name__} overrides {overridden[0]}(), which the sparse layer would drop"
+    return None
+
+
+def _convertible(model: nn.Module, fqn: str, module: nn.Module) -> bool:
+    """Whether ``sparsify_`` swaps ``module``: ``nn.Linear`` / ``nn.Conv2d`` and their subclasses
+    that keep the parent's forward (e.g. ``NonDynamicallyQuantizableLinear``); a subclass it
+    cannot swap is left dense with a warning that says why."""
+    if isinstance(module, (SparseLinear, SparseConv2d)) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    if type(module) in (nn.Linear, nn.Conv2d):
+        return True
+    why = _not_convertible(model, fqn, module)
+    if why is not None:
+        warnings.warn(f"sparsify_: leaving {fqn or 'the model'} ({type(module).__name__}) dense: {why}", stacklevel=3)
+    return why is None
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:

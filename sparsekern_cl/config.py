@@ -396,10 +396,26 @@ def _parse_flat_yaml(text: str, path: str) -> dict:
     return out
 
 
+def shipped_config(path: str) -> str:
+    """``path`` itself if it is a file, else the config of that name shipped with the package
+    (``configs/NAME.yaml`` or ``NAME.yaml``: ``sparsekern_cl/configs/`` of an install, or the
+    source tree's ``configs/``), so the README's ``--config configs/...`` paths work anywhere."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    rel = os.path.normpath(path)
+    rel = rel[len("configs") + 1 :] if rel.startswith("configs" + os.sep) else rel
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isfile(os.path.join(folder, rel)):
+            return os.path.join(folder, rel)
+    return path
+
+
 def load_config_file(path: str) -> dict:
-    """Read a ``.json``, ``.yaml`` or ``.yml`` config file into a dict."""
+    """Read a ``.json``, ``.yaml`` or ``.yml`` config file into a dict (see :func:`shipped_config`)."""
+    path = shipped_config(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config: no file at {path!r}")
+        raise FileNotFoundError(f"config: no file at {path!r} (nor a shipped config of that name)")
     with open(path) as f:
         text = f.read()
     if path.endswith(".json"):

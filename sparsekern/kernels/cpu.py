@@ -22,6 +22,8 @@ Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix unit
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
+* ``built_with_torch()``: the torch version the library was compiled against; :func:`load_library`
+  refuses a library built against another torch.
 * ``csr_from_mask``, ``tile_any_all``, ``update_masks_``: the metadata builders and the mask update
   that :mod:`sparsekern.formats` and ``set_mask`` use on CPU tensors (``csrc/cpu/build_meta.cpp``).
 
@@ -40,7 +42,7 @@ import torch
 from .. import reference
 from .._backends import OPS, Backend, BackendError, CallInfo
 
-__all__ = ["CppBackend", "load_library", "OP_NAMES", "conv2d_algo"]
+__all__ = ["CppBackend", "load_library", "OP_NAMES", "check_torch_version", "conv2d_algo"]
 
 OP_NAMES = (
     "linear_fwd",
@@ -57,6 +59,7 @@ OP_NAMES = (
     "csr_from_mask",
     "tile_any_all",
     "update_masks_",
+    "built_with_torch",
 )
 
 _STATE: dict = {}
@@ -133,6 +136,83 @@ def _register_fakes() -> None:
     # data-dependent int that decides whether set_mask raises) would break any traced graph anyway
 
 
+def _transposed(crow, col, block, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ccol, row)``: the transposed metadata of the CSR / BSR ``(crow, col)`` of ``weight``'s matrix
+    view, for the input gradient of a raw forward op (eager: it is built from the indices)."""
+    from ..formats import build_csr
+
+    rows, cols = weight.shape[0], weight[0].numel()
+    grid_shape = (-(-rows // block[0]), -(-cols // block[1]))
+    counts = (crow[1:] - crow[:-1]).long()
+    row_ids = torch.repeat_interleave(torch.arange(grid_shape[0], device=crow.device), counts, output_size=col.numel())
+    grid = torch.zeros(grid_shape, dtype=torch.bool, device=crow.device)
+    grid[row_ids, col.long()] = True
+    meta = build_csr(grid)
+    return meta.ccol_indices.to(crow.dtype), meta.row_indices.to(crow.dtype)
+
+
+def _register_autograd() -> None:
+    """Backward formulas of the raw forward ops (``weight_mask == grad_mask``: the op's pattern), so
+    ``torch.ops.sparsekern.linear_fwd`` / ``conv2d_fwd`` / ``dwconv2d_fwd`` are differentiable.
+    Each gradient is another op of the library."""
+    ops = torch.ops.sparsekern
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)][:2])
+        ctx.inputs = inputs
+
+    def linear_grad(ctx, dy):
+        x, weight = ctx.saved_tensors
+        _, _, bias, crow, col, block = ctx.inputs[:6]
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if need[0]:
+            ccol, row = _transposed(crow, col, block, weight)
+            dx = ops.linear_dx(dy, weight, ccol, row, block)
+        if need[1]:
+            dw = ops.linear_dw(dy, x, crow, col, block)
+        if bias is not None and need[2]:
+            db = dy.sum(0)
+        return (dx, dw, db) + (None,) * (len(ctx.inputs) - 3)
+
+    def conv_grad(ctx, dy):
+        x, weight = ctx.saved_tensors
+        _, _, bias, crow, col, *rest = ctx.inputs
+        depthwise = len(rest) == 3  # dwconv2d_fwd has no block argument
+        block, (stride, padding, dilation) = (None, rest) if depthwise else (rest[0], rest[1:])
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if need[0] and depthwise:
+            dx = ops.dwconv2d_dx(dy, weight, crow, col, list(x.shape), stride, padding, dilation)
+        elif need[0]:
+            ccol, row = _transposed(crow, col, block, weight)
+            dx = ops.conv2d_dx(dy, weight, ccol, row, block, list(x.shape), stride, padding, dilation)
+        if need[1] and depthwise:
+            dw = ops.dwconv2d_dw(dy, x, crow, col, list(weight.shape), stride, padding, dilation)
+        elif need[1]:
+            dw = ops.conv2d_dw(dy, x, crow, col, block, list(weight.shape), stride, padding, dilation)
+        if bias is not None and need[2]:
+            db = dy.sum((0, 2, 3))
+        return (dx, dw, db) + (None,) * (len(ctx.inputs) - 3)
+
+    torch.library.register_autograd("sparsekern::linear_fwd", linear_grad, setup_context=setup)
+    torch.library.register_autograd("sparsekern::conv2d_fwd", conv_grad, setup_context=setup)
+    torch.library.register_autograd("sparsekern::dwconv2d_fwd", conv_grad, setup_context=setup)
+
+
+def check_torch_version(built: str, running: str) -> None:
+    """Raise ``ImportError`` unless the extension was built against the running torch: the C++
+    ABI of another build (another version, or CPU vs CUDA) may differ, and a mismatch crashes or
+    computes garbage instead of failing."""
+    if built != running:
+        raise ImportError(
+            f"sparsekern._C was built against torch {built} but torch {running} is running; it is not used "
+            "(rebuild it against this torch with `pip install --no-build-isolation -e .`)"
+        )
+
+
 def load_library() -> tuple[bool, str]:
     """Import ``sparsekern._C`` once; ``(ok, reason)``."""
     if "ok" not in _STATE:
@@ -142,7 +222,9 @@ def load_library() -> tuple[bool, str]:
             missing = [n for n in OP_NAMES if not hasattr(torch.ops.sparsekern, n)]
             if missing:
                 raise ImportError(f"sparsekern._C is loaded but lacks the ops {missing}; rebuild it")
+            check_torch_version(torch.ops.sparsekern.built_with_torch(), torch.__version__)
             _register_fakes()
+            _register_autograd()
             _STATE["ok"], _STATE["why"] = True, ""
         except Exception as exc:  # not built, or built against another torch
             _STATE["ok"] = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -97,11 +99,11 @@ class SparseMixin:
             zero_pruned: set weights outside the new mask to zero, so regrown connections start
                 at zero and ``to_dense`` and the stored weight agree.
         """
-        new = _as_bool_mask(mask, self.weight, "mask")
+        new = _as_bool_mask(mask, self._stored_weight(), "mask")
         grid = None
         if self.layout == "block":  # raises if not constant on the tiles
             grid = checked_block_grid(as_matrix(new), *pattern_block(new, "block", self.block_size))
-        g = None if grad_mask is None else _as_bool_mask(grad_mask, self.weight, "grad_mask")
+        g = None if grad_mask is None else _as_bool_mask(grad_mask, self._stored_weight(), "grad_mask")
         equal = self._write_masks(
             new, g, zero_pruned, "grad_mask: must be a subset of mask (a gradient only exists where a weight does)"
         )
@@ -110,7 +112,7 @@ class SparseMixin:
     @torch.no_grad()
     def set_grad_mask(self, mask) -> None:
         """Replace the gradient mask ``G``; it must be a subset of ``weight_mask``."""
-        g = _as_bool_mask(mask, self.weight, "mask")
+        g = _as_bool_mask(mask, self._stored_weight(), "mask")
         equal = self._write_masks(None, g, False, "mask: the gradient mask must be a subset of weight_mask")
         self._seed_patterns(None, equal)
 
@@ -120,7 +122,7 @@ class SparseMixin:
         weights outside ``new`` zeroed if ``zero_pruned``.  Raises ``ValueError(not_subset)``
         before writing anything if ``g`` is not a subset of the new ``M``.  Returns whether
         ``G == M`` afterwards when that came for free (the C++ pass), else ``None``."""
-        w, M, G = self.weight, self.weight_mask, self.grad_mask
+        w, M, G = self._stored_weight(), self.weight_mask, self.grad_mask
         for t in (G,) if new is None else (M, G):
             invalidate(t)
         keep = M if new is None else new
@@ -167,6 +169,44 @@ class SparseMixin:
             pat = weight_pattern(self.weight_mask, self.layout, self.block_size)
         if equal is not None:
             seed_grad_pattern(pat, self.grad_mask, equal)
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The weight parameter: ``weight_orig`` while ``torch.nn.utils.prune`` reparametrises it."""
+        orig = self._parameters.get("weight_orig")
+        return self.weight if orig is None else orig
+
+    # ---------------------------------------------------------- torch.nn.utils.prune
+    # prune registers a float ``weight_mask`` (a new buffer) and its ``remove`` deletes it; the layer
+    # keeps its own boolean buffer instead, written in place, so every metadata cache sees the change.
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        if (
+            name == "weight_mask"
+            and isinstance(tensor, torch.Tensor)
+            and isinstance(self._buffers.get(name), torch.Tensor)
+        ):
+            if tensor is not self._buffers[name]:
+                self._take_prune_mask(tensor)
+            return
+        super().register_buffer(name, tensor, persistent)  # type: ignore[misc]
+
+    @torch.no_grad()
+    def _take_prune_mask(self, mask: torch.Tensor) -> None:
+        """``M := M & (mask != 0)``: pruning removes connections (``set_mask`` regrows them); the
+        stored weight keeps its values (prune's ``weight = weight_orig * weight_mask``)."""
+        new = _as_bool_mask(mask, self.weight_mask, "weight_mask").logical_and(self.weight_mask)
+        self.set_mask(new, zero_pruned=False)
+
+    def __delattr__(self, name: str) -> None:
+        # prune.remove deletes the computed `weight`, then the mask buffer: keep the buffer to restore
+        if name == "weight" and "weight_orig" in self._parameters and "weight_mask" in self._buffers:
+            self.__dict__["_sparsekern_pruned_mask"] = self._buffers["weight_mask"]
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)  # type: ignore[misc]
+        kept = self.__dict__.pop("_sparsekern_pruned_mask", None) if name == "weight" else None
+        if kept is not None and "weight_mask" not in self._buffers:
+            self._buffers["weight_mask"] = kept
 
     def density(self) -> float:
         """Fraction of weights in ``weight_mask``."""
@@ -218,11 +258,39 @@ class SparseMixin:
         return info, pattern, gpattern
 
     def _note_choice(self) -> None:
-        """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`)."""
+        """Record what the call that just ran was decided to run on (see :func:`sparsekern.explain`);
+        the first call per device and dtype also warns about a fall-back (:meth:`_warn_fallback`)."""
         from .. import choice
         from .._backends import is_automatic
 
         self.last_choice = choice.last_decision() if is_automatic(self.backend) else None
+        key = (self.weight.device.type, self.weight.dtype)
+        warned = self.__dict__.setdefault("_sparsekern_fallbacks", set())
+        if key not in warned:
+            warned.add(key)
+            self._warn_fallback()
+
+    def _warn_fallback(self) -> None:
+        """Warn (once per layer, device and dtype) when the automatic order passed over a built
+        backend that refuses this layer's calls (a grouped conv, a dtype), naming where it runs."""
+        from .._backends import AUTO_ORDER, _check, get_backend, is_automatic
+
+        if not is_automatic(self.backend):
+            return
+        info = self._call_info()[0]
+        refused = []
+        for name in AUTO_ORDER.get(info.device.type, ()):
+            ok, why = _check(name, info)
+            if ok:
+                break
+            if get_backend(name).available()[0]:  # built but refusing: a property of this layer
+                refused.append(f"{name!r} refuses it ({why})")
+        if refused:
+            warnings.warn(
+                f"sparsekern: {type(self).__name__}{tuple(self.weight.shape)} ({info.dtype}) runs on backend "
+                f"{name!r}: " + "; ".join(refused),
+                stacklevel=4,
+            )
 
     def _sparse_repr(self) -> str:
         s = f", density={self.density():.4f}, layout={self.layout}"
@@ -237,7 +305,9 @@ class SparseMixin:
 
     @torch.no_grad()
     def _copy_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
-        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``)."""
+        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``;
+        ``"nonzero"``: the weight's nonzero pattern)."""
+        mask = _from_dense_mask(weight, mask, sparsity, type(module).__name__)
         self.weight.copy_(weight)
         if module.bias is not None:
             self.bias.copy_(module.bias)
@@ -286,6 +356,27 @@ class SparseMixin:
                 missing_keys.remove(key)
         if has_mask and bool((self.grad_mask & ~self.weight_mask).any()):
             error_msgs.append(f"{prefix}grad_mask: must be a subset of weight_mask")
+
+
+#: ``from_dense`` warns when a weight without a mask has more exact zeros than this fraction
+MOSTLY_ZERO = 0.5
+
+
+def _from_dense_mask(weight: torch.Tensor, mask, sparsity: float, kind: str):
+    if isinstance(mask, str):
+        if mask != "nonzero":
+            raise ValueError(f"mask: expected a tensor, None or 'nonzero', got {mask!r}")
+        return weight != 0
+    if mask is None and not sparsity and weight.numel():
+        zeros = 1.0 - float(weight.count_nonzero()) / weight.numel()
+        if zeros > MOSTLY_ZERO:
+            warnings.warn(
+                f"from_dense: the {kind} weight {tuple(weight.shape)} is {zeros:.0%} zeros but no mask or sparsity "
+                "was given, so the sparse layer keeps every connection (density 1.0) and computes the zeros; "
+                "pass mask='nonzero' to take the zero pattern (or mask= / sparsity=)",
+                stacklevel=4,
+            )
+    return mask
 
 
 def mask_from_module(module: nn.Module):

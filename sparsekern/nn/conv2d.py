@@ -84,11 +84,12 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             layout=self.layout,
             block_size=self.block_size,
         )
-        self._note_choice()
+        if not torch.compiler.is_compiling():  # the traced op decides when it runs
+            self._note_choice()
         return y
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | None = None, **kwargs) -> SparseConv2d:
+    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | str | None = None, **kwargs) -> SparseConv2d:
         """A ``SparseConv2d`` with ``module``'s weights (copied) and ``mask``; see ``SparseLinear.from_dense``."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module: expected nn.Conv2d, got {type(module).__name__}")

@@ -57,16 +57,18 @@ class SparseLinear(SparseMixin, nn.Linear):
             layout=self.layout,
             block_size=self.block_size,
         )
-        self._note_choice()
+        if not torch.compiler.is_compiling():  # the traced op decides when it runs
+            self._note_choice()
         return y
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, mask: torch.Tensor | None = None, **kwargs) -> SparseLinear:
+    def from_dense(cls, module: nn.Linear, mask: torch.Tensor | str | None = None, **kwargs) -> SparseLinear:
         """A ``SparseLinear`` with ``module``'s weights (copied) and ``mask``.
 
         Without ``mask``: the ``weight_mask`` left by ``torch.nn.utils.prune`` if present, else
-        ``kwargs['sparsity']`` by magnitude, else dense.  ``kwargs``: layout, block_size, backend,
-        sparsity.
+        ``kwargs['sparsity']`` by magnitude, else dense (with a warning when the weight is mostly
+        zeros).  ``mask="nonzero"``: the weight's nonzero pattern.  ``kwargs``: layout,
+        block_size, backend, sparsity.
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}")

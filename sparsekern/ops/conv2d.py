@@ -20,6 +20,7 @@ from ._common import (
     mask_guard,
     weight_pattern,
 )
+from ._library import traced_conv2d
 
 __all__ = ["sparse_conv2d", "normalize_conv_args"]
 
@@ -45,18 +46,21 @@ class Conv2dFunction(torch.autograd.Function):
         check_mask_guard(ctx.guard, "sparse_conv2d")
         x, weight = ctx.saved_tensors
         dy = _dense_layout(dy, ctx.backend)
-        dx = dw = db = None
-        fused = getattr(ctx.backend, "conv2d_dx_dw", None)
-        if fused is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            dx, dw = fused(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.conv)
-        else:
-            if ctx.needs_input_grad[0]:
-                dx = ctx.backend.conv2d_dx(dy, weight, ctx.pattern, tuple(x.shape), ctx.conv)
-            if ctx.needs_input_grad[1]:
-                dw = ctx.backend.conv2d_dw(dy, x, ctx.gpattern, tuple(weight.shape), ctx.conv)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
+        need = ctx.needs_input_grad
+        dx, dw = conv2d_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend, need[0], need[1])
+        db = dy.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
         return dx, dw, db, None, None, None, None, None
+
+
+def conv2d_grads(dy, x, weight, pattern, gpattern, conv, backend, need_dx: bool, need_dw: bool):
+    """``(dx, dw)`` of a conv2d call on ``backend`` (``None`` where not needed); ``dy`` in the
+    backend's layout (:func:`_dense_layout`)."""
+    fused = getattr(backend, "conv2d_dx_dw", None)
+    if fused is not None and need_dx and need_dw:
+        return fused(dy, x, weight, pattern, gpattern, conv)
+    dx = backend.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv) if need_dx else None
+    dw = backend.conv2d_dw(dy, x, gpattern, tuple(weight.shape), conv) if need_dw else None
+    return dx, dw
 
 
 def _dense_layout(t: torch.Tensor, backend) -> torch.Tensor:
@@ -178,6 +182,9 @@ def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups,
                 f"x: spatial size {tuple(x.shape[2:])} with padding {conv.padding} is smaller than the "
                 f"dilated kernel {tuple(weight.shape[2:])}"
             )
+    if torch.compiler.is_compiling():  # traced: one registered op, metadata built when it runs
+        y = traced_conv2d(x, weight, bias, mask, grad_mask, conv, backend, layout, block_size)
+        return y.squeeze(0) if unbatched else y
     pattern = weight_pattern(mask, layout, block_size)
     gpattern = grad_pattern(pattern, grad_mask)
     info = CallInfo(

@@ -19,6 +19,7 @@ from ._common import (
     mask_guard,
     weight_pattern,
 )
+from ._library import traced_linear
 
 __all__ = ["LinearFunction", "sparse_linear"]
 
@@ -40,17 +41,28 @@ class LinearFunction(torch.autograd.Function):
         check_mask_guard(ctx.guard, "sparse_linear")
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = ctx.backend.linear_dx(dy, weight, ctx.pattern)
-        if ctx.needs_input_grad[1]:
-            dw = ctx.backend.linear_dw(dy, x, ctx.gpattern)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)
+        need = ctx.needs_input_grad
+        dx, dw = linear_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.backend, need[0], need[1])
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, dw, db, None, None, None, None
 
 
+def linear_grads(dy, x, weight, pattern, gpattern, backend, need_dx: bool, need_dw: bool):
+    """``(dx, dw)`` of a linear call on ``backend`` (``None`` where not needed); ``dy`` contiguous."""
+    dx = backend.linear_dx(dy, weight, pattern) if need_dx else None
+    dw = backend.linear_dw(dy, x, gpattern) if need_dw else None
+    return dx, dw
+
+
 def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op):
+    _check(x, weight, bias, mask, grad_mask)
+    pattern = weight_pattern(mask, layout, block_size)
+    gpattern = grad_pattern(pattern, grad_mask)
+    info = CallInfo(op, weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout)
+    return pattern, gpattern, select_backend(info, backend)
+
+
+def _check(x, weight, bias, mask, grad_mask) -> None:
     check_weight(weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D [out_features, in_features] tensor, got shape {tuple(weight.shape)}")
@@ -66,10 +78,6 @@ def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op):
     check_mask(mask, weight, "mask")
     if grad_mask is not None:
         check_mask(grad_mask, weight, "grad_mask")
-    pattern = weight_pattern(mask, layout, block_size)
-    gpattern = grad_pattern(pattern, grad_mask)
-    info = CallInfo(op, weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout)
-    return pattern, gpattern, select_backend(info, backend)
 
 
 def sparse_linear(
@@ -126,6 +134,12 @@ def linear(x, weight, bias, mask, grad_mask=None, *, backend=None, layout="unstr
 
 
 def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op):
+    if torch.compiler.is_compiling():  # traced: one registered op, metadata built when it runs
+        _check(x, weight, bias, mask, grad_mask)
+        y = traced_linear(
+            x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, mask, grad_mask, backend, layout, block_size, op
+        )
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op)
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()  # -1 is ambiguous when in_features = 0
