@@ -35,7 +35,7 @@ from torch import nn
 import sparsekern
 
 from .buffer import ReservoirBuffer
-from .options import integer, number
+from .options import flag, integer, number
 
 __all__ = [
     "STRATEGIES",  # noqa: F822 (the registry's view, served by the module's __getattr__)
@@ -60,6 +60,11 @@ class ReplayConfig:
 
     buffer_size: int = integer(200, "replay buffer capacity (er, derpp)", min=0)
     minibatch_size: int | None = integer(None, "replay batch size (default: batch_size)", min=1, nullable=True)
+    mask_current_logits: bool = flag(
+        False,
+        "the current batch's cross-entropy sees only the current task's logits (others masked; "
+        "SparCL's official code); replayed examples keep every logit",
+    )
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,15 @@ class Strategy:
         """In multi-head mode, logits outside each example's task set to a large negative value."""
         if not self.multihead:
             return logits
+        return self._task_logits(logits, tasks)
+
+    def current_logits(self, logits: torch.Tensor, task: int) -> torch.Tensor:
+        """Logits of the current batch for its loss: task-masked in multi-head mode or with ``mask_current_logits``."""
+        if self.multihead or self.cfg.get("mask_current_logits", False):
+            return self._task_logits(logits, task)
+        return logits
+
+    def _task_logits(self, logits: torch.Tensor, tasks: torch.Tensor | int) -> torch.Tensor:
         k = self.scenario.classes_per_task
         if isinstance(tasks, int):
             tasks = torch.full((logits.shape[0],), tasks, dtype=torch.long)
@@ -220,7 +234,7 @@ class Strategy:
         """The step's loss; also stores the current batch's detached logits in ``ctx.logits``."""
         out = self.model(ctx.x)
         ctx.logits = out.detach()
-        return F.cross_entropy(self.masked_logits(out, ctx.task), ctx.y)
+        return F.cross_entropy(self.current_logits(out, ctx.task), ctx.y)
 
     def after_step(self, ctx: StepContext) -> None:
         """After the optimizer step (replay strategies insert into the buffer here)."""
@@ -362,8 +376,8 @@ class ER(_Replay):
         xb, yb, _, tb = rep
         out = self.model(torch.cat([ctx.x, xb]))
         ctx.logits = out[:n].detach()
-        tasks = torch.cat([torch.full((n,), ctx.task, dtype=torch.long), tb])
-        return F.cross_entropy(self.masked_logits(out, tasks), torch.cat([ctx.y, yb]))
+        logits = torch.cat([self.current_logits(out[:n], ctx.task), self.masked_logits(out[n:], tb)])
+        return F.cross_entropy(logits, torch.cat([ctx.y, yb]))
 
     def after_step(self, ctx: StepContext) -> None:
         self.buffer.add(ctx.x_raw, ctx.y, task=ctx.task)
