@@ -340,7 +340,9 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
     sparsity = 1.0 - kept / total_w
     res["layers"] = lay
     res["model_sparsity"] = sparsity
-    res["model_capacity"] = model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks())
+    res["model_capacity"] = (
+        model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks()) + strategy.extra_capacity()
+    )
     report = strategy.method_report()
     if report:
         res["method_report"] = report

@@ -111,7 +111,9 @@ class StepContext:
 class Plugin:
     """Extension point for sparse methods; every hook defaults to doing nothing.
 
-    ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity).
+    ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity);
+    ``extra_capacity(strategy)`` what else it stores (per-task parameters, weights outside the
+    current mask), as a fraction of the model's linear/conv weights.
     ``eval_task(strategy, task)`` may return a context manager inside which task ``task`` is
     evaluated (methods with per-task masks or heads switch to them there); ``report(strategy)``
     may return a JSON-able dict stored in the results under the plugin's ``name``.
@@ -131,6 +133,9 @@ class Plugin:
     def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None: ...
     def end_task(self, strategy: Strategy, task: int) -> None: ...
     def n_stored_masks(self, strategy: Strategy) -> int | None:
+        return None
+
+    def extra_capacity(self, strategy: Strategy) -> float | None:
         return None
 
     def eval_task(self, strategy: Strategy, task: int) -> contextlib.AbstractContextManager | None:
@@ -288,6 +293,10 @@ class Strategy:
             if n is not None:
                 return n
         return 1 if self.sparse_layers() else 0
+
+    def extra_capacity(self) -> float:
+        """Stored values beyond the model and its masks, as a fraction of its linear/conv weights (plugins')."""
+        return sum(p.extra_capacity(self) or 0.0 for p in self.plugins)
 
     def method_report(self) -> dict:
         """``{plugin name: report}`` of the plugins that report something (see :class:`Plugin`)."""
