@@ -13,7 +13,7 @@ import torch
 
 import sparsekern
 
-from . import __version__
+from . import __version__, provenance
 from .backbones import build_backbone, sparsify_backbone
 from .config import resolve_config
 from .data import Scenario, TaskData, build_scenario
@@ -123,7 +123,9 @@ def _epoch_order(seed: int, task: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _environment(model) -> dict:
+def _environment(model, strategy=None) -> dict:
+    runs = provenance.merge_runs(getattr(strategy, "layer_runs", []))
+    compute, why = provenance.sparse_compute(runs)
     return {
         "sparsekern": sparsekern.__version__,
         "sparsekern_cl": __version__,
@@ -132,6 +134,11 @@ def _environment(model) -> dict:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "layer_backends": {n: m.selected_backend() for n, m in sparsekern.sparse_modules(model)},
+        "layer_runs": runs,  # what each sparse layer's training calls ran on, "path/backend" (task ends)
+        "sparse_compute": compute,  # false: a sparse layer ran dense or on the reference backend
+        "not_sparse_compute": why,
+        "git": provenance.git_commit(),
+        "cpu_isa": provenance.cpu_isa(),
     }
 
 
@@ -274,6 +281,7 @@ def _train(cfg: dict) -> dict:
                 break
         if stopped and state["epoch"] < epochs:
             break
+        strategy.note_layer_runs()  # before end_task's own passes: what training ran on
         counter.active = True
         t0 = time.perf_counter()
         strategy.end_task(t)
@@ -303,6 +311,13 @@ def _train(cfg: dict) -> dict:
     return results
 
 
+FWT_MULTIHEAD = (
+    "FWT is not defined for multi-head training: before task j is trained its head rows are untrained, so "
+    "R[j-1][j] reads an untrained head, and the random-init reference b[j] reads a network (for DST, a mask) "
+    "the run discards"
+)
+
+
 def _results(cfg, scenario, model, strategy, counter, state) -> dict:
     T = scenario.n_tasks
     complete = len(state["rows"]["task_il"]) == T
@@ -310,7 +325,7 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
         "config": cfg,
         "complete": complete,
         "tasks_done": len(state["rows"]["task_il"]),
-        "environment": _environment(model),
+        "environment": _environment(model, strategy),
         "scenario": {
             "dataset": scenario.name,
             "source": scenario.source,
@@ -353,6 +368,9 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
             m = summarize(state["rows"][s], state["init_acc"][s])
             for key in ("avg_acc", "bwt", "fwt", "forgetting", "avg_acc_curve"):
                 res.setdefault(key, {})[s] = m[key]
+        if strategy.multihead:
+            res["fwt"] = dict.fromkeys(SETTINGS)
+            res["fwt_undefined"] = FWT_MULTIHEAD
     return res
 
 

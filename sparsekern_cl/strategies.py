@@ -176,6 +176,7 @@ class Strategy:
         self.aug_generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + 1)
         self.multihead = cfg.get("head", "single") == "multi"
         self.flop_counter = None  # the run's FlopCounter (set by the runner), for FLOPs a plugin adds itself
+        self.layer_runs: list[dict] = []  # per task end, what each sparse layer last ran on
 
     # ---------------------------------------------------------------- helpers
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -271,6 +272,12 @@ class Strategy:
         for p in self.plugins:
             p.end_task(self, task)
 
+    def note_layer_runs(self) -> None:
+        """Record what each sparse layer's last call ran on (the runner calls it when a task's training ends)."""
+        from .provenance import layer_runs
+
+        self.layer_runs.append(layer_runs(self.model))
+
     def eval_task(self, task: int) -> contextlib.AbstractContextManager:
         """Context in which task ``task`` is evaluated: the plugins' ``eval_task`` contexts, entered in order."""
         stack = contextlib.ExitStack()
@@ -313,6 +320,7 @@ class Strategy:
             "aug_generator": self.aug_generator.get_state(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "plugins": [p.state_dict() for p in self.plugins],
+            "layer_runs": list(self.layer_runs),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -324,6 +332,7 @@ class Strategy:
             self.optimizer.load_state_dict(state["optimizer"])
         for p, s in zip(self.plugins, state["plugins"]):
             p.load_state_dict(s)
+        self.layer_runs = list(state.get("layer_runs", []))
 
 
 FineTune = Strategy
