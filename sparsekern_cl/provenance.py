@@ -56,7 +56,8 @@ def sparse_compute(runs: dict[str, list[str]]) -> tuple[bool | None, list[str]]:
         for r in ran:
             path, _, backend = r.partition("/")
             if path == "dense":
-                why.append(f"{name}: the automatic choice ran it dense ({backend})")
+                how = "" if backend == "dense" else f" ({backend})"
+                why.append(f"{name}: the automatic choice ran it dense{how}")
             elif backend in NOT_SPARSE_BACKENDS:
                 why.append(f"{name}: ran on the {backend} backend (dense weight gradient, then masked)")
         if not ran:
@@ -85,9 +86,6 @@ def git_commit() -> dict:
 
 def cpu_isa() -> str | None:
     """The instruction set of the C++ kernels (``avx512``, ``avx2``, ``generic``), ``None`` when not built."""
-    try:
-        from sparsekern.kernels.cpu import cpu_isa as isa
+    from sparsekern import env
 
-        return isa()
-    except Exception:  # noqa: BLE001 - an unbuilt or unloadable extension is reported as None
-        return None
+    return env.cpu_isa()
