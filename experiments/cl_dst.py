@@ -239,7 +239,8 @@ def main(argv=None) -> int:
                 "seeds": len(recs),
                 "acc": mean_std([r["acc"] for r in recs]),
                 "bwt": mean_std([r["bwt"] for r in recs]),
-                "fwt": mean_std([r["fwt"] for r in recs]),
+                # FWT is not defined for multi-head runs (None since issue 17); older records hold a number
+                "fwt": mean_std(f) if (f := [r["fwt"] for r in recs if r["fwt"] is not None]) else None,
                 "usage_per_layer": {n: statistics.fmean(r["usage_per_layer"][n] for r in recs) for n in layers},
                 "flops_vs_dense": statistics.fmean(flops),
                 "wall_clock_s": statistics.fmean(r["wall_clock_s"] for r in recs),

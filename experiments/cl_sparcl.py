@@ -181,6 +181,23 @@ def _table(records: dict, args, command: str, env: dict) -> str:
                 if pick("DER++", sp, buf):
                     yield buf, sp, pick("DER++", sp, buf)
 
+    def family(buf, sp, base):  # one family per section: every method present against dense DER++
+        present = [(label, pick(label, sp, buf)) for label in ("DER++", "SparCL-DER++", "ER", "SparCL-ER", *ABLATION)]
+        present = [(label, rows) for label, rows in present if set(rows) & set(base)]
+        tests = compare_paired([(label, "DER++", {s: r["class_il"] for s, r in rows.items() if s in base},
+                                 {s: r["class_il"] for s, r in base.items()})
+                                for label, rows in present if label != "DER++"])  # fmt: skip
+        return present, dict(zip([label for label, _ in present if label != "DER++"], tests))
+
+    def delta(label, rows, base, tests):  # (Δ Class-IL text, p text), significant ones bold
+        if label == "DER++":
+            return "—", "—"
+        c = tests[label]
+        dtxt = fmt_mean_std([rows[s]["class_il"] - base[s]["class_il"] for s in sorted(set(rows) & set(base))])
+        dtxt = dtxt if dtxt.startswith("-") else "+" + dtxt
+        ptxt = "–" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+        return (f"**{dtxt}**" if c["significant"] else dtxt), ptxt
+
     for buf, sp, base in sections(args.buffers):
         lines += [
             f"## buffer {buf}, sparsity {sp}",
@@ -189,24 +206,11 @@ def _table(records: dict, args, command: str, env: dict) -> str:
             "| wall-clock ratio (DER++ / this) | n |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        present = [(label, pick(label, sp, buf)) for label in ("DER++", "SparCL-DER++", "ER", "SparCL-ER", *ABLATION)]
-        present = [(label, rows) for label, rows in present if set(rows) & set(base)]
-        family = compare_paired([(label, "DER++", {s: r["class_il"] for s, r in rows.items() if s in base},
-                                  {s: r["class_il"] for s, r in base.items()})
-                                 for label, rows in present if label != "DER++"])  # fmt: skip
-        tests = dict(zip([label for label, _ in present if label != "DER++"], family))
+        present, tests = family(buf, sp, base)
         for label, rows in present:
             seeds, ci, ti, fl = _against(rows, base)
-            d = [rows[s]["class_il"] - base[s]["class_il"] for s in seeds]
             wc = [base[s]["wall_clock_s"] / rows[s]["wall_clock_s"] for s in seeds]
-            dtxt, ptxt = "—", "—"
-            if label != "DER++":
-                c = tests[label]
-                dtxt = fmt_mean_std(d)
-                dtxt = dtxt if dtxt.startswith("-") else "+" + dtxt
-                ptxt = "–" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
-                if c["significant"]:
-                    dtxt = f"**{dtxt}**"
+            dtxt, ptxt = delta(label, rows, base, tests)
             name = label if label in ("DER++", "ER", "SparCL-DER++", "SparCL-ER") else f"SparCL-DER++ ({label})"
             lines.append(
                 f"| {name} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | {dtxt} | {ptxt} | "
@@ -218,9 +222,11 @@ def _table(records: dict, args, command: str, env: dict) -> str:
         lines += [
             f"## Ablation (paper's form), SparCL-DER++, buffer {buf}, sparsity {sp}",
             "",
-            "| TDM | DDR | DGM | Class-IL | Task-IL | train FLOPs (×dense) | weight-grad density (fc1) |",
-            "|---|---|---|---|---|---|---|",
+            "| TDM | DDR | DGM | Class-IL | Task-IL | Δ Class-IL vs DER++ | p (Holm) | train FLOPs (×dense) "
+            "| weight-grad density (fc1) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        _, tests = family(buf, sp, base)  # the section's family, as in the table above
         for flags, label in (
             ("✗ ✗ ✗", "DER++"),
             ("✓ ✗ ✗", "TDM"),
@@ -233,8 +239,9 @@ def _table(records: dict, args, command: str, env: dict) -> str:
             if not seeds:
                 continue
             gd = statistics.fmean(rows[s]["fc1_grad_density"] for s in seeds)
+            dtxt, ptxt = delta(label, rows, base, tests)
             lines.append(
-                f"| {' | '.join(flags.split())} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | "
+                f"| {' | '.join(flags.split())} | {fmt_mean_std(ci)} | {fmt_mean_std(ti)} | {dtxt} | {ptxt} | "
                 f"{fmt_mean_std(fl, 3)} | {gd:.3f} |"
             )
         lines.append("")

@@ -16,6 +16,16 @@ from . import __version__
 from ._backends import BACKEND_NAMES, backend_report, get_backend
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the C++ kernels use (``avx512``, ``avx2``, ``generic``); ``None`` when they are not built."""
+    try:
+        from .kernels.cpu import cpu_isa as isa
+
+        return isa()
+    except Exception:  # an unbuilt or unloadable extension has no instruction set to report
+        return None
+
+
 def report() -> dict:
     """The environment as a dict (what ``main`` prints)."""
     info = {
@@ -27,6 +37,7 @@ def report() -> dict:
         "torch_threads": torch.get_num_threads(),
         "triton": None,
         "cuda_built": torch.version.cuda,
+        "cpu_isa": cpu_isa(),
         "backends": {},
         "dispatch": [],
     }

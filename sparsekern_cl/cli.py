@@ -56,10 +56,15 @@ def format_summary(res: dict) -> str:
         lines.append(_line("result", res))
         if backends:
             lines.append(f"sparse layers ran on: {', '.join(backends)}; model sparsity {res['model_sparsity']:.3f}")
-    lines.append(
-        f"BWT Class-IL {res['bwt']['class_il']:.2f}  Task-IL {res['bwt']['task_il']:.2f};  "
-        f"FWT Class-IL {res['fwt']['class_il']:.2f}  Task-IL {res['fwt']['task_il']:.2f}"
+    fwt = res["fwt"]
+    fwt_text = (
+        f"FWT Class-IL {fwt['class_il']:.2f}  Task-IL {fwt['task_il']:.2f}"
+        if fwt["class_il"] is not None
+        else "FWT not defined (multi-head)"
     )
+    lines.append(f"BWT Class-IL {res['bwt']['class_il']:.2f}  Task-IL {res['bwt']['task_il']:.2f};  {fwt_text}")
+    if res["environment"].get("sparse_compute") is False:
+        lines.append("not sparse compute: " + "; ".join(res["environment"]["not_sparse_compute"]))
     if c.get("output_dir"):
         lines.append(f"results: {c['output_dir']}/results.json")
     return "\n".join(lines)

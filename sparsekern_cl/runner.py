@@ -15,7 +15,7 @@ import torch
 
 import sparsekern
 
-from . import __version__
+from . import __version__, provenance
 from .backbones import build_backbone, sparsify_backbone
 from .config import resolve_config
 from .data import Scenario, TaskData, build_scenario
@@ -125,7 +125,9 @@ def _epoch_order(seed: int, task: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _environment(model) -> dict:
+def _environment(model, strategy=None) -> dict:
+    runs = provenance.merge_runs(getattr(strategy, "layer_runs", []))
+    compute, why = provenance.sparse_compute(runs)
     return {
         "sparsekern": sparsekern.__version__,
         "sparsekern_cl": __version__,
@@ -134,6 +136,11 @@ def _environment(model) -> dict:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "layer_backends": {n: m.selected_backend() for n, m in sparsekern.sparse_modules(model)},
+        "layer_runs": runs,  # what each sparse layer's training calls ran on, "path/backend" (task ends)
+        "sparse_compute": compute,  # false: a sparse layer ran dense or on the reference backend
+        "not_sparse_compute": why,
+        "git": provenance.git_commit(),
+        "cpu_isa": provenance.cpu_isa(),
     }
 
 
@@ -319,6 +326,7 @@ def _train(cfg: dict) -> dict:
                 break
         if diverged is not None or (stopped and state["epoch"] < epochs):
             break
+        strategy.note_layer_runs()  # before end_task's own passes: what training ran on
         counter.active = True
         t0 = time.perf_counter()
         strategy.end_task(t)
@@ -359,6 +367,13 @@ def _nonfinite_weights(model, task: int, epoch: int, steps: int) -> dict | None:
     return None
 
 
+FWT_MULTIHEAD = (
+    "FWT is not defined for multi-head training: before task j is trained its head rows are untrained, so "
+    "R[j-1][j] reads an untrained head, and the random-init reference b[j] reads a network (for DST, a mask) "
+    "the run discards"
+)
+
+
 def _results(cfg, scenario, model, strategy, counter, state) -> dict:
     T = scenario.n_tasks
     complete = len(state["rows"]["task_il"]) == T
@@ -366,7 +381,7 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
         "config": cfg,
         "complete": complete,
         "tasks_done": len(state["rows"]["task_il"]),
-        "environment": _environment(model),
+        "environment": _environment(model, strategy),
         "scenario": {
             "dataset": scenario.name,
             "source": scenario.source,
@@ -396,7 +411,9 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
     sparsity = 1.0 - kept / total_w
     res["layers"] = lay
     res["model_sparsity"] = sparsity
-    res["model_capacity"] = model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks())
+    res["model_capacity"] = (
+        model_capacity(min(max(sparsity, 0.0), 1 - 1e-12), strategy.n_stored_masks()) + strategy.extra_capacity()
+    )
     report = strategy.method_report()
     if report:
         res["method_report"] = report
@@ -407,6 +424,9 @@ def _results(cfg, scenario, model, strategy, counter, state) -> dict:
             m = summarize(state["rows"][s], state["init_acc"][s])
             for key in ("avg_acc", "bwt", "fwt", "forgetting", "avg_acc_curve"):
                 res.setdefault(key, {})[s] = m[key]
+        if strategy.multihead:
+            res["fwt"] = dict.fromkeys(SETTINGS)
+            res["fwt_undefined"] = FWT_MULTIHEAD
     return res
 
 

@@ -35,7 +35,7 @@ from torch import nn
 import sparsekern
 
 from .buffer import ReservoirBuffer
-from .options import integer, number
+from .options import flag, integer, number
 
 __all__ = [
     "STRATEGIES",  # noqa: F822 (the registry's view, served by the module's __getattr__)
@@ -60,6 +60,11 @@ class ReplayConfig:
 
     buffer_size: int = integer(200, "replay buffer capacity (er, derpp)", min=0)
     minibatch_size: int | None = integer(None, "replay batch size (default: batch_size)", min=1, nullable=True)
+    mask_current_logits: bool = flag(
+        False,
+        "the current batch's cross-entropy sees only the current task's logits (others masked; "
+        "SparCL's official code); replayed examples keep every logit",
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,9 @@ class StepContext:
 class Plugin:
     """Extension point for sparse methods; every hook defaults to doing nothing.
 
-    ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity).
+    ``n_stored_masks(strategy)`` says how many task masks the method keeps (for model capacity);
+    ``extra_capacity(strategy)`` what else it stores (per-task parameters, weights outside the
+    current mask), as a fraction of the model's linear/conv weights.
     ``eval_task(strategy, task)`` may return a context manager inside which task ``task`` is
     evaluated (methods with per-task masks or heads switch to them there); ``report(strategy)``
     may return a JSON-able dict stored in the results under the plugin's ``name``.
@@ -126,6 +133,9 @@ class Plugin:
     def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None: ...
     def end_task(self, strategy: Strategy, task: int) -> None: ...
     def n_stored_masks(self, strategy: Strategy) -> int | None:
+        return None
+
+    def extra_capacity(self, strategy: Strategy) -> float | None:
         return None
 
     def eval_task(self, strategy: Strategy, task: int) -> contextlib.AbstractContextManager | None:
@@ -166,6 +176,7 @@ class Strategy:
         self.aug_generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + 1)
         self.multihead = cfg.get("head", "single") == "multi"
         self.flop_counter = None  # the run's FlopCounter (set by the runner), for FLOPs a plugin adds itself
+        self.layer_runs: list[dict] = []  # per task end, what each sparse layer last ran on
 
     # ---------------------------------------------------------------- helpers
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -194,6 +205,15 @@ class Strategy:
         """In multi-head mode, logits outside each example's task set to a large negative value."""
         if not self.multihead:
             return logits
+        return self._task_logits(logits, tasks)
+
+    def current_logits(self, logits: torch.Tensor, task: int) -> torch.Tensor:
+        """Logits of the current batch for its loss: task-masked in multi-head mode or with ``mask_current_logits``."""
+        if self.multihead or self.cfg.get("mask_current_logits", False):
+            return self._task_logits(logits, task)
+        return logits
+
+    def _task_logits(self, logits: torch.Tensor, tasks: torch.Tensor | int) -> torch.Tensor:
         k = self.scenario.classes_per_task
         if isinstance(tasks, int):
             tasks = torch.full((logits.shape[0],), tasks, dtype=torch.long)
@@ -227,7 +247,7 @@ class Strategy:
         """The step's loss; also stores the current batch's detached logits in ``ctx.logits``."""
         out = self.model(ctx.x)
         ctx.logits = out.detach()
-        return F.cross_entropy(self.masked_logits(out, ctx.task), ctx.y)
+        return F.cross_entropy(self.current_logits(out, ctx.task), ctx.y)
 
     def after_step(self, ctx: StepContext) -> None:
         """After the optimizer step (replay strategies insert into the buffer here)."""
@@ -259,6 +279,12 @@ class Strategy:
         for p in self.plugins:
             p.end_task(self, task)
 
+    def note_layer_runs(self) -> None:
+        """Record what each sparse layer's last call ran on (the runner calls it when a task's training ends)."""
+        from .provenance import layer_runs
+
+        self.layer_runs.append(layer_runs(self.model))
+
     def eval_task(self, task: int) -> contextlib.AbstractContextManager:
         """Context in which task ``task`` is evaluated: the plugins' ``eval_task`` contexts, entered in order."""
         stack = contextlib.ExitStack()
@@ -282,6 +308,10 @@ class Strategy:
                 return n
         return 1 if self.sparse_layers() else 0
 
+    def extra_capacity(self) -> float:
+        """Stored values beyond the model and its masks, as a fraction of its linear/conv weights (plugins')."""
+        return sum(p.extra_capacity(self) or 0.0 for p in self.plugins)
+
     def method_report(self) -> dict:
         """``{plugin name: report}`` of the plugins that report something (see :class:`Plugin`)."""
         out = {}
@@ -297,6 +327,7 @@ class Strategy:
             "aug_generator": self.aug_generator.get_state(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "plugins": [p.state_dict() for p in self.plugins],
+            "layer_runs": list(self.layer_runs),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -308,6 +339,7 @@ class Strategy:
             self.optimizer.load_state_dict(state["optimizer"])
         for p, s in zip(self.plugins, state["plugins"]):
             p.load_state_dict(s)
+        self.layer_runs = list(state.get("layer_runs", []))
 
 
 FineTune = Strategy
@@ -369,8 +401,8 @@ class ER(_Replay):
         xb, yb, _, tb = rep
         out = self.model(torch.cat([ctx.x, xb]))
         ctx.logits = out[:n].detach()
-        tasks = torch.cat([torch.full((n,), ctx.task, dtype=torch.long), tb])
-        return F.cross_entropy(self.masked_logits(out, tasks), torch.cat([ctx.y, yb]))
+        logits = torch.cat([self.current_logits(out[:n], ctx.task), self.masked_logits(out[n:], tb)])
+        return F.cross_entropy(logits, torch.cat([ctx.y, yb]))
 
     def after_step(self, ctx: StepContext) -> None:
         self.buffer.add(ctx.x_raw, ctx.y, task=ctx.task)

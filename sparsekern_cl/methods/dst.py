@@ -6,8 +6,12 @@ Method ``dst`` = fine-tuning plus :class:`DSTPlugin`.  For each task ``t``:
    layer's density (``sparse_distribution``: ``uniform`` = ``1 - sparsity`` everywhere, ``erk`` =
    Erdős–Rényi–Kernel over the sparse layers, same total).  Positions of ``M_t`` that earlier
    tasks use are *reused*: read in the forward, never changed.  The others are the task's own
-   weights; never-used ones start from a fresh default initialisation (``U(±1/√fan_in)``).
-2. **Topology updates** every ``dst_update_every`` steps: the ``k`` smallest-magnitude weights
+   weights; never-used ones start from a fresh default initialisation (``U(±1/√fan_in)``).  As
+   written for the fresh mask per task and the reuse; the initial values are our reading (the
+   code's note "free positions start at zero" read as: outside the mask), since a layer whose
+   own weights all start at zero passes no gradient to the layers below.
+2. **Topology updates** (as written: magnitude drop, cosine-annealed rate, the four growth
+   strategies of the code and paper) every ``dst_update_every`` steps: the ``k`` smallest-magnitude weights
    of the task's own set are dropped, with ``k = rate · |own|`` and ``rate`` cosine-annealed over
    the task from ``dst_drop_rate`` to ``dst_drop_rate_final``; then ``k`` connections are grown
    among the *free* positions (inactive, unused by earlier tasks, not just dropped) by
@@ -24,26 +28,45 @@ Method ``dst`` = fine-tuning plus :class:`DSTPlugin`.  For each task ``t``:
 
    Grown weights start at zero (and their optimizer state too).  The extra dense gradients are
    counted in the run's FLOPs under the part ``dense_grad``.
-3. **Parameter isolation.**  The gradient mask of task ``t`` is its own set only, so the kernels
-   skip the weight gradients of frozen weights (no zeroing after the fact).  At the end of the
-   task ``M_t`` is stored and its weights join the frozen set.  Everything that is not a sparse
-   weight (biases, normalisation, dense layers, the head) is stored per task as well.  Training
-   uses the task's head (the multi-head loss is forced on), and Task-IL evaluation of task ``j``
-   runs with task ``j``'s mask and stored parameters (:meth:`DSTPlugin.eval_task`).  Class-IL
+3. **Parameter isolation** (as written): the gradient mask of task ``t`` is its own set only, so
+   the kernels skip the weight gradients of frozen weights (no zeroing after the fact).  At the
+   end of the task ``M_t`` is stored and its weights join the frozen set.  Training uses the
+   task's head slice (the multi-head loss is forced on: as written, the code's logit slices), and
+   Task-IL evaluation of task ``j`` runs with task ``j``'s mask (:meth:`DSTPlugin.eval_task`; as
+   written, except that the code takes the argmax over all logits, a defect not copied).  Class-IL
    figures of this method use that same task-``j`` network, i.e. they assume the task is known,
    and are not a Class-IL result.
-4. **Adaptive growth** (the growth strategy is chosen at the start of each task):
+   Everything that is not a sparse weight, ``dst_task_params``:
 
-   - ``adaptive_naive``: the paper's schedule, ``random`` for the first
+   - ``shared`` (default): one copy for all tasks.  BatchNorm layers (affine parameters and
+     running statistics) are frozen after the first task: as written ("frozen batch
+     normalization").  The other shared parameters (biases, dense layers such as the ResNet's
+     stem) are frozen after the first task too: deviation, the paper's backbone has no dense
+     parts outside BatchNorm and the head to say what to do; freezing them keeps the frozen
+     weights' function exact.  Each task's head rows are frozen when the task ends.  The dense
+     reference (``sparsity: 0``) shares the same parts and freezes BatchNorm the same way.
+   - ``private`` (the earlier default): a copy per task of every such parameter and buffer,
+     restored when the task is evaluated; deviation, kept as a variant, and its copies count in
+     ``model_capacity``.
+
+   ``model_capacity`` (eq. 6.24) adds to the current model and the stored masks every stored
+   value outside them: earlier tasks' weights outside the current mask, and the private copies
+   beyond one (:meth:`DSTPlugin.extra_capacity`).
+4. **Adaptive growth** (the growth strategy is chosen at the start of each task; the paper's
+   closing finding, not in its code):
+
+   - ``adaptive_naive``: the paper's schedule (as written), ``random`` for the first
      ``floor(dst_naive_switch · T)`` tasks, ``gradient`` afterwards;
-   - ``adaptive_capacity``: per layer, from the layer's free capacity at the start of the task
+   - ``adaptive_capacity`` (ours, an extension): per layer, from the layer's free capacity at the start of the task
      (the fraction of its weights no earlier task uses): ``random`` while it is at least
      ``dst_capacity_threshold`` (room to explore), ``gradient`` once free weights are scarce and
      each grown connection has to count.  ERK gives layers different densities, so layers
      switch at different tasks, and at high sparsity the backbone stays free longer.
 
 At ``sparsity = 0`` (for instance the dense reference of ``compare_dense``) there are no masks:
-the method is a multi-head fine-tune of the same network.  Weight decay is refused: it would
+the method is a multi-head fine-tune of the same network (BatchNorm frozen after the first task).
+``sparse_rescale`` has no effect on the sparse weights: every task draws its own weights fresh at
+the default scale ``U(±1/√fan_in)`` (as the code does), so drop decisions compare like with like.  Weight decay is refused: it would
 move frozen weights.  Per-layer backbone usage, the growth chosen per task and layer, and the
 update counts are in ``results["method_report"]["dst"]``.
 """
@@ -61,6 +84,7 @@ from sparsekern.masks import erk_densities, random_mask, uniform_densities
 
 from ..options import check_group, choice, fail, integer, number
 from ..strategies import Plugin, StepContext, Strategy
+from .isolation import FrozenEntries, freeze_norm_statistics, head_rows, shared_parameter_names
 from .masking import move_connections, pick
 
 __all__ = [
@@ -96,6 +120,13 @@ class DSTConfig:
     )
     dst_capacity_threshold: float = number(
         0.7, "DST adaptive_capacity: a layer grows randomly while this fraction of it is free", "[0, 1]"
+    )
+    dst_task_params: str = choice(
+        "shared",
+        "DST: parameters outside the sparse weights: shared (the paper: trained on the first task, then frozen "
+        "with the BatchNorm statistics; the head trains each task's rows) or private (a copy per task, "
+        "counted in the model capacity)",
+        ("shared", "private"),
     )
 
 
@@ -182,6 +213,9 @@ class DSTPlugin(Plugin):
         self._captures: dict[str, list] = {}
         self._handles: list = []
         self._grads: dict[str, torch.Tensor] = {}
+        self.private = cfg["dst_task_params"] == "private"
+        self.shared = FrozenEntries(model)  # shared parameters frozen after the first task, head rows per task
+        self.norm_frozen = False
 
     # ------------------------------------------------------------------ configuration
     def _sparse_weight_keys(self) -> set[str]:
@@ -256,6 +290,8 @@ class DSTPlugin(Plugin):
 
     def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
         strategy.multihead = True  # also after resuming in the middle of a task
+        if self.norm_frozen:
+            freeze_norm_statistics(self.model)
         if not self.layers:
             return ctx
         update_next = self._update_due(self.task_step + 1)
@@ -265,6 +301,7 @@ class DSTPlugin(Plugin):
         return ctx
 
     def after_backward(self, strategy: Strategy, ctx: StepContext) -> None:
+        self.shared.zero_grads()
         if not self._handles:
             return
         self._release()
@@ -280,6 +317,7 @@ class DSTPlugin(Plugin):
                 self._grads[name] = g
 
     def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
+        self.shared.restore()
         if not self.layers:
             return
         self.task_step += 1
@@ -289,8 +327,17 @@ class DSTPlugin(Plugin):
 
     @torch.no_grad()
     def end_task(self, strategy: Strategy, task: int) -> None:
+        if not self.private:
+            self.norm_frozen = True  # BatchNorm frozen after the first task, dense reference included
         if not self.layers:
             return
+        if not self.private:
+            if task == 0:
+                for name in shared_parameter_names(self.model, self.layers):
+                    self.shared.freeze(name)
+            lo, hi = self.scenario.task_classes(task)
+            for name, rows in head_rows(self.model, lo, hi).items():
+                self.shared.freeze(name, rows)
         self._release()
         masks = {}
         for name, layer in self.layers.items():
@@ -298,7 +345,8 @@ class DSTPlugin(Plugin):
             self.used[name] |= layer.weight_mask
             layer.set_grad_mask(torch.zeros_like(layer.grad_mask))
         self.masks.append(masks)
-        self.task_states.append({k: v.detach().clone() for k, v in self._dense_state().items()})
+        if self.private:
+            self.task_states.append({k: v.detach().clone() for k, v in self._dense_state().items()})
         h = self.history[-1]
         h["usage_per_layer"] = {n: float(self.used[n].float().mean()) for n in self.layers}
         h["usage"] = 1.0 - self.free_fraction()
@@ -434,14 +482,14 @@ class DSTPlugin(Plugin):
     @contextlib.contextmanager
     def _as_task(self, task: int):
         saved_masks = {n: (m.weight_mask.clone(), m.grad_mask.clone()) for n, m in self.layers.items()}
-        dense = self._dense_state()
+        dense = self._dense_state() if self.private else {}
         saved_dense = {k: v.detach().clone() for k, v in dense.items()}
         try:
             with torch.no_grad():
                 for name, layer in self.layers.items():
                     mask = self.masks[task][name]
                     layer.set_mask(mask, grad_mask=torch.zeros_like(mask), zero_pruned=False)
-                for k, v in self.task_states[task].items():
+                for k, v in (self.task_states[task] if self.private else {}).items():
                     dense[k].copy_(v)
             yield
         finally:
@@ -455,6 +503,19 @@ class DSTPlugin(Plugin):
     # ------------------------------------------------------------------ bookkeeping
     def n_stored_masks(self, strategy: Strategy) -> int | None:
         return len(self.masks) if self.layers else None
+
+    def extra_capacity(self, strategy: Strategy) -> float | None:
+        """Stored values beyond the current model, as a fraction of the linear/conv weights (eq. 6.24's unit):
+        weights of earlier tasks outside the current mask, and with ``private`` the per-task copies
+        of every other parameter and buffer beyond one."""
+        if not self.layers:
+            return None
+        total = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+        stored = sum(int((self.used[n] & ~m.weight_mask).sum()) for n, m in self.layers.items())
+        if self.private and self.task_states:
+            per_task = sum(v.numel() for v in self.task_states[0].values())
+            stored += (len(self.task_states) - 1) * per_task
+        return stored / max(total, 1)
 
     def report(self, strategy: Strategy) -> dict | None:
         if not self.layers:
@@ -480,6 +541,8 @@ class DSTPlugin(Plugin):
             "total_steps": self.total_steps,
             "layer_growth": self.layer_growth,
             "moments": self.moments,
+            "shared": self.shared.state_dict(),
+            "norm_frozen": self.norm_frozen,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -496,6 +559,8 @@ class DSTPlugin(Plugin):
             "moments",
         ):
             setattr(self, key, state[key])
+        self.shared.load_state_dict(state.get("shared", {}))
+        self.norm_frozen = bool(state.get("norm_frozen", False))
 
 
 def make_dst_plugins(cfg: dict, model, scenario) -> list[Plugin]:

@@ -21,57 +21,74 @@ One training step (``esacl_sa``, ``esacl_sse``, ``esacl_ere`` on)::
         θ ← θ + η (v − θ)             (Frank-Wolfe step)
     other parameters (head, biases, norm layers): the strategy's optimizer with the outer gradient
 
-Choices (config keys in brackets):
+Every mechanism, marked *as written* (Algorithm 1 and §3 of the paper) or *deviation: why*
+(config keys in brackets; the paper leaves many details open and has no public code):
 
-- **Support and redundant examples share one ranking.**  SSE and ERE both keep the top-J examples
-  of the batch by their loss at θ (ERE's influence bound ‖∇ℓ(x, θ+ε)‖ is approximated by the loss,
-  as the paper does); the loss is computed once, by a forward without a graph, so with both on and
-  equal fractions (``esacl_sse_frac`` = ``esacl_ere_frac`` = 0.4, the paper's 40 %) B_s = B_e.
-  Switching SSE off makes the perturbation use the whole batch; switching ERE off makes the outer
-  step use the whole batch.  Without SA there is no perturbation and SSE has no effect.
-- **The perturbation uses only the current task's cross-entropy on B_s** (Algorithm 1, line 5);
-  the outer pass is the strategy's full loss (replay or EWC terms included) on B_e, with the
-  replay samples drawn once per step.  ε covers every trainable parameter; frozen weights and
-  weights outside the mask get exact zeros from the kernels, so they are never perturbed.
-- **Momentum.**  ``esacl_momentum_form: sum`` is eq. 3.15, ``m ← m + α g``; the LMO depends on m only
-  through the signs and the ranking of ``|m|``, so α has no effect and is 1.  The usual exponential
-  form ``m ← β m + (1 − β) g`` (stochastic Frank-Wolfe's, β = ``esacl_momentum``) is offered as
-  ``esacl_momentum_form: ema``.  m is reset at every task start.
-- **LMO per layer over its trainable coordinates.**  K = round(``esacl_k`` × number of trainable
-  weights of the layer); the radius is λ = ``esacl_tau`` × the RMS of the layer's weights at
-  initialisation (a per-coordinate scale, so one τ fits layers of any width).
-- **Frank-Wolfe step size** ``esacl_fw_step``: ``rescaled`` (default) is stochastic Frank-Wolfe's
-  η = clamp(lr·‖g‖/‖θ − v‖, 0, 1) per layer; ``constant`` is Algorithm 1's η = lr, which pulls the
-  iterate to a single vertex within a few dozen steps.  The Frank-Wolfe layers leave the
-  optimizer (their gradient is cleared after the update); ``esacl_sp: false`` ("w/o SP") trains
-  them with the strategy's optimizer instead.
-- **Pruning budget.**  Each pruned layer keeps k = its number of weights at the run's initial mask
-  (the core's sparsification at ``sparsity``, so ``uniform`` and ``erk`` distributions both work).
-  At every task end the layer is magnitude-pruned in one shot, with no retraining: the frozen
-  weights stay and the largest trainable weights fill the rest of k, so the sparsity is exactly
-  the initial one (s for ``uniform``) after every task.
-- **Freezing.**  Tasks share the kept budget equally: after task t (of T) the frozen set holds
-  round(k (t+1)/T) weights, the newly frozen ones being the largest survivors of this task.  The
-  other survivors stay trainable; after the last task every survivor is frozen.  With one task
-  this is "freeze the surviving weights" literally; with T tasks it leaves every later task a
-  share of the budget (freezing all survivors after the first task would leave none).  Frozen
-  weights leave the gradient mask ``G`` for all later tasks, so the kernels skip their weight
-  gradient; their values are also restored after every optimizer step, so weight decay or
-  optimizer momentum cannot move them.
-- **Expansion.**  At the start of every task (task 0 included: the core's initial magnitude mask
-  is the kept set of "task −1") a fraction ``esacl_expand`` of the unused (pruned) weights, drawn
-  at random with a seeded generator, re-enters the mask and ``G``; with ``esacl_reinit: random``
-  they get fresh values from the layer's default initialisation U(−1/√fan_in, 1/√fan_in), with
-  ``zero`` they start at zero.  ``esacl_expand: 1`` (default) re-initialises all unused weights
-  (Algorithm 1, line 13); a smaller value keeps training itself sparse.  Evaluation after a task
-  sees the pruned model (expansion happens at the next task's start), and the final model is a
-  real sparse model at sparsity s running on the sparse kernels.
-- **EWC.**  After pruning, the online-EWC anchor is moved to the pruned weights and the Fisher is
-  zeroed outside the kept mask, so re-initialised weights are free capacity, not pulled back.
+- **SAM perturbation** ε = ρ g_s/‖g_s‖ from the current task's cross-entropy on B_s (line 5):
+  as written.  The outer pass is the strategy's full loss (replay or EWC terms included) on B_e
+  with the replay samples drawn once per step: deviation, the paper's line 6 names only ℓ on B_s,
+  but its methods are EsaCL-ER/DER++/EWC, whose loss is the strategy's.  ε covers every trainable
+  parameter; frozen weights get exact zeros from the kernels and frozen shared entries are
+  masked out, so nothing frozen is perturbed.
+- **Support and redundant examples share one ranking** (SSE, ERE): both keep the top-J examples of
+  the batch by their loss at θ (as written for SSE; for ERE the paper itself approximates the
+  influence bound ‖∇ℓ(x, θ+ε)‖ by the loss).  The loss is computed once, by a forward without a
+  graph, so with equal fractions (``esacl_sse_frac`` = ``esacl_ere_frac`` = 0.4, the paper's 40 %)
+  B_s = B_e.  SSE off: the perturbation uses the whole batch; ERE off: the outer step does.
+  Without SA there is no perturbation and SSE has no effect.
+- **Momentum** ``esacl_momentum_form: sum`` is eq. 3.15, ``m ← m + α g``: as written (the LMO
+  depends on m only through signs and the ranking of ``|m|``, so α has no effect and is 1).
+  ``ema`` (``m ← β m + (1 − β) g``, stochastic Frank-Wolfe's) is a variant.  m is reset at every
+  task start: deviation, unstated in the paper; an old task's momentum would steer the new one.
+- **LMO** of the K-sparse polytope (eq. 3.13): as written, per layer over its trainable
+  coordinates.  K = round(``esacl_k`` × trainable weights); the radius λ = ``esacl_tau`` × the RMS
+  of the layer's weights at initialisation: deviation, the paper gives τ without a unit; a
+  per-coordinate scale lets one τ fit layers of any width.
+- **Frank-Wolfe step** ``esacl_fw_step``: ``constant`` is eq. 3.12 with η = lr, as written, but it
+  pulls the iterate to a single vertex within a few dozen steps; ``rescaled`` (default) is
+  stochastic Frank-Wolfe's η = clamp(lr·‖g‖/‖θ − v‖, 0, 1) per layer: deviation, for stability.
+  The Frank-Wolfe layers leave the optimizer; ``esacl_sp: false`` ("w/o SP") trains them with it.
+  The other parameters (head, biases, norm layers) use the strategy's optimizer: deviation, the
+  paper's update covers θ without saying which parts.
+- **Budget** (the capacity formula, eq. 6.24: a model of sparsity S holds (1 − S) of its weights):
+  each pruned layer keeps at most k = its number of weights at the run's initial mask (the core's
+  sparsification at ``sparsity``, so ``uniform`` and ``erk`` both work), at every step: as written
+  (EsaCL reports capacity 1 − S).
+- **Pruning** (line 11) at every task end, in one shot by magnitude, without retraining: as
+  written.  With ``esacl_freeze: subnetwork`` (default) tasks share the budget equally: task t
+  (of T) keeps its largest weights up to round(k (t+1)/T) in all, the others are removed.
+  Deviation (the paper prunes "with sparsity ratio s" and leaves the split open): pruning every
+  task to s and freezing everything would leave no capacity for any later task.  After the last
+  task the layer holds exactly k weights (sparsity s).
+- **Freezing** (line 12, "freeze the pruned parameters and their connections"), ``esacl_freeze:
+  subnetwork``: every survivor of the pruning is frozen (it leaves the gradient mask, so the
+  kernels skip its gradient, and its value is restored after every optimizer step); after the
+  first task every shared parameter (biases, normalisation layers, dense layers other than the
+  head) and the BatchNorm running statistics are frozen, and after each task the head rows of its
+  classes.  As written for the weights; deviation for the rest: the paper does not say, and
+  letting shared parameters move would undo the isolation of the frozen weights (PackNet freezes
+  biases and BatchNorm after the first task the same way).  ``esacl_freeze: quota`` (preset
+  ``esacl-quota``, the earlier default): the survivors fill the whole budget, only a per-task
+  share of them is frozen, the rest stay trainable, and biases and the head are never frozen.
+- **Expansion** (line 13, "reinitialize unused weights") at every task start: ``esacl_expand_scope:
+  capacity`` (default) re-enters a fraction ``esacl_expand`` (1: all) of the free capacity
+  k − |mask|, drawn at random among the unused weights, so training stays at sparsity s and costs
+  the sparse FLOPs; task 0 trains on the initial mask (no free capacity).  Deviation from the
+  literal "unused weights": re-initialising *every* unused weight (``esacl_expand_scope: unused``,
+  preset ``esacl-expand-all``, the earlier default) makes every task's training dense, which
+  contradicts the paper's sparse FLOPs (Table 1).  Re-entering weights are trainable; with
+  ``esacl_reinit: random`` they are drawn uniformly with the RMS of the layer's initial kept
+  weights (after ``sparse_rescale``), so end-of-task magnitude pruning compares like with like
+  (deviation: the paper does not give the scale); with ``zero`` they start at zero.  Evaluation
+  after a task sees the pruned model; the final model is a real sparse model at sparsity s.
+- **sparse_rescale** (core key, on by default): the initial kept weights are scaled to the dense
+  output variance.  Deviation: the paper says nothing about the initial scale; the re-initialised
+  weights follow the same scale (above), so the rescale no longer favours the initial mask.
+- **EWC**: after pruning the online-EWC anchor is moved to the pruned weights and the Fisher is
+  zeroed outside the kept mask, so removed weights are free capacity, not pulled back (our choice).
 - **Examples dropped by IDS** are never forwarded in the passes they are dropped from; the FLOP
   counter sees the ranking forward, both SAM passes and the replay passes as they run.
-- **Stored masks** (model capacity, eq. 6.24): one shared mask (the frozen set is the mask
-  itself once the last task is done), T = 1.
+- **Stored masks** (model capacity, eq. 6.24): one shared mask, T = 1: as written.
 """
 
 from __future__ import annotations
@@ -85,6 +102,7 @@ import torch.nn.functional as F
 
 from ..options import check_group, choice, flag, group_defaults, number
 from ..strategies import Plugin, StepContext, Strategy
+from .isolation import FrozenEntries, freeze_norm_statistics, head_rows, shared_parameter_names
 from .masking import pick
 
 __all__ = [
@@ -95,6 +113,7 @@ __all__ = [
     "sam_perturbation",
     "top_j",
     "CONFIG_KEYS",
+    "ESACL_PRESETS",
     "check_config",
     "make_esacl_plugins",
 ]
@@ -133,14 +152,44 @@ class EsaCLConfig:
         ("rescaled", "constant"),
     )
     esacl_expand: float = number(
-        1.0, "EsaCL: fraction of unused weights re-entering the mask at each task start", "[0, 1]"
+        1.0,
+        "EsaCL: fraction of the expansion scope (esacl_expand_scope) re-entering the mask at each task start",
+        "[0, 1]",
+    )
+    esacl_expand_scope: str = choice(
+        "capacity",
+        "EsaCL: 'capacity' (expand only into the free capacity of the sparsity budget: training stays sparse) "
+        "or 'unused' (into every unused weight: dense training, the variant preset esacl-expand-all)",
+        ("capacity", "unused"),
+    )
+    esacl_freeze: str = choice(
+        "subnetwork",
+        "EsaCL: 'subnetwork' (Algorithm 1: after each task freeze every survivor of the pruning, the shared "
+        "parameters after the first task and the head rows of finished tasks) or 'quota' (freeze a per-task "
+        "share of the survivors only, the variant preset esacl-quota)",
+        ("subnetwork", "quota"),
     )
     esacl_reinit: str = choice(
-        "random", "EsaCL: values of re-entering weights: 'random' (default init) or 'zero'", ("random", "zero")
+        "random",
+        "EsaCL: values of re-entering weights: 'random' (uniform, at the RMS of the layer's initial kept weights) "
+        "or 'zero'",
+        ("random", "zero"),
     )
 
 
 CONFIG_KEYS: MappingProxyType = MappingProxyType(group_defaults(EsaCLConfig))
+
+# named variants of the defaults (which follow Algorithm 1): what the earlier defaults did, piece by piece
+ESACL_PRESETS: MappingProxyType = MappingProxyType(
+    {
+        # every unused weight re-enters at each task start, task 0 included: dense training
+        "esacl-expand-all": {"esacl_expand_scope": "unused", "esacl_expand": 1.0},
+        # a per-task share of the survivors frozen; the rest, the biases and the head stay trainable
+        "esacl-quota": {"esacl_freeze": "quota"},
+        # both: the behaviour of the runs committed before issue 17 (up to the re-initialisation scale)
+        "esacl-legacy": {"esacl_expand_scope": "unused", "esacl_expand": 1.0, "esacl_freeze": "quota"},
+    }
+)
 
 
 def check_config(cfg: dict) -> None:
@@ -229,10 +278,9 @@ def top_j(losses: torch.Tensor, frac: float) -> torch.Tensor:
     return torch.topk(losses.detach(), j, sorted=False).indices.sort().values
 
 
-def _reinit_values(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Fresh values from the default nn.Linear/nn.Conv2d initialisation, U(−1/√fan_in, 1/√fan_in)."""
-    fan_in = weight[0].numel()
-    bound = 1.0 / math.sqrt(fan_in)
+def _reinit_values(weight: torch.Tensor, generator: torch.Generator, rms: float) -> torch.Tensor:
+    """Fresh uniform values with root mean square ``rms``: U(−√3·rms, √3·rms)."""
+    bound = math.sqrt(3.0) * rms
     vals = torch.rand(weight.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
     return vals.to(device=weight.device, dtype=weight.dtype)
 
@@ -262,35 +310,47 @@ class EsaCLPlugin(Plugin):
         self.layers = sparsekern.sparse_modules(model)
         if not self.layers:
             raise ValueError("sparsity: EsaCL needs sparse layers to prune; expected a target sparsity > 0, got 0")
-        # kept budget and polytope radius per layer, fixed at the start of the run
+        self.model = model
+        self.freeze_mode = cfg["esacl_freeze"]
+        # kept budget, initial RMS and polytope radius per layer, fixed at the start of the run
         self.budget = {n: int(m.weight_mask.sum()) for n, m in self.layers}
-        self.radius = {}
+        self.init_rms, self.radius = {}, {}
         for n, m in self.layers:
             w = m.weight.detach()
             rms = float(w[m.weight_mask].pow(2).mean().sqrt()) if self.budget[n] else 0.0
             if rms == 0.0:
                 rms = 1.0 / math.sqrt(w[0].numel())
+            self.init_rms[n] = rms
             self.radius[n] = float(cfg["esacl_tau"]) * rms
         self.momentum: dict[str, torch.Tensor] = {}
         self.frozen_values: dict[str, torch.Tensor] = {}
+        self.shared = FrozenEntries(model)  # biases, norm layers, dense layers, head rows (esacl_freeze: subnetwork)
+        self.norm_frozen = False
         self.task = 0
 
     # ---------------------------------------------------------------- task boundaries
+    def free_capacity(self, name: str, layer) -> int:
+        """Weights the layer may still add within its budget: ``k − |mask|`` (``(1 − s) n`` in all, eq. 6.24)."""
+        return max(0, self.budget[name] - int(layer.weight_mask.sum()))
+
     @torch.no_grad()
     def begin_task(self, strategy: Strategy, task: int) -> None:
         self.task = task
         frac = float(self.cfg["esacl_expand"])
+        scope = self.cfg["esacl_expand_scope"]
         for i, (n, m) in enumerate(self.layers):
             g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 1_000_003 + task * 7919 + i)
             unused = ~m.weight_mask
-            if frac >= 1.0:
+            room = int(unused.sum()) if scope == "unused" else self.free_capacity(n, m)
+            n_grow = int(round(frac * room))
+            if n_grow >= int(unused.sum()):
                 grow = unused
             else:
                 score = torch.rand(m.weight.shape, generator=g).to(m.weight.device)
-                grow = pick(unused, int(round(frac * int(unused.sum()))), score, stable=False)
+                grow = pick(unused, n_grow, score, stable=False)
             m.set_mask(m.weight_mask | grow, grad_mask=m.grad_mask | grow)
             if self.cfg["esacl_reinit"] == "random":
-                vals = _reinit_values(m.weight, g)
+                vals = _reinit_values(m.weight, g, self.init_rms[n])
                 m.weight.copy_(torch.where(grow, vals, m.weight))
             frozen = m.weight_mask & ~m.grad_mask
             self.frozen_values[n] = m.weight.detach()[frozen].clone()
@@ -304,12 +364,29 @@ class EsaCLPlugin(Plugin):
             frozen = m.weight_mask & ~m.grad_mask
             trainable = m.grad_mask.clone()
             mag = m.weight.detach().abs()
-            keep = pick(trainable, k - int(frozen.sum()), mag, stable=False)
             quota = k if last else int(round(k * (task + 1) / self.n_tasks))
+            if self.freeze_mode == "subnetwork":
+                # prune to the task's share of the budget and freeze every survivor
+                newly = pick(trainable, quota - int(frozen.sum()), mag, stable=False)
+                m.set_mask(frozen | newly, grad_mask=torch.zeros_like(trainable))
+                continue
+            keep = pick(trainable, k - int(frozen.sum()), mag, stable=False)
             newly = pick(keep, quota - int(frozen.sum()), mag, stable=False)
             m.set_mask(frozen | keep, grad_mask=keep & ~newly)
+        if self.freeze_mode == "subnetwork":
+            self._freeze_shared(strategy, task)
         self.momentum = {}
         _fix_ewc(strategy, self.layers)
+
+    def _freeze_shared(self, strategy: Strategy, task: int) -> None:
+        """After the first task: every shared parameter and BatchNorm statistic; after each task: its head rows."""
+        if task == 0:
+            for name in shared_parameter_names(self.model, [n for n, _ in self.layers]):
+                self.shared.freeze(name)
+            self.norm_frozen = True
+        lo, hi = strategy.scenario.task_classes(task)
+        for name, rows in head_rows(self.model, lo, hi).items():
+            self.shared.freeze(name, rows)
 
     def n_stored_masks(self, strategy: Strategy) -> int | None:
         return 1
@@ -322,6 +399,8 @@ class EsaCLPlugin(Plugin):
         return F.cross_entropy(strategy.masked_logits(out, ctx.task), ctx.y, reduction="none")
 
     def select_batch(self, strategy: Strategy, ctx: StepContext) -> StepContext:
+        if self.norm_frozen:
+            freeze_norm_statistics(strategy.model)
         ctx.extra["esacl_full"] = (ctx.x, ctx.x_raw, ctx.y, ctx.uid)
         sse = self.sse and self.cfg["esacl_sse_frac"] < 1
         ere = self.ere and self.cfg["esacl_ere_frac"] < 1
@@ -338,13 +417,15 @@ class EsaCLPlugin(Plugin):
         """SAM's first pass on the support examples; leaves the model at θ + ε."""
         model = strategy.model
         x, y = (ctx.x, ctx.y) if idx is None else (ctx.x[idx], ctx.y[idx])
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         out = model(x)
         if idx is None:
             ctx.extra["esacl_logits"] = out.detach()
         loss = F.cross_entropy(strategy.masked_logits(out, ctx.task), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        eps = sam_perturbation(list(grads), self.rho)
+        grads = self.shared.mask_grads(zip((n for n, _ in named), grads))  # frozen entries are not perturbed
+        eps = sam_perturbation(grads, self.rho)
         saved = []
         with torch.no_grad():
             for p, e in zip(params, eps):
@@ -357,6 +438,7 @@ class EsaCLPlugin(Plugin):
         with torch.no_grad():
             for p, old in ctx.extra.pop("esacl_saved", []):
                 p.copy_(old)  # back to θ exactly; the gradient stays the one taken at θ + ε
+        self.shared.zero_grads()
         if not self.sp:
             return
         lr = float(self.cfg["lr"])
@@ -401,6 +483,7 @@ class EsaCLPlugin(Plugin):
                 if vals is not None and vals.numel():
                     frozen = m.weight_mask & ~m.grad_mask
                     m.weight.data[frozen] = vals
+            self.shared.restore()
         # the buffer gets the whole batch with its logits at θ (as DER++ stores them)
         x, x_raw, y, uid = ctx.extra.pop("esacl_full")
         logits = ctx.extra.pop("esacl_logits", None)
@@ -414,6 +497,9 @@ class EsaCLPlugin(Plugin):
             "frozen_values": {k: v.clone() for k, v in self.frozen_values.items()},
             "budget": dict(self.budget),
             "radius": dict(self.radius),
+            "init_rms": dict(self.init_rms),
+            "shared": self.shared.state_dict(),
+            "norm_frozen": self.norm_frozen,
             "task": self.task,
         }
 
@@ -422,6 +508,9 @@ class EsaCLPlugin(Plugin):
         self.frozen_values = {k: v.clone() for k, v in state["frozen_values"].items()}
         self.budget = dict(state["budget"])
         self.radius = dict(state["radius"])
+        self.init_rms = dict(state.get("init_rms", self.init_rms))
+        self.shared.load_state_dict(state.get("shared", {}))
+        self.norm_frozen = bool(state.get("norm_frozen", False))
         self.task = state["task"]
 
 

@@ -24,39 +24,69 @@ with TDM off the initial mask stays fixed.  With ``sparsity: 0`` (what ``compare
 method is its dense base strategy (ER or DER++), which is the comparison SparCL reports.
 
 Two presets, side by side (``preset: sparcl-paper`` / ``preset: sparcl-official``; config files
-``configs/sparcl_*.yaml``).  The paper's numeric settings that survive in its text are used as
-such; where the text does not give a value, the official code's value is used and marked (*):
+``configs/sparcl_*.yaml``).  The paper's settings that survive in its text are used as written;
+where the text gives no value, the official code's value is used and marked (*).  Checked against
+``PRIOR-ART.md`` (the official code, neu-spiral/SparCL) and ``papers/sparcl.txt``:
 
 ============================  ===================================  ====================================
 setting                       paper (``sparcl-paper``)             official code (``sparcl-official``)
 ============================  ===================================  ====================================
-sparse layers (ResNet-18)     all convs (``all_convs``)            3x3 convs in residual blocks only
-                                                                   (``block_convs``: stem, shortcuts,
-                                                                   head dense)
-initial mask                  random                               per-layer magnitude
-CWI gradients                 ``data``: α|∇ℓ̃| on current-task     ``last_batch``: one coefficient
-                              data + β|∇ℓ| on buffer data,         (α=β merged, 0.5) on the gradient
-                              separately, α=β=0.5 (*)              of the last minibatch's combined loss
-intra-task update             every δ=5 epochs, q=0.04 of active   same (prune s+1 %, regrow to s)
-                              weights (*), random zero regrowth
-inter-task update             expand λ=0.04 of unused (*),         same; mask frozen for the last
-                              warm-up 5 epochs (*)                 5 of 50 epochs
+sparse layers (ResNet-18)     all convs (``all_convs``): as        3x3 convs in residual blocks only
+                              written ("all convolutional          (``block_convs``: stem, shortcuts,
+                              layers")                             head dense)
+initial mask                  random: as written                   per-layer magnitude
+initial scale                 no rescale (``sparse_rescale:        same
+                              false``): neither rescales
+CWI gradients                 ``data``: α|∇ℓ̃(D_t)| on all of the   ``last_batch``: 0.5·|g|, g the
+                              task's data + β|∇ℓ(M)| on all of     gradient the last training step of
+                              the buffer (``importance_samples:    the combined loss computed (on the
+                              0``), as written; α=β=0.5 (*)        DGM mask G; no extra pass)
+current-batch loss            every logit                          other tasks' logits masked
+                                                                   (``mask_current_logits``)
+intra-task update             every δ=5 epochs, drop q=0.04 of     every 5 epochs, prune to s+1 point,
+                              active (*), random zero regrowth     regrow to s (``sparcl_mask_unit:
+                                                                   density``, 0.01)
+inter-task update             expand λ=0.04 of unused (*) from     +1 point of density at every task
+                              task 1, warm-up 5 epochs (*), then   start, task 0 included; after the
+                              drop back to s by CWI                5-epoch warm-up prune to s+1 point
+                                                                   and regrow to s
+mask frozen                   never                                from epoch 45 of 50 (no update at
+                                                                   or after ``epochs - freeze_last``)
 DDR count                     misclassifications per stage         forgetting events (correct →
                                                                    incorrect); never-learned kept
 DDR schedule                  ρ=30 % in equal steps, cutoff        same (750 of 10 000 at epochs
                               stage 4                              5, 10, 15, 20)
-DGM                           drop 20 % of active gradients        keep top 20 % of |grad| of each
-                              (gradient sparsity 0.80 at s=0.75,   tensor every 30 iterations
-                              0.92 at s=0.90), every 30 its (*)    (≈ the same 0.80 at s=0.75)
-DER++ α / β                   0.3 / 0.5 (the core's defaults)      0.1 / 0.5
-optimizer                     SGD lr 0.03, batch 32                SGD lr 0.03 constant, batch 32
+DGM                           drop 20 % of active gradients        keep the top 20 % of each tensor's
+                              (gradient sparsity 0.80 at s=0.75,   entries by |grad| (``keep_tensor``)
+                              0.92 at s=0.90), every 30 its (*)    every 30 iterations
+DER++ α / β                   0.2 / 0.5: the paper takes DER++'s   0.1 / 0.5
+                              best seq-CIFAR-10 setting (its ref.
+                              8, buffer 500)
+optimizer                     SGD lr 0.03, batch 32                SGD lr 0.03 constant, no momentum or
+                                                                   weight decay, batch 32
 ============================  ===================================  ====================================
+
+Remaining differences from the official code (``sparcl-official``), each unavoidable or unchecked:
+
+- the gradient the last step computed is restricted to the DGM mask G by our kernels (the
+  official code masks a dense gradient; whether its mask update reads it before or after that
+  masking is unchecked);
+- DER++ stores the current batch's unmasked logits (unchecked in the official code);
+- whether the official warm-up also runs at task 0 is read from its per-task epoch schedule in
+  ``PRIOR-ART.md`` (epochs 0–4 at s−1 point), not from its source;
+- dataset, buffer size (500) and epochs (50) are not part of the presets (``configs/sparcl_*.yaml``);
+- the official code measures no FLOPs; ours are counted from what ran (:mod:`sparsekern_cl.flops`).
+
+Remaining differences from the paper (``sparcl-paper``): the values marked (*) come from the
+official code because the text lost them; the end of the warm-up drops back to s without a random
+regrowth (``sparcl_warmup_end: shrink``, our reading of "remove the weights with least CWI ... to
+satisfy the sparsity constraint").
 
 The gradient importance of DGM (the paper's CGI) is the magnitude of the gradient of the
 strategy's training loss on the refresh step's batch (current batch plus replay terms), in both
-presets; the CWI's gradients are computed on all of ``M`` (the gradient mask is lifted for that
-pass) with the model in eval mode, so BatchNorm statistics do not move.  Every extra pass runs
-while the FLOP counter is active, so it is counted.
+presets; the ``data`` CWI's gradients are computed on all of ``M`` (the gradient mask is lifted
+for that pass) with the model in eval mode, so BatchNorm statistics do not move.  Every extra
+pass runs while the FLOP counter is active, so it is counted.
 
 Example:
     >>> import sparsekern_cl
@@ -91,6 +121,7 @@ __all__ = [
     "expand_mask",
     "shrink_mask",
     "top_gradient_mask",
+    "top_tensor_gradient_mask",
     "removal_schedule",
     "select_removal",
     "TaskAwareDynamicMasking",
@@ -126,14 +157,29 @@ class SparCLConfig:
     )
     sparcl_cwi_beta: float = number(0.5, "SparCL: CWI weight β of the buffer gradient (importance=data)", "[0, inf]")
     sparcl_importance_samples: int = integer(
-        256, "SparCL: examples of the task and of the buffer used for the CWI gradients", min=1
+        256, "SparCL: examples of the task and of the buffer used for the CWI gradients (0: all of them)", min=0
     )
     sparcl_delta: int = integer(5, "SparCL: epochs per mask-update stage (δ)", min=1)
     sparcl_shrink: float = number(
         0.04, "SparCL: fraction q of active weights dropped (and regrown) at an intra-task update", "[0, 1)"
     )
     sparcl_expand: float = number(0.04, "SparCL: fraction λ of unused weights added at a task switch", "[0, 1)")
+    sparcl_mask_unit: str = choice(
+        "relative",
+        "SparCL: unit of sparcl_shrink and sparcl_expand: relative (q of the active weights, λ of the unused "
+        "ones) or density (points of the layer's density, i.e. fractions of all its weights: the official code)",
+        ("relative", "density"),
+    )
     sparcl_warmup: int = integer(5, "SparCL: epochs at the lower sparsity after a task switch", min=1)
+    sparcl_warmup_first_task: bool = flag(
+        False, "SparCL: the first task also starts with the expansion and the warm-up (the official code)"
+    )
+    sparcl_warmup_end: str = choice(
+        "shrink",
+        "SparCL: end of the warm-up: shrink (drop the lowest-CWI weights back to s) or shrink_expand "
+        "(drop past s by one intra-task step and regrow that many at random: the official code)",
+        ("shrink", "shrink_expand"),
+    )
     sparcl_freeze_last: int = integer(0, "SparCL: last epochs of each task without mask updates", min=0)
     sparcl_ddr_ratio: float = number(0.3, "SparCL: fraction ρ of each task's examples removed by the cutoff", "[0, 1)")
     sparcl_ddr_cutoff: int = integer(4, "SparCL: stage after which no more examples are removed", min=1)
@@ -143,6 +189,17 @@ class SparCLConfig:
         ("misclassified", "forgetting"),
     )
     sparcl_dgm_drop: float = number(0.2, "SparCL: fraction of active weights whose gradient DGM removes", "[0, 1)")
+    sparcl_dgm_rule: str = choice(
+        "drop_active",
+        "SparCL: DGM rule: drop_active (remove sparcl_dgm_drop of the active weights' gradients) or "
+        "keep_tensor (keep the top sparcl_dgm_keep of each tensor's entries by |grad|: the official code)",
+        ("drop_active", "keep_tensor"),
+    )
+    sparcl_dgm_keep: float = number(
+        0.2,
+        "SparCL: fraction of each tensor's entries whose gradient DGM keeps (sparcl_dgm_rule: keep_tensor)",
+        "(0, 1]",
+    )
     sparcl_dgm_interval: int = integer(30, "SparCL: iterations between gradient-mask refreshes", min=1)
 
 
@@ -153,41 +210,54 @@ SPARCL_PRESETS: MappingProxyType = MappingProxyType(
     {
         "sparcl-paper": {
             "sparse_init": "random",
+            "sparse_rescale": False,
             "sparcl_layers": "all_convs",
             "sparcl_importance": "data",
             "sparcl_cwi_alpha": 0.5,
             "sparcl_cwi_beta": 0.5,
+            "sparcl_importance_samples": 0,
             "sparcl_delta": 5,
             "sparcl_shrink": 0.04,
             "sparcl_expand": 0.04,
+            "sparcl_mask_unit": "relative",
             "sparcl_warmup": 5,
+            "sparcl_warmup_first_task": False,
+            "sparcl_warmup_end": "shrink",
             "sparcl_freeze_last": 0,
             "sparcl_ddr_ratio": 0.3,
             "sparcl_ddr_cutoff": 4,
             "sparcl_ddr_count": "misclassified",
+            "sparcl_dgm_rule": "drop_active",
             "sparcl_dgm_drop": 0.2,
             "sparcl_dgm_interval": 30,
-            "alpha": 0.3,
+            "mask_current_logits": False,
+            "alpha": 0.2,
             "beta": 0.5,
             "lr": 0.03,
             "batch_size": 32,
         },
         "sparcl-official": {
             "sparse_init": "magnitude",
+            "sparse_rescale": False,
             "sparcl_layers": "block_convs",
             "sparcl_importance": "last_batch",
             "sparcl_cwi_alpha": 0.5,
             "sparcl_cwi_beta": 0.0,
             "sparcl_delta": 5,
-            "sparcl_shrink": 0.04,
-            "sparcl_expand": 0.04,
+            "sparcl_shrink": 0.01,
+            "sparcl_expand": 0.01,
+            "sparcl_mask_unit": "density",
             "sparcl_warmup": 5,
+            "sparcl_warmup_first_task": True,
+            "sparcl_warmup_end": "shrink_expand",
             "sparcl_freeze_last": 5,
             "sparcl_ddr_ratio": 0.3,
             "sparcl_ddr_cutoff": 4,
             "sparcl_ddr_count": "forgetting",
-            "sparcl_dgm_drop": 0.2,
+            "sparcl_dgm_rule": "keep_tensor",
+            "sparcl_dgm_keep": 0.2,
             "sparcl_dgm_interval": 30,
+            "mask_current_logits": True,
             "alpha": 0.1,
             "beta": 0.5,
             "lr": 0.03,
@@ -218,24 +288,40 @@ def shrink_mask(mask: torch.Tensor, score: torch.Tensor, n_keep: int) -> torch.T
     return mask & ~pick(mask, n_active - n_keep, score, largest=False)
 
 
-def expand_mask(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Add ``round(fraction * #unused)`` unused entries at random (the inter-task expansion)."""
+def expand_mask(
+    mask: torch.Tensor, fraction: float, generator: torch.Generator, unit: str = "relative"
+) -> torch.Tensor:
+    """Add ``round(fraction * #unused)`` unused entries at random (the inter-task expansion).
+
+    ``unit="density"``: ``round(fraction * #entries)`` instead (``fraction`` points of density).
+    """
     unused = ~mask
-    return mask | pick(unused, round(fraction * int(unused.sum())), generator=generator)
+    base = mask.numel() if unit == "density" else int(unused.sum())
+    return mask | pick(unused, round(fraction * base), generator=generator)
 
 
 def shrink_and_expand(
-    mask: torch.Tensor, score: torch.Tensor, fraction: float, generator: torch.Generator
+    mask: torch.Tensor,
+    score: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    *,
+    n_keep: int | None = None,
+    unit: str = "relative",
 ) -> tuple[torch.Tensor, int]:
-    """Intra-task update: drop ``round(fraction * #active)`` lowest-score entries, regrow as many at random.
+    """Intra-task update: drop the lowest-score entries, regrow ``n`` at random; returns ``(new mask, n)``.
 
+    ``n = round(fraction * #active)`` (``unit="density"``: ``round(fraction * #entries)``).  The mask
+    ends with ``n_keep`` entries (default: as many as it has): ``#active - n_keep + n`` are dropped.
     Regrowth draws from the entries unused *before* the drop (so the update changes the mask); only
-    if there are too few does it also draw from the entries just dropped.  The count is unchanged.
-    Returns ``(new mask, number swapped)``.
+    if there are too few does it also draw from the entries just dropped.
     """
-    n = round(fraction * int(mask.sum()))
-    n = min(n, int(mask.sum()))
-    dropped = pick(mask, n, score, largest=False)  # equal scores: lowest index first
+    active = int(mask.sum())
+    n_keep = active if n_keep is None else n_keep
+    n = round(fraction * (mask.numel() if unit == "density" else active))
+    n = max(0, min(n, n_keep))
+    n_drop = min(active - n_keep + n, active)
+    dropped = pick(mask, n_drop, score, largest=False)  # equal scores: lowest index first
     kept = mask & ~dropped
     grow = pick(~mask, n, generator=generator)
     short = n - int(grow.sum())
@@ -247,6 +333,11 @@ def shrink_and_expand(
 def top_gradient_mask(mask: torch.Tensor, score: torch.Tensor, drop: float) -> torch.Tensor:
     """Gradient mask inside ``mask``: drop the ``round(drop * #active)`` entries of lowest ``score``."""
     return mask & ~pick(mask, round(drop * int(mask.sum())), score, largest=False)
+
+
+def top_tensor_gradient_mask(mask: torch.Tensor, score: torch.Tensor, keep: float) -> torch.Tensor:
+    """Gradient mask inside ``mask``: the ``round(keep * #entries)`` entries of highest ``score`` (at most all of ``mask``)."""
+    return pick(mask, round(keep * mask.numel()), score, largest=True)
 
 
 def removal_schedule(n: int, ratio: float, cutoff: int) -> list[int]:
@@ -318,7 +409,7 @@ class TaskAwareDynamicMasking(Plugin):
         self.generator = torch.Generator().manual_seed(int(cfg["seed"]) * 7727 + 11)
         self.targets = {n: int(m.weight_mask.sum()) for n, m in sparsekern.sparse_modules(model)}
         self.in_warmup = False
-        self.last_ctx: StepContext | None = None
+        self.last_grads: list[torch.Tensor | None] | None = None  # the last training step's weight gradients
         self.history: list[dict] = []  # one record per mask change (task, epoch, kind, counts)
 
     # -- importance
@@ -327,11 +418,10 @@ class TaskAwareDynamicMasking(Plugin):
         c = self.cfg
         layers = _layers(strategy)
         g_cur = g_buf = None
-        with _FullGradients(strategy):
-            if c["sparcl_importance"] == "last_batch":
-                if self.last_ctx is not None:
-                    g_cur = _weight_grads(strategy, strategy.loss(self.last_ctx))
-            else:
+        if c["sparcl_importance"] == "last_batch":
+            g_cur = self.last_grads  # no extra pass: the gradient the last step computed
+        else:
+            with _FullGradients(strategy):
                 g_cur = self._current_task_grads(strategy, task)
                 g_buf = self._buffer_grads(strategy)
         a, b = c["sparcl_cwi_alpha"], c["sparcl_cwi_beta"]
@@ -342,27 +432,40 @@ class TaskAwareDynamicMasking(Plugin):
             for i, (_, m) in enumerate(layers)
         ]
 
+    def _sample(self, n: int) -> torch.Tensor:
+        k = self.cfg["sparcl_importance_samples"]
+        if k == 0:
+            return torch.arange(n)  # all of them (the paper's ∇ℓ̃(D_t) and ∇ℓ(M))
+        return torch.randperm(n, generator=self.generator)[: min(k, n)]
+
+    def _mean_grads(self, strategy: Strategy, x_raw, sel: torch.Tensor, loss_fn) -> list[torch.Tensor]:
+        """Gradient of the mean loss over the examples ``sel``, in chunks of ``eval_batch_size``."""
+        total = None
+        bs = int(self.cfg["eval_batch_size"])
+        for s in range(0, sel.numel(), bs):
+            part = sel[s : s + bs]
+            x = strategy.scenario.preprocess(x_raw[part], train=False).to(strategy.device)
+            g = _weight_grads(strategy, loss_fn(strategy.model(x), part) * (part.numel() / sel.numel()))
+            total = g if total is None else [a + b for a, b in zip(total, g)]
+        return total
+
     def _current_task_grads(self, strategy: Strategy, task: int) -> list[torch.Tensor]:
         data = strategy.scenario.train[task]
-        n = min(self.cfg["sparcl_importance_samples"], len(data))
-        sel = torch.randperm(len(data), generator=self.generator)[:n]
-        x = strategy.scenario.preprocess(data.x[sel], train=False).to(strategy.device)
-        y = data.y[sel].to(strategy.device)
+        sel = self._sample(len(data))
         lo, hi = strategy.scenario.task_classes(task)
+        y = data.y.to(strategy.device)
         # single-head cross-entropy: only the current task's logits compete
-        loss = F.cross_entropy(strategy.model(x)[:, lo:hi], y - lo)
-        return _weight_grads(strategy, loss)
+        return self._mean_grads(strategy, data.x, sel, lambda out, part: F.cross_entropy(out[:, lo:hi], y[part] - lo))
 
     def _buffer_grads(self, strategy: Strategy) -> list[torch.Tensor] | None:
         buf = getattr(strategy, "buffer", None)
         if buf is None or buf.is_empty():
             return None
-        k = len(buf)
-        sel = torch.randperm(k, generator=self.generator)[: min(self.cfg["sparcl_importance_samples"], k)]
-        x = strategy.scenario.preprocess(buf.x[sel], train=False).to(strategy.device)
-        y, t = buf.y[sel].to(strategy.device), buf.task[sel]
-        loss = F.cross_entropy(strategy.masked_logits(strategy.model(x), t), y)
-        return _weight_grads(strategy, loss)
+        sel = self._sample(len(buf))
+        y, t = buf.y[: len(buf)].to(strategy.device), buf.task[: len(buf)]
+        return self._mean_grads(
+            strategy, buf.x, sel, lambda out, part: F.cross_entropy(strategy.masked_logits(out, t[part]), y[part])
+        )
 
     # -- mask changes
     def _apply(self, strategy: Strategy, layer: nn.Module, new: torch.Tensor) -> int:
@@ -376,52 +479,70 @@ class TaskAwareDynamicMasking(Plugin):
         scores = self.importance(strategy, task)
         rec = {"task": task, "epoch": epoch, "kind": "shrink_expand", "removed": 0, "regrown": 0}
         for (_, m), s in zip(_layers(strategy), scores):
-            new, n = shrink_and_expand(m.weight_mask, s, self.cfg["sparcl_shrink"], self.generator)
+            new, n = shrink_and_expand(
+                m.weight_mask, s, self.cfg["sparcl_shrink"], self.generator, unit=self.cfg["sparcl_mask_unit"]
+            )
             rec["removed"] += n
             rec["regrown"] += self._apply(strategy, m, new)
         self.history.append(rec)
 
-    def shrink_to_target(self, strategy: Strategy, task: int, epoch: int) -> None:
+    def shrink_to_target(self, strategy: Strategy, task: int, epoch: int, regrow: bool = False) -> None:
+        """Drop the lowest-CWI weights back to the target count (``regrow``: past it by one intra-task
+        step, then regrow that many at random, as the official code's update at the warm-up's end)."""
         scores = self.importance(strategy, task)
         rec = {"task": task, "epoch": epoch, "kind": "shrink", "removed": 0, "regrown": 0}
         for (name, m), s in zip(_layers(strategy), scores):
             before = int(m.weight_mask.sum())
-            self._apply(strategy, m, shrink_mask(m.weight_mask, s, self.targets[name]))
-            rec["removed"] += before - int(m.weight_mask.sum())
+            if regrow:
+                new, _ = shrink_and_expand(
+                    m.weight_mask,
+                    s,
+                    self.cfg["sparcl_shrink"],
+                    self.generator,
+                    n_keep=self.targets[name],
+                    unit=self.cfg["sparcl_mask_unit"],
+                )
+            else:
+                new = shrink_mask(m.weight_mask, s, self.targets[name])
+            grown = self._apply(strategy, m, new)
+            rec["regrown"] += grown
+            rec["removed"] += before - int(m.weight_mask.sum()) + grown
         self.history.append(rec)
         self.in_warmup = False
 
     # -- hooks
     def begin_task(self, strategy: Strategy, task: int) -> None:
-        self.last_ctx = None
-        if task == 0 or self.cfg["sparcl_expand"] == 0:
+        self.last_grads = None
+        first = task == 0 and not self.cfg["sparcl_warmup_first_task"]
+        if first or self.cfg["sparcl_expand"] == 0:
             return
         rec = {"task": task, "epoch": -1, "kind": "expand", "removed": 0, "regrown": 0}
         for _, m in _layers(strategy):
-            rec["regrown"] += self._apply(
-                strategy, m, expand_mask(m.weight_mask, self.cfg["sparcl_expand"], self.generator)
-            )
+            new = expand_mask(m.weight_mask, self.cfg["sparcl_expand"], self.generator, self.cfg["sparcl_mask_unit"])
+            rec["regrown"] += self._apply(strategy, m, new)
         self.history.append(rec)
         self.in_warmup = True
 
-    def after_step(self, strategy: Strategy, ctx: StepContext) -> None:
-        self.last_ctx = ctx
+    def after_backward(self, strategy: Strategy, ctx: StepContext) -> None:
+        # references, not copies: the next step's backward allocates new gradients (zero_grad(set_to_none))
+        self.last_grads = [m.weight.grad for _, m in _layers(strategy)]
 
     def end_epoch(self, strategy: Strategy, task: int, epoch: int) -> None:
         c = self.cfg
         epochs, done = c["epochs"], epoch + 1
         if self.in_warmup:
             if done >= min(c["sparcl_warmup"], epochs) or done == epochs:
-                self.shrink_to_target(strategy, task, epoch)
+                self.shrink_to_target(strategy, task, epoch, regrow=c["sparcl_warmup_end"] == "shrink_expand")
             return
-        update = done % c["sparcl_delta"] == 0 and done < epochs and done <= epochs - c["sparcl_freeze_last"]
+        # no update from epoch `epochs - freeze_last` on (the mask is frozen for the last freeze_last epochs)
+        update = done % c["sparcl_delta"] == 0 and done < epochs - c["sparcl_freeze_last"]
         if update and c["sparcl_shrink"] > 0:
             self.shrink_expand(strategy, task, epoch)
 
     def end_task(self, strategy: Strategy, task: int) -> None:
         if self.in_warmup:  # a task shorter than the warm-up still ends at the target sparsity
             self.shrink_to_target(strategy, task, self.cfg["epochs"] - 1)
-        self.last_ctx = None
+        self.last_grads = None
 
     def report(self, strategy: Strategy) -> dict:
         return {"mask_updates": list(self.history)}
@@ -494,7 +615,7 @@ class DynamicDataRemoval(Plugin):
         if ctx.logits is None or self.kept is None:
             return
         n = ctx.y.shape[0]
-        pred = strategy.masked_logits(ctx.logits[:n], ctx.task).argmax(1).cpu()
+        pred = strategy.current_logits(ctx.logits[:n], ctx.task).argmax(1).cpu()
         correct = pred == ctx.y.cpu()
         loc = torch.searchsorted(self.uid_sorted, ctx.uid.cpu())
         pos = self.uid_pos[loc.clamp(max=self.uid_sorted.numel() - 1)]
@@ -600,7 +721,10 @@ class DynamicGradientMasking(Plugin):
             for _, m in _layers(strategy):
                 if m.weight.grad is None:
                     continue
-                g = top_gradient_mask(m.weight_mask, m.weight.grad.abs(), self.cfg["sparcl_dgm_drop"])
+                if self.cfg["sparcl_dgm_rule"] == "keep_tensor":
+                    g = top_tensor_gradient_mask(m.weight_mask, m.weight.grad.abs(), self.cfg["sparcl_dgm_keep"])
+                else:
+                    g = top_gradient_mask(m.weight_mask, m.weight.grad.abs(), self.cfg["sparcl_dgm_drop"])
                 m.set_grad_mask(g)
                 m.weight.grad.masked_fill_(~g, 0.0)
             self.refreshing = False
@@ -678,6 +802,7 @@ def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
         backend=cfg["backend"],
         keep_dense=[n for n in names if n not in want],
         seed=cfg["seed"],
+        rescale=cfg["sparse_rescale"],
     )
     model.to(device)
 

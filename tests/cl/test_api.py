@@ -6,7 +6,7 @@ import pathlib
 import sparsekern
 import sparsekern_cl
 
-PUBLIC_MODULES = {"masks", "convert", "formats", "models", "optim", "choice"}
+PUBLIC_MODULES = {"masks", "convert", "formats", "models", "optim", "choice", "env"}
 ALLOWED = set(sparsekern.__all__) | PUBLIC_MODULES | {"__version__"}
 
 

@@ -149,15 +149,16 @@ class _Spy(sparsekern_cl.Plugin):
     """Records every sparse layer's weights and the task's head at each task end."""
 
     def __init__(self):
-        self.weights, self.heads = [], []
+        self.weights, self.heads, self.params = [], [], []
 
     def end_task(self, s, t):
         self.weights.append({n: m.weight.detach().clone() for n, m in sparsekern.sparse_modules(s.model)})
         self.heads.append({k: v.detach().clone() for k, v in s.model.head.state_dict().items()})
+        self.params.append({k: v.detach().clone() for k, v in s.model.named_parameters()})
 
 
-@pytest.fixture(scope="module")
-def spied_run():
+@pytest.fixture(scope="module", params=["shared", "private"])
+def spied_run(request):
     spy = _Spy()
     plugins = {}
 
@@ -167,7 +168,9 @@ def spied_run():
 
     sparsekern_cl.register_method("dst_spy", "finetune", make)
     try:
-        res = sparsekern_cl.run({**TINY, "method": "dst_spy", "dst_growth": "gradient"})
+        res = sparsekern_cl.run(
+            {**TINY, "method": "dst_spy", "dst_growth": "gradient", "dst_task_params": request.param}
+        )
     finally:
         sparsekern_cl.STRATEGIES.pop("dst_spy")
     return res, spy, plugins["dst"]
@@ -199,21 +202,63 @@ def test_task_il_evaluation_uses_the_tasks_mask_and_head(spied_run):
         for n, m in layers.items():
             assert torch.equal(m.weight_mask, plugin.masks[0][n])
         for k, v in model.head.state_dict().items():
-            assert torch.equal(v, spy.heads[0][k])
+            if plugin.private:
+                assert torch.equal(v, spy.heads[0][k])
+            else:  # shared head: task 0's rows frozen since task 0 ended
+                assert torch.equal(v[:2], spy.heads[0][k][:2])
         x = torch.randn(4, 1, 6, 6)
         as_task0 = model(x)
     # the same function built by hand from task 0's stored masks, weights and parameters
     h = x.flatten(1)
-    st = plugin.task_states[0]
+    st = plugin.task_states[0] if plugin.private else spy.params[0]
     for n in ("fc1", "fc2"):
         h = torch.relu(h @ (spy.weights[0][n] * plugin.masks[0][n]).t() + st[f"{n}.bias"])
-    torch.testing.assert_close(as_task0, h @ st["head.weight"].t() + st["head.bias"])
+    torch.testing.assert_close(as_task0[:, :2], (h @ st["head.weight"].t() + st["head.bias"])[:, :2])
     # restored afterwards
     for n, m in layers.items():
         assert torch.equal(m.weight_mask, current[n])
     for k, v in model.head.state_dict().items():
         assert torch.equal(v, head_now[k])
     assert plugin.eval_task(None, 7) is None  # an untrained task runs on the current network
+
+
+def test_shared_parameters_freeze_after_the_first_task(spied_run):
+    res, spy, plugin = spied_run
+    if plugin.private:  # a copy of everything outside the sparse weights per task, counted in the capacity
+        assert len(plugin.task_states) == 3 and not plugin.shared.where
+        per_task = sum(v.numel() for v in plugin.task_states[0].values())
+        total = sum(w.numel() for w in spy.weights[-1].values()) + 24 * 6
+        assert res["model_capacity"] >= 1 - res["model_sparsity"] + 0.25 * 3 / 32 + 2 * per_task / total
+        return
+    assert plugin.task_states == []  # nothing stored per task but the masks
+    first = spy.params[0]
+    for later in spy.params[1:]:
+        for k in ("fc1.bias", "fc2.bias"):
+            assert torch.equal(later[k], first[k])  # frozen since the first task
+    for t in range(3):  # each task's head rows never move once the task is done
+        lo, hi = 2 * t, 2 * (t + 1)
+        for later in spy.params[t:]:
+            assert torch.equal(later["head.weight"][lo:hi], spy.params[t]["head.weight"][lo:hi])
+    assert not torch.equal(spy.params[1]["head.weight"][2:4], first["head.weight"][2:4])  # later rows learn
+    # capacity: the stored masks plus every earlier weight outside the current mask
+    total = sum(w.numel() for w in spy.weights[-1].values()) + 24 * 6
+    outside = sum(int((plugin.used[n] & ~plugin.masks[-1][n]).sum()) for n in plugin.masks[-1])
+    assert res["model_capacity"] == pytest.approx(1 - res["model_sparsity"] + 0.25 * 3 / 32 + outside / total)
+
+
+def test_batchnorm_statistics_freeze_after_the_first_task():
+    cfg = {**TINY, "backbone": "resnet18", "nf": 2, "synthetic": {**TINY["synthetic"], "shape": [3, 8, 8]}}
+    _, scenario, model, strategy, _, plugin = _setup(**{k: v for k, v in cfg.items() if k != "method"})
+    bn = model.bn1
+    data = scenario.train[0]
+    for t in range(2):
+        strategy.begin_task(t)
+        stats = bn.running_mean.clone()
+        model.train()
+        data = scenario.train[t]
+        strategy.observe(strategy.transform(data.x[:8]), data.x[:8], data.y[:8], t, data.uid[:8])
+        assert torch.equal(bn.running_mean, stats) == (t == 1)  # moves during task 0 only
+        strategy.end_task(t)
 
 
 def test_evaluate_switches_per_task():
@@ -247,7 +292,7 @@ def test_end_to_end_each_growth(growth):
     usage = [h["usage"] for h in rep["tasks"]]
     assert usage == sorted(usage) and 0.5 <= usage[0] < usage[-1] <= 1.0
     assert set(rep["usage_per_layer"]) == {"fc1", "fc2"}
-    assert res["model_capacity"] == pytest.approx(1 - res["model_sparsity"] + 0.25 * 3 / 32)
+    assert res["model_capacity"] >= 1 - res["model_sparsity"] + 0.25 * 3 / 32  # + earlier weights outside the mask
     extra = res["flops_breakdown"]["counted"].get("dense_grad", 0.0)
     chosen = {g for h in rep["tasks"] for g in h["growth"].values()}
     assert (extra > 0) == bool(chosen & {"gradient", "momentum"})

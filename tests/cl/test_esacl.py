@@ -155,9 +155,13 @@ def _train_task(strategy, scenario, t, epochs=2):
     strategy.end_task(t)
 
 
+LEGACY = {"esacl_freeze": "quota", "esacl_expand_scope": "unused"}  # the preset esacl-legacy
+
+
 @pytest.mark.parametrize("method", ["esacl_derpp", "esacl_ewc"])
-def test_task_end_prunes_to_exactly_s_and_frozen_weights_never_change(method):
-    cfg, scenario, model, strategy, _ = _setup(method=method)
+def test_quota_variant_prunes_to_exactly_s_and_frozen_weights_never_change(method):
+    cfg, scenario, model, strategy, _ = _setup(method=method, preset="esacl-legacy")
+    assert {k: cfg[k] for k in LEGACY} == LEGACY
     layers = sparsekern.sparse_modules(model)
     budget = {n: int(m.weight_mask.sum()) for n, m in layers}
     snapshots = []
@@ -195,7 +199,9 @@ def test_task_end_prunes_to_exactly_s_and_frozen_weights_never_change(method):
 
 
 def test_partial_expansion_and_zero_reinit():
-    cfg, scenario, model, strategy, _ = _setup(method="esacl_er", esacl_expand=0.5, esacl_reinit="zero")
+    cfg, scenario, model, strategy, _ = _setup(
+        method="esacl_er", esacl_expand=0.5, esacl_reinit="zero", esacl_expand_scope="unused"
+    )
     layers = sparsekern.sparse_modules(model)
     before = {n: int(m.weight_mask.sum()) for n, m in layers}
     strategy.begin_task(0)
@@ -283,3 +289,91 @@ def test_resume_is_exact(tmp_path):
 def test_bad_settings_name_the_key(key, value, msg):
     with pytest.raises(ValueError, match=msg):
         sparsekern_cl.run({**TINY, "method": "esacl_er", key: value})
+
+
+# --------------------------------------------------------------------------- Algorithm 1 (the defaults)
+def _frozen_snapshot(model, layers, plugin):
+    snap = {n: (m.weight_mask & ~m.grad_mask, m.weight.detach().clone()) for n, m in layers}
+    shared = {
+        n: (w.clone(), dict(model.named_parameters())[n].detach().clone()) for n, w in plugin.shared.where.items()
+    }
+    return snap, shared
+
+
+def _assert_unmoved(model, layers, snapshot):
+    snap, shared = snapshot
+    params = dict(model.named_parameters())
+    for n, m in layers:
+        f, w = snap[n]
+        assert bool((m.weight_mask[f]).all()) and not bool(m.grad_mask[f].any())
+        assert torch.equal(m.weight.detach()[f], w[f])
+    for n, (where, w) in shared.items():
+        assert torch.equal(params[n].detach()[where], w[where]), n
+
+
+@pytest.mark.parametrize("method", ["esacl_derpp", "esacl_ewc"])
+def test_subnetwork_freeze_keeps_every_frozen_parameter_still(method):
+    cfg, scenario, model, strategy, _ = _setup(method=method, momentum=0.9)
+    assert cfg["esacl_freeze"] == "subnetwork" and cfg["esacl_expand_scope"] == "capacity"
+    plugin = strategy.plugins[0]
+    layers = sparsekern.sparse_modules(model)
+    budget = dict(plugin.budget)
+    snapshots = []
+    for t in range(3):
+        _train_task(strategy, scenario, t)
+        for snap in snapshots:  # what earlier tasks froze never moved while this task trained
+            _assert_unmoved(model, layers, snap)
+        quota = {n: budget[n] if t == 2 else round(budget[n] * (t + 1) / 3) for n in budget}
+        for n, m in layers:
+            # pruned to the task's share of the budget, every survivor frozen
+            assert int(m.weight_mask.sum()) == quota[n] and not bool(m.grad_mask.any())
+        # after the first task: every shared parameter (here the biases) frozen whole, and the head rows of task t
+        lo, hi = scenario.task_classes(t)
+        assert plugin.shared.where["fc1.bias"].all() and plugin.shared.where["head.weight"][lo:hi].all()
+        assert not plugin.shared.where["head.weight"][hi:].any()
+        snapshots.append(_frozen_snapshot(model, layers, plugin))
+        if t < 2:
+            strategy.begin_task(t + 1)
+            for n, m in layers:
+                # expansion fills the free capacity of the budget exactly: training stays at sparsity s
+                assert int(m.weight_mask.sum()) == budget[n]
+                new = m.grad_mask
+                assert int(new.sum()) == budget[n] - quota[n] and not bool((new & snapshots[-1][0][n][0]).any())
+    _assert_unmoved(model, layers, snapshots[-1])
+
+
+def test_reinitialised_weights_have_the_scale_of_the_initial_kept_weights():
+    # sparse_rescale scales the initial kept weights up; re-entering ones must come at the same scale, so
+    # the magnitude pruning at the task end compares like with like
+    cfg, scenario, model, strategy, _ = _setup(method="esacl_er", sparsity=0.5, mlp_hidden=[200])
+    plugin = strategy.plugins[0]
+    _train_task(strategy, scenario, 0, epochs=1)
+    strategy.begin_task(1)
+    for n, m in sparsekern.sparse_modules(model):
+        new = m.grad_mask
+        vals = m.weight.detach()[new]
+        rms = float(vals.pow(2).mean().sqrt())
+        assert rms == pytest.approx(plugin.init_rms[n], rel=0.1)
+        assert float(vals.abs().max()) <= math.sqrt(3) * plugin.init_rms[n] + 1e-6
+
+
+def test_default_trains_sparse_and_costs_less_than_dense():
+    base = {**TINY, "method": "esacl_derpp", "sparsity": 0.8, "mlp_hidden": [60]}
+    sparse = sparsekern_cl.run(base)
+    dense = sparsekern_cl.run({**base, "method": "derpp", "sparsity": 0.0})
+    # SAM's two passes and the ranking forward cost less than the dense DER++ step at 20 % density
+    assert sparse["train_flops"] < 0.5 * dense["train_flops"]
+    assert sparse["train_flops"] < 0.5 * sparse["dense_train_flops"]
+    # re-densifying at each task start (the earlier default) costs about as much as dense DER++
+    everywhere = sparsekern_cl.run({**base, "preset": "esacl-expand-all"})
+    assert everywhere["config"]["esacl_expand_scope"] == "unused"
+    assert everywhere["train_flops"] > 0.9 * dense["train_flops"]
+
+
+def test_quota_variant_preset_keeps_survivors_trainable():
+    cfg, scenario, model, strategy, _ = _setup(method="esacl_er", preset="esacl-quota")
+    assert cfg["esacl_freeze"] == "quota" and cfg["esacl_expand_scope"] == "capacity"
+    _train_task(strategy, scenario, 0, epochs=1)
+    for n, m in sparsekern.sparse_modules(model):
+        assert int(m.weight_mask.sum()) == strategy.plugins[0].budget[n] and bool(m.grad_mask.any())
+    assert not strategy.plugins[0].shared.where  # biases and head stay trainable

@@ -63,3 +63,14 @@ def test_sparcl_tables(tmp_path, monkeypatch, capsys):
         shutil.copy(os.path.join(RESULTS, f"cl_sparcl_{preset}.csv"), tmp_path)
         mod.main([*args, "--table-only", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
         _same(tmp_path, f"cl_sparcl_{preset}.md")
+
+
+def test_every_experiment_table_states_the_significance_rule():
+    # one rule (sparsekern_cl.table: paired by seed, Holm-corrected) in every table that compares results
+    for name in ("cl_sparcl_paper.md", "cl_sparcl_official.md", "cl_dst_grid.md", "cl_esacl_main.md"):
+        with open(os.path.join(RESULTS, name)) as f:
+            text = f.read()
+        assert "Holm" in text, name
+        if name == "cl_sparcl_paper.md":  # the ablation tables too, not only the main ones
+            ablation = text.split("Ablation (paper's form)")[1:]
+            assert ablation and all("p (Holm)" in part.split("\n\n")[1] for part in ablation)

@@ -346,3 +346,140 @@ def test_bad_settings_name_the_key(key, value):
 def test_mlp_layer_choice_that_selects_nothing_is_an_error():
     with pytest.raises(ValueError, match="sparcl_layers"):
         sparsekern_cl.run({**TINY, "method": "sparcl_er", "sparcl_layers": "block_convs"})
+
+
+# --------------------------------------------------------------------------- the official code's rules
+# TINY's explicit shrink/expand would override the preset's
+OFFICIAL = {"preset": "sparcl-official", "sparcl_layers": "mlp_hidden", "mlp_hidden": [100],
+            "sparcl_shrink": 0.01, "sparcl_expand": 0.01}  # fmt: skip
+
+
+def _steps(strategy, scenario, task, n=2):
+    data = scenario.train[task]
+    for b in range(n):
+        sl = slice(b * 8, (b + 1) * 8)
+        strategy.observe(strategy.transform(data.x[sl]), data.x[sl], data.y[sl], task, data.uid[sl])
+
+
+def test_official_preset_masks_other_tasks_logits_in_the_current_batch_loss():
+    import torch.nn.functional as F
+
+    for method in ("sparcl_derpp", "sparcl_er"):
+        cfg, scenario, model, strategy = _setup(method=method, **OFFICIAL)
+        assert cfg["mask_current_logits"] and not strategy.multihead
+        data = scenario.train[1]
+        x, y = strategy.transform(data.x[:8]), data.y[:8]
+        ctx = StepContext(x=x, x_raw=data.x[:8], y=y, task=1, uid=data.uid[:8], step=0)
+        strategy.prepare(ctx)  # empty buffer: the loss is the current batch's alone
+        lo, hi = scenario.task_classes(1)
+        with torch.no_grad():
+            expected = F.cross_entropy(model(x)[:, lo:hi], y - lo)
+            torch.testing.assert_close(strategy.loss(ctx), expected)
+        # the paper preset keeps every logit
+        cfg, scenario, model, strategy = _setup(method=method, preset="sparcl-paper", sparcl_layers="mlp_hidden")
+        assert not cfg["mask_current_logits"]
+        with torch.no_grad():
+            torch.testing.assert_close(strategy.loss(ctx), F.cross_entropy(model(x), y))
+
+
+def test_current_logit_masking_leaves_replayed_examples_whole():
+    import torch.nn.functional as F
+
+    cfg, scenario, model, strategy = _setup(method="sparcl_er", **OFFICIAL)
+    strategy.begin_task(0)
+    _steps(strategy, scenario, 0)  # fills the buffer
+    data = scenario.train[1]
+    x, y = strategy.transform(data.x[:8]), data.y[:8]
+    ctx = StepContext(x=x, x_raw=data.x[:8], y=y, task=1, uid=data.uid[:8], step=0)
+    strategy.prepare(ctx)
+    xb, yb, _, _ = ctx.extra["replay"]
+    lo, hi = scenario.task_classes(1)
+    with torch.no_grad():
+        out = model(torch.cat([x, xb]))
+        cur = out[:8].clone()
+        cur[:, :lo] = -1e9
+        cur[:, hi:] = -1e9
+        expected = F.cross_entropy(torch.cat([cur, out[8:]]), torch.cat([y, yb]))
+        torch.testing.assert_close(strategy.loss(ctx), expected)
+
+
+def test_official_warmup_adds_one_point_of_density_and_ends_past_the_target():
+    cfg, scenario, model, strategy = _setup(sparcl_ddr=False, sparcl_dgm=False, sparcl_freeze_last=0, **OFFICIAL)
+    tdm = _plugin(strategy, TaskAwareDynamicMasking)
+    layer = model.fc1
+    n, target = layer.weight.numel(), int(layer.weight_mask.sum())
+    assert target == round(0.25 * n)
+    strategy.begin_task(0)  # the official schedule expands at every task start, the first included
+    assert int(layer.weight_mask.sum()) == target + round(0.01 * n) and tdm.in_warmup
+    _steps(strategy, scenario, 0)
+    before = layer.weight_mask.clone()
+    tdm.end_epoch(strategy, 0, 0)  # warm-up end: prune to s + 1 point by CWI, regrow 1 point at random
+    after = layer.weight_mask
+    assert int(after.sum()) == target and not tdm.in_warmup
+    assert int((before & ~after).sum()) == 2 * round(0.01 * n) and int((after & ~before).sum()) == round(0.01 * n)
+    tdm.end_epoch(strategy, 0, 1)  # intra-task: prune to s + 1 point, regrow to s
+    assert tdm.history[-1]["kind"] == "shrink_expand" and tdm.history[-1]["regrown"] == round(0.01 * n)
+
+
+def test_no_mask_update_from_the_freeze_epoch_on(monkeypatch):
+    cfg, scenario, model, strategy = _setup(
+        sparcl_ddr=False, sparcl_dgm=False, epochs=50, sparcl_delta=5, sparcl_warmup=5, sparcl_freeze_last=5, **OFFICIAL
+    )
+    tdm = _plugin(strategy, TaskAwareDynamicMasking)
+    done = []
+    monkeypatch.setattr(tdm, "shrink_expand", lambda s, t, e: done.append(("update", e + 1)))
+    monkeypatch.setattr(tdm, "shrink_to_target", lambda s, t, e, regrow=False: done.append(("warmup_end", e + 1)))
+    tdm.in_warmup = True
+    for e in range(50):
+        tdm.end_epoch(strategy, 0, e)
+        if done and done[-1][0] == "warmup_end":
+            tdm.in_warmup = False
+    # the warm-up ends after epoch 5, updates follow every 5 epochs up to the start of epoch 40;
+    # from epoch 45 (the last 5 of 50) the mask is frozen
+    assert done == [("warmup_end", 5)] + [("update", d) for d in range(10, 45, 5)]
+
+
+def test_official_dgm_keeps_the_top_fifth_of_each_tensor():
+    from sparsekern_cl.methods.sparcl import top_tensor_gradient_mask
+
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[:, :5] = True  # 50 % active
+    score = torch.rand(10, 10)
+    g = top_tensor_gradient_mask(mask, score, 0.2)
+    assert int(g.sum()) == 20 and not bool((g & ~mask).any())
+    assert float(score[g].min()) >= float(score[mask & ~g].max())
+    sparse = torch.zeros(10, 10, dtype=torch.bool)
+    sparse[:, 0] = True  # 10 % active: all of it is kept
+    assert torch.equal(top_tensor_gradient_mask(sparse, score, 0.2), sparse)
+    # in a run: after a refresh the gradient mask holds 20 % of fc1's entries at s = 0.75
+    cfg, scenario, model, strategy = _setup(sparcl_ddr=False, sparcl_tdm=False, **OFFICIAL)
+    strategy.begin_task(0)
+    _steps(strategy, scenario, 0, n=1)
+    assert int(model.fc1.grad_mask.sum()) == round(0.2 * model.fc1.weight.numel())
+
+
+def test_official_cwi_uses_the_last_minibatch_gradient_without_an_extra_pass():
+    cfg, scenario, model, strategy = _setup(sparcl_ddr=False, sparcl_dgm=False, **OFFICIAL)
+    tdm = _plugin(strategy, TaskAwareDynamicMasking)
+    counter = strategy.flop_counter
+    strategy.begin_task(0)
+    counter.active = True
+    _steps(strategy, scenario, 0)
+    grad = model.fc1.weight.grad.clone()
+    flops = counter.total
+    scores = tdm.importance(strategy, 0)
+    assert counter.total == flops  # no recomputation
+    torch.testing.assert_close(scores[0], model.fc1.weight.detach().abs() + 0.5 * grad.abs())
+
+
+def test_paper_preset_cwi_uses_all_of_the_task_and_the_buffer():
+    cfg = resolve_config({"method": "sparcl_derpp", "preset": "sparcl-paper"})
+    assert cfg["sparcl_importance_samples"] == 0 and cfg["alpha"] == 0.2 and not cfg["sparse_rescale"]
+    cfg, scenario, model, strategy = _setup(
+        preset="sparcl-paper", sparcl_layers="mlp_hidden", sparcl_importance_samples=0
+    )
+    tdm = _plugin(strategy, TaskAwareDynamicMasking)
+    strategy.begin_task(0)
+    _steps(strategy, scenario, 0)
+    assert tdm.importance(strategy, 0)[0].shape == model.fc1.weight.shape  # whole task and buffer, in chunks
+    assert tdm._sample(1000).tolist() == list(range(1000))
