@@ -271,6 +271,7 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     scenario, model, strategy, counter = build_run(cfg, user_model, user_scenario)
     _warm_up(model, scenario, cfg, strategy.device, strategy.forward_rows_per_example())
+    user = _user_tag(user_model, user_scenario, scenario)
     T = scenario.n_tasks
     epochs = cfg["epochs"]
     state = {
@@ -294,6 +295,10 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"resume: the checkpoint in {out_dir} was made with a different configuration ({diff})")
+        if ck.get("user") != user:
+            raise ValueError(
+                f"resume: the checkpoint in {out_dir} was made with another model or scenario ({ck.get('user')})"
+            )
         if ck["state"]["finished"]:
             return ck["state"]["results"]
         model.load_state_dict(ck["model"])
@@ -314,6 +319,7 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
                     "strategy": strategy.state_dict(),
                     "counter": counter.snapshot(),
                     "torch_rng": torch.get_rng_state(),
+                    "user": user,
                 },
             )
 
@@ -405,6 +411,18 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
     if out_dir:
         _write_outputs(results, out_dir, cfg["plots"])
     return results
+
+
+def _user_tag(user_model, user_scenario, scenario: Scenario) -> dict | None:
+    """What a resumed run must match beyond the configuration: the user's model class and data sizes."""
+    if user_model is None and user_scenario is None:
+        return None
+    return {
+        "model": type(user_model).__qualname__ if user_model is not None else None,
+        "scenario": None
+        if user_scenario is None
+        else [scenario.name, scenario.class_order, [len(d) for d in scenario.train], list(scenario.input_shape)],
+    }
 
 
 def _nonfinite_weights(model, task: int, epoch: int, steps: int) -> dict | None:

@@ -5,7 +5,6 @@ import csv
 import importlib
 import json
 import sys
-import tomllib
 import types
 from pathlib import Path
 
@@ -27,7 +26,7 @@ BASE.update({k: TINY[k] for k in ("progress", "plots", "threads")})
 def _tasks(n: int, seed: int, labels=((0, 1), (2, 3), (4, 5))):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for t, cls in enumerate(labels):
+    for cls in labels:
         y = torch.tensor(cls)[torch.randint(0, len(cls), (n,), generator=g)]
         x = torch.randn(n, 12, generator=g) + 8.0 * nn.functional.one_hot(torch.tensor([c % 12 for c in y]), 12)
         out.append((x, y))
@@ -196,7 +195,9 @@ def test_log_continues_on_resume(tmp_path):
 
 def test_tensorboard_note_when_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    res = sparsekern_cl.run({**TINY, "method": "finetune", "epochs": 1, "output_dir": str(tmp_path), "tensorboard": True})
+    res = sparsekern_cl.run(
+        {**TINY, "method": "finetune", "epochs": 1, "output_dir": str(tmp_path), "tensorboard": True}
+    )
     assert res["complete"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("note: tensorboard: true, but torch.utils.tensorboard cannot be")
@@ -243,7 +244,9 @@ def test_mammoth_spellings_parse_as_aliases():
 
 def _scripts() -> dict[str, str]:
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    return tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    section = pyproject.read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]  # no tomllib on 3.10
+    pairs = (line.split("=", 1) for line in section.splitlines() if "=" in line)
+    return {k.strip(): v.strip().strip('"') for k, v in pairs}
 
 
 def test_pyproject_declares_the_three_console_scripts():
@@ -263,3 +266,19 @@ def test_console_scripts_print_their_own_names(script, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m ")
+
+
+class Wider(nn.Sequential):
+    pass
+
+
+def test_resume_with_own_data_checks_the_model_and_data(tmp_path):
+    cfg = {**BASE, "output_dir": str(tmp_path), "save_checkpoints": True}
+    assert not sparsekern_cl.run({**cfg, "stop_after_epochs": 3}, model=_net(), scenario=_data())["complete"]
+    with pytest.raises(ValueError, match="resume: the checkpoint .* another model or scenario"):
+        sparsekern_cl.run({**cfg, "resume": True}, model=Wider(*_net()), scenario=_data())
+    with pytest.raises(ValueError, match="resume: the checkpoint .* another model or scenario"):
+        sparsekern_cl.run({**cfg, "resume": True}, model=_net(), scenario=_data(((0, 1), (2, 5), (4, 3))))
+    resumed = sparsekern_cl.run({**cfg, "resume": True}, model=_net(), scenario=_data())
+    straight = sparsekern_cl.run(BASE, model=_net(), scenario=_data())
+    assert resumed["complete"] and resumed["acc_matrix"] == straight["acc_matrix"]
