@@ -5,8 +5,10 @@ Lists versions, what is built, and which backend each op picks on each device pr
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import os
 import platform
 import sys
 
@@ -14,6 +16,12 @@ import torch
 
 from . import __version__
 from ._backends import BACKEND_NAMES, backend_report, get_backend
+
+
+def prog_name(script: str, module: str) -> str:
+    """The command name for usage lines: ``script`` when run as that console script, else ``python -m module``."""
+    name = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0]
+    return script if name == script else f"python -m {module}"
 
 
 def cpu_isa() -> str | None:
@@ -74,8 +82,14 @@ def report() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        prog=prog_name("sparsekern-env", "sparsekern.env"),
+        description="Versions, builds, and the backend each op picks.",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
     info = report()
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"sparsekern {info['sparsekern']}  python {info['python']}  torch {info['torch']}  triton {info['triton']}")

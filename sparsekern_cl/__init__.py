@@ -4,14 +4,15 @@ Run an experiment from Python with :func:`run` (``results = sparsekern_cl.run({"
 "dataset": "mnist", "sparsity": 0.9})``) or from the shell with ``python -m sparsekern_cl``.
 Every method is listed in one table, :data:`sparsekern_cl.registry.METHODS`, with its configuration
 groups (dataclasses of its keys); methods defined elsewhere plug in through :class:`Plugin` hooks and
-:func:`register_method`.
+:func:`register_method`.  ``run(config, model=..., scenario=...)`` trains your own ``nn.Module`` on your
+own per-task data (see :func:`user_scenario`).
 """
 
 __version__ = "0.1.0"
 
 from .buffer import ReservoirBuffer  # noqa: E402
 from .config import DEFAULTS, PRESETS, register_config_keys, resolve_config  # noqa: E402
-from .data import DATASETS, DatasetError, Scenario, TaskData, build_scenario  # noqa: E402
+from .data import DATASETS, DatasetError, Scenario, TaskData, build_scenario, user_scenario  # noqa: E402
 from .flops import FlopCounter, memory_footprint, model_capacity  # noqa: E402
 from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer  # noqa: E402
 from .registry import STRATEGIES, register_method, unregister_method  # noqa: E402
@@ -44,4 +45,5 @@ __all__ = [
     "resolve_config",
     "run",
     "unregister_method",
+    "user_scenario",
 ]

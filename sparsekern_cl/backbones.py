@@ -35,6 +35,12 @@ def build_backbone(name: str, input_shape, n_classes: int, *, hidden=(100, 100),
     raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
 
 
+def _last_linear(model: nn.Module) -> tuple[str, ...]:
+    """The name of the model's last ``nn.Linear`` (its classifier, as a rule), or nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return tuple(names[-1:])
+
+
 def sparsify_backbone(
     model: nn.Module,
     sparsity: float,
@@ -51,7 +57,7 @@ def sparsify_backbone(
     """Swap the backbone's layers for sparse ones at ``sparsity`` (in place), keeping ``keep_dense`` dense.
 
     ``keep_dense="auto"`` keeps the backbone's defaults dense (the MLP's head; the ResNet's stem
-    and head, as SparCL does).  ``sparsity == 0`` leaves the model as it is (plain PyTorch layers).
+    and head, as SparCL does; for a model without ``default_dense()``, its last ``nn.Linear``).  ``sparsity == 0`` leaves the model as it is (plain PyTorch layers).
 
     ``rescale``: multiply each sparse layer's kept weights by ``sqrt(sum w² / sum (w⊙M)²)`` so the
     layer's output has the variance of the dense initialisation; without it a 90 % sparse layer
@@ -60,7 +66,7 @@ def sparsify_backbone(
     if sparsity == 0:
         return model
     if keep_dense == "auto":
-        keep = tuple(model.default_dense()) if hasattr(model, "default_dense") else ()
+        keep = tuple(model.default_dense()) if hasattr(model, "default_dense") else _last_linear(model)
     else:
         keep = tuple(keep_dense or ())
     cfg = sparsekern.SparsityConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from sparsekern import BackendError
+from sparsekern.env import prog_name
 
 from .config import build_parser
 from .data import DatasetError
@@ -30,7 +31,8 @@ def format_summary(res: dict) -> str:
     """A few human-readable lines about a finished (or stopped) run."""
     c = res["config"]
     head = (
-        f"{c['method']} on {c['dataset']} ({res['scenario']['n_tasks']} tasks, {c['backbone']}, "
+        f"{c['method']} on {res['scenario']['dataset']} ({res['scenario']['n_tasks']} tasks, "
+        f"{res.get('user_model', c['backbone'])}, "
         f"{c['epochs']} epoch(s)/task, seed {c['seed']}, eval on {res['scenario']['eval_split']})"
     )
     if "diverged" in res:
@@ -71,7 +73,7 @@ def format_summary(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(prog_name("sparsekern-cl", "sparsekern_cl")).parse_args(argv))
     config = {k: v for k, v in args.items() if v is not None or k not in ("config", "preset")}
     try:
         res = run(config)

@@ -45,6 +45,7 @@ __all__ = [
     "HELP",
     "CORE_GROUPS",
     "CORE_PRESETS",
+    "CLI_ALIASES",
     "CoreConfig",
     "DataConfig",
     "ModelConfig",
@@ -136,6 +137,9 @@ class CoreConfig:
     )
     compare_dense: bool = flag(False, "also run the same configuration dense and report the wall-clock ratio")
     plots: bool = flag(True, "write the accuracy-matrix and accuracy-over-time plots")
+    tensorboard: bool = flag(
+        False, "also write TensorBoard scalars to output_dir/tensorboard (when torch.utils.tensorboard imports)"
+    )
     progress: str | bool = choice(
         "auto", "progress bars: auto, true, false", ("auto", True, False), expected="'auto', true or false"
     )
@@ -147,6 +151,8 @@ class CoreConfig:
             fail("resume", "an output_dir to resume from (resume=true needs output_dir)", cfg["resume"])
         if cfg["compare_dense"] and cfg["sparsity"] == 0:
             fail("compare_dense", "a sparse run to compare (set sparsity > 0)", True)
+        if cfg["tensorboard"] and not cfg["output_dir"]:
+            fail("tensorboard", "an output_dir to write to (tensorboard=true needs output_dir)", True)
 
 
 @dataclass(frozen=True)
@@ -493,10 +499,24 @@ def _cli_value(text: str):
         return _parse_scalar(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI parser: one flag per configuration key, in help groups (core, data, model, sparsity, methods)."""
+# mammoth's spellings of some keys, accepted as extra flags
+CLI_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "buffer_size": ("--buffer_size",),
+        "epochs": ("--n_epochs",),
+        "method": ("--model",),
+        "minibatch_size": ("--minibatch_size",),
+    }
+)
+
+
+def build_parser(prog: str = "python -m sparsekern_cl") -> argparse.ArgumentParser:
+    """The CLI parser: one flag per configuration key, in help groups (core, data, model, sparsity, methods).
+
+    ``prog``: the command name usage shows (the console script passes ``sparsekern-cl``).
+    """
     p = argparse.ArgumentParser(
-        prog="python -m sparsekern_cl",
+        prog=prog,
         description="Continual learning on sparse compute. Every configuration key is a flag; values are JSON "
         "where that parses (numbers, true/false, null, [lists]), strings otherwise.",
     )
@@ -517,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help_text += f": {', '.join(map(str, f.metadata['choices']()))}"
             arg_group.add_argument(
                 flag_name,
+                *CLI_ALIASES.get(f.name, ()),
                 dest=f.name,
                 type=_cli_value,
                 default=argparse.SUPPRESS,

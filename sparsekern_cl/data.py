@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 __all__ = [
     "DATASETS",
@@ -42,6 +43,8 @@ __all__ = [
     "Preprocess",
     "load_raw",
     "build_scenario",
+    "user_scenario",
+    "AsGiven",
 ]
 
 DATASETS = ("mnist", "digits", "cifar10", "cifar100", "tinyimagenet", "miniimagenet", "synthetic")
@@ -278,6 +281,112 @@ def build_scenario(
         preprocess=pre,
         eval_split=eval_split,
         source=raw.source,
+    )
+
+
+# --------------------------------------------------------------------------- a user's own data
+class AsGiven:
+    """The preprocessing of a user's own data: none (inputs reach the model as given, never augmented)."""
+
+    augment = False
+
+    def __call__(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+
+def _task_tensors(item, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of one task: an ``(x, y)`` pair of tensors, or a ``Dataset`` of ``(x, y)`` items (materialised)."""
+    if isinstance(item, torch.utils.data.Dataset):
+        try:
+            n = len(item)
+        except TypeError as exc:
+            raise ValueError(f"{where}: expected a Dataset with a length, got {type(item).__name__}") from exc
+        if n == 0:
+            raise ValueError(f"{where}: the Dataset is empty")
+        rows = [item[i] for i in range(n)]
+        if not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rows):
+            raise ValueError(f"{where}: expected a Dataset of (x, y) items, got items like {type(rows[0]).__name__}")
+        try:
+            x = torch.stack([torch.as_tensor(r[0]) for r in rows])
+        except RuntimeError as exc:
+            raise ValueError(f"{where}: the Dataset's inputs differ in shape ({str(exc).splitlines()[0]})") from exc
+        item = (x, torch.as_tensor([int(r[1]) for r in rows]))
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(v, torch.Tensor) for v in item)):
+        raise ValueError(f"{where}: expected an (x, y) pair of tensors or a torch.utils.data.Dataset, got {item!r:.80}")
+    x, y = item
+    if x.dim() < 2:
+        raise ValueError(f"{where}: expected inputs x of shape [N, ...] (N examples), got shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{where}: expected integer labels y of shape [N], got {y.dtype} of shape {tuple(y.shape)}")
+    if len(y) != len(x) or len(y) == 0:
+        raise ValueError(
+            f"{where}: expected as many labels as inputs (at least one), got {len(x)} inputs, {len(y)} labels"
+        )
+    if int(y.min()) < 0:
+        raise ValueError(f"{where}: expected class labels >= 0, got {int(y.min())}")
+    return x.contiguous(), y.long()
+
+
+def user_scenario(train, test, *, name: str = "custom") -> Scenario:
+    """A :class:`Scenario` of a user's own tasks: ``train`` and ``test`` are lists with one entry per task,
+    each an ``(x, y)`` pair of tensors or a ``torch.utils.data.Dataset`` of ``(x, y)`` items (read once).
+
+    Tasks must hold disjoint classes, the same number ``k`` per task; task ``t``'s classes (in
+    increasing order) become labels ``t*k .. t*k+k-1`` (``class_order`` keeps the original ids), so a
+    model's output must have one logit per class of all tasks.  Inputs go to the model as given
+    (no normalisation, no augmentation).  Raises ``ValueError`` naming ``train[t]`` / ``test[t]``.
+    """
+    for arg, v in (("train", train), ("test", test)):
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(
+                f"{arg}: expected a non-empty list with one (x, y) pair or Dataset per task, got {v!r:.80}"
+            )
+    if len(train) != len(test):
+        raise ValueError(f"test: expected one entry per training task ({len(train)}), got {len(test)}")
+    tr = [_task_tensors(item, f"train[{t}]") for t, item in enumerate(train)]
+    te = [_task_tensors(item, f"test[{t}]") for t, item in enumerate(test)]
+    shape = tuple(tr[0][0].shape[1:])
+    for arg, tasks in (("train", tr), ("test", te)):
+        for t, (x, _) in enumerate(tasks):
+            if tuple(x.shape[1:]) != shape:
+                raise ValueError(
+                    f"{arg}[{t}]: expected inputs of shape [N, {', '.join(map(str, shape))}] like "
+                    f"train[0], got {tuple(x.shape)}"
+                )
+    classes = [sorted(set(y.tolist())) for _, y in tr]
+    k = len(classes[0])
+    order: list[int] = []
+    for t, c in enumerate(classes):
+        if len(c) != k:
+            raise ValueError(f"train[{t}]: expected {k} classes like train[0], got {len(c)} ({c})")
+        shared = set(c) & set(order)
+        if shared:
+            raise ValueError(f"train[{t}]: expected classes no earlier task has, got {sorted(shared)} again")
+        order += c
+    remap = {c: i for i, c in enumerate(order)}
+    uid_start = {"train": 0, "test": 0}
+
+    def tasks(arg, pairs):
+        out = []
+        for t, (x, y) in enumerate(pairs):
+            extra = sorted(set(y.tolist()) - set(classes[t]))
+            if extra:
+                raise ValueError(f"{arg}[{t}]: expected labels of train[{t}]'s classes {classes[t]}, got {extra}")
+            y = torch.tensor([remap[c] for c in y.tolist()], dtype=torch.long)
+            uid = torch.arange(uid_start[arg], uid_start[arg] + len(y))
+            uid_start[arg] += len(y)
+            out.append(TaskData(x, y, uid))
+        return out
+
+    return Scenario(
+        name=name,
+        train=tasks("train", tr),
+        test=tasks("test", te),
+        classes_per_task=k,
+        class_order=order,
+        input_shape=shape,
+        preprocess=AsGiven(),
+        source="user data",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,8 +19,9 @@ import sparsekern
 from . import __version__, provenance
 from .backbones import build_backbone, sparsify_backbone
 from .config import resolve_config
-from .data import Scenario, TaskData, build_scenario
+from .data import Scenario, TaskData, build_scenario, user_scenario
 from .flops import FlopCounter, layer_densities, memory_footprint, model_capacity
+from .logs import RunLog
 from .metrics import summarize
 from .registry import get_method, register_method
 
@@ -36,6 +38,7 @@ _RESUME_FREE = {
     "plots",
     "compare_dense",
     "save_checkpoints",
+    "tensorboard",
 }
 
 
@@ -74,25 +77,49 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- set-up
-def build_run(cfg: dict):
-    """(scenario, model, strategy, counter) for a validated configuration; seeds everything first."""
+def _check_head(model: torch.nn.Module, scenario: Scenario) -> None:
+    """Raise a ``ValueError`` naming ``model`` unless it maps one training example to one logit per class."""
+    x = scenario.preprocess(scenario.train[0].x[:1], train=False)
+    p = next(model.parameters(), None)
+    x = x.to(p.device) if p is not None else x
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward gets the same message
+        raise ValueError(
+            f"model: a forward pass of one training example (input shape {tuple(x.shape)}) failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    k, n = scenario.classes_per_task, scenario.n_classes
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, n):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model: expected logits of shape [N, {n}] (its head must output one value per class: "
+            f"{scenario.n_tasks} tasks x {k} classes), got {got} for 1 example"
+        )
+
+
+def build_run(cfg: dict, model: torch.nn.Module | None = None, scenario: Scenario | None = None):
+    """(scenario, model, strategy, counter) for a validated configuration; seeds everything first.
+
+    ``model``: the user's own backbone instead of ``cfg["backbone"]`` (trained in place; its
+    ``nn.Linear`` / ``nn.Conv2d`` layers become sparse ones when ``sparsity > 0``); ``scenario``:
+    the user's own tasks instead of ``cfg["dataset"]`` (see :func:`sparsekern_cl.data.user_scenario`).
+    """
     torch.manual_seed(cfg["seed"])
-    scenario = build_scenario(
-        cfg["dataset"],
-        n_tasks=cfg["n_tasks"],
-        data_dir=cfg["data_dir"],
-        class_order=cfg["class_order"],
-        seed=cfg["seed"],
-        validation=cfg["validation"],
-        split_seed=cfg["split_seed"],
-        augment=cfg["augment"],
-        synthetic=cfg["synthetic"],
-    )
-    device = torch.device(cfg["device"])
+    if scenario is None:
+        scenario = _builtin_scenario(cfg)
     torch.manual_seed(cfg["seed"])  # the model's initial weights depend on the seed alone
-    model = build_backbone(
-        cfg["backbone"], scenario.input_shape, scenario.n_classes, hidden=cfg["mlp_hidden"], nf=cfg["nf"]
-    )
+    if model is None:
+        model = build_backbone(
+            cfg["backbone"], scenario.input_shape, scenario.n_classes, hidden=cfg["mlp_hidden"], nf=cfg["nf"]
+        )
+    else:
+        _check_head(model, scenario)
     sparsify_backbone(
         model,
         cfg["sparsity"],
@@ -105,12 +132,27 @@ def build_run(cfg: dict):
         seed=cfg["seed"],
         rescale=cfg["sparse_rescale"],
     )
+    device = torch.device(cfg["device"])
     model.to(device)
     method = get_method(cfg["method"])
     strategy = method.strategy(model, scenario, cfg, device, method.make_plugins(cfg, model, scenario))
     counter = FlopCounter(model)
     strategy.flop_counter = counter
     return scenario, model, strategy, counter
+
+
+def _builtin_scenario(cfg: dict) -> Scenario:
+    return build_scenario(
+        cfg["dataset"],
+        n_tasks=cfg["n_tasks"],
+        data_dir=cfg["data_dir"],
+        class_order=cfg["class_order"],
+        seed=cfg["seed"],
+        validation=cfg["validation"],
+        split_seed=cfg["split_seed"],
+        augment=cfg["augment"],
+        synthetic=cfg["synthetic"],
+    )
 
 
 def _concat(tasks: list[TaskData]) -> TaskData:
@@ -183,12 +225,12 @@ def load_checkpoint(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- one run
-def _run_one(cfg: dict) -> dict:
+def _run_one(cfg: dict, model=None, scenario=None) -> dict:
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     try:
-        return _train(cfg)
+        return _train(cfg, model, scenario)
     finally:
         torch.set_num_threads(threads)  # a run leaves the process as it found it
 
@@ -209,8 +251,6 @@ def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device, rows
         return
     rng = torch.get_rng_state()
     try:
-        import copy
-
         twin = copy.deepcopy(model).train()
         opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
         for n in sizes:
@@ -224,13 +264,14 @@ def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device, rows
         torch.set_rng_state(rng)
 
 
-def _train(cfg: dict) -> dict:
+def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
     out_dir = cfg["output_dir"]
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir and cfg["save_checkpoints"] else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    scenario, model, strategy, counter = build_run(cfg)
+    scenario, model, strategy, counter = build_run(cfg, user_model, user_scenario)
     _warm_up(model, scenario, cfg, strategy.device, strategy.forward_rows_per_example())
+    user = _user_tag(user_model, user_scenario, scenario)
     T = scenario.n_tasks
     epochs = cfg["epochs"]
     state = {
@@ -254,6 +295,10 @@ def _train(cfg: dict) -> dict:
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"resume: the checkpoint in {out_dir} was made with a different configuration ({diff})")
+        if ck.get("user") != user:
+            raise ValueError(
+                f"resume: the checkpoint in {out_dir} was made with another model or scenario ({ck.get('user')})"
+            )
         if ck["state"]["finished"]:
             return ck["state"]["results"]
         model.load_state_dict(ck["model"])
@@ -261,6 +306,7 @@ def _train(cfg: dict) -> dict:
         counter.load_snapshot(ck["counter"])
         torch.set_rng_state(ck["torch_rng"])
         state = ck["state"]
+    log = RunLog(out_dir, append=cfg["resume"], tensorboard=cfg["tensorboard"])
 
     def checkpoint():
         if ckpt_path:
@@ -273,6 +319,7 @@ def _train(cfg: dict) -> dict:
                     "strategy": strategy.state_dict(),
                     "counter": counter.snapshot(),
                     "torch_rng": torch.get_rng_state(),
+                    "user": user,
                 },
             )
 
@@ -298,6 +345,7 @@ def _train(cfg: dict) -> dict:
             bs = cfg["batch_size"]
             batches = [order[s : s + bs] for s in range(0, len(order), bs)]
             model.train()
+            loss = float("nan")
             counter.active = True
             t0 = time.perf_counter()
             for step, b in enumerate(_progress(cfg, batches, len(batches), f"task {t} epoch {epoch}", leave=False)):
@@ -311,12 +359,14 @@ def _train(cfg: dict) -> dict:
                 diverged = _nonfinite_weights(model, t, epoch, len(batches))
             counter.active = False
             if diverged is not None:  # the last checkpoint stays as it was: nothing is lost
+                log.diverged(t, epoch + 1, loss)
                 break
             dt = time.perf_counter() - t0
             state["epoch_time"][t].append(dt)
             state["task_time_acc"] += dt
             state["epoch"] = epoch + 1
             epochs_run += 1
+            log.epoch(t, epoch + 1, loss, dt, t * epochs + epoch + 1)
             last_epoch = epoch + 1 == epochs
             if cfg["stop_after_epochs"] and epochs_run >= cfg["stop_after_epochs"]:
                 stopped = True
@@ -341,13 +391,17 @@ def _train(cfg: dict) -> dict:
         state["eval_time"] += time.perf_counter() - t0
         for s in SETTINGS:
             state["rows"][s].append(acc[s])
+        log.task_end(t, epochs, state["rows"])
         state["task"], state["epoch"] = t + 1, 0
         if t + 1 < T:
             checkpoint()
         if stopped:
             break
 
+    log.close()
     results = _results(cfg, scenario, model, strategy, counter, state)
+    if user_model is not None:
+        results["user_model"] = type(model).__qualname__
     if diverged is not None:
         results["complete"] = False
         results["diverged"] = diverged
@@ -357,6 +411,18 @@ def _train(cfg: dict) -> dict:
     if out_dir:
         _write_outputs(results, out_dir, cfg["plots"])
     return results
+
+
+def _user_tag(user_model, user_scenario, scenario: Scenario) -> dict | None:
+    """What a resumed run must match beyond the configuration: the user's model class and data sizes."""
+    if user_model is None and user_scenario is None:
+        return None
+    return {
+        "model": type(user_model).__qualname__ if user_model is not None else None,
+        "scenario": None
+        if user_scenario is None
+        else [scenario.name, scenario.class_order, [len(d) for d in scenario.train], list(scenario.input_shape)],
+    }
 
 
 def _nonfinite_weights(model, task: int, epoch: int, steps: int) -> dict | None:
@@ -451,13 +517,33 @@ def _check_device(device: str) -> None:
 
 
 # --------------------------------------------------------------------------- public entry
-def run(config: dict | None = None, **overrides) -> dict:
+def _user_inputs(model, scenario):
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if scenario is None or isinstance(scenario, Scenario):
+        return model, scenario
+    if isinstance(scenario, dict) and {"train", "test"} <= set(scenario) <= {"train", "test", "name"}:
+        return model, user_scenario(scenario["train"], scenario["test"], name=scenario.get("name", "custom"))
+    raise ValueError(
+        "scenario: expected a sparsekern_cl.Scenario or a dict {'train': [...], 'test': [...]} of one (x, y) "
+        f"pair or Dataset per task, got {scenario!r:.80}"
+    )
+
+
+def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -> dict:
     """Run one continual-learning experiment and return its results.
 
     Args:
         config: a dict of configuration keys (the CLI flags, e.g. ``{"method": "derpp",
             "dataset": "mnist", "sparsity": 0.9}``); ``preset`` and ``config`` (a file) are
             accepted as in the CLI.  ``overrides``: more keys, taking precedence.
+        model: your own backbone (an ``nn.Module``) instead of the ``backbone`` key.  It is trained
+            in place; with ``sparsity > 0`` its ``nn.Linear`` / ``nn.Conv2d`` layers become sparse
+            ones (``keep_dense: auto`` keeps its last ``nn.Linear``, the classifier, dense).  Its
+            output must have one logit per class of all tasks (checked on one example).
+        scenario: your own tasks instead of the ``dataset`` key: ``{"train": [...], "test": [...]}``
+            with one ``(x, y)`` pair of tensors or one ``torch.utils.data.Dataset`` per task (see
+            :func:`sparsekern_cl.data.user_scenario`), or a :class:`sparsekern_cl.Scenario`.
 
     Returns:
         A dict with ``acc_matrix`` (``{"task_il": R, "class_il": R}``, percent), ``avg_acc``,
@@ -470,7 +556,11 @@ def run(config: dict | None = None, **overrides) -> dict:
     Raises:
         ValueError: a configuration value is invalid, the device is not available here,
             ``output_dir`` is a file or the checkpoint to resume is unreadable (the message names
-            the key).
+            the key), or ``model`` / ``scenario`` do not fit (the message names the argument, e.g.
+            ``train[2]``).
+
+    With ``output_dir`` the run writes ``log.csv`` as it goes (one row per epoch and per task end,
+    see :class:`sparsekern_cl.logs.RunLog`), and TensorBoard scalars with ``tensorboard: true``.
 
     A run whose loss or weights become NaN / Inf stops there: its results have
     ``complete: false`` and ``diverged`` (``task``, ``epoch``, ``step``, ``reason``), and the
@@ -481,11 +571,12 @@ def run(config: dict | None = None, **overrides) -> dict:
         >>> res["avg_acc"]["class_il"]
     """
     cfg = resolve_config({**(config or {}), **overrides})
+    model, scenario = _user_inputs(model, scenario)
     _check_device(cfg["device"])
     if cfg["output_dir"] and os.path.exists(cfg["output_dir"]) and not os.path.isdir(cfg["output_dir"]):
         raise ValueError(f"output_dir: expected a folder, got the file {cfg['output_dir']!r}")
     if not cfg["compare_dense"]:
-        return _run_one(cfg)
+        return _run_one(cfg, model, scenario)
     out = cfg["output_dir"]
     dense_cfg = {
         **cfg,
@@ -494,10 +585,10 @@ def run(config: dict | None = None, **overrides) -> dict:
         "output_dir": os.path.join(out, "dense") if out else None,
     }
     sparse_cfg = {**cfg, "compare_dense": False, "output_dir": os.path.join(out, "sparse") if out else None}
-    dense = _run_one(dense_cfg)
+    dense = _run_one(dense_cfg, copy.deepcopy(model), scenario)  # the user's module itself is the sparse run's
     if not dense["complete"]:
         return {**dense, "compare_stage": "dense"}
-    results = _run_one(sparse_cfg)
+    results = _run_one(sparse_cfg, model, scenario)
     if not results["complete"]:
         return {**results, "compare_stage": "sparse"}
     keys = (

@@ -15,6 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..env import prog_name
 from .cases import DTYPES, LAYOUTS, MODES, OPS, PRESETS, PROVIDERS, SHAPE_SETS, all_shapes, expand
 from .report import _goal_lines, read_csv, write_csv, write_readme, write_reports
 from .runner import collect_meta, run_cases
@@ -51,7 +52,7 @@ def _list(kind: str, allowed=None, conv=str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sparsekern.bench",
+        prog=prog_name("sparsekern-bench", "sparsekern.bench"),
         description="Time sparsekern against dense PyTorch and torch.sparse; write CSV, Markdown, PNG.",
         epilog="presets:\n" + "\n".join(f"  {n:18s} {p.about}" for n, p in PRESETS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
