@@ -27,6 +27,28 @@ def _line(label: str, res: dict) -> str:
     )
 
 
+def _ran_on(env: dict) -> list[str]:
+    """What the sparse layers ran on during training, from the per-layer record (``layer_runs``):
+    ``["cpp"]`` when every layer ran its sparse kernels, else each path with its layer count, e.g.
+    ``["cpp (14 layers)", "dense (3 layers, the automatic choice)"]``; the selected backends when
+    a result has no per-layer record."""
+    runs = env.get("layer_runs")
+    if not runs:
+        return sorted(set(env.get("layer_backends", {}).values()))
+    counts: dict[str, int] = {}
+    for ran in runs.values():
+        for r in ran or ["not run"]:
+            path, _, backend = r.partition("/")
+            label = "dense (the automatic choice)" if path == "dense" else (backend or path)
+            counts[label] = counts.get(label, 0) + 1
+    if len(counts) == 1:
+        return list(counts)
+    return [
+        f"{k.split(' (')[0]} ({n} layer{'s' if n != 1 else ''}{', ' + k.split(' (')[1][:-1] if ' (' in k else ''})"
+        for k, n in sorted(counts.items(), key=lambda kv: -kv[1])
+    ]
+
+
 def format_summary(res: dict) -> str:
     """A few human-readable lines about a finished (or stopped) run."""
     c = res["config"]
@@ -44,7 +66,7 @@ def format_summary(res: dict) -> str:
     if not res["complete"]:
         return head + f"\nstopped after {res['tasks_done']} of {res['scenario']['n_tasks']} tasks; resume with --resume"
     lines = [head]
-    backends = sorted(set(res["environment"]["layer_backends"].values()))
+    backends = _ran_on(res["environment"])
     if "dense_reference" in res:
         lines.append(_line("dense", res["dense_reference"]))
         lines.append(_line(f"{c['sparsity']:.0%} sp.", res))

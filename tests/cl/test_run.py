@@ -370,3 +370,14 @@ def test_sparse_optimizer_matches_torch_optim_on_fixed_masks():
     assert isinstance(strategy.make_optimizer(), sparsekern.optim.SGD)
     _, _, strategy, _ = build_run(resolve_config({**TINY, "sparsity": 0.0}))
     assert type(strategy.make_optimizer()) is torch.optim.SGD
+
+
+def test_summary_says_what_each_sparse_layer_ran_on():
+    """The CLI's "sparse layers ran on" line comes from the per-layer record: a layer the automatic
+    choice ran dense is counted as such, not reported as the selected backend."""
+    from sparsekern_cl.cli import _ran_on
+
+    assert _ran_on({"layer_runs": {"a": ["sparse/cpp"], "b": ["sparse/cpp"]}}) == ["cpp"]
+    mixed = {"layer_runs": {"a": ["sparse/cpp"], "b": ["dense/dense"], "c": ["sparse/cpp"]}}
+    assert _ran_on(mixed) == ["cpp (2 layers)", "dense (1 layer, the automatic choice)"]
+    assert _ran_on({"layer_backends": {"a": "cpp"}}) == ["cpp"]  # results without the per-layer record
