@@ -90,3 +90,20 @@ def sparsify_backbone(
                 if kept > 0:
                     m.weight.mul_(torch.sqrt(dense_sq[name] / kept))
     return model
+
+
+def sparsify_from_config(model: nn.Module, cfg: dict, *, keep_dense=None) -> nn.Module:
+    """:func:`sparsify_backbone` with a run configuration's sparsity keys (``keep_dense`` defaults to
+    ``cfg["keep_dense"]``)."""
+    return sparsify_backbone(
+        model,
+        cfg["sparsity"],
+        distribution=cfg["sparse_distribution"],
+        init=cfg["sparse_init"],
+        layout=cfg["layout"],
+        block_size=cfg["block_size"],
+        backend=cfg["backend"],
+        keep_dense=cfg["keep_dense"] if keep_dense is None else keep_dense,
+        seed=cfg["seed"],
+        rescale=cfg["sparse_rescale"],
+    )

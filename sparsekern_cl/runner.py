@@ -17,7 +17,7 @@ import torch
 import sparsekern
 
 from . import __version__, provenance
-from .backbones import build_backbone, sparsify_backbone
+from .backbones import build_backbone, sparsify_from_config
 from .config import resolve_config
 from .data import Scenario, TaskData, build_scenario, user_scenario
 from .flops import FlopCounter, layer_densities, memory_footprint, model_capacity
@@ -120,18 +120,7 @@ def build_run(cfg: dict, model: torch.nn.Module | None = None, scenario: Scenari
         )
     else:
         _check_head(model, scenario)
-    sparsify_backbone(
-        model,
-        cfg["sparsity"],
-        distribution=cfg["sparse_distribution"],
-        init=cfg["sparse_init"],
-        layout=cfg["layout"],
-        block_size=cfg["block_size"],
-        backend=cfg["backend"],
-        keep_dense=cfg["keep_dense"],
-        seed=cfg["seed"],
-        rescale=cfg["sparse_rescale"],
-    )
+    sparsify_from_config(model, cfg)
     device = torch.device(cfg["device"])
     model.to(device)
     method = get_method(cfg["method"])

@@ -107,7 +107,7 @@ from torch import nn
 
 import sparsekern
 
-from ..backbones import build_backbone, sparsify_backbone
+from ..backbones import build_backbone, sparsify_from_config
 from ..options import check_group, choice, flag, group_defaults, integer, number
 from ..strategies import Plugin, StepContext, Strategy
 from .masking import move_connections, pick
@@ -792,18 +792,7 @@ def _choose_sparse_layers(cfg: dict, model: nn.Module, scenario) -> None:
     sparsekern.densify_(model)
     model.load_state_dict(fresh.state_dict())
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    sparsify_backbone(
-        model,
-        cfg["sparsity"],
-        distribution=cfg["sparse_distribution"],
-        init=cfg["sparse_init"],
-        layout=cfg["layout"],
-        block_size=cfg["block_size"],
-        backend=cfg["backend"],
-        keep_dense=[n for n in names if n not in want],
-        seed=cfg["seed"],
-        rescale=cfg["sparse_rescale"],
-    )
+    sparsify_from_config(model, cfg, keep_dense=[n for n in names if n not in want])
     model.to(device)
 
 
