@@ -123,7 +123,7 @@ class CoreConfig:
     compact_grads: bool = flag(
         True,
         "with sparse_optimizer: sparse layers' backward writes the weight gradient on the gradient mask only "
-        "(no dense dW; same weights bit for bit) unless the method reads weight.grad (SparCL, DST, EsaCL, EWC)",
+        "(no dense dW; same weights bit for bit) unless the method reads weight.grad (SparCL, EsaCL, EWC)",
     )
     weight_decay: float = number(0.0, "weight decay", "[0, inf)")
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
