@@ -60,6 +60,9 @@ TORCH_LIBRARY(sparsekern, m) {
       "linear_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, "
       "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
   m.def(
+      "linear_dw_values(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, "
+      "Tensor? win_ptr=None, Tensor? win_idx=None, int window=0) -> Tensor");
+  m.def(
       "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] block, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def(
@@ -67,6 +70,9 @@ TORCH_LIBRARY(sparsekern, m) {
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def(
       "conv2d_dw(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, int[4] weight_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_dw_values(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int[2] block, int[4] weight_size, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def(
       "dwconv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor crow_indices, Tensor col_indices, int[2] stride, "

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import BlockSize
+from .formats import BlockSize, flat_index
 
 __all__ = [
     "BACKEND_NAMES",
@@ -138,6 +138,11 @@ class Backend:
     def linear_dw(self, dy, x, grad_pattern):
         raise BackendError(f"backend {self.name!r} has no linear weight gradient")
 
+    def linear_dw_values(self, dy, x, grad_pattern):
+        """``dW`` on the gradient pattern only: ``[nnz]``, in row-major order of its positions
+        (:func:`~sparsekern.formats.flat_index`).  Default: the dense ``dW``, gathered."""
+        return self.linear_dw(dy, x, grad_pattern).reshape(-1).index_select(0, flat_index(grad_pattern))
+
     # conv2d: x [N, C, H, W], weight [O, C/groups, kh, kw]
     def conv2d_fwd(self, x, weight, bias, pattern, conv: ConvParams):
         raise BackendError(f"backend {self.name!r} has no conv2d forward")
@@ -147,6 +152,11 @@ class Backend:
 
     def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
         raise BackendError(f"backend {self.name!r} has no conv2d weight gradient")
+
+    def conv2d_dw_values(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
+        """As :meth:`linear_dw_values` for conv2d.  Default: the dense ``dW``, gathered."""
+        dw = self.conv2d_dw(dy, x, grad_pattern, weight_shape, conv)
+        return dw.reshape(-1).index_select(0, flat_index(grad_pattern))
 
 
 def register_backend(name: str, backend: Backend) -> None:

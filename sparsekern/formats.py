@@ -66,6 +66,7 @@ __all__ = [
     "CSRMeta",
     "BSRMeta",
     "Pattern",
+    "flat_index",
     "as_matrix",
     "normalize_block_size",
     "build_csr",
@@ -686,6 +687,23 @@ class Pattern:
         bsr = self._cache.peek(("bsr", self.block_size)) if self.layout == "block" else None
         if bsr is not None:
             bsr.validate()
+
+
+def flat_index(pattern: Pattern) -> torch.Tensor:
+    """Row-major flat positions of ``pattern``'s mask (``[nnz]``, int32 where they fit, else int64):
+    the order of a compact gradient (``linear_dw_values``) and of ``sparsekern.optim``'s state.
+    Built once per mask version, from the CSR metadata when it is already there."""
+
+    def build() -> torch.Tensor:
+        mask = pattern.mask
+        dtype = torch.int32 if mask.numel() <= torch.iinfo(torch.int32).max else torch.int64
+        csr = pattern.cache.peek(("csr",))
+        if csr is not None:
+            cols = csr.shape[1]
+            return (csr.row_ids() * cols + csr.col_indices.long()).to(dtype)
+        return mask.reshape(-1).nonzero().squeeze(1).to(dtype)
+
+    return pattern.derived(("flat_index",), build)
 
 
 def block_mask_of_matrix(m: torch.Tensor, bo: int, bk: int) -> torch.Tensor:

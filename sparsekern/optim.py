@@ -38,6 +38,13 @@ Semantics
   correction continues from the parameter's step count, as in torch.optim for an entry whose
   gradient was zero until then), entries that leave ``G`` lose theirs and stop moving.  (The stock
   optimizer keeps moving a weight that left ``G`` by its remaining momentum.)
+* **Compact gradients.**  With ``grad_layout="compact"`` the sparse layers' backward writes only
+  the ``nnz(G)`` values of ``dW`` (:attr:`~sparsekern.SparseLinear.grad_values`) and no dense
+  ``weight.grad``: no dense gradient to allocate, write, zero or read.  ``step`` reads them and
+  then drops them (``zero_grad`` would), so a loop that calls ``model.zero_grad()`` instead of the
+  optimizer's still starts each step from zero.  The weights are bit-identical to those of the
+  dense layout.  Code that reads ``weight.grad`` (clipping, hooks, a stock optimizer) needs the
+  dense layout, or :meth:`~sparsekern.SparseLinear.weight_grad`.
 * **state_dict.**  ``state_dict()`` holds the compact values and ``index``; ``load_state_dict``
   restores them, so a resumed run continues bit-identically, and remaps them if the loaded model's
   ``G`` differs.  A stock optimizer's dense state for a sparse parameter is compacted onto ``G`` at
@@ -177,6 +184,11 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).index_select(0, idx)
 
 
+def _gathered(grad: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``grad`` on ``idx``: gathered from a dense gradient, as it is if already compact."""
+    return grad if grad.shape != p.shape else _gather(grad, idx)
+
+
 def _scatter_(p: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     if p.is_contiguous():
         p.view(-1).index_put_((idx,), values)
@@ -194,33 +206,65 @@ class _SparseStep:
     param_groups: list
     state: dict
 
-    def _init_sparse(self, model) -> None:
+    def _init_sparse(self, model, grad_layout: str | None = None) -> None:
         self._layers = _check_model(model)
         self._index_cache: dict = {}
+        if grad_layout is not None:
+            self._set_grad_layout(grad_layout)
 
     def _split(self, group) -> tuple[list, list]:
-        """(dense params, sparse params with a gradient) of a group."""
+        """(dense params, sparse params with a gradient, dense or compact) of a group."""
         dense, sparse = [], []
         for p in group["params"]:
             if p in self._layers:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("sparsekern.optim does not take torch.sparse gradients")
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("sparsekern.optim does not take torch.sparse gradients")
+                if p.grad is not None or self._layers[p].grad_values is not None:
                     sparse.append(p)
             else:
                 dense.append(p)
         return dense, sparse
 
+    def _grad_on(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The gradient of sparse parameter ``p``: dense ``p.grad`` or, for a layer in the compact
+        layout, its ``grad_values`` on ``idx`` (moved there if ``G`` changed since the backward;
+        a dense gradient beside them is added)."""
+        layer = self._layers[p]
+        vals = layer.grad_values
+        if vals is None:
+            return p.grad
+        src = layer.grad_index
+        if src is not idx and not _same_index(src, idx):
+            vals = _remap(vals, src, idx)
+        if p.grad is not None:
+            vals = vals + _gather(p.grad, idx.to(p.grad.device).long())
+        return vals.to(p.dtype)
+
+    def _consume(self, p: torch.Tensor) -> None:
+        self._layers[p].zero_grad_values()
+
+    def _set_grad_layout(self, grad_layout: str) -> None:
+        if grad_layout not in ("dense", "compact"):
+            raise ValueError(f"grad_layout: expected 'dense' or 'compact', got {grad_layout!r}")
+        for layer in self._layers.values():
+            layer.set_grad_layout(grad_layout)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; also drops the compact gradients of the layers."""
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+        for layer in self._layers.values():
+            layer.zero_grad_values()
+
     def _grad_index(self, p: torch.Tensor) -> torch.Tensor:
-        """Flat row-major positions of ``G``, rebuilt only when the mask tensor or its version changes."""
-        g = self._layers[p].grad_mask
+        """Flat row-major positions of ``G`` (the layer's own, cached with its masks), kept here
+        per mask version so a step does not look the patterns up again."""
+        layer = self._layers[p]
+        g, m = layer.grad_mask, layer.weight_mask
         hit = self._index_cache.get(p)
-        if hit is not None and hit[0] is g and hit[1] == g._version:
+        if hit is not None and hit[0] is g and hit[1] == (g._version, m._version):
             return hit[2]
-        idx = g.reshape(-1).nonzero().squeeze(1)
-        if g.numel() <= torch.iinfo(torch.int32).max:
-            idx = idx.to(torch.int32)
-        self._index_cache[p] = (g, g._version, idx)
+        idx = layer._flat_grad_index()
+        self._index_cache[p] = (g, (g._version, m._version), idx)
         return idx
 
     def _compact_state(self, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -285,6 +329,8 @@ class SGD(_SparseStep, torch.optim.SGD):
         params: parameters or parameter groups, as ``torch.optim.SGD``.
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as ``torch.optim.SGD``.
         model: the module whose ``SparseLinear`` / ``SparseConv2d`` weights are sparse parameters.
+        grad_layout: ``"compact"`` / ``"dense"`` sets every sparse layer of ``model`` to that
+            gradient layout (:meth:`~sparsekern.SparseLinear.set_grad_layout`); ``None`` leaves them.
 
     Raises:
         TypeError / ValueError: a bad argument (the message names it).
@@ -309,6 +355,7 @@ class SGD(_SparseStep, torch.optim.SGD):
         maximize: bool = False,
         foreach: bool | None = None,
         model: nn.Module,
+        grad_layout: str | None = None,
     ) -> None:
         _non_negative("lr", lr)
         _non_negative("momentum", momentum)
@@ -318,7 +365,7 @@ class SGD(_SparseStep, torch.optim.SGD):
             raise ValueError(
                 f"nesterov: requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}"
             )
-        self._init_sparse(model)
+        self._init_sparse(model, grad_layout)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach)
 
     def _dense_step(self, group, dense) -> None:
@@ -353,12 +400,13 @@ class SGD(_SparseStep, torch.optim.SGD):
             buf = state.get("momentum_buffer")
             first = buf is None
         lr = float(group["lr"])
-        if _use_kernel(p, p.grad):
+        grad = self._grad_on(p, idx)
+        if _use_kernel(p, grad):
             if first:
                 buf = p.new_empty(idx.numel())
             torch.ops.sparsekern.sgd_step_masked_(
                 p,
-                p.grad,
+                grad,
                 idx,
                 buf,
                 lr,
@@ -374,7 +422,7 @@ class SGD(_SparseStep, torch.optim.SGD):
             bufs = [buf] if momentum != 0 else []
             _sgd(
                 [values],
-                [_gather(p.grad, idx)],
+                [_gathered(grad, p, idx)],
                 bufs,
                 weight_decay=group["weight_decay"],
                 momentum=momentum,
@@ -388,6 +436,7 @@ class SGD(_SparseStep, torch.optim.SGD):
             buf = bufs[0] if bufs else None
         if momentum != 0:
             state["momentum_buffer"] = buf
+        self._consume(p)
 
 
 # ----------------------------------------------------------------------------- Adam / AdamW
@@ -399,6 +448,7 @@ class Adam(_SparseStep, torch.optim.Adam):
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach, decoupled_weight_decay: as
             ``torch.optim.Adam`` (``betas``: two floats).
         model: the module whose ``SparseLinear`` / ``SparseConv2d`` weights are sparse parameters.
+        grad_layout: as :class:`SGD`.
 
     Raises:
         TypeError / ValueError: a bad argument (the message names it).
@@ -424,6 +474,7 @@ class Adam(_SparseStep, torch.optim.Adam):
         foreach: bool | None = None,
         decoupled_weight_decay: bool = False,
         model: nn.Module,
+        grad_layout: str | None = None,
     ) -> None:
         _non_negative("lr", lr)
         _non_negative("eps", eps)
@@ -433,7 +484,7 @@ class Adam(_SparseStep, torch.optim.Adam):
         for i, b in enumerate(betas):
             if isinstance(b, torch.Tensor) or not 0 <= _number(f"betas[{i}]", b) < 1:
                 raise ValueError(f"betas[{i}]: expected a float in [0, 1), got {b!r}")
-        self._init_sparse(model)
+        self._init_sparse(model, grad_layout)
         super().__init__(
             params,
             lr,
@@ -475,12 +526,14 @@ class Adam(_SparseStep, torch.optim.Adam):
             if key not in state:
                 state[key] = p.new_zeros(n)
         vmax = state.get("max_exp_avg_sq") if group["amsgrad"] else None
-        if _use_kernel(p, p.grad):
+        grad = self._grad_on(p, idx)
+        self._consume(p)
+        if _use_kernel(p, grad):
             state["step"] += 1
             beta1, beta2 = group["betas"]
             torch.ops.sparsekern.adam_step_masked_(
                 p,
-                p.grad,
+                grad,
                 idx,
                 state["exp_avg"],
                 state["exp_avg_sq"],
@@ -498,7 +551,7 @@ class Adam(_SparseStep, torch.optim.Adam):
         values = _gather(p, idx)
         _adam(
             [values],
-            [_gather(p.grad, idx)],
+            [_gathered(grad, p, idx)],
             [state["exp_avg"]],
             [state["exp_avg_sq"]],
             [vmax] if vmax is not None else [],
@@ -528,6 +581,7 @@ class AdamW(Adam):
         maximize: bool = False,
         foreach: bool | None = None,
         model: nn.Module,
+        grad_layout: str | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -540,6 +594,7 @@ class AdamW(Adam):
             foreach=foreach,
             decoupled_weight_decay=True,
             model=model,
+            grad_layout=grad_layout,
         )
 
     def __setstate__(self, state):

@@ -120,6 +120,11 @@ class CoreConfig:
         "step the weights of sparse layers on their gradient mask only (sparsekern.optim: compact state; "
         "frozen and pruned weights never move); false: the stock torch.optim step over every entry",
     )
+    compact_grads: bool = flag(
+        True,
+        "with sparse_optimizer: sparse layers' backward writes the weight gradient on the gradient mask only "
+        "(no dense dW; same weights bit for bit) unless the method reads weight.grad (SparCL, EsaCL, EWC)",
+    )
     weight_decay: float = number(0.0, "weight decay", "[0, inf)")
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
     threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)

@@ -120,6 +120,9 @@ class Plugin:
     """
 
     name = "plugin"
+    #: whether a hook reads ``weight.grad`` of sparse layers (then they keep the dense gradient
+    #: layout; see ``compact_grads``)
+    reads_weight_grads = True
 
     def begin_task(self, strategy: Strategy, task: int) -> None: ...
     def train_indices(self, strategy: Strategy, task: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
@@ -186,12 +189,22 @@ class Strategy:
         params = [p for p in self.model.parameters() if p.requires_grad]
         c = self.cfg
         sparse = c.get("sparse_optimizer", True) and bool(sparsekern.sparse_modules(self.model))
-        kw = {"model": self.model} if sparse else {}
+        kw = {"model": self.model, "grad_layout": self.grad_layout()} if sparse else {}
         if c["optimizer"] == "sgd":
             cls = sparsekern.optim.SGD if sparse else torch.optim.SGD
             return cls(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"], **kw)
         cls = sparsekern.optim.Adam if sparse else torch.optim.Adam
         return cls(params, lr=c["lr"], weight_decay=c["weight_decay"], **kw)
+
+    #: whether the strategy itself reads ``weight.grad`` of sparse layers
+    reads_weight_grads = False
+
+    def grad_layout(self) -> str:
+        """``"compact"`` (the sparse layers' backward writes ``dW`` on ``G`` only, see
+        ``SparseLinear.set_grad_layout``) when ``compact_grads`` is on and neither the strategy
+        nor a plugin reads ``weight.grad``; else ``"dense"``."""
+        readers = [self.reads_weight_grads] + [p.reads_weight_grads for p in self.plugins]
+        return "compact" if self.cfg.get("compact_grads", True) and not any(readers) else "dense"
 
     def sparse_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, layer)`` of every sparse layer: where masks and gradient masks are changed."""
@@ -476,6 +489,7 @@ class EWCOnline(Strategy):
     """
 
     name = "ewc"
+    reads_weight_grads = True  # the Fisher estimate
 
     def __init__(self, model, scenario, cfg, device, plugins=()) -> None:
         super().__init__(model, scenario, cfg, device, plugins)

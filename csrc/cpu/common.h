@@ -309,6 +309,22 @@ struct PackedRows {
       }
     });
   }
+  // The inverse for the compact gradient: acc[base[r] + ...] = dense[r, c] on the pattern.
+  template <typename S>
+  void gather(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, const S* dense, S* acc) const {
+    const int64_t rows = int64_t(base.size()) - 1;
+    at::parallel_for(0, rows, size() < (int64_t(1) << 18) ? std::max<int64_t>(rows, 1) : 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t rb = r / bo;
+        S* a = acc + base[r];
+        const S* d = dense + r * ncols;
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+          for (int64_t c = c0; c < c1; ++c) *a++ = d[c];
+        }
+      }
+    });
+  }
 };
 
 // Tile width for an unstructured panel or a weight-gradient tile: the widest of `choices`

@@ -622,14 +622,18 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   return dx;
 }
 
-Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
-                 at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation) {
+// dW on the pattern: dense (zeros outside it), or with `compact` the [nnz] values on it in
+// row-major order of its positions (PackedRows order; see linear_dw_values).
+Tensor conv2d_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                      at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, bool compact) {
   check_float(dy_, "dy", 4);
   check_float(x_, "x", 4);
   check_same_dtype(dy_, "dy", x_, "x");
   if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
-    return conv2d_dw(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation).to(at::kBFloat16);
+    return conv2d_dw_impl(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation,
+                          compact)
+        .to(at::kBFloat16);
   check_size_arg(weight_size, "weight_size");
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_size[1] == x_.size(1), "weight_size: expected ", x_.size(1),
@@ -639,14 +643,26 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  if (compact) {
+    const PackedRows packed(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.O, bo, bk, Kc);
+    if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({packed.size()}, x.options());
+  }
   if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
-  Tensor dw = huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));  // all written by the scatter
   const bool direct = use_direct(ConvOp::kDw, g, col.numel() * bo * bk, bo, bk);
+  // compact: the direct path still writes a dense dW (gathered after), the GEMM path none
+  Tensor dw, vals;
+  if (!compact || direct) dw = huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_dw", [&] {
     using S = scalar_t;
     if (direct) {
       direct_dw<S>(g, dy.data_ptr<S>(), x.data_ptr<S>(), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk,
                    dw.data_ptr<S>());
+      if (compact) {
+        const PackedRows packed(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.O, bo, bk, Kc);
+        vals = at::empty({packed.size()}, x.options());
+        packed.gather(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, Kc, dw.data_ptr<S>(),
+                      vals.data_ptr<S>());
+      }
       return;
     }
     const Kernels<S>& k = kernels<S>();
@@ -678,9 +694,26 @@ Tensor conv2d_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         }
       }
     });
-    packed.scatter(ptr, idx, bo, bk, Kc, acc, dw.data_ptr<S>());
+    if (compact) {
+      vals = at::empty({nnz}, x.options());
+      std::copy(acc, acc + nnz, vals.data_ptr<S>());
+    } else {
+      packed.scatter(ptr, idx, bo, bk, Kc, acc, dw.data_ptr<S>());
+    }
   });
-  return dw;
+  return compact ? vals : dw;
+}
+
+Tensor conv2d_dw(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                 at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation) {
+  return conv2d_dw_impl(dy, x, crow, col, block, weight_size, stride, padding, dilation, false);
+}
+
+Tensor conv2d_dw_values(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col,
+                        at::IntArrayRef block, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return conv2d_dw_impl(dy, x, crow, col, block, weight_size, stride, padding, dilation, true);
 }
 
 // Which algorithm conv2d_{fwd,dx,dw} run for a shape: "direct" or "gemm" (the automatic choice,
@@ -715,6 +748,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("conv2d_fwd", &sparsekern::conv2d_fwd);
   m.impl("conv2d_dx", &sparsekern::conv2d_dx);
   m.impl("conv2d_dw", &sparsekern::conv2d_dw);
+  m.impl("conv2d_dw_values", &sparsekern::conv2d_dw_values);
 }
 
 // Not a tensor op: one kernel for every backend (what m.def(schema, fn) registers).

@@ -234,8 +234,11 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   return dx;
 }
 
-Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
-                 const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx, int64_t window) {
+// dW on the pattern: dense [M, K] (zeros outside it), or with `compact` only the values on it,
+// [nnz], in row-major order of the pattern's positions (the order of PackedRows).
+Tensor linear_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                      const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx, int64_t window,
+                      bool compact) {
   check_float(dy_, "dy", 2);
   check_float(x_, "x", 2);
   check_same_dtype(dy_, "dy", x_, "x");
@@ -244,8 +247,17 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
   TORCH_CHECK(x_.size(0) == N, "x: expected ", N, " rows (dy has ", N, "), got shape ", x_.sizes());
   check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
   Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  const int32_t* ptr0 = crow.data_ptr<int32_t>();
+  const int32_t* idx0 = col.data_ptr<int32_t>();
+  if (compact) {
+    const PackedRows packed(ptr0, idx0, M, bo, bk, K);
+    if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({packed.size()}, x.options());
+    if (packed.size() == 0) return at::zeros({0}, x.options());
+  }
   if (N == 0 || M == 0 || K == 0 || col.numel() == 0) return at::zeros({M, K}, x.options());
-  Tensor dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
+  // compact: the values come back in `vals`; `dw` is then only the whole-block path's scratch
+  Tensor dw, vals;
+  if (!compact) dw = huge_page_hint(at::empty({M, K}, x.options()));  // every element is written below
   const Windows win = check_windows(win_ptr, win_idx, window, M, K, col.numel(), bo == 1 && bk == 1);
   dispatch_float(x.scalar_type(), "sparsekern::linear_dw", [&](auto s_, auto w_) {
     using S = decltype(s_);
@@ -264,8 +276,10 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
       const auto bounds = balanced_split(row_costs(ptr, M, 1, 1), parts, 1);
       const S* xp = x.data_ptr<S>();
       const S* dyp = dy.data_ptr<S>();
-      Buf<S> acc(col.numel(), kMainA);
-      std::fill(acc.data(), acc.data() + col.numel(), S(0));
+      Buf<S> scratch(compact ? 1 : col.numel(), kMainA);
+      if (compact) vals = at::empty({col.numel()}, x.options());
+      S* acc = compact ? vals.data_ptr<S>() : scratch.data();
+      std::fill(acc, acc + col.numel(), S(0));
       at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
         Buf<S> bt(K * T, kTile), at_(kRows * T, kPanel);
         std::vector<int32_t> cursor(kRows);
@@ -278,14 +292,15 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
             for (int64_t rr = r0; rr < r1; rr += kRows) {
               const int64_t re = std::min(r1, rr + kRows);
               k.spmm.tile_from_rows(dyp + n0 * M + rr, M, nt, re - rr, T, at_.get());
-              k.linear.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc.data(),
+              k.linear.sddmm_win[nv](win.ptr, win.idx, ptr, M, win.nw, rr, re, at_.get(), bt.get(), acc,
                                      cursor.data());
             }
           }
         }
       });
+      if (compact) return;
       const PackedRows packed(ptr, idx, M, 1, 1, K);
-      packed.scatter(ptr, idx, 1, 1, K, acc.data(), data_of<W>(dw));
+      packed.scatter(ptr, idx, 1, 1, K, acc, data_of<W>(dw));
       return;
     }
     if (plain && bk % k.lanes == 0 && M % bo == 0 && K % bk == 0) {
@@ -296,6 +311,7 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
       const auto bounds = balanced_split(cost, std::min<int64_t>(at::get_num_threads(), nrb), 1);
       const S* xp = x.data_ptr<S>();
       const S* dyp = dy.data_ptr<S>();
+      if (compact) dw = at::empty({M, K}, x.options());  // written whole, then gathered below
       S* out = dw.data_ptr<S>();
       Buf<S> xs(N * K, kMainA);  // x as vector-wide column strips, each contiguous over the batch
       const int64_t nstrips = K / k.lanes;
@@ -308,6 +324,11 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
         for (int64_t part = pb; part < pe; ++part)
           k.linear.bsr_dw_rows(ptr, idx, bo, bk, bounds[part], bounds[part + 1], dyp, M, xs.get(), N, out, K, ds.get());
       });
+      if (compact) {
+        const PackedRows packed(ptr, idx, M, bo, bk, K);
+        vals = at::empty({packed.size()}, x.options());
+        packed.gather(ptr, idx, bo, bk, K, out, vals.data_ptr<S>());
+      }
       return;
     }
     const int nv = pick_width<S>(k, {4, 8, 16}, K, N);
@@ -317,8 +338,11 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
     const W* xw = data_of<W>(x);
     const W* dyw = data_of<W>(dy);
     const PackedRows packed(ptr, idx, M, bo, bk, K);
-    Buf<S> acc(packed.size(), kMainA);
-    std::fill(acc.data(), acc.data() + packed.size(), S(0));
+    // plain compact: accumulate straight into the result; bf16 accumulates in float scratch
+    Buf<S> scratch(compact && plain ? 1 : packed.size(), kMainA);
+    if (compact) vals = at::empty({packed.size()}, x.options());
+    S* acc = compact && plain ? reinterpret_cast<S*>(vals.data_ptr()) : scratch.data();
+    std::fill(acc, acc + packed.size(), S(0));
     at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
       Buf<S> bt(K * T, kTile), at_(kRowBlock * T, kPanel);
       std::vector<int32_t> cols;
@@ -331,15 +355,31 @@ Tensor linear_dw(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const 
           for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
             const int64_t re = std::min(r1, rr + kRowBlock);
             tile_from(k, dyw + n0 * M + rr, M, nt, re - rr, T, at_.get());
-            k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc.data(), packed.base.data(),
+            k.spmm.sddmm_tile[nv](ptr, idx, bo, bk, K, rr, re, at_.get(), bt.get(), acc, packed.base.data(),
                                   cols);
           }
         }
       }
     });
-    packed.scatter(ptr, idx, bo, bk, K, acc.data(), data_of<W>(dw));
+    if (!compact) {
+      packed.scatter(ptr, idx, bo, bk, K, acc, data_of<W>(dw));
+    } else if (!plain) {
+      W* v = data_of<W>(vals);
+      for (int64_t j = 0; j < packed.size(); ++j) store(v[j], acc[j]);
+    }
   });
-  return dw;
+  return compact ? vals : dw;
+}
+
+Tensor linear_dw(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
+                 const c10::optional<Tensor>& win_ptr, const c10::optional<Tensor>& win_idx, int64_t window) {
+  return linear_dw_impl(dy, x, crow, col, block, win_ptr, win_idx, window, false);
+}
+
+Tensor linear_dw_values(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col,
+                        at::IntArrayRef block, const c10::optional<Tensor>& win_ptr,
+                        const c10::optional<Tensor>& win_idx, int64_t window) {
+  return linear_dw_impl(dy, x, crow, col, block, win_ptr, win_idx, window, true);
 }
 
 }  // namespace
@@ -349,5 +389,6 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("linear_fwd", &sparsekern::linear_fwd);
   m.impl("linear_dx", &sparsekern::linear_dx);
   m.impl("linear_dw", &sparsekern::linear_dw);
+  m.impl("linear_dw_values", &sparsekern::linear_dw_values);
   m.impl("csr_windows", &sparsekern::csr_windows);
 }

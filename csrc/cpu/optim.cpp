@@ -26,7 +26,7 @@ using at::Tensor;
 template <typename S>
 struct SgdScalars {
   S neg_lr, momentum, keep, weight_decay;  // keep = 1 - dampening
-  bool use_momentum, nesterov, maximize, first, decay;
+  bool use_momentum, nesterov, maximize, first, decay, compact;
 };
 
 template <typename S>
@@ -36,7 +36,7 @@ struct AdamScalars {
   bool lerp_small;                 // lerp_w = weight if |weight| < 0.5, else weight - 1
   S beta2, one_minus_beta2;        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
   S bc2_sqrt, eps, neg_step_size;  // param.addcdiv_(exp_avg, sqrt(v) / bc2_sqrt + eps, value=-step_size)
-  bool decoupled, l2, maximize, amsgrad;
+  bool decoupled, l2, maximize, amsgrad, compact;
 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -84,10 +84,12 @@ void check_like(const Tensor& t, const char* name, const Tensor& weight, int64_t
   TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " entries, got ", t.numel());
 }
 
-// weight, grad and idx; returns nnz.
-int64_t check_common(const Tensor& weight, const Tensor& grad, const Tensor& idx) {
+// weight, grad and idx; returns nnz.  `compact`: grad holds one value per entry of idx (a 1-D
+// [nnz] tensor) rather than the weight's shape.
+int64_t check_common(const Tensor& weight, const Tensor& grad, const Tensor& idx, bool& compact) {
   check_dense(weight, "weight");
-  check_like(grad, "grad", weight, weight.numel());
+  compact = grad.dim() == 1 && grad.numel() == idx.numel() && grad.sizes() != weight.sizes();
+  check_like(grad, "grad", weight, compact ? idx.numel() : weight.numel());
   TORCH_CHECK(idx.device().is_cpu(), "idx: expected a CPU tensor, got one on ", idx.device());
   TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong,
               "idx: expected dtype int32 or int64, got ", idx.scalar_type());
@@ -130,14 +132,15 @@ void dispatch_index(const Tensor& idx, int64_t numel, const F& body) {
 void sgd_step_masked_(const Tensor& weight, const Tensor& grad, const Tensor& idx,
                       const std::optional<Tensor>& momentum_buffer, double lr, double momentum, double dampening,
                       double weight_decay, bool nesterov, bool maximize, bool first) {
-  const int64_t nnz = check_common(weight, grad, idx);
+  bool compact = false;
+  const int64_t nnz = check_common(weight, grad, idx, compact);
   const bool use_momentum = momentum != 0;
   TORCH_CHECK(!use_momentum || momentum_buffer.has_value(), "momentum_buffer: required when momentum != 0");
   if (use_momentum) check_like(*momentum_buffer, "momentum_buffer", weight, nnz);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_step_masked_", [&] {
     using S = scalar_t;
     const SgdScalars<S> a{S(-lr), S(momentum), S(1 - dampening), S(weight_decay), use_momentum,
-                          nesterov, maximize, first, weight_decay != 0};
+                          nesterov, maximize, first, weight_decay != 0, compact};
     S* w = weight.data_ptr<S>();
     const S* g = grad.data_ptr<S>();
     S* buf = use_momentum ? momentum_buffer->data_ptr<S>() : nullptr;
@@ -154,7 +157,8 @@ void adam_step_masked_(const Tensor& weight, const Tensor& grad, const Tensor& i
                        const Tensor& exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, double lr,
                        double beta1, double beta2, double eps, double weight_decay, double step,
                        bool decoupled_weight_decay, bool maximize) {
-  const int64_t nnz = check_common(weight, grad, idx);
+  bool compact = false;
+  const int64_t nnz = check_common(weight, grad, idx, compact);
   check_like(exp_avg, "exp_avg", weight, nnz);
   check_like(exp_avg_sq, "exp_avg_sq", weight, nnz);
   const bool amsgrad = max_exp_avg_sq.has_value();
@@ -174,7 +178,7 @@ void adam_step_masked_(const Tensor& weight, const Tensor& grad, const Tensor& i
     const bool small = std::abs(lw) < S(0.5);
     const AdamScalars<S> a{S(decay), S(weight_decay), small ? lw : lw - S(1), small, S(beta2), S(1 - beta2),
                            S(bc2_sqrt), S(eps), S(-step_size), decoupled_weight_decay && weight_decay != 0,
-                           !decoupled_weight_decay && weight_decay != 0, maximize, amsgrad};
+                           !decoupled_weight_decay && weight_decay != 0, maximize, amsgrad, compact};
     S* w = weight.data_ptr<S>();
     const S* g = grad.data_ptr<S>();
     S* m = exp_avg.data_ptr<S>();

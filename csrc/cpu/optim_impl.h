@@ -4,7 +4,8 @@
 //
 // Every multiply-add torch's CPU kernels fuse is written as std::fma here and nothing else is a
 // multiply followed by an add, so -ffp-contract=fast cannot fuse more than torch does.
-// w, g: the dense weight and gradient; idx[k] the flat position of compact entry k.  The scalar
+// w: the dense weight; idx[k] the flat position of compact entry k; g: the gradient, dense
+// (g[idx[k]]) or, with a.compact, compact on idx (g[k]).  The scalar
 // structs (SgdScalars, AdamScalars) are defined by the including file.
 
 template <typename S, typename I>
@@ -12,7 +13,8 @@ void sgd_range(S* w, const S* g, const I* idx, S* buf, int64_t begin, int64_t en
   for (int64_t k = begin; k < end; ++k) {
     const int64_t j = idx[k];
     S p = w[j];
-    S d = a.maximize ? -g[j] : g[j];
+    const S gk = a.compact ? g[k] : g[j];
+    S d = a.maximize ? -gk : gk;
     if (a.decay) d = std::fma(p, a.weight_decay, d);  // grad.add(param, alpha=wd)
     if (a.use_momentum) {
       // first step: buf = grad.clone(); then buf.mul_(momentum).add_(grad, alpha=1 - dampening)
@@ -36,7 +38,8 @@ void adam_moments_range(const S* w, const S* g, const I* idx, S* m, S* v, S* vma
                         const AdamScalars<S>& a) {
   for (int64_t k = begin; k < end; ++k) {
     const int64_t j = idx[k];
-    S d = a.maximize ? -g[j] : g[j];
+    const S gk = a.compact ? g[k] : g[j];
+    S d = a.maximize ? -gk : gk;
     if (a.l2) d = std::fma(w[j], a.weight_decay, d);  // grad.add(param, alpha=wd)
     // lerp: weight < 0.5 -> m + w (d - m); else d + (w - 1) (d - m), one rounding each
     const S diff = d - m[k];

@@ -407,8 +407,8 @@ def _prepare_train(case: Case, gen: torch.Generator) -> Prepared:
     steps = 1 if case.op == "train_step" else shape.steps_per_epoch
     xs = [torch.randn(case.batch, *in_shape, generator=gen).to(dev, dt) for _ in range(steps)]
     ys = [torch.randint(0, 10, (case.batch,), generator=gen).to(dev) for _ in range(steps)]
-    if provider == "auto":  # the library's own path: sparse-aware optimizer step on G
-        opt = sparsekern.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, model=model)
+    if provider == "auto":  # the library's own path: compact dW and the optimizer step on G
+        opt = sparsekern.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, model=model, grad_layout="compact")
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 

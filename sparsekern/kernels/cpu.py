@@ -371,6 +371,13 @@ class CppBackend(Backend):
         win = _window_args(grad_pattern, dy.shape[0], False, dy.dtype)
         return torch.ops.sparsekern.linear_dw(dy, x, crow, col, block, **win)
 
+    def linear_dw_values(self, dy, x, grad_pattern):
+        if not hasattr(torch.ops.sparsekern, "linear_dw_values"):  # an extension built before the op
+            return super().linear_dw_values(dy, x, grad_pattern)
+        crow, col, block = _csr_args(grad_pattern)
+        win = _window_args(grad_pattern, dy.shape[0], False, dy.dtype)
+        return torch.ops.sparsekern.linear_dw_values(dy, x, crow, col, block, **win)
+
     # ---- conv2d -------------------------------------------------------------------------------
     @staticmethod
     def _conv_args(conv):
@@ -421,6 +428,16 @@ class CppBackend(Backend):
         if bool(torch.isnan(dw).any()):
             return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
         return dw
+
+    def conv2d_dw_values(self, dy, x, grad_pattern, weight_shape, conv):
+        if conv.groups != 1 or not hasattr(torch.ops.sparsekern, "conv2d_dw_values"):
+            return super().conv2d_dw_values(dy, x, grad_pattern, weight_shape, conv)
+        s, p, d = self._conv_args(conv)
+        crow, col, block = _csr_args(grad_pattern)
+        vals = torch.ops.sparsekern.conv2d_dw_values(dy, x, crow, col, block, list(weight_shape), s, p, d)
+        if bool(torch.isnan(vals).any()):  # as conv2d_dw: the reference's term-by-term semantics
+            return super().conv2d_dw_values(dy, x, grad_pattern, weight_shape, conv)
+        return vals
 
     @staticmethod
     def _need_depthwise(weight_shape, groups: int) -> None:

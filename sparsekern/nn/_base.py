@@ -45,6 +45,33 @@ def _as_bool_mask(mask, weight: torch.Tensor, name: str) -> torch.Tensor:
     return _zero_one(mask, name).detach().to(weight.device)
 
 
+#: where a sparse layer's backward puts the weight gradient (:meth:`SparseMixin.set_grad_layout`)
+GRAD_LAYOUTS = ("dense", "compact")
+
+
+class _GradSink:
+    """A compact-gradient leaf: ``nnz(G)`` entries that take no memory (stride 0), whose ``.grad``
+    autograd fills; ``index``: the flat positions of ``G`` it was made for; ``key``: the masks'
+    identity and versions, device and dtype."""
+
+    __slots__ = ("key", "index", "leaf")
+
+    def __init__(self, key: tuple, index: torch.Tensor, weight: torch.Tensor) -> None:
+        self.key, self.index = key, index
+        self.leaf = torch.empty_strided((index.numel(),), (0,), dtype=weight.dtype, device=weight.device)
+        self.leaf.requires_grad_(True)
+
+    def __deepcopy__(self, memo):  # a copied or pickled layer starts without a gradient, as after zero_grad
+        return None
+
+    def __reduce__(self):
+        return (_no_sink, ())
+
+
+def _no_sink() -> None:
+    return None
+
+
 class SparseMixin:
     """Adds ``weight_mask`` / ``grad_mask`` buffers and the mask API to a Linear/Conv2d subclass.
 
@@ -207,6 +234,83 @@ class SparseMixin:
         kept = self.__dict__.pop("_sparsekern_pruned_mask", None) if name == "weight" else None
         if kept is not None and "weight_mask" not in self._buffers:
             self._buffers["weight_mask"] = kept
+
+    # ------------------------------------------------------------------ compact gradient
+    #: ``"dense"``: the weight gradient is ``weight.grad`` (as ``nn.Linear``); ``"compact"``: it is
+    #: :attr:`grad_values`, one value per entry of ``G`` (see :meth:`set_grad_layout`)
+    grad_layout: str = "dense"
+
+    def set_grad_layout(self, layout: str) -> None:
+        """Where the backward puts the weight gradient.
+
+        ``"dense"`` (the default): in ``weight.grad``, of the weight's shape, exactly zero outside
+        ``G`` -- what ``torch.optim``, gradient clipping and hooks on ``weight`` expect.
+
+        ``"compact"``: in :attr:`grad_values`, ``[nnz(G)]`` values on the positions
+        :attr:`grad_index` (row-major), and ``weight.grad`` stays ``None``.  The dense ``dW``
+        (as large as the weight) is never written or zeroed.  Only :mod:`sparsekern.optim`'s
+        optimizers step such a layer (they read :attr:`grad_values`); a stock ``torch.optim``
+        optimizer would leave its weight unchanged.  :meth:`weight_grad` gives the dense gradient
+        when one is needed.  Under ``torch.compile`` the traced op returns a dense ``weight.grad``.
+        """
+        if layout not in GRAD_LAYOUTS:
+            raise ValueError(f"layout: expected one of {GRAD_LAYOUTS}, got {layout!r}")
+        self.grad_layout = layout
+        self.__dict__.pop("_sparsekern_sink", None)
+
+    @property
+    def grad_values(self) -> torch.Tensor | None:
+        """The compact weight gradient (``[nnz(G)]``, on :attr:`grad_index`), or ``None``."""
+        sink = self.__dict__.get("_sparsekern_sink")
+        return None if sink is None else sink.leaf.grad
+
+    @property
+    def grad_index(self) -> torch.Tensor:
+        """Row-major flat positions of :attr:`grad_values`: those of ``G`` at the last forward
+        (of the current ``G`` before any)."""
+        sink = self.__dict__.get("_sparsekern_sink")
+        return sink.index if sink is not None else self._flat_grad_index()
+
+    def weight_grad(self) -> torch.Tensor | None:
+        """The dense weight gradient in either layout: ``weight.grad`` plus :attr:`grad_values`
+        scattered onto the weight's shape; ``None`` if there is neither."""
+        dense, vals = self._stored_weight().grad, self.grad_values
+        if vals is None:
+            return dense
+        out = torch.zeros_like(self._stored_weight()) if dense is None else dense.clone()
+        out.view(-1).index_add_(0, self.grad_index.long(), vals.to(out.dtype))
+        return out
+
+    def zero_grad_values(self) -> None:
+        """Drop :attr:`grad_values` (``sparsekern.optim``'s ``step`` and ``zero_grad`` call it)."""
+        sink = self.__dict__.get("_sparsekern_sink")
+        if sink is not None:
+            sink.leaf.grad = None
+
+    def _flat_grad_index(self) -> torch.Tensor:
+        from ..formats import flat_index
+
+        return flat_index(self._call_info()[2])
+
+    def _grad_sink(self) -> torch.Tensor | None:
+        """The leaf the next forward passes as ``sink`` (compact layout, weight trainable), sized to
+        the current ``G``; a gradient it already holds for an older ``G`` moves onto the new one."""
+        w = self._stored_weight()
+        if self.grad_layout != "compact" or not w.requires_grad or not torch.is_grad_enabled():
+            return None
+        G, M = self.grad_mask, self.weight_mask
+        key = (id(G), G._version, id(M), M._version, w.device, w.dtype)
+        sink = self.__dict__.get("_sparsekern_sink")
+        if sink is not None and sink.key == key:
+            return sink.leaf
+        index = self._flat_grad_index()
+        new = _GradSink(key, index, w)
+        if sink is not None and sink.leaf.grad is not None:
+            from ..optim import _remap
+
+            new.leaf.grad = _remap(sink.leaf.grad.to(w.device, w.dtype), sink.index, index)
+        self.__dict__["_sparsekern_sink"] = new
+        return new.leaf
 
     def density(self) -> float:
         """Fraction of weights in ``weight_mask``."""

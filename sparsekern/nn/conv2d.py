@@ -83,6 +83,7 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             backend=self.backend,
             layout=self.layout,
             block_size=self.block_size,
+            sink=None if torch.compiler.is_compiling() else self._grad_sink(),
         )
         if not torch.compiler.is_compiling():  # the traced op decides when it runs
             self._note_choice()

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import choice
 from .._backends import CallInfo, ConvParams, is_automatic, select_backend
-from ..formats import Pattern
+from ..formats import Pattern, flat_index
 from ._common import (
     autocast_cast,
     autocast_dtype,
@@ -29,12 +29,14 @@ class Conv2dFunction(torch.autograd.Function):
     """``y = conv2d(x, W⊙M) + b``; ``dW`` on the gradient pattern only.
 
     ``x`` is 4-D and contiguous: NCHW, or channels-last for backends that declare
-    ``channels_last`` (their kernels read strides).
+    ``channels_last`` (their kernels read strides).  ``sink``: as for
+    :class:`~sparsekern.ops.linear.LinearFunction` (the compact weight gradient).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend, guard):
+    def forward(ctx, x, weight, bias, pattern, gpattern, conv, backend, guard, sink=None):
         ctx.save_for_backward(x, weight)
+        ctx.compact = sink is not None
         ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend = pattern, gpattern, conv, backend
         ctx.has_bias = bias is not None
         ctx.guard = guard  # mask_guard() of the call's masks
@@ -47,20 +49,28 @@ class Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = _dense_layout(dy, ctx.backend)
         need = ctx.needs_input_grad
-        dx, dw = conv2d_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend, need[0], need[1])
+        need_dw = need[8] if ctx.compact else need[1]
+        args = (dy, x, weight, ctx.pattern, ctx.gpattern, ctx.conv, ctx.backend, need[0], need_dw, ctx.compact)
+        dx, dw = conv2d_grads(*args)
         db = dy.sum((0, 2, 3)) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None, None, None, None, None
+        if ctx.compact:
+            return dx, None, db, None, None, None, None, None, dw
+        return dx, dw, db, None, None, None, None, None, None
 
 
-def conv2d_grads(dy, x, weight, pattern, gpattern, conv, backend, need_dx: bool, need_dw: bool):
+def conv2d_grads(dy, x, weight, pattern, gpattern, conv, backend, need_dx: bool, need_dw: bool, compact=False):
     """``(dx, dw)`` of a conv2d call on ``backend`` (``None`` where not needed); ``dy`` in the
-    backend's layout (:func:`_dense_layout`)."""
+    backend's layout (:func:`_dense_layout`).  ``compact``: ``dw`` is the ``[nnz(G)]`` values on
+    the gradient pattern."""
     fused = getattr(backend, "conv2d_dx_dw", None)
     if fused is not None and need_dx and need_dw:
-        return fused(dy, x, weight, pattern, gpattern, conv)
+        dx, dw = fused(dy, x, weight, pattern, gpattern, conv)
+        return dx, dw.reshape(-1).index_select(0, flat_index(gpattern)) if compact else dw
     dx = backend.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv) if need_dx else None
-    dw = backend.conv2d_dw(dy, x, gpattern, tuple(weight.shape), conv) if need_dw else None
-    return dx, dw
+    if not need_dw:
+        return dx, None
+    dw_of = backend.conv2d_dw_values if compact else backend.conv2d_dw
+    return dx, dw_of(dy, x, gpattern, tuple(weight.shape), conv)
 
 
 def _dense_layout(t: torch.Tensor, backend) -> torch.Tensor:
@@ -126,6 +136,7 @@ def sparse_conv2d(
     backend: str | None = None,
     layout: str = "unstructured",
     block_size: int | tuple[int, int] | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked 2-D convolution with a gradient-masked backward (same arguments as ``F.conv2d``).
 
@@ -138,6 +149,8 @@ def sparse_conv2d(
             (``padding`` may be ``'same'`` or ``'valid'``).
         layout, block_size: ``"block"`` tiles cover ``bo`` output channels by ``bk`` input
             channels and every kernel tap.
+        sink: internal (a :class:`~sparsekern.SparseConv2d` in compact-gradient mode): a leaf of
+            ``nnz(G)`` entries that takes the weight gradient in place of a dense ``dW``.
 
     Returns:
         ``[N, C_out, H_out, W_out]`` (in the autocast dtype under ``torch.autocast``, which casts
@@ -145,14 +158,15 @@ def sparse_conv2d(
     """
     check_weight(weight)
     cast = autocast_dtype(weight)
+    args = (stride, padding, dilation, groups, backend, layout, block_size, sink)
     if cast is None:
-        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+        return _conv2d(x, weight, bias, mask, grad_mask, *args)
     x, weight, bias = autocast_cast(cast, x, weight, bias)
     with torch.autocast(weight.device.type, enabled=False):
-        return _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size)
+        return _conv2d(x, weight, bias, mask, grad_mask, *args)
 
 
-def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size):
+def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups, backend, layout, block_size, sink):
     if weight.dim() != 4:
         raise ValueError(f"weight: expected a 4-D [out, in/groups, kh, kw] tensor, got shape {tuple(weight.shape)}")
     check_tensor(x, "x", dim=(3, 4), dtype=weight.dtype, device=weight.device)
@@ -201,5 +215,5 @@ def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups,
     if is_automatic(backend):
         be = choice.choose("conv2d", be, x, weight, bias, pattern, gpattern, conv)
     guard = mask_guard(pattern, gpattern, grad_mask)
-    y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be, guard)
+    y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be, guard, sink)
     return y.squeeze(0) if unbatched else y

@@ -25,11 +25,16 @@ __all__ = ["LinearFunction", "sparse_linear"]
 
 
 class LinearFunction(torch.autograd.Function):
-    """``y = x (W⊙M)ᵀ + b``; ``dW`` on the gradient pattern only.  x is 2-D and contiguous."""
+    """``y = x (W⊙M)ᵀ + b``; ``dW`` on the gradient pattern only.  x is 2-D and contiguous.
+
+    ``sink``: ``None``, or a leaf of ``nnz(G)`` entries that takes the weight gradient compactly
+    (``linear_dw_values``) in place of a dense ``dW`` for ``weight``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern, gpattern, backend, guard):
+    def forward(ctx, x, weight, bias, pattern, gpattern, backend, guard, sink=None):
         ctx.save_for_backward(x, weight)
+        ctx.compact = sink is not None
         ctx.pattern, ctx.gpattern, ctx.backend = pattern, gpattern, backend
         ctx.has_bias = bias is not None
         ctx.guard = guard  # mask_guard() of the call's masks
@@ -42,16 +47,22 @@ class LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         need = ctx.needs_input_grad
-        dx, dw = linear_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.backend, need[0], need[1])
+        compact = ctx.compact and need[7]
+        need_dw = need[7] if ctx.compact else need[1]
+        dx, dw = linear_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.backend, need[0], need_dw, compact)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None, None, None, None
+        if ctx.compact:
+            return dx, None, db, None, None, None, None, dw
+        return dx, dw, db, None, None, None, None, None
 
 
-def linear_grads(dy, x, weight, pattern, gpattern, backend, need_dx: bool, need_dw: bool):
-    """``(dx, dw)`` of a linear call on ``backend`` (``None`` where not needed); ``dy`` contiguous."""
+def linear_grads(dy, x, weight, pattern, gpattern, backend, need_dx: bool, need_dw: bool, compact: bool = False):
+    """``(dx, dw)`` of a linear call on ``backend`` (``None`` where not needed); ``dy`` contiguous.
+    ``compact``: ``dw`` is the ``[nnz(G)]`` values on the gradient pattern."""
     dx = backend.linear_dx(dy, weight, pattern) if need_dx else None
-    dw = backend.linear_dw(dy, x, gpattern) if need_dw else None
-    return dx, dw
+    if not need_dw:
+        return dx, None
+    return dx, backend.linear_dw_values(dy, x, gpattern) if compact else backend.linear_dw(dy, x, gpattern)
 
 
 def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op):
@@ -90,6 +101,7 @@ def sparse_linear(
     backend: str | None = None,
     layout: str = "unstructured",
     block_size: int | tuple[int, int] | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked linear layer: ``y = x (W⊙M)ᵀ + b`` with a gradient-masked backward.
 
@@ -103,6 +115,8 @@ def sparse_linear(
         backend: ``"triton"``, ``"cuda"``, ``"cpp"``, ``"reference"`` or ``None`` (automatic).
         layout: ``"unstructured"`` or ``"block"``.
         block_size: for ``"block"``: ``b`` or ``(bo, bk)`` with sides in (16, 32, 64, 128).
+        sink: internal (a :class:`~sparsekern.SparseLinear` in compact-gradient mode): a leaf of
+            ``nnz(G)`` entries that takes the weight gradient in place of a dense ``dW``.
 
     Returns:
         ``[..., out_features]``.
@@ -116,24 +130,37 @@ def sparse_linear(
         >>> sparse_linear(torch.randn(3, 4), w, None, m).shape
         torch.Size([3, 8])
     """
-    return linear(x, weight, bias, mask, grad_mask, backend=backend, layout=layout, block_size=block_size)
+    return linear(x, weight, bias, mask, grad_mask, backend=backend, layout=layout, block_size=block_size, sink=sink)
 
 
-def linear(x, weight, bias, mask, grad_mask=None, *, backend=None, layout="unstructured", block_size=None, op="linear"):
+def linear(
+    x,
+    weight,
+    bias,
+    mask,
+    grad_mask=None,
+    *,
+    backend=None,
+    layout="unstructured",
+    block_size=None,
+    op="linear",
+    sink=None,
+):
     """:func:`sparse_linear` dispatched as ``op`` (``"linear"``, or ``"spmm"`` for :func:`~sparsekern.spmm`).
 
     Under ``torch.autocast`` the call follows ``nn.Linear``: x, weight and bias are cast to the
     autocast dtype and the op runs in it with autocast off (the backend sees one dtype).
+    ``sink``: see :class:`LinearFunction` (a module in compact-gradient mode passes it).
     """
     cast = autocast_dtype(weight)
     if cast is not None:
         x, weight, bias = autocast_cast(cast, x, weight, bias)
         with torch.autocast(weight.device.type, enabled=False):
-            return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op)
-    return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op)
+            return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink)
+    return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink)
 
 
-def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op):
+def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink=None):
     if torch.compiler.is_compiling():  # traced: one registered op, metadata built when it runs
         _check(x, weight, bias, mask, grad_mask)
         y = traced_linear(
@@ -146,5 +173,5 @@ def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op):
     if op == "linear" and is_automatic(backend):
         be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern)
     guard = mask_guard(pattern, gpattern, grad_mask)
-    y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be, guard)
+    y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be, guard, sink)
     return y.reshape(*lead, weight.shape[0])

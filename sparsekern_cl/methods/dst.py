@@ -217,6 +217,13 @@ class DSTPlugin(Plugin):
         self.shared = FrozenEntries(model)  # shared parameters frozen after the first task, head rows per task
         self.norm_frozen = False
 
+    @property
+    def reads_weight_grads(self) -> bool:
+        """Growth takes its gradients from captured activations, and the frozen shared entries are
+        biases, norms, dense layers and the head: only a sparse head's frozen rows need the dense
+        ``weight.grad`` (to zero it before the step)."""
+        return any(n == "head" or n.startswith("head.") for n in self.layers)
+
     # ------------------------------------------------------------------ configuration
     def _sparse_weight_keys(self) -> set[str]:
         keys = set()

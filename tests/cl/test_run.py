@@ -381,3 +381,26 @@ def test_summary_says_what_each_sparse_layer_ran_on():
     mixed = {"layer_runs": {"a": ["sparse/cpp"], "b": ["dense/dense"], "c": ["sparse/cpp"]}}
     assert _ran_on(mixed) == ["cpp (2 layers)", "dense (1 layer, the automatic choice)"]
     assert _ran_on({"layer_backends": {"a": "cpp"}}) == ["cpp"]  # results without the per-layer record
+
+
+def test_compact_gradients_change_nothing_but_the_layout(monkeypatch):
+    """A sparse DER++ run with the compact gradient layout (the default) gives the same results,
+    bit for bit, as with the dense layout; a method that reads weight.grad keeps the dense one."""
+    from sparsekern_cl import strategies
+
+    seen = []
+    make = strategies.Strategy.make_optimizer
+
+    def spy(self):
+        seen.append(self.grad_layout())
+        return make(self)
+
+    monkeypatch.setattr(strategies.Strategy, "make_optimizer", spy)
+    kw = {"method": "derpp", "sparsity": 0.8}
+    on, off = _run(**kw), _run(**kw, compact_grads=False)
+    assert seen[0] == "compact" and set(seen[1:]) <= {"compact", "dense"} and seen[-1] == "dense"
+    assert on["acc_matrix"] == off["acc_matrix"]
+    assert on["train_flops"] == off["train_flops"]
+    seen.clear()
+    _run(method="ewc", sparsity=0.8)
+    assert seen and set(seen) == {"dense"}
