@@ -37,7 +37,8 @@ def cpu_isa() -> str | None:
 def cpu_bf16() -> dict | None:
     """The bf16 path of the C++ kernels and the CPU's bf16 features; ``None`` when they are not built."""
     try:
-        from .kernels.cpu import cpu_bf16 as path, cpu_features
+        from .kernels.cpu import cpu_bf16 as path
+        from .kernels.cpu import cpu_features
 
         return {"path": path(), "features": cpu_features()}
     except Exception:  # as cpu_isa: nothing to report without the extension
