@@ -140,6 +140,7 @@ def _extensions():
     # the longest compiles first (ninja starts them in about this order)
     sources = [
         "csrc/cpu/kernels.cpp",
+        "csrc/cpu/bf16_dot.cpp",
         "csrc/cpu/conv2d.cpp",
         "csrc/cpu/linear.cpp",
         "csrc/cpu/dwconv2d.cpp",

@@ -22,6 +22,18 @@ std::string cpu_isa(c10::string_view request) {
   return got;
 }
 
+// The bf16 path of the CPU kernels ("avx512_bf16" or "widen"); `request` selects one first.
+std::string cpu_bf16(c10::string_view request) {
+  const std::string req(request.data(), request.size());
+  const char* got = select_bf16_path(req.c_str());
+  if (!got) {
+    std::string have;
+    for (auto s : supported_bf16_paths()) have += std::string(have.empty() ? "" : ", ") + s;
+    TORCH_CHECK(false, "request: unknown or unsupported bf16 path '", req, "'; this CPU supports: ", have);
+  }
+  return got;
+}
+
 // How at::parallel_for runs in this build: "openmp" when compiled with OpenMP (torch's own
 // runtime then spreads the work over torch.get_num_threads() threads), else "serial".
 std::string parallel_backend() {
@@ -85,6 +97,9 @@ TORCH_LIBRARY(sparsekern, m) {
       "int[2] padding, int[2] dilation) -> Tensor");
   // Not a tensor op: reports (or, for tests, selects) the instruction set the kernels use.
   m.def("cpu_isa(str request=\"\") -> str", &sparsekern::cpu_isa);
+  // Not tensor ops: report (or, for tests, select) the bf16 path, and the CPU's bf16 features.
+  m.def("cpu_bf16(str request=\"\") -> str", &sparsekern::cpu_bf16);
+  m.def("cpu_features() -> str", &sparsekern::cpu_features);
   // Not a tensor op: the conv2d algorithm ("direct" or "gemm") the ops pick for a shape.
   m.def(
       "conv2d_algo(str op, int[4] input_size, int[4] weight_size, int[2] stride, int[2] padding, int[2] dilation, "

@@ -34,6 +34,17 @@ def cpu_isa() -> str | None:
         return None
 
 
+def cpu_bf16() -> dict | None:
+    """The bf16 path of the C++ kernels and the CPU's bf16 features; ``None`` when they are not built."""
+    try:
+        from .kernels.cpu import cpu_bf16 as path
+        from .kernels.cpu import cpu_features
+
+        return {"path": path(), "features": cpu_features()}
+    except Exception:  # as cpu_isa: nothing to report without the extension
+        return None
+
+
 def report() -> dict:
     """The environment as a dict (what ``main`` prints)."""
     info = {
@@ -46,6 +57,7 @@ def report() -> dict:
         "triton": None,
         "cuda_built": torch.version.cuda,
         "cpu_isa": cpu_isa(),
+        "cpu_bf16": cpu_bf16(),
         "backends": {},
         "dispatch": [],
     }
@@ -94,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"sparsekern {info['sparsekern']}  python {info['python']}  torch {info['torch']}  triton {info['triton']}")
     print(f"platform   {info['platform']}  threads {info['torch_threads']}  torch CUDA {info['cuda_built']}")
+    bf = info["cpu_bf16"] or {}
+    print(f"cpu        isa {info['cpu_isa']}  bf16 {bf.get('path')}  features {bf.get('features') or '-'}")
     print("backends:")
     for name, b in info["backends"].items():
         state = "available" if b["available"] else f"unavailable ({b['reason']})"

@@ -360,14 +360,25 @@ struct SparseA {
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
   S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
                         // block: values per block row, column by column (see panel_bsr)
-  std::vector<int64_t> bbase;  // block: first expanded column of each block row
+  std::vector<int64_t> bbase;  // block: first expanded column (pair, if dp) of each block row
+  bool dp = false;  // bf16 block with even bk on vdpbf16ps: pair tiles, packed holds bf16 pairs
 
   bool unstructured() const { return bo == 1 && bk == 1; }
-  int64_t width(const Kernels<S>& k) const { return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width; }
+  int64_t width(const Kernels<S>& k) const {
+    if (dp) return kBf16PanelWidth;
+    return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width;
+  }
 
   // Picks the tile width for `q` batch positions (call before width()).
   void plan(const Kernels<S>& k, int64_t q) {
     if (!unstructured()) {
+      if constexpr (std::is_same_v<W, bf16>) {
+        if (bk % 2 == 0 && bf16_path() == Bf16Path::DPBF16) {
+          dp = true;
+          pack_pairs();
+          return;
+        }
+      }
       pack_blocks();
       return;
     }
@@ -423,8 +434,46 @@ struct SparseA {
     });
   }
 
-  // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()).
+  // pack_blocks for the vdpbf16ps panels: the bo words of column pair i of block row rb at
+  // pk[(bbase[rb] + i) * bo], each the bf16 pair (A[r, c], A[r, c + 1]) (zero past R or C).
+  void pack_pairs() {
+    const int64_t nrb = cdiv(R, bo);
+    bbase.assign(nrb + 1, 0);
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      int64_t n = 0;
+      for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) n += cdiv(std::min(bk, C - int64_t(idx[j]) * bk), 2);
+      bbase[rb + 1] = bbase[rb] + n;
+    }
+    static_assert(sizeof(S) == sizeof(uint32_t));
+    packed = Buf<S>(bbase[nrb] * bo, kMainC).get();
+    uint32_t* pk = reinterpret_cast<uint32_t*>(packed);
+    const auto bits = [&](int64_t r, int64_t c) -> uint32_t {
+      if (r >= R || c >= C) return 0;
+      if constexpr (std::is_same_v<W, bf16>) return a[r * ars + c * acs].bits;
+      return 0;
+    };
+    at::parallel_for(0, nrb, bbase[nrb] * bo < (int64_t(1) << 16) ? std::max<int64_t>(nrb, 1) : 4,
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t rb = b; rb < e; ++rb) {
+                         uint32_t* out = pk + bbase[rb] * bo;
+                         for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+                           const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, C);
+                           for (int64_t c = c0; c < c1; c += 2, out += bo)
+                             for (int64_t qq = 0; qq < bo; ++qq)
+                               out[qq] = bits(rb * bo + qq, c) | bits(rb * bo + qq, c + 1) << 16;
+                         }
+                       }
+                     });
+  }
+
+  // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()); with dp,
+  // bt is a pair tile (bf16_pair_tile).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
+    if constexpr (std::is_same_v<S, float>) {
+      if (dp)
+        return bf16_panel_bsr_dp(ptr, idx, bo, bk, C, reinterpret_cast<const uint32_t*>(packed), bbase.data(), r0, r1,
+                                 reinterpret_cast<const uint32_t*>(bt), ot, cols);
+    }
     if (unstructured()) {
       if constexpr (std::is_same_v<S, W>)
         if (!packed) return k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace sparsekern {
@@ -121,5 +122,33 @@ std::vector<const char*> supported_isas();
 // The instruction set in use; `request` (if not empty) selects one of supported_isas() first.
 // Returns nullptr if `request` is unknown or unsupported here.
 const char* select_isa(const char* request);
+
+// ---------------------------------------------------------------------------------------------
+// bf16 paths (bf16_dot.cpp).  "widen": bf16 tiles widened to float, float FMAs (every CPU);
+// "avx512_bf16": block panels on vdpbf16ps (pairs of bf16 products summed into float, so rounding
+// differs from widening), where the CPU has AVX512-BF16.  The best one runs unless
+// SPARSEKERN_CPU_BF16 (read once) or select_bf16_path picks another.
+// ---------------------------------------------------------------------------------------------
+enum class Bf16Path { WIDEN = 0, DPBF16 = 1 };
+Bf16Path bf16_path();
+// As select_isa, for the bf16 path; nullptr if `request` is unknown or unsupported here.
+const char* select_bf16_path(const char* request);
+std::vector<const char*> supported_bf16_paths();
+// The bf16 features the CPU (and OS) offer, comma-separated ("avx512_bf16,amx_bf16"; "" if none).
+std::string cpu_features();
+
+// Batch width of the vdpbf16ps panels (four vectors of 16 floats).
+inline constexpr int64_t kBf16PanelWidth = 64;
+// Pair tile of bf16 rows: dst[p * T + t] = the bf16 pair (src[t, 2p], src[t, 2p + 1]) in one
+// 32-bit word, low half first, for t < nt (zero past nt, and for a missing last column).
+void bf16_pair_tile(const bf16* src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, uint32_t* dst);
+// The column pairs (c / 2, c even) of block row rb of a BSR grid with even bk, clipped to ncols.
+void bf16_block_pairs(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_t bk, int64_t ncols,
+                      std::vector<int32_t>& pairs);
+// panel_bsr on pair tiles: ot[(r - r0) * T + t] = sum over the pairs i of block row r / bo of
+// pk[(base[rb] + i) * bo + r % bo] . bt[pairs[i] * T + t] (vdpbf16ps), T = kBf16PanelWidth.
+void bf16_panel_bsr_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols,
+                       const uint32_t* pk, const int64_t* base, int64_t r0, int64_t r1, const uint32_t* bt, float* ot,
+                       std::vector<int32_t>& pairs);
 
 }  // namespace sparsekern

@@ -19,7 +19,7 @@ void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* 
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
   const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<S> bt(C * T, kTile), ot(kRowBlock * T, kPanel);
+    Buf<S> bt((C + 1) * T, kTile), ot(kRowBlock * T, kPanel);  // + 1: a pair tile's odd last column
     std::vector<int32_t> cols;
     int64_t last = -1;
     for (int64_t task = tb; task < te; ++task) {
@@ -27,7 +27,14 @@ void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* 
       if (r0 >= r1) continue;
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
       if (tile != last) {
-        tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
+        if constexpr (std::is_same_v<W, bf16>) {
+          if (A.dp)
+            bf16_pair_tile(b + n0 * C, C, nt, C, T, reinterpret_cast<uint32_t*>(bt.get()));
+          else
+            tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
+        } else {
+          tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
+        }
         last = tile;
       }
       // row blocks small enough that the panel output is still in L1 when transposed out

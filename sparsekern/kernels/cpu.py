@@ -21,6 +21,8 @@ Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix unit
   two a conv2d op runs for a shape (``"direct"`` or ``"gemm"``), see :func:`conv2d_algo`;
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
+* ``cpu_bf16(request="")`` / ``cpu_features()``: the bf16 path in use (``avx512_bf16`` or ``widen``)
+  and the bf16 features detected.
 * ``parallel_backend()``: how the kernels are threaded (``openmp``, or ``serial`` in a build without it).
 * ``built_with_torch()``: the torch version the library was compiled against; :func:`load_library`
   refuses a library built against another torch.
@@ -454,6 +456,26 @@ def cpu_isa(request: str = "") -> str:
     if not ok:
         raise BackendError(why)
     return torch.ops.sparsekern.cpu_isa(request)
+
+
+def cpu_bf16(request: str = "") -> str:
+    """The path bf16 kernels take: ``"avx512_bf16"`` (block panels on vdpbf16ps; bf16 subnormal
+    inputs count as zero there) or ``"widen"`` (bf16 widened to float, float FMAs).  ``request``
+    switches it; ``SPARSEKERN_CPU_BF16=avx512_bf16|widen`` sets the first choice (an unsupported
+    value leaves the best path).  :func:`cpu_features` says what the CPU offers."""
+    ok, why = load_library()
+    if not ok:
+        raise BackendError(why)
+    return torch.ops.sparsekern.cpu_bf16(request)
+
+
+def cpu_features() -> str:
+    """The CPU's bf16 features the kernels detected, comma-separated (``"avx512_bf16,amx_bf16"``;
+    ``amx_bf16`` only once Linux has granted the tile state); ``""`` when it has none."""
+    ok, why = load_library()
+    if not ok:
+        raise BackendError(why)
+    return torch.ops.sparsekern.cpu_features()
 
 
 def conv2d_algo(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1, pattern=None) -> str:

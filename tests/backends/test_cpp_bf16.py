@@ -1,0 +1,164 @@
+"""The bf16 paths of the ``cpp`` kernels (``cpu_bf16``, ``SPARSEKERN_CPU_BF16``): each path this
+CPU offers, forced in turn, against the fp32 reference of the bf16 operands, with odd shapes,
+empty block rows and densities 0 and 1; deterministic for any thread count.  On a CPU without
+AVX512-BF16 the ``avx512_bf16`` cases check that the request is refused and run the widening
+fallback instead (the ISA report says so), so nothing is skipped for a missing feature."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsekern.kernels import cpu as cppmod
+from tests.support import requires_cpp
+
+pytestmark = requires_cpp
+
+BF16 = torch.bfloat16
+PATHS = ("avx512_bf16", "widen")
+TOL = dict(atol=5e-2, rtol=2e-2)  # bf16 output rounding on fp32 accumulation
+ops = torch.ops.sparsekern
+
+
+def _offered(path: str) -> bool:
+    return path == "widen" or "avx512_bf16" in cppmod.cpu_features().split(",")
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """Force one bf16 path for the test; where the CPU lacks it, check the refusal and run "widen"."""
+    before = cppmod.cpu_bf16()
+    if _offered(request.param):
+        assert cppmod.cpu_bf16(request.param) == request.param
+    else:
+        with pytest.raises(RuntimeError, match="bf16 path"):
+            cppmod.cpu_bf16(request.param)
+        assert cppmod.cpu_bf16("widen") == "widen"
+    yield cppmod.cpu_bf16()
+    cppmod.cpu_bf16(before)
+
+
+def _grid_csr(grid: torch.Tensor):
+    """CSR (int32) of a boolean block grid, and of its transpose (the dx metadata)."""
+
+    def csr(g):
+        counts = g.sum(1).to(torch.int32)
+        crow = torch.zeros(g.shape[0] + 1, dtype=torch.int32)
+        crow[1:] = counts.cumsum(0)
+        return crow, g.nonzero()[:, 1].to(torch.int32).contiguous()
+
+    return csr(grid), csr(grid.t())
+
+
+def _problem(M, K, N, bo, bk, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.rand(-(-M // bo), -(-K // bk), generator=g) < density
+    if grid.shape[0] > 2 and 0 < density < 1:
+        grid[1] = False  # an empty block row (and, in W^T, a missing block column)
+    mask = grid.repeat_interleave(bo, 0).repeat_interleave(bk, 1)[:M, :K]
+    w = (torch.randn(M, K, generator=g) * mask).to(BF16)
+    x = torch.randn(N, K, generator=g).to(BF16)
+    dy = torch.randn(N, M, generator=g).to(BF16)
+    return grid, mask, w, x, dy
+
+
+def _passes(M, K, N, bo, bk, density, seed=0):
+    grid, mask, w, x, dy = _problem(M, K, N, bo, bk, density, seed)
+    (crow, col), (ccol, row) = _grid_csr(grid)
+    b = torch.randn(M, generator=torch.Generator().manual_seed(seed + 1)).to(BF16)
+    y = ops.linear_fwd(x, w, b, crow, col, [bo, bk], None, None, 0)
+    dx = ops.linear_dx(dy, w, ccol, row, [bo, bk], None, None, 0)
+    dw = ops.linear_dw(dy, x, crow, col, [bo, bk], None, None, 0)
+    xf, wf, dyf = x.float(), w.float(), dy.float()
+    refs = (xf @ wf.t() + b.float(), dyf @ wf, (dyf.t() @ xf) * mask)
+    return (y, dx, dw), refs
+
+
+CASES = [
+    # M, K, N, bo, bk, density
+    (64, 64, 64, 16, 16, 0.5),
+    (50, 70, 37, 16, 16, 0.6),  # blocks clipped at both edges, odd K, a partial batch tile
+    (96, 33, 130, 32, 32, 0.5),  # odd K inside one clipped block column
+    (128, 128, 5, 64, 64, 0.5),
+    (40, 48, 17, 8, 2, 0.4),
+    (31, 45, 9, 1, 1, 0.3),  # unstructured: the widening panels on every path
+    (24, 45, 9, 4, 3, 0.5),  # odd bk: also widened
+    (48, 64, 20, 16, 16, 0.0),
+    (48, 64, 20, 16, 16, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-K{}-N{}-b{}x{}-d{}".format(*c))
+def test_linear_bf16_matches_fp32_reference(path, case):
+    got, refs = _passes(*case)
+    for g, r, name in zip(got, refs, ("y", "dx", "dw")):
+        assert g.dtype == BF16, name
+        torch.testing.assert_close(g.float(), r, **TOL, msg=lambda m, name=name: f"{name} on {path}: {m}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["block16", "block64", "unstructured"])
+def test_bf16_paths_deterministic_across_threads(path, case):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = _passes(*case)
+        torch.set_num_threads(2)
+        two, _ = _passes(*case)
+        again, _ = _passes(*case)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_unstructured_and_odd_blocks_take_the_widening_panels():
+    """Only block patterns with an even bk run on vdpbf16ps; the others are bit-identical on both paths."""
+    before = cppmod.cpu_bf16()
+    try:
+        for case in (CASES[5], CASES[6]):
+            runs = []
+            for p in [p for p in PATHS if _offered(p)]:
+                cppmod.cpu_bf16(p)
+                runs.append(_passes(*case)[0])
+            for other in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    finally:
+        cppmod.cpu_bf16(before)
+
+
+def test_the_forced_path_is_the_one_that_runs(path):
+    """vdpbf16ps reads bf16 subnormals as zero, the widening path keeps them: the output shows
+    which kernel ran, so the report (cpu_bf16) is checked against the arithmetic."""
+    w = torch.ones(16, 16, dtype=BF16)
+    x = torch.full((4, 16), 1e-39, dtype=BF16)  # a bf16 subnormal
+    crow, col = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    y = ops.linear_fwd(x, w, None, crow, col, [16, 16], None, None, 0).float()
+    if path == "avx512_bf16":
+        assert torch.all(y == 0)
+    else:
+        torch.testing.assert_close(y, torch.full_like(y, 16 * x[0, 0].item()), atol=0, rtol=1e-2)
+
+
+def test_report_and_default_path():
+    feats = cppmod.cpu_features()
+    assert set(filter(None, feats.split(","))) <= {"avx512_bf16", "amx_bf16"}
+    with pytest.raises(RuntimeError, match="bf16 path"):
+        cppmod.cpu_bf16("sse9")
+    from sparsekern import env
+
+    rep = env.report()["cpu_bf16"]
+    assert rep["features"] == feats and rep["path"] in PATHS
+
+
+@pytest.mark.parametrize("value", ["widen", "avx512_bf16", "bogus"])
+def test_env_var_sets_the_first_choice(value):
+    code = "from sparsekern.kernels import cpu; print(cpu.cpu_bf16(), cpu.cpu_features())"
+    env = dict(os.environ, SPARSEKERN_CPU_BF16=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got, _, feats = out.stdout.strip().partition(" ")
+    best = "avx512_bf16" if "avx512_bf16" in feats.split(",") else "widen"
+    assert got == (value if value == "widen" else best)
