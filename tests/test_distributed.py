@@ -113,7 +113,7 @@ def _case_comm_hook(rank: int) -> dict:
             net.zero_grad()
             net(x).square().mean().backward()
     errs, outside = [], []
-    for (n, pd), ps in zip(dense.module.named_parameters(), sparse.module.parameters()):
+    for pd, ps in zip(dense.module.parameters(), sparse.module.parameters()):
         errs.append(float((pd.grad - ps.grad).abs().max() / pd.grad.abs().max().clamp_min(1e-12)))
     for i in (0, 3):
         layer = sparse.module[i]
