@@ -591,7 +591,10 @@ def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -
         raise ValueError(f"output_dir: expected a folder, got the file {cfg['output_dir']!r}")
     par = parallel.setup(cfg["device"])
     try:
-        return _run(cfg, model, scenario, par)
+        results = _run(cfg, model, scenario, par)
+        if par is not None:
+            par.barrier()  # rank 0's files are complete when any rank returns
+        return results
     finally:
         if par is not None:
             par.close()
