@@ -200,6 +200,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "allreduce": _case_allreduce_grads(rank),
         }
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -42,6 +42,7 @@ def main(out: str, cfg: dict, methods: list[str]) -> None:
             caught = str(exc)
         with open(os.path.join(out, f"check.rank{rank}.json"), "w") as f:
             json.dump({"caught": caught}, f)
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 
