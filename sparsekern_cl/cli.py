@@ -102,5 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, DatasetError, BackendError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_summary(res))
+    if res.get("data_parallel", {}).get("rank", 0) == 0:  # one summary for a torchrun job
+        print(format_summary(res))
     return 1 if "diverged" in res else 0

@@ -79,6 +79,9 @@ class FlopCounter:
         self.dense_totals: dict[str, float] = dict.fromkeys(PARTS, 0.0)
         self.per_layer: dict[str, float] = defaultdict(float)
         self.examples = 0  # rows seen by the first counted layer, a proxy for examples processed
+        #: calls count ``row_scale`` times their rows: a data-parallel rank running its shard of a
+        #: batch counts the whole batch (sparsekern_cl.parallel), so every rank reports one process's FLOPs
+        self.row_scale = 1.0
         self._cache: dict[int, tuple[tuple[int, int], tuple[float, float]]] = {}
         self._handles = []
         for name, m in model.named_modules():
@@ -139,7 +142,7 @@ class FlopCounter:
             if not self.active or not isinstance(output, torch.Tensor):
                 return
             x = inputs[0]
-            macs = _macs(module, x, output)
+            macs = _macs(module, x, output) * self.row_scale
             wd, gd = self._density(module)
             self._add(name, "forward", 2.0 * macs * wd, 2.0 * macs)
             if not output.requires_grad:

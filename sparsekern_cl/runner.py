@@ -16,7 +16,7 @@ import torch
 
 import sparsekern
 
-from . import __version__, provenance
+from . import __version__, parallel, provenance
 from .backbones import build_backbone, sparsify_from_config
 from .config import resolve_config
 from .data import Scenario, TaskData, build_scenario, user_scenario
@@ -214,12 +214,12 @@ def load_checkpoint(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- one run
-def _run_one(cfg: dict, model=None, scenario=None) -> dict:
+def _run_one(cfg: dict, model=None, scenario=None, par=None) -> dict:
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     try:
-        return _train(cfg, model, scenario)
+        return _train(cfg, model, scenario, par)
     finally:
         torch.set_num_threads(threads)  # a run leaves the process as it found it
 
@@ -253,12 +253,22 @@ def _warm_up(model: torch.nn.Module, scenario: Scenario, cfg: dict, device, rows
         torch.set_rng_state(rng)
 
 
-def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
+def _state_parts(model, strategy) -> dict:
+    """What the ranks of a data-parallel run must agree on (what each layer ran on may differ)."""
+    s = {k: v for k, v in strategy.state_dict().items() if k != "layer_runs"}
+    return {"model": model.state_dict(), "strategy": s, "torch RNG": torch.get_rng_state()}
+
+
+def _train(cfg: dict, user_model=None, user_scenario=None, par=None) -> dict:
     out_dir = cfg["output_dir"]
+    main = par is None or par.is_main  # only rank 0 writes
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir and cfg["save_checkpoints"] else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+    if not main:
+        cfg = {**cfg, "progress": False}
     scenario, model, strategy, counter = build_run(cfg, user_model, user_scenario)
+    strategy.parallel = par
     _warm_up(model, scenario, cfg, strategy.device, strategy.forward_rows_per_example())
     user = _user_tag(user_model, user_scenario, scenario)
     T = scenario.n_tasks
@@ -295,10 +305,10 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
         counter.load_snapshot(ck["counter"])
         torch.set_rng_state(ck["torch_rng"])
         state = ck["state"]
-    log = RunLog(out_dir, append=cfg["resume"], tensorboard=cfg["tensorboard"])
+    log = RunLog(out_dir if main else None, append=cfg["resume"], tensorboard=cfg["tensorboard"])
 
     def checkpoint():
-        if ckpt_path:
+        if ckpt_path and main:
             _save(
                 ckpt_path,
                 {
@@ -347,6 +357,8 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
                 strategy.end_epoch(t, epoch)
                 diverged = _nonfinite_weights(model, t, epoch, len(batches))
             counter.active = False
+            if par is not None and diverged is None:
+                par.check_consistent(f"task {t} epoch {epoch + 1}", _state_parts(model, strategy))
             if diverged is not None:  # the last checkpoint stays as it was: nothing is lost
                 log.diverged(t, epoch + 1, loss)
                 break
@@ -375,6 +387,8 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
         f0, d0 = state["task_start_flops"]
         state["task_flops"].append(counter.total - f0)
         state["task_dense_flops"].append(counter.dense_total - d0)
+        if par is not None:
+            par.check_consistent(f"the end of task {t}", _state_parts(model, strategy))
         t0 = time.perf_counter()
         acc = evaluate(model, scenario, t, strategy.device, cfg["eval_batch_size"], task_context=strategy.eval_task)
         state["eval_time"] += time.perf_counter() - t0
@@ -394,10 +408,17 @@ def _train(cfg: dict, user_model=None, user_scenario=None) -> dict:
     if diverged is not None:
         results["complete"] = False
         results["diverged"] = diverged
+    if par is not None:
+        results["data_parallel"] = {
+            "world_size": par.world_size,
+            "rank": par.rank,
+            "backend": str(torch.distributed.get_backend(par.group)),
+            "consistency_checks": par.checks,
+        }
     if results["complete"]:
         state["finished"], state["results"] = True, results
         checkpoint()
-    if out_dir:
+    if out_dir and main:
         _write_outputs(results, out_dir, cfg["plots"])
     return results
 
@@ -548,6 +569,10 @@ def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -
             the key), or ``model`` / ``scenario`` do not fit (the message names the argument, e.g.
             ``train[2]``).
 
+    Under ``torchrun`` the run is data-parallel (see :mod:`sparsekern_cl.parallel`): ``batch_size``
+    is the global batch, every rank returns the same results (``data_parallel`` names the rank)
+    and only rank 0 writes.
+
     With ``output_dir`` the run writes ``log.csv`` as it goes (one row per epoch and per task end,
     see :class:`sparsekern_cl.logs.RunLog`), and TensorBoard scalars with ``tensorboard: true``.
 
@@ -564,8 +589,20 @@ def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -
     _check_device(cfg["device"])
     if cfg["output_dir"] and os.path.exists(cfg["output_dir"]) and not os.path.isdir(cfg["output_dir"]):
         raise ValueError(f"output_dir: expected a folder, got the file {cfg['output_dir']!r}")
+    par = parallel.setup(cfg["device"])
+    try:
+        results = _run(cfg, model, scenario, par)
+        if par is not None:
+            par.barrier()  # rank 0's files are complete when any rank returns
+        return results
+    finally:
+        if par is not None:
+            par.close()
+
+
+def _run(cfg: dict, model, scenario, par) -> dict:
     if not cfg["compare_dense"]:
-        return _run_one(cfg, model, scenario)
+        return _run_one(cfg, model, scenario, par)
     out = cfg["output_dir"]
     dense_cfg = {
         **cfg,
@@ -574,10 +611,10 @@ def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -
         "output_dir": os.path.join(out, "dense") if out else None,
     }
     sparse_cfg = {**cfg, "compare_dense": False, "output_dir": os.path.join(out, "sparse") if out else None}
-    dense = _run_one(dense_cfg, copy.deepcopy(model), scenario)  # the user's module itself is the sparse run's
+    dense = _run_one(dense_cfg, copy.deepcopy(model), scenario, par)  # the user's module itself is the sparse run's
     if not dense["complete"]:
         return {**dense, "compare_stage": "dense"}
-    results = _run_one(sparse_cfg, model, scenario)
+    results = _run_one(sparse_cfg, model, scenario, par)
     if not results["complete"]:
         return {**results, "compare_stage": "sparse"}
     keys = (
@@ -599,7 +636,7 @@ def run(config: dict | None = None, *, model=None, scenario=None, **overrides) -
     results["config"] = cfg
     results["dense_reference"] = {k: dense[k] for k in keys}
     results["wall_clock_ratio"] = dense["wall_clock_s"] / results["wall_clock_s"]
-    if out:
+    if out and (par is None or par.is_main):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -6,7 +6,7 @@ A training step (:meth:`Strategy.observe`) runs in this order, each line a place
     for p in plugins: ctx = p.select_batch(strategy, ctx)   # in-batch example selection
     strategy.prepare(ctx)                                   # draw replay samples once per step
     loss = strategy.loss(ctx)                               # deterministic given ctx
-    loss.backward()
+    loss.backward()                                         # (+ the gradients' all-reduce when data-parallel)
     for p in plugins: p.after_backward(strategy, ctx)       # SAM's second pass, gradient masks
     optimizer.step()
     for p in plugins: p.after_step(strategy, ctx)           # per-example statistics (ctx.logits)
@@ -16,7 +16,8 @@ Around the steps the runner calls ``begin_task``, ``train_indices`` (which examp
 an epoch visits: data removal), ``end_epoch`` (mask updates every few epochs) and ``end_task``
 (pruning, freezing, Fisher information), on the strategy and then on each plugin.  Because
 ``loss(ctx)`` reuses the replay samples drawn in ``prepare``, a plugin can call it again for an
-extra forward/backward pass.  Masks and gradient masks are changed through
+extra forward/backward pass.  Training forwards go through :meth:`Strategy.forward`, which a
+data-parallel run (:mod:`sparsekern_cl.parallel`) spreads over the ranks.  Masks and gradient masks are changed through
 :meth:`Strategy.sparse_layers` and the layers' ``set_mask`` / ``set_grad_mask``.
 
 The strategies' own keys are declared here as configuration groups (:class:`ReplayConfig`,
@@ -180,6 +181,7 @@ class Strategy:
         self.multihead = cfg.get("head", "single") == "multi"
         self.flop_counter = None  # the run's FlopCounter (set by the runner), for FLOPs a plugin adds itself
         self.layer_runs: list[dict] = []  # per task end, what each sparse layer last ran on
+        self.parallel = None  # the run's sparsekern_cl.parallel.DataParallel (set by the runner), or None
 
     # ---------------------------------------------------------------- helpers
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -209,6 +211,18 @@ class Strategy:
     def sparse_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, layer)`` of every sparse layer: where masks and gradient masks are changed."""
         return sparsekern.sparse_modules(self.model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for a training batch (in a data-parallel run: this rank's rows, gathered)."""
+        if self.parallel is None:
+            return self.model(x)
+        return self.parallel.forward(self.model, x, self.flop_counter)
+
+    def sum_over_ranks_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum per-rank partial results (e.g. gradients a plugin computes from a step's shards) in place;
+        nothing to do in one process."""
+        if self.parallel is not None:
+            self.parallel.sum_(tensors)
 
     def transform(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Training view of raw inputs (augmented with the strategy's generator)."""
@@ -258,7 +272,7 @@ class Strategy:
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
         """The step's loss; also stores the current batch's detached logits in ``ctx.logits``."""
-        out = self.model(ctx.x)
+        out = self.forward(ctx.x)
         ctx.logits = out.detach()
         return F.cross_entropy(self.current_logits(out, ctx.task), ctx.y)
 
@@ -274,6 +288,8 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(ctx)
         loss.backward()
+        if self.parallel is not None:
+            self.parallel.sync_grads(self.model)
         ctx.loss = float(loss.detach())
         for p in self.plugins:
             p.after_backward(self, ctx)
@@ -367,7 +383,7 @@ class Joint(Strategy):
         return list(range(task + 1))
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        out = self.model(ctx.x)
+        out = self.forward(ctx.x)
         ctx.logits = out.detach()
         tasks = self.scenario.label_task(ctx.y)
         return F.cross_entropy(self.masked_logits(out, tasks), ctx.y)
@@ -412,7 +428,7 @@ class ER(_Replay):
         if rep is None:
             return super().loss(ctx)
         xb, yb, _, tb = rep
-        out = self.model(torch.cat([ctx.x, xb]))
+        out = self.forward(torch.cat([ctx.x, xb]))
         ctx.logits = out[:n].detach()
         logits = torch.cat([self.current_logits(out[:n], ctx.task), self.masked_logits(out[n:], tb)])
         return F.cross_entropy(logits, torch.cat([ctx.y, yb]))
@@ -454,7 +470,7 @@ class DERPP(_Replay):
         rb = ctx.extra.get("replay_labels") if b else None
         if (rl is not None or rb is not None) and self._one_pass():
             parts = [ctx.x] + [r[0] for r in (rl, rb) if r is not None]
-            outs = self.model(torch.cat(parts)).split([p.shape[0] for p in parts])
+            outs = self.forward(torch.cat(parts)).split([p.shape[0] for p in parts])
             ctx.logits = outs[0].detach()
             loss = F.cross_entropy(self.masked_logits(outs[0], ctx.task), ctx.y)
             if rl is not None:
@@ -466,11 +482,11 @@ class DERPP(_Replay):
         rep = ctx.extra.get("replay_logits")
         if rep is not None and a:
             xb, _, lb, _ = rep
-            loss = loss + a * F.mse_loss(self.model(xb), lb)
+            loss = loss + a * F.mse_loss(self.forward(xb), lb)
         rep = ctx.extra.get("replay_labels")
         if rep is not None and b:
             xb, yb, _, tb = rep
-            loss = loss + b * F.cross_entropy(self.masked_logits(self.model(xb), tb), yb)
+            loss = loss + b * F.cross_entropy(self.masked_logits(self.forward(xb), tb), yb)
         return loss
 
     def after_step(self, ctx: StepContext) -> None:

@@ -59,7 +59,7 @@ def test_sdist_lists_every_kernel_source_header_and_config(tmp_path):
     assert wanted <= names, sorted(wanted - names)
     configs = {f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert configs and configs <= names, sorted(configs - names)
-    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"} <= names
+    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"} <= names
     assert not [n for n in names if n.endswith(".so")]
 
 
@@ -76,6 +76,10 @@ def test_a_failed_kernel_build_is_loud_and_gives_a_pure_wheel(tmp_path):
         names = zf.namelist()
     assert not [n for n in names if n.endswith(".so")]
     assert "sparsekern_cl/configs/demo.yaml" in names
+    with zipfile.ZipFile(wheel) as zf:
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = zf.read(meta).decode()
+    assert "License-Expression: BSD-3-Clause" in text and "License-File: LICENSE" in text
 
 
 def test_a_failed_kernel_build_is_fatal_under_strict(tmp_path):
@@ -90,6 +94,8 @@ def test_pyproject_metadata_and_extras():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(c.startswith("Programming Language :: Python :: 3") for c in meta["classifiers"])
     assert any(c.startswith("Topic :: ") for c in meta["classifiers"])
+    assert meta["license"] == "BSD-3-Clause" and meta["license-files"] == ["LICENSE"]
+    assert "Copyright (c) 2026, the sparsekern authors" in (ROOT / "LICENSE").read_text()
     extras = meta["optional-dependencies"]
     assert any(d.startswith("matplotlib") for d in extras["cl"])  # sparsekern_cl.plots
     assert any(d.startswith("matplotlib") for d in extras["bench"])  # sparsekern.bench.report

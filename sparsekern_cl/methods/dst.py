@@ -304,7 +304,7 @@ class DSTPlugin(Plugin):
         update_next = self._update_due(self.task_step + 1)
         want = [n for n, g in self.layer_growth.items() if g == "momentum" or (g == "gradient" and update_next)]
         if want:
-            self._capture(want)
+            self._capture(want, getattr(strategy, "flop_counter", None))
         return ctx
 
     def after_backward(self, strategy: Strategy, ctx: StepContext) -> None:
@@ -431,7 +431,7 @@ class DSTPlugin(Plugin):
         return 0.9, 0.999, 1e-8
 
     # ------------------------------------------------------------------ dense gradients
-    def _capture(self, names: list[str]) -> None:
+    def _capture(self, names: list[str], counter=None) -> None:
         for name in names:
             layer = self.layers[name]
             self._captures[name] = []
@@ -439,7 +439,8 @@ class DSTPlugin(Plugin):
             def hook(module, inputs, output, name=name):
                 if not torch.is_grad_enabled() or not output.requires_grad:
                     return
-                entry = [inputs[0].detach(), None]
+                # a data-parallel shard's rows stand for row_scale times as many (for the FLOPs)
+                entry = [inputs[0].detach(), None, 1.0 if counter is None else counter.row_scale]
                 self._captures[name].append(entry)
 
                 def on_grad(grad, entry=entry):
@@ -461,22 +462,23 @@ class DSTPlugin(Plugin):
         for name, entries in self._captures.items():
             layer = self.layers[name]
             g = torch.zeros_like(layer.weight)
-            for x, dy in entries:
+            for x, dy, scale in entries:
                 if dy is None:
                     continue
                 if layer.weight.dim() == 2:
                     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
                     g += dy2.t() @ x2
-                    macs = x2.shape[0] * x2.shape[1] * dy2.shape[1]
+                    macs = x2.shape[0] * x2.shape[1] * dy2.shape[1] * scale
                 else:
                     g += torch.nn.grad.conv2d_weight(
                         x, tuple(layer.weight.shape), dy, layer.stride, layer.padding, layer.dilation, layer.groups
                     )
-                    macs = dy.numel() * layer.weight[0].numel()
+                    macs = dy.numel() * layer.weight[0].numel() * scale
                 if counter is not None:
                     counter.add(name, "dense_grad", 2.0 * macs, 0.0)
             out[name] = g
         self._captures = {}
+        strategy.sum_over_ranks_(list(out.values()))  # a data-parallel rank saw its shard's rows
         return out
 
     # ------------------------------------------------------------------ evaluation

@@ -6,7 +6,7 @@ import pathlib
 import sparsekern
 import sparsekern_cl
 
-PUBLIC_MODULES = {"masks", "convert", "formats", "models", "optim", "choice", "env"}
+PUBLIC_MODULES = {"masks", "convert", "formats", "models", "optim", "choice", "env", "distributed"}
 ALLOWED = set(sparsekern.__all__) | PUBLIC_MODULES | {"__version__"}
 
 
