@@ -98,3 +98,9 @@ def test_block_masks_keep_top_tiles(shape, block, chunk):
     tiles[:rows, :cols] = r.reshape(rows, cols)
     per_tile = tiles.view(rb, bo, cb, bk).any(3).any(1)
     assert int(per_tile.sum()) == masks._keep_count(1 - 0.7, rb * cb)
+
+
+def test_masks_on_the_meta_device():
+    w = torch.empty(64, 32, device="meta")
+    assert masks.magnitude_mask(w, 0.9).device.type == "meta"
+    assert masks.magnitude_mask(w, 0.9, layout="block", block_size=16).shape == (64, 32)
