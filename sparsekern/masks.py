@@ -171,11 +171,14 @@ def _tile_scores_of(stream, shape: tuple[int, int], block: tuple[int, int]) -> t
     sums = []
     for chunk in stream(_row_step(cb * bk, bo)):
         h = chunk.shape[0]
-        padded = chunk.new_zeros(math.ceil(h / bo) * bo, cb * bk)
+        hb = math.ceil(h / bo)
+        padded = chunk.new_zeros(hb * bo, cb * bk)
         padded[:h, :cols] = chunk
-        sums.append(padded.view(-1, bo, cb, bk).sum(dim=(1, 3)))
+        sums.append(padded.view(hb, bo, cb, bk).sum(dim=(1, 3)))
+    rb = math.ceil(rows / bo)
+    if not sums or not cb:  # no rows or no columns: an empty grid
+        return torch.zeros(rb, cb)
     s = torch.cat(sums)
-    rb = s.shape[0]
     tile_rows = torch.full((rb,), float(bo), dtype=s.dtype, device=s.device)
     tile_rows[-1] = rows - (rb - 1) * bo
     tile_cols = torch.full((cb,), float(bk), dtype=s.dtype, device=s.device)
@@ -225,7 +228,7 @@ def magnitude_mask(
     s = check_sparsity(sparsity)
     _check_layout(layout, block_size)
     w = weight.detach()
-    stream = _tensor_rows(w.reshape(w.shape[0], -1), torch.abs)
+    stream = _tensor_rows(w.reshape(w.shape[0], math.prod(w.shape[1:])), torch.abs)
     return _mask_from_scores(stream, tuple(w.shape), 1.0 - s, layout, block_size, w.device)
 
 

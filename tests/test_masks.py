@@ -104,3 +104,10 @@ def test_masks_on_the_meta_device():
     w = torch.empty(64, 32, device="meta")
     assert masks.magnitude_mask(w, 0.9).device.type == "meta"
     assert masks.magnitude_mask(w, 0.9, layout="block", block_size=16).shape == (64, 32)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 3, 3, 3), (4, 0, 3, 3)], ids=str)
+def test_zero_size_weights(shape):
+    assert masks.magnitude_mask(torch.randn(shape), 0.5).shape == shape
+    assert masks.random_mask(shape, 0.5).shape == shape
+    assert masks.magnitude_mask(torch.randn(shape), 0.5, layout="block", block_size=16).shape == shape
