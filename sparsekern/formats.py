@@ -559,7 +559,8 @@ def block_mask_of(mask: torch.Tensor, block) -> torch.Tensor:
 def expand_block_mask(block_mask: torch.Tensor, block, shape) -> torch.Tensor:
     """Inverse of :func:`block_mask_of` for block-constant masks, cropped to ``shape``."""
     bo, bk = block
-    full = block_mask.repeat_interleave(bo, dim=0).repeat_interleave(bk, dim=1)
+    rb, cb = block_mask.shape
+    full = block_mask[:, None, :, None].expand(rb, bo, cb, bk).reshape(rb * bo, cb * bk)  # one copy
     return full[: shape[0], : shape[1]].contiguous()
 
 

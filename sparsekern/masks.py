@@ -11,7 +11,13 @@ with a ``block_size`` in channel units; a tile of a conv weight covers ``bo`` ou
 ``bk`` input channels and every kernel tap, and tiles at the edges are padded.
 
 Every function keeps exactly ``round(density * count)`` weights (or tiles), at least one when the
-density is positive.
+density is positive.  Ties at the threshold go to the first entries in row-major order of the
+``[out, in/groups*kh*kw]`` view.
+
+:func:`random_mask` and :func:`magnitude_mask` stream the scores in blocks of whole rows (about
+2^18 entries each) through a radix select, so making a mask needs no float or int64 temporary
+of the weight's size: only the boolean mask itself.  (Since this change a seed gives a different
+random mask than before: the scores are drawn a row block at a time.)
 """
 
 from __future__ import annotations
@@ -56,39 +62,145 @@ def _check_layout(layout, block_size):
         raise ValueError("block_size: required when layout='block'")
 
 
+# Scores are streamed in blocks of whole matrix rows of about this many entries, so making a mask
+# needs no score, index or padding tensor of the weight's size (only the boolean mask itself).
+_CHUNK = 1 << 18
+
+
+def _row_step(cols: int, multiple: int = 1) -> int:
+    """Rows per streamed block: a multiple of ``multiple`` holding about ``_CHUNK`` entries."""
+    return max(1, _CHUNK // max(1, cols * multiple)) * multiple
+
+
+def _tensor_rows(mat: torch.Tensor, transform=None):
+    """A score stream over the rows of ``mat``: ``stream(step)`` yields its row blocks in order."""
+
+    def stream(step: int):
+        for r0 in range(0, mat.shape[0], step):
+            rows = mat[r0 : r0 + step]
+            yield rows if transform is None else transform(rows)
+
+    return stream
+
+
+def _random_rows(rows: int, cols: int, generator: torch.Generator):
+    """A stream of uniform scores: the same numbers on every pass (the generator's state is
+    rewound to where the first pass began; it ends as one pass leaves it)."""
+    start = generator.get_state()
+
+    def stream(step: int):
+        generator.set_state(start)
+        for r0 in range(0, rows, step):
+            yield torch.rand(min(step, rows - r0), cols, generator=generator, device=generator.device)
+
+    return stream
+
+
+def _sort_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the float32 values of ``x`` (NaN above +inf, as ``topk`` ranks it)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _count_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the ``k``-th largest entry of a histogram, and how many lie above that bin."""
+    cum = hist.flip(0).cumsum(0)
+    i = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device=cum.device)))
+    above = int(cum[i - 1]) if i else 0
+    return hist.numel() - 1 - i, above
+
+
+def _select_top(stream, shape: tuple[int, int], k: int, step: int, device) -> torch.Tensor:
+    """Boolean ``shape`` mask of the ``k`` largest scores of ``stream`` (ties at the threshold go to
+    the first in row-major order): a radix select on the scores' 32-bit keys, 16 bits per pass,
+    then a pass that writes the mask, each over chunks of ``step`` rows."""
+    hist = torch.zeros(65536, dtype=torch.int64, device=device)
+    for chunk in stream(step):
+        hist.add_(torch.bincount(((_sort_keys(chunk) >> 16) + 32768).reshape(-1), minlength=65536))
+    hi, above = _count_from_top(hist, k)
+    hist.zero_()
+    for chunk in stream(step):
+        key = _sort_keys(chunk).reshape(-1)
+        hist.add_(torch.bincount(key[(key >> 16) + 32768 == hi] & 0xFFFF, minlength=65536))
+    lo, more = _count_from_top(hist, k - above)
+    threshold = ((hi - 32768) << 16) | lo
+    ties = k - above - more  # entries equal to the threshold that are kept, the first in order
+    out = torch.empty(shape, dtype=torch.bool, device=device)
+    r0 = 0
+    for chunk in stream(step):
+        key = _sort_keys(chunk)
+        keep = out[r0 : r0 + key.shape[0]]
+        torch.gt(key, threshold, out=keep)
+        if ties:
+            eq = (key == threshold).reshape(-1)
+            n_eq = int(eq.sum())
+            if n_eq:
+                if n_eq > ties:  # only the first `ties` of this chunk's equal entries
+                    eq &= eq.cumsum(0) <= ties
+                keep.view(-1).logical_or_(eq)
+                ties -= min(n_eq, ties)
+        r0 += key.shape[0]
+    return out
+
+
+def _keep_count(density: float, n: int) -> int:
+    k = int(round(density * n))
+    if density > 0 and k == 0 and n:  # a layer asked to keep something keeps at least one weight/tile
+        k = 1
+    return k
+
+
+def _keep_top(stream, shape: tuple[int, int], density: float, device) -> torch.Tensor:
+    """Keep the top ``density`` fraction of the ``shape`` scores of ``stream`` (exactly
+    :func:`_keep_count` of them)."""
+    k = _keep_count(density, shape[0] * shape[1])
+    step = _row_step(shape[1])
+    if torch.device(device).type == "meta":  # shapes only (a layer built on the meta device)
+        return torch.empty(shape, dtype=torch.bool, device=device)
+    if 0 < k < shape[0] * shape[1]:
+        return _select_top(stream, shape, k, step, device)
+    return torch.full(shape, k > 0, dtype=torch.bool, device=device)
+
+
+def _tile_scores_of(stream, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """Mean of the ``shape`` scores of ``stream`` over each ``block`` tile (padding excluded), one
+    group of tile rows at a time."""
+    rows, cols = shape
+    bo, bk = block
+    cb = math.ceil(cols / bk)
+    sums = []
+    for chunk in stream(_row_step(cb * bk, bo)):
+        h = chunk.shape[0]
+        hb = math.ceil(h / bo)
+        padded = chunk.new_zeros(hb * bo, cb * bk)
+        padded[:h, :cols] = chunk
+        sums.append(padded.view(hb, bo, cb, bk).sum(dim=(1, 3)))
+    rb = math.ceil(rows / bo)
+    if not sums or not cb:  # no rows or no columns: an empty grid
+        return torch.zeros(rb, cb)
+    s = torch.cat(sums)
+    tile_rows = torch.full((rb,), float(bo), dtype=s.dtype, device=s.device)
+    tile_rows[-1] = rows - (rb - 1) * bo
+    tile_cols = torch.full((cb,), float(bk), dtype=s.dtype, device=s.device)
+    tile_cols[-1] = cols - (cb - 1) * bk
+    return s / torch.outer(tile_rows, tile_cols)
+
+
 def _tile_scores(score: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Mean of ``score`` (matrix) over each tile (padding excluded)."""
-    rows, cols = score.shape
-    bo, bk = block
-    rb, cb = math.ceil(rows / bo), math.ceil(cols / bk)
-    padded = score.new_zeros(rb * bo, cb * bk)
-    padded[:rows, :cols] = score
-    count = score.new_zeros(rb * bo, cb * bk)
-    count[:rows, :cols] = 1
-    s = padded.view(rb, bo, cb, bk).sum(dim=(1, 3))
-    n = count.view(rb, bo, cb, bk).sum(dim=(1, 3))
-    return s / n
+    return _tile_scores_of(_tensor_rows(score), tuple(score.shape), block)
 
 
-def _keep_top(scores: torch.Tensor, density: float) -> torch.Tensor:
-    k = int(round(density * scores.numel()))
-    if density > 0 and k == 0 and scores.numel():  # a layer asked to keep something keeps at least one weight/tile
-        k = 1
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.topk(scores.reshape(-1).float(), k, sorted=False).indices
-        keep[idx] = True
-    return keep.view_as(scores)
-
-
-def _mask_from_scores(score: torch.Tensor, shape, density, layout, block_size) -> torch.Tensor:
-    """Keep the top ``density`` fraction of ``score`` (weight-shaped) as elements or tiles."""
-    mat = score.reshape(shape[0], math.prod(shape[1:]))
+def _mask_from_scores(stream, shape, density, layout, block_size, device) -> torch.Tensor:
+    """Keep the top ``density`` fraction of the weight-shaped scores of ``stream`` (row blocks of
+    the matrix view) as elements or tiles."""
+    mat_shape = (shape[0], math.prod(shape[1:]))
     if layout == "unstructured":
-        return _keep_top(mat, density).view(shape)
+        return _keep_top(stream, mat_shape, density, device).view(shape)
     block = matrix_block(shape, block_size)
-    tiles = _keep_top(_tile_scores(mat, block), density)
-    return expand_block_mask(tiles, block, mat.shape).view(shape)
+    tiles = _tile_scores_of(stream, mat_shape, block)
+    keep = _keep_top(_tensor_rows(tiles), tuple(tiles.shape), density, device)
+    return expand_block_mask(keep, block, mat_shape).view(shape)
 
 
 def random_mask(
@@ -103,9 +215,10 @@ def random_mask(
     """Boolean mask of ``shape`` keeping a uniformly random ``1 - sparsity`` fraction."""
     s = check_sparsity(sparsity)
     _check_layout(layout, block_size)
-    gen_device = generator.device if generator is not None else "cpu"
-    score = torch.rand(tuple(shape), generator=generator, device=gen_device)
-    return _mask_from_scores(score, tuple(shape), 1.0 - s, layout, block_size).to(device or gen_device)
+    gen = generator if generator is not None else torch.default_generator
+    shape = tuple(shape)
+    stream = _random_rows(shape[0], math.prod(shape[1:]), gen)
+    return _mask_from_scores(stream, shape, 1.0 - s, layout, block_size, gen.device).to(device or gen.device)
 
 
 def magnitude_mask(
@@ -114,7 +227,9 @@ def magnitude_mask(
     """Keep the ``1 - sparsity`` fraction of ``weight`` with the largest ``|w|`` (tile mean for blocks)."""
     s = check_sparsity(sparsity)
     _check_layout(layout, block_size)
-    return _mask_from_scores(weight.detach().abs(), tuple(weight.shape), 1.0 - s, layout, block_size)
+    w = weight.detach()
+    stream = _tensor_rows(w.reshape(w.shape[0], math.prod(w.shape[1:])), torch.abs)
+    return _mask_from_scores(stream, tuple(w.shape), 1.0 - s, layout, block_size, w.device)
 
 
 def global_magnitude_masks(

@@ -382,3 +382,50 @@ def test_prepare_metadata_builds_what_the_step_reads():
     ref.load_state_dict(layer.state_dict())
     ref._prepare_metadata(batch=4)  # nothing to build for the reference
     assert weight_pattern(ref.weight_mask, "unstructured", None).cache.peek(("csr",)) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# csr_windows (the parallel builder) against a PyTorch statement of the window-major layout
+# ------------------------------------------------------------------------------------------------
+
+
+def _windows_torch(ptr, idx, ncols, window):
+    """Window-major CSR by a stable sort of the entries on their window (rows then columns stay
+    ascending inside each window), and the row pointers from counts per (window, row)."""
+    rows = ptr.numel() - 1
+    nw = max(1, -(-ncols // window))
+    row_of = torch.repeat_interleave(torch.arange(rows), (ptr[1:] - ptr[:-1]).long())
+    win = idx.long() // window
+    counts = torch.bincount(win * (rows + 1) + row_of, minlength=nw * (rows + 1))
+    wptr = torch.zeros(nw * (rows + 1), dtype=torch.int64)
+    wptr[1:] = counts.cumsum(0)[:-1]
+    return wptr.to(torch.int32), idx[torch.argsort(win, stable=True)]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (0, 9), (9, 0), (64, 130), (300, 257), (513, 64)], ids=str)
+def test_csr_windows_equal_torch(shape, density):
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(shape, generator=gen) < density
+    if shape[0] > 2:
+        mask[1] = False  # an empty row
+    meta = formats.build_csr(mask)
+    for window in (1, 8, 64, 100):
+        for ptr, idx, n in ((meta.crow_indices, meta.col_indices, shape[1]), (meta.ccol_indices, meta.row_indices, shape[0])):
+            got = torch.ops.sparsekern.csr_windows(ptr, idx, n, window)
+            want = _windows_torch(ptr, idx, n, window)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), window
+
+
+def test_csr_windows_independent_of_thread_count():
+    mask = torch.rand(700, 300, generator=torch.Generator().manual_seed(4)) < 0.2
+    meta = formats.build_csr(mask)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.sparsekern.csr_windows(meta.crow_indices, meta.col_indices, 300, 64))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))

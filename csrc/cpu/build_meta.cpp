@@ -6,7 +6,9 @@
 //                                tensors formats._build_csr_torch returns;
 //   tile_any_all(mask, bo, bk)   per tile of the padded matrix: any entry set / every entry set
 //                                (a tile is constant iff both agree; padding is not part of a tile);
-//   update_masks_(...)           set_mask / set_grad_mask in one pass over the masks and weight.
+//   update_masks_(...)           set_mask / set_grad_mask in one pass over the masks and weight;
+//   csr_windows(crow, col, n, w) the window-major copy of a CSR pattern (the linear kernels' L1
+//                                path, linear.cpp), two parallel passes over the rows.
 //
 // Any nonzero byte of a mask counts as True.  Work is split into row (or element) ranges with
 // at::parallel_for; each output element has one writer and a fixed position, so the results do
@@ -26,6 +28,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "cpu/common.h"
 
 // The byte loops below vectorize far better with AVX2 than with baseline x86-64; GCC compiles
 // both versions of the functions marked so and picks one when the library loads.
@@ -478,6 +482,63 @@ int64_t update_masks_(const Tensor& weight, const Tensor& weight_mask, const Ten
   return differ.load() ? 1 : 2;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// csr_windows
+// ---------------------------------------------------------------------------------------------
+
+// Window-major copy of a CSR pattern [R, ncols] whose columns are cut into windows of `window`:
+// wptr [nw * (R + 1)] (window w, row r: entries wptr[w * (R + 1) + r] .. wptr[w * (R + 1) + r + 1]
+// of widx) and widx [nnz] (the columns).  Two passes over the rows, both split between threads:
+// entries per (window, row), an exclusive scan of those counts in window-major order (serial,
+// nw * (R + 1) adds), then each row scatters its columns to its windows' slots.
+std::tuple<Tensor, Tensor> csr_windows(const Tensor& crow, const Tensor& col, int64_t ncols, int64_t window) {
+  TORCH_CHECK(window > 0, "window: expected a positive number of columns, got ", window);
+  TORCH_CHECK(ncols >= 0, "ncols: expected a non-negative number of columns, got ", ncols);
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1, "crow_indices: expected a 1-D tensor of rows + 1 entries, got shape ",
+              crow.sizes());
+  const int64_t R = crow.numel() - 1;
+  check_compressed(crow, col, R, ncols, "crow_indices", "col_indices");
+  const int64_t nw = std::max<int64_t>(1, cdiv(ncols, window));
+  const int64_t stride = R + 1;
+  TORCH_CHECK(nw * stride < (int64_t(1) << 31), "window: ", nw, " windows of ", stride,
+              " row pointers overflow int32; use a wider window");
+  const int32_t* ptr = crow.data_ptr<int32_t>();
+  const int32_t* idx = col.data_ptr<int32_t>();
+  Tensor wptr = at::zeros({nw * stride}, crow.options());
+  Tensor widx = empty_output(col.numel(), col.options());
+  int32_t* wp = wptr.data_ptr<int32_t>();
+  int32_t* wi = widx.data_ptr<int32_t>();
+  constexpr int64_t kGrain = 256;
+  // a row's columns ascend, so its windows are consecutive runs, found by comparing (no division)
+  at::parallel_for(0, R, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t j = ptr[r];
+      const int32_t e = ptr[r + 1];
+      for (int64_t w = 0, cend = window; j < e; ++w, cend += window) {
+        const int32_t start = j;
+        while (j < e && idx[j] < cend) ++j;
+        wp[w * stride + r] = j - start;
+      }
+    }
+  });
+  int64_t run = 0;  // exclusive scan; slot R of each window holds 0, so it becomes the window's end
+  for (int64_t i = 0; i < nw * stride; ++i) {
+    const int64_t n = wp[i];
+    wp[i] = int32_t(run);
+    run += n;
+  }
+  at::parallel_for(0, R, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t j = ptr[r];
+      const int32_t e = ptr[r + 1];
+      for (int64_t w = 0, cend = window; j < e; ++w, cend += window)
+        for (int32_t* out = wi + wp[w * stride + r]; j < e && idx[j] < cend; ++j) *out++ = idx[j];
+    }
+  });
+  return {wptr, widx};
+}
+
 }  // namespace
 }  // namespace sparsekern
 
@@ -493,4 +554,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("csr_from_mask", &sparsekern::csr_from_mask);
   m.impl("tile_any_all", &sparsekern::tile_any_all);
   m.impl("update_masks_", &sparsekern::update_masks_);
+  m.impl("csr_windows", &sparsekern::csr_windows);
 }

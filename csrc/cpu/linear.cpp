@@ -47,49 +47,8 @@ void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* 
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// window-major CSR (unstructured): the panels' L1 path
-// ---------------------------------------------------------------------------------------------
-
-// Window-major copy of a CSR pattern [R, ncols] whose columns are cut into windows of `window`:
-// wptr [nw * (R + 1)] (window w, row r: entries wptr[w * (R + 1) + r] .. wptr[w * (R + 1) + r + 1]
-// of widx) and widx [nnz] (the columns).  Built once per pattern (the Python side caches it with
-// the pattern's metadata), so the per-call cost of the L1 path is only packing the values.
-std::tuple<Tensor, Tensor> csr_windows(const Tensor& crow, const Tensor& col, int64_t ncols, int64_t window) {
-  TORCH_CHECK(window > 0, "window: expected a positive number of columns, got ", window);
-  TORCH_CHECK(ncols >= 0, "ncols: expected a non-negative number of columns, got ", ncols);
-  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1, "crow_indices: expected a 1-D tensor of rows + 1 entries, got shape ",
-              crow.sizes());
-  const int64_t R = crow.numel() - 1;
-  check_compressed(crow, col, R, ncols, "crow_indices", "col_indices");
-  const int64_t nw = std::max<int64_t>(1, cdiv(ncols, window));
-  TORCH_CHECK(nw * (R + 1) < (int64_t(1) << 31), "window: ", nw, " windows of ", R + 1,
-              " row pointers overflow int32; use a wider window");
-  const Tensor cr = crow.contiguous(), cl = col.contiguous();
-  const int32_t* ptr = cr.data_ptr<int32_t>();
-  const int32_t* idx = cl.data_ptr<int32_t>();
-  Tensor wptr = at::empty({nw * (R + 1)}, cr.options());
-  Tensor widx = at::empty({cl.numel()}, cl.options());
-  int32_t* wp = wptr.data_ptr<int32_t>();
-  int32_t* wi = widx.data_ptr<int32_t>();
-  // cursor[r]: the first entry of row r not yet placed (columns ascend within a row)
-  std::vector<int32_t> cursor(ptr, ptr + R);
-  int32_t pos = 0;
-  for (int64_t w = 0; w < nw; ++w) {
-    const int64_t cend = (w + 1) * window;
-    int32_t* p = wp + w * (R + 1);
-    for (int64_t r = 0; r < R; ++r) {
-      p[r] = pos;
-      int32_t j = cursor[r];
-      const int32_t e = ptr[r + 1];
-      for (; j < e && idx[j] < cend; ++j) wi[pos++] = idx[j];
-      cursor[r] = j;
-    }
-    p[R] = pos;
-  }
-  return {wptr, widx};
-}
-
+// window-major CSR (the csr_windows op that builds it lives with the other metadata builders, in
+// build_meta.cpp)
 struct Windows {
   const int32_t* ptr = nullptr;  // window-major row pointers, nw * (R + 1)
   const int32_t* idx = nullptr;
@@ -397,5 +356,4 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("linear_dx", &sparsekern::linear_dx);
   m.impl("linear_dw", &sparsekern::linear_dw);
   m.impl("linear_dw_values", &sparsekern::linear_dw_values);
-  m.impl("csr_windows", &sparsekern::csr_windows);
 }
