@@ -171,6 +171,9 @@ class DataConfig:
         0.0, "fraction of each class's training data held out as the evaluation set (0: test set)", "[0, 1)"
     )
     split_seed: int = integer(0, "seed of the validation split", min=0)
+    image_size: int | None = integer(
+        None, "resize every image to this square size (bilinear; e.g. 32 for MNIST on ResNet-18)", min=1, nullable=True
+    )
     augment: bool | None = flag(
         None, "random crop+flip for training (default: on for natural images, off for digits)", nullable=True
     )
