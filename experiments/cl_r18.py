@@ -49,6 +49,8 @@ GRIDS = {
         "DER++ 0.9 no rescale": {"sparsity": 0.9, "sparse_rescale": False},
         "DER++ 0.9 ERK": {"sparsity": 0.9, "sparse_distribution": "erk"},
         "DER++ 0.9 all sparse": {"sparsity": 0.9, "keep_dense": []},
+        "DER++ 0.9 reference backend": {"sparsity": 0.9, "backend": "reference"},
+        "DER++ 0.9 stock optimizer": {"sparsity": 0.9, "sparse_optimizer": False},
     },
     "abl": {
         "EsaCL-DER++ 0.8 w/o SA": {**ESACL, "esacl_sa": False},

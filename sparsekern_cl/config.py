@@ -210,7 +210,9 @@ class SparsityConfig:
         "magnitude", "magnitude, random or global_magnitude", ("magnitude", "random", "global_magnitude")
     )
     sparse_rescale: bool = flag(
-        True, "scale each sparse layer's kept initial weights so its output variance matches the dense init"
+        True,
+        "scale each sparse layer's kept initial weights so its output variance matches the dense init "
+        "(layers feeding a batch norm are left as they are: there it would only lower the learning rate)",
     )
     layout: str = choice("unstructured", "unstructured or block", ("unstructured", "block"))
     block_size: int | list | None = unchecked(None, "block size for layout=block")
