@@ -51,6 +51,7 @@ GRIDS = {
         "DER++ 0.9 all sparse": {"sparsity": 0.9, "keep_dense": []},
         "DER++ 0.9 reference backend": {"sparsity": 0.9, "backend": "reference"},
         "DER++ 0.9 stock optimizer": {"sparsity": 0.9, "sparse_optimizer": False},
+        "DER++ 0.9 no rescale lr 0.1": {"sparsity": 0.9, "sparse_rescale": False, "lr": 0.1},
     },
     "abl": {
         "EsaCL-DER++ 0.8 w/o SA": {**ESACL, "esacl_sa": False},
