@@ -176,6 +176,9 @@ class DataConfig:
         0.0, "fraction of each class's training data held out as the evaluation set (0: test set)", "[0, 1)"
     )
     split_seed: int = integer(0, "seed of the validation split", min=0)
+    image_size: int | None = integer(
+        None, "resize every image to this square size (bilinear; e.g. 32 for MNIST on ResNet-18)", min=1, nullable=True
+    )
     augment: bool | None = flag(
         None, "random crop+flip for training (default: on for natural images, off for digits)", nullable=True
     )
@@ -212,7 +215,9 @@ class SparsityConfig:
         "magnitude", "magnitude, random or global_magnitude", ("magnitude", "random", "global_magnitude")
     )
     sparse_rescale: bool = flag(
-        True, "scale each sparse layer's kept initial weights so its output variance matches the dense init"
+        True,
+        "scale each sparse layer's kept initial weights so its output variance matches the dense init "
+        "(layers feeding a batch norm are left as they are: there it would only lower the learning rate)",
     )
     layout: str = choice("unstructured", "unstructured or block", ("unstructured", "block"))
     block_size: int | list | None = unchecked(None, "block size for layout=block")

@@ -203,6 +203,7 @@ def build_scenario(
     split_seed: int = 0,
     augment: bool | None = None,
     synthetic: dict | None = None,
+    image_size: int | None = None,
 ) -> Scenario:
     """Load ``dataset`` and split it into ``n_tasks`` tasks of disjoint classes.
 
@@ -218,6 +219,8 @@ def build_scenario(
             search sees the same split).
         augment: crop+flip for training (``None``: the dataset's default).
         synthetic: options of the synthetic data (tests only).
+        image_size: resize every image (train and test) to ``image_size`` x ``image_size``
+            (bilinear, back to uint8); ``None`` keeps the dataset's size.
 
     Raises:
         DatasetError: the files are missing or malformed.
@@ -242,8 +245,8 @@ def build_scenario(
     remap = torch.empty(n_classes, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(n_classes)
 
-    x_tr, y_tr = raw.x_train, remap[raw.y_train]
-    x_te, y_te = raw.x_test, remap[raw.y_test]
+    x_tr, y_tr = _resized(raw.x_train, image_size), remap[raw.y_train]
+    x_te, y_te = _resized(raw.x_test, image_size), remap[raw.y_test]
     eval_split = "test"
     if validation:
         if not (0.0 < float(validation) < 1.0):
@@ -282,6 +285,14 @@ def build_scenario(
         eval_split=eval_split,
         source=raw.source,
     )
+
+
+def _resized(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``x`` (N, C, H, W) uint8 images resized to ``size`` x ``size`` (bilinear), or as it is."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- a user's own data

@@ -139,6 +139,7 @@ def _builtin_scenario(cfg: dict) -> Scenario:
         seed=cfg["seed"],
         validation=cfg["validation"],
         split_seed=cfg["split_seed"],
+        image_size=cfg["image_size"],
         augment=cfg["augment"],
         synthetic=cfg["synthetic"],
     )

@@ -26,6 +26,19 @@ def test_mnist_subset_split_and_tasks():
     assert torch.equal(again.train[3].x, sc.train[3].x)
 
 
+def test_image_size_resizes_train_and_test():
+    native = build_scenario("mnist", n_tasks=5)
+    sc = build_scenario("mnist", n_tasks=5, image_size=32)
+    assert sc.input_shape == (1, 32, 32) and sc.train[0].x.dtype == torch.uint8
+    assert tuple(sc.test[4].x.shape[1:]) == (1, 32, 32) and len(sc.test[4]) == len(native.test[4])
+    assert torch.equal(sc.train[2].y, native.train[2].y)
+    # bilinear: the mean brightness of an image survives the resize
+    a, b = native.train[1].x[:50].float().mean((1, 2, 3)), sc.train[1].x[:50].float().mean((1, 2, 3))
+    assert torch.allclose(a, b, rtol=0.05, atol=1.0)
+    same = build_scenario("mnist", n_tasks=5, image_size=28)  # the native size: untouched
+    assert torch.equal(same.train[0].x, native.train[0].x)
+
+
 def test_validation_split_comes_from_training_data():
     full = build_scenario("mnist", n_tasks=5)
     val = build_scenario("mnist", n_tasks=5, validation=0.1)

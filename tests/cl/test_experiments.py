@@ -65,9 +65,15 @@ def test_sparcl_tables(tmp_path, monkeypatch, capsys):
         _same(tmp_path, f"cl_sparcl_{preset}.md")
 
 
+def test_r18_tables(tmp_path):
+    _script("cl_r18").main(["--table-only", "--out", str(tmp_path)])
+    for name in ("r18_main.md", "r18_diag.md"):
+        _same(tmp_path, name)
+
+
 def test_every_experiment_table_states_the_significance_rule():
     # one rule (sparsekern_cl.table: paired by seed, Holm-corrected) in every table that compares results
-    for name in ("cl_sparcl_paper.md", "cl_sparcl_official.md", "cl_dst_grid.md", "cl_esacl_main.md"):
+    for name in ("cl_sparcl_paper.md", "cl_sparcl_official.md", "cl_dst_grid.md", "cl_esacl_main.md", "r18_main.md"):
         with open(os.path.join(RESULTS, name)) as f:
             text = f.read()
         assert "Holm" in text, name

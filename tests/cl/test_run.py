@@ -279,6 +279,29 @@ def test_resnet18_backbone_sizes_and_tiny_sparse_run():
     assert res["train_flops"] < res["dense_train_flops"]
 
 
+def test_rescale_skips_layers_that_feed_a_batch_norm():
+    # under batch norm a larger weight changes no output and only lowers the effective learning rate
+    from torch import nn
+
+    from sparsekern_cl.backbones import ResNet18, batchnormed_layers, build_backbone, sparsify_backbone
+
+    net = ResNet18(10, nf=4, in_channels=1)
+    normed = batchnormed_layers(net)
+    assert {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.shortcut.0"} <= normed and "head" not in normed
+    before = {n: m.weight.detach().clone() for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    sparsify_backbone(net, 0.9, rescale=True)
+    conv = net.layer2[0].conv1
+    kept = conv.weight_mask.bool()
+    assert torch.equal(conv.weight.detach()[kept], before["layer2.0.conv1"][kept])  # not rescaled
+    mlp = build_backbone("mlp", (1, 4, 4), 4, hidden=(50,))
+    first = next(n for n, m in mlp.named_modules() if isinstance(m, nn.Linear))
+    w0 = mlp.get_submodule(first).weight.detach().clone()
+    sparsify_backbone(mlp, 0.9, rescale=True, keep_dense=[])
+    w1 = mlp.get_submodule(first).weight.detach()
+    kept = w1 != 0
+    assert float(w1[kept].abs().mean()) > 1.5 * float(w0[kept].abs().mean())  # no batch norm: rescaled
+
+
 def test_multihead_trains_each_task_slice():
     res = _run(method="finetune", head="multi")
     # with separate heads, fine-tuning cannot push old tasks' logits down inside their own slice
