@@ -73,7 +73,9 @@ FIELDS = ["grid", "label", "seed", "class_il", "task_il", "bwt_class_il", "train
 
 
 def cli_args(cfg: dict) -> list[str]:
-    return [a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", json.dumps(v) if not isinstance(v, str) else v)]
+    return [
+        a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", json.dumps(v) if not isinstance(v, str) else v)
+    ]
 
 
 def run_one(grid: str, label: str, overrides: dict, seed: int) -> dict:

@@ -411,7 +411,10 @@ def test_csr_windows_equal_torch(shape, density):
         mask[1] = False  # an empty row
     meta = formats.build_csr(mask)
     for window in (1, 8, 64, 100):
-        for ptr, idx, n in ((meta.crow_indices, meta.col_indices, shape[1]), (meta.ccol_indices, meta.row_indices, shape[0])):
+        for ptr, idx, n in (
+            (meta.crow_indices, meta.col_indices, shape[1]),
+            (meta.ccol_indices, meta.row_indices, shape[0]),
+        ):
             got = torch.ops.sparsekern.csr_windows(ptr, idx, n, window)
             want = _windows_torch(ptr, idx, n, window)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), window
