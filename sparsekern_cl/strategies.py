@@ -203,10 +203,13 @@ class Strategy:
 
     def grad_layout(self) -> str:
         """``"compact"`` (the sparse layers' backward writes ``dW`` on ``G`` only, see
-        ``SparseLinear.set_grad_layout``) when ``compact_grads`` is on and neither the strategy
-        nor a plugin reads ``weight.grad``; else ``"dense"``."""
+        ``SparseLinear.set_grad_layout``) when ``compact_grads`` is on, neither the strategy nor
+        a plugin reads ``weight.grad`` and the run is not data-parallel; else ``"dense"``."""
         readers = [self.reads_weight_grads] + [p.reads_weight_grads for p in self.plugins]
-        return "compact" if self.cfg.get("compact_grads", True) and not any(readers) else "dense"
+        # data-parallel: the gradient all-reduce (sparsekern.distributed) sends weight.grad
+        dist = torch.distributed
+        parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return "compact" if self.cfg.get("compact_grads", True) and not any(readers) and not parallel else "dense"
 
     def sparse_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, layer)`` of every sparse layer: where masks and gradient masks are changed."""
