@@ -153,6 +153,8 @@ def comparisons(rows: list[dict], pairs: list[tuple[str, str]], key: str = "clas
 
 CLAIMS = [
     ("SparCL-DER++ 0.75", "dense DER++"),
+    ("SparCL-DER++ 0.75 lr 0.1", "dense DER++ lr 0.1"),
+    ("DER++ 0.9 lr 0.1", "dense DER++ lr 0.1"),
     ("SparCL-DER++ 0.90", "dense DER++"),
     ("DST 0.8", "DST 0.8 ERK"),
     ("DST 0.9", "DST 0.9 ERK"),
@@ -170,13 +172,13 @@ def write_tables(out_dir: str = RESULTS) -> None:
             "1 epoch per task, batch 32, DER++ buffer 500; one torch thread per run, two runs at a time on a "
             "2-core machine shared with other jobs: wall-clock ratios are noisy (run against the same seed's "
             "dense DER++ run, not in the same process).", ""]  # fmt: skip
-    main = [*head, *table(rows, list(GRIDS["main"]) + list(GRIDS["abl"])), "",
+    main = [*head, *table(rows, [*GRIDS["main"], *GRIDS["lr01"], *GRIDS["abl"]]), "",
             "Directional claims (Class-IL, one family, paired over seeds, Holm, p < 0.05):", "",
-            *comparisons(rows, CLAIMS), "", *comparisons(rows, CLAIMS[:2], "task_il")]  # fmt: skip
+            *comparisons(rows, CLAIMS), "", *comparisons(rows, CLAIMS[:4], "task_il")]  # fmt: skip
     pre = "SparCL-DER++ 0.75 (rescale before the fix)"
-    diag = [*head, "Diagnosis of sparse DER++ at 0.9, seed 0, all rows but the last two run before the "
-            "`sparse_rescale` fix (after it, `DER++ 0.9` behaves as `DER++ 0.9 no rescale`); dense DER++ "
-            "for reference:", "", *table(rows, ["dense DER++", *GRIDS["diag"], pre, "SparCL-DER++ 0.75"]), "",
+    diag = [*head, "Diagnosis of sparse DER++ at 0.9, seed 0; the rows from `DER++ 0.9` to the pre-fix SparCL "
+            "row ran before the `sparse_rescale` fix (after it, `DER++ 0.9` behaves as `DER++ 0.9 no rescale`); "
+            "dense DER++ for reference:", "", *table(rows, ["dense DER++", *GRIDS["diag"], pre, "SparCL-DER++ 0.75"]), "",
             *comparisons(rows, [("SparCL-DER++ 0.75", pre)])]  # fmt: skip
     for name, lines in (("r18_main.md", main), ("r18_diag.md", diag)):
         with open(os.path.join(out_dir, name), "w") as f:
