@@ -105,15 +105,13 @@ class SparseMixin:
         #: the :class:`sparsekern.choice.Decision` of the last automatic call (None: pinned or not run)
         self.last_choice = None
         sparsity = check_sparsity(sparsity)
-        init = None
-        if mask is None and sparsity > 0:
-            init = magnitude_mask(self.weight, sparsity, layout=layout, block_size=self.block_size)
-        # a generated mask becomes the buffer itself (set_mask below then sets G := M and zeroes
-        # the pruned weights in place), so construction holds two weight-sized bool tensors, not three
-        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool) if init is None else init)
-        self.register_buffer("grad_mask", torch.ones_like(self.weight, dtype=torch.bool))
-        if mask is not None or init is not None:
-            self.set_mask(init if mask is None else mask)
+        ones = torch.ones_like(self.weight, dtype=torch.bool)
+        self.register_buffer("weight_mask", ones)
+        self.register_buffer("grad_mask", ones.clone())
+        if mask is not None:
+            self.set_mask(mask)
+        elif sparsity > 0:
+            self.set_mask(magnitude_mask(self.weight, sparsity, layout=layout, block_size=self.block_size))
 
     # ------------------------------------------------------------------ masks
     @torch.no_grad()
