@@ -38,6 +38,7 @@ import torch
 
 from . import reference
 from ._backends import Backend, ConvParams
+from .formats import flat_index
 
 __all__ = [
     "DENSE",
@@ -81,11 +82,30 @@ class DenseBackend(Backend):
     name = "dense"
     channels_last = True
 
+    # A large linear weight runs in slices of about CHUNK elements: the masked copy ``W⊙M`` (and,
+    # for a compact gradient, the product ``dyᵀx``) is then never formed whole, so the fall-back
+    # (and the probe that times it) needs a slice of memory where the sparse kernels need none.
     def linear_fwd(self, x, weight, bias, pattern):
-        return reference.linear_fwd(x, weight, bias, pattern.mask)
+        rows = _chunk(weight.shape[0], weight.shape[1])
+        if rows is None or not reference._all_finite(x):
+            return reference.linear_fwd(x, weight, bias, pattern.mask)
+        m = pattern.mask
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        for a in range(0, weight.shape[0], rows):
+            b = min(a + rows, weight.shape[0])
+            y[:, a:b] = torch.nn.functional.linear(x, reference._masked(weight[a:b], m[a:b]), None)
+        return y if bias is None else y.add_(bias)
 
     def linear_dx(self, dy, weight, pattern):
-        return reference.linear_dx(dy, weight, pattern.mask)
+        cols = _chunk(weight.shape[1], weight.shape[0])
+        if cols is None or not reference._all_finite(dy):
+            return reference.linear_dx(dy, weight, pattern.mask)
+        m = pattern.mask
+        dx = dy.new_empty(dy.shape[0], weight.shape[1])
+        for a in range(0, weight.shape[1], cols):
+            b = min(a + cols, weight.shape[1])
+            dx[:, a:b] = dy @ reference._masked(weight[:, a:b], m[:, a:b])
+        return dx
 
     def linear_dw(self, dy, x, grad_pattern):
         return reference.linear_dw(dy, x, grad_pattern.mask)
@@ -99,7 +119,7 @@ class DenseBackend(Backend):
     def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
         """Both gradients from one ``convolution_backward`` call, as autograd's own conv does
         (non-finite inputs: the reference's two passes)."""
-        wm = weight.masked_fill(~pattern.mask, 0)
+        wm = reference._masked(weight, pattern.mask)
         if not reference._all_finite(dy, x, wm):
             return (
                 self.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv),
@@ -118,10 +138,46 @@ class DenseBackend(Backend):
             conv.groups,
             [True, True, False],
         )
-        return dx, dw.masked_fill(~grad_pattern.mask, 0)
+        return dx, reference._zero_outside_(dw, grad_pattern.mask)
 
     def conv2d_dw(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
         return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
+
+    # compact weight gradients: gather ``G``'s entries of the unmasked product (zeroing the rest
+    # first, as the dense ``dW`` does, would be a wasted weight-sized pass)
+    def linear_dw_values(self, dy, x, grad_pattern):
+        idx = flat_index(grad_pattern)
+        out_f, in_f = dy.shape[1], x.shape[1]
+        rows = _chunk(out_f, in_f)
+        if rows is None:
+            return (dy.t() @ x).reshape(-1).index_select(0, idx)
+        # the flat positions are row-major: each slice of rows owns one run of them
+        bounds = torch.searchsorted(idx, torch.arange(0, out_f + rows, rows).clamp_(max=out_f).mul_(in_f).to(idx))
+        parts = []
+        for i, a in enumerate(range(0, out_f, rows)):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            prod = dy[:, a : a + rows].t() @ x
+            parts.append(prod.reshape(-1).index_select(0, (idx[lo:hi] - a * in_f).long()))
+        return torch.cat(parts)
+
+    def conv2d_dw_values(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
+        if not reference._all_finite(dy, x):
+            return super().conv2d_dw_values(dy, x, grad_pattern, weight_shape, conv)
+        dw = torch.nn.grad.conv2d_weight(
+            x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        return dw.reshape(-1).index_select(0, flat_index(grad_pattern))
+
+
+#: elements of the weight slice the dense fall-back forms at a time (16 MB in fp32)
+CHUNK = 1 << 22
+
+
+def _chunk(n: int, inner: int) -> int | None:
+    """Rows (of ``n``, each ``inner`` long) per slice, or ``None`` when the whole fits a chunk."""
+    if n * inner <= CHUNK:
+        return None
+    return max(1, CHUNK // max(inner, 1))
 
 
 DENSE = DenseBackend()
@@ -219,7 +275,7 @@ def _batch_bucket(n: int) -> str:
     return f"<={1 << max(0, int(n) - 1).bit_length()}"
 
 
-def _key(op, backend, x, weight, pattern, gpattern, conv, training) -> str:
+def _key(op, backend, x, weight, pattern, gpattern, conv, training, compact=False) -> str:
     dens, gdens = pattern.density(), gpattern.density()  # cached with the pattern
     parts = [
         op,
@@ -234,6 +290,8 @@ def _key(op, backend, x, weight, pattern, gpattern, conv, training) -> str:
         f"t{torch.get_num_threads()}",
         "train" if training else "infer",
     ]
+    if training and compact:
+        parts.append("compact")
     if conv is not None:
         parts.append(f"s{conv.stride}p{conv.padding}d{conv.dilation}g{conv.groups}")
     return "|".join(parts)
@@ -249,26 +307,30 @@ def _dense_flops(op, x, weight, conv) -> float:
     return 2.0 * n * ho * wo * weight.numel()
 
 
-def _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training):
+def _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training, compact=False):
+    """One call's work on ``be``: the weight gradient as the layer takes it (compact: the values on
+    ``G`` only, as ``linear_dw_values`` / ``conv2d_dw_values``; else dense)."""
     if op == "linear":
+        dw = be.linear_dw_values if compact else be.linear_dw
 
         def run():
             be.linear_fwd(x, weight, bias, pattern)
             if training:
                 be.linear_dx(dy, weight, pattern)
-                be.linear_dw(dy, x, gpattern)
+                dw(dy, x, gpattern)
     else:
+        dw = be.conv2d_dw_values if compact else be.conv2d_dw
 
         def run():
             be.conv2d_fwd(x, weight, bias, pattern, conv)
             if training:
                 be.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv)
-                be.conv2d_dw(dy, x, gpattern, tuple(weight.shape), conv)
+                dw(dy, x, gpattern, tuple(weight.shape), conv)
 
     return run
 
 
-def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[float, float]:
+def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training, compact=False) -> tuple[float, float]:
     """Median ms of one fwd (+ dx + dw) call on each path, alternating rounds after a warm-up."""
     with torch.no_grad():
         y = (
@@ -278,8 +340,8 @@ def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[
         )
         dy = torch.randn_like(y) if training else None
         runs = {
-            "sparse": _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training),
-            "dense": _runner(op, DENSE, x, weight, bias, pattern, gpattern, conv, dy, training),
+            "sparse": _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training, compact),
+            "dense": _runner(op, DENSE, x, weight, bias, pattern, gpattern, conv, dy, training, compact),
         }
         times: dict[str, list[float]] = {"sparse": [], "dense": []}
         for r in range(PROBE_ROUNDS + 1):
@@ -291,7 +353,7 @@ def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training) -> tuple[
     return statistics.median(times["sparse"]), statistics.median(times["dense"])
 
 
-def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how) -> Decision:
+def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how, compact=False) -> Decision:
     dens = float(key.split("|d")[1].split("|")[0])
     if dens > DENSE_ABOVE:
         return Decision(key, "dense", DENSE.name, f"density {dens:.2f} > {DENSE_ABOVE}: sparse kernels cannot win")
@@ -300,7 +362,7 @@ def _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how
         return Decision(key, "dense", DENSE.name, f"{flops:.2g} dense FLOPs per call < {TINY_FLOPS:.0e}: too small")
     if how == "rules":
         return Decision(key, "sparse", be.name, "rules mode: no probe")
-    ts, td = _probe(op, be, x, weight, bias, pattern, gpattern, conv, training)
+    ts, td = _probe(op, be, x, weight, bias, pattern, gpattern, conv, training, compact)
     if td >= ts * MARGIN:
         return Decision(key, "sparse", be.name, f"probe: sparse {ts:.3g} ms vs dense {td:.3g} ms", ts, td)
     return Decision(
@@ -324,6 +386,7 @@ def choose(
     conv: ConvParams | None = None,
     *,
     training: bool | None = None,
+    compact: bool = False,
 ) -> Backend:
     """The backend that runs an automatically dispatched call: ``be`` (sparse) or :data:`DENSE`.
 
@@ -331,7 +394,9 @@ def choose(
     decided here; other devices keep ``be`` (their probe would need device timing).
     ``training``: whether a backward follows (``None``: from grad mode and ``requires_grad``; the
     registered ops of a traced call pass what the trace saw).  Under tracing a key not yet decided
-    is decided by the rules, never by a timed probe.
+    is decided by the rules, never by a timed probe.  ``compact``: the weight gradient is taken
+    compactly on ``G`` (a layer in compact-gradient mode); the probe then times that path, and it
+    is part of the key.
     """
     how = mode()
     if how == "off" or be.name == "reference" or x.device.type != "cpu":
@@ -341,12 +406,12 @@ def choose(
         how = "rules"
     if training is None:
         training = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    key = _key(op, be, x, weight, pattern, gpattern, conv, training)
+    key = _key(op, be, x, weight, pattern, gpattern, conv, training, compact)
     path = _persist_file()
     with _LOCK:
         dec = _DECISIONS.get(key)
     if dec is None:
-        dec = _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how)
+        dec = _decide(op, be, x, weight, bias, pattern, gpattern, conv, training, key, how, compact)
         with _LOCK:
             _DECISIONS[key] = dec
         if path is not None:

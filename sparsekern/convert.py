@@ -86,7 +86,9 @@ def sparsify_(
             with a warning that says why.
 
     Returns:
-        ``model``.  Pruned masks from ``torch.nn.utils.prune`` are taken over as they are.
+        ``model``.  Pruned masks from ``torch.nn.utils.prune`` are taken over as they are.  Each
+        sparse layer takes the dense layer's weight and bias Parameters themselves (no copy:
+        an optimizer built before the call keeps stepping them), with the pruned weights zeroed.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -136,7 +138,7 @@ def sparsify_(
             mask = pmask
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
         kwargs = {"layout": config.layout, "block_size": config.block_size, "backend": config.backend}
-        new = cls.from_dense(module, mask=mask, **kwargs)
+        new = cls.from_dense(module, mask=mask, share=True, **kwargs)
         _set_submodule(model, fqn, new)
     return model
 

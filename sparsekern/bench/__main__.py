@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare each compiled kernel with the reference before timing (on for smoke and gpu-*)",
     )
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure training memory instead of time (a 4096x4096 linear and a ResNet-18, sparse against dense, "
+        "each in a fresh process; --sparsity, --batch apply) and write <out>/memory_cpu.md",
+    )
     p.add_argument("--compile-only", type=int, metavar="SM", default=None,
                    help="compile every Triton kernel x tuning configuration for NVIDIA sm_SM with Triton's ptxas "
                         "(no GPU needed) and check shared memory; a -quick preset limits it to bf16 / fp32-tf32 "
@@ -146,6 +152,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _memory(args) -> int:
+    """``--memory``: the tables of :mod:`sparsekern.bench.memory`, written to ``<out>/memory_cpu.md``."""
+    from ..env import cpu_isa
+    from . import memory
+    from .runner import cpu_model
+
+    sparsity = str((args.sparsity or [0.9])[0])
+    runs = [["--model", "linear", "--batch", str((args.batch or [128])[0])]]
+    runs += [["--model", "resnet18", "--nf", nf, "--batch", str((args.batch or [32])[0])] for nf in ("20", "64")]
+    lines = [f"Training memory, sparse against dense ({cpu_model()}, isa {cpu_isa()}; "
+             "`python -m sparsekern.bench --memory`).", ""]  # fmt: skip
+    for run in runs:
+        lines += memory.main([*run, "--sparsity", sparsity]) + [""]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "memory_cpu.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m sparsekern.bench``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -157,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         from .compile import compile_kernels
 
         return compile_kernels(args.compile_only, quick=args.preset.endswith("-quick"))
+    if args.memory:
+        return _memory(args)
     if args.from_csv:
         for path in args.from_csv:
             rows = read_csv(path)

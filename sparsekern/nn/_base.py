@@ -421,6 +421,21 @@ class SparseMixin:
             self.set_mask(magnitude_mask(self.weight, sparsity, layout=self.layout, block_size=self.block_size))
         self.train(module.training)
 
+    def _adopt_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
+        """As :meth:`_copy_from`, but taking ``module``'s weight and bias Parameters themselves
+        (built on the meta device, this layer has none of its own yet): no weight-sized copy."""
+        mask = _from_dense_mask(weight, mask, sparsity, type(module).__name__)
+        self.weight = weight
+        self.bias = module.bias
+        ones = torch.ones_like(weight, dtype=torch.bool)
+        self._buffers["weight_mask"] = ones  # replacing the meta buffers (not a prune mask to merge)
+        self._buffers["grad_mask"] = ones.clone()
+        if mask is not None:
+            self.set_mask(mask)
+        elif sparsity:
+            self.set_mask(magnitude_mask(self.weight, sparsity, layout=self.layout, block_size=self.block_size))
+        self.train(module.training)
+
     def _dense_copy(self, out: nn.Module) -> nn.Module:
         with torch.no_grad():
             out.weight.copy_(self._masked_weight())
@@ -487,6 +502,12 @@ def mask_from_module(module: nn.Module):
     """The mask a dense module carries from ``torch.nn.utils.prune``, or ``None``."""
     m = getattr(module, "weight_mask", None)
     return m if isinstance(m, torch.Tensor) else None
+
+
+def shareable(module: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``from_dense(share=True)`` can take ``module``'s Parameters as they are."""
+    b = module.bias
+    return isinstance(weight, nn.Parameter) and (b is None or isinstance(b, nn.Parameter))
 
 
 def dense_weight_of(module: nn.Module) -> torch.Tensor:

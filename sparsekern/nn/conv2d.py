@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.conv2d import sparse_conv2d
-from ._base import SparseMixin, dense_weight_of, mask_from_module
+from ._base import SparseMixin, dense_weight_of, mask_from_module, shareable
 
 
 class SparseConv2d(SparseMixin, nn.Conv2d):
@@ -90,14 +90,18 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
         return y
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor | str | None = None, **kwargs) -> SparseConv2d:
-        """A ``SparseConv2d`` with ``module``'s weights (copied) and ``mask``; see ``SparseLinear.from_dense``."""
+    def from_dense(
+        cls, module: nn.Conv2d, mask: torch.Tensor | str | None = None, *, share: bool = False, **kwargs
+    ) -> SparseConv2d:
+        """A ``SparseConv2d`` with ``module``'s weights (copied, or taken with ``share=True``) and
+        ``mask``; see ``SparseLinear.from_dense``."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module: expected nn.Conv2d, got {type(module).__name__}")
         weight = dense_weight_of(module)
         if mask is None:
             mask = mask_from_module(module)
         sparsity = kwargs.pop("sparsity", 0.0)
+        share = share and shareable(module, weight)
         new = cls(
             module.in_channels,
             module.out_channels,
@@ -108,11 +112,14 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             module.groups,
             module.bias is not None,
             module.padding_mode,
-            device=weight.device,
+            device="meta" if share else weight.device,
             dtype=weight.dtype,
             **kwargs,
         )
-        new._copy_from(module, weight, mask, sparsity)
+        if share:
+            new._adopt_from(module, weight, mask, sparsity)
+        else:
+            new._copy_from(module, weight, mask, sparsity)
         return new
 
     def to_dense(self) -> nn.Conv2d:

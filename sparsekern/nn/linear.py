@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.linear import sparse_linear
-from ._base import SparseMixin, dense_weight_of, mask_from_module
+from ._base import SparseMixin, dense_weight_of, mask_from_module, shareable
 
 
 class SparseLinear(SparseMixin, nn.Linear):
@@ -63,13 +63,18 @@ class SparseLinear(SparseMixin, nn.Linear):
         return y
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, mask: torch.Tensor | str | None = None, **kwargs) -> SparseLinear:
+    def from_dense(
+        cls, module: nn.Linear, mask: torch.Tensor | str | None = None, *, share: bool = False, **kwargs
+    ) -> SparseLinear:
         """A ``SparseLinear`` with ``module``'s weights (copied) and ``mask``.
 
         Without ``mask``: the ``weight_mask`` left by ``torch.nn.utils.prune`` if present, else
         ``kwargs['sparsity']`` by magnitude, else dense (with a warning when the weight is mostly
         zeros).  ``mask="nonzero"``: the weight's nonzero pattern.  ``kwargs``: layout,
-        block_size, backend, sparsity.
+        block_size, backend, sparsity.  ``share=True`` takes ``module``'s weight and bias
+        Parameters instead of copying them (no second weight in memory; an optimizer built on
+        them keeps working): ``module`` is then not to be used on its own, since the weights
+        outside the mask are zeroed in place.  ``sparsify_`` converts this way.
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}")
@@ -77,15 +82,19 @@ class SparseLinear(SparseMixin, nn.Linear):
         if mask is None:
             mask = mask_from_module(module)
         sparsity = kwargs.pop("sparsity", 0.0)
+        share = share and shareable(module, weight)
         new = cls(
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
-            device=weight.device,
+            device="meta" if share else weight.device,
             dtype=weight.dtype,
             **kwargs,
         )
-        new._copy_from(module, weight, mask, sparsity)
+        if share:
+            new._adopt_from(module, weight, mask, sparsity)
+        else:
+            new._copy_from(module, weight, mask, sparsity)
         return new
 
     def to_dense(self) -> nn.Linear:

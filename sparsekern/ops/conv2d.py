@@ -213,7 +213,7 @@ def _conv2d(x, weight, bias, mask, grad_mask, stride, padding, dilation, groups,
     )
     be = select_backend(info, backend)
     if is_automatic(backend):
-        be = choice.choose("conv2d", be, x, weight, bias, pattern, gpattern, conv)
+        be = choice.choose("conv2d", be, x, weight, bias, pattern, gpattern, conv, compact=sink is not None)
     guard = mask_guard(pattern, gpattern, grad_mask)
     y = Conv2dFunction.apply(_dense_layout(x, be), weight, bias, pattern, gpattern, conv, be, guard, sink)
     return y.squeeze(0) if unbatched else y

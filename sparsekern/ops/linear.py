@@ -171,7 +171,7 @@ def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, s
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()  # -1 is ambiguous when in_features = 0
     if op == "linear" and is_automatic(backend):
-        be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern)
+        be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern, compact=sink is not None)
     guard = mask_guard(pattern, gpattern, grad_mask)
     y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be, guard, sink)
     return y.reshape(*lead, weight.shape[0])

@@ -44,7 +44,17 @@ __all__ = [
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return weight.masked_fill(~mask, 0)
+    """``W`` with exact zeros outside ``mask``: one weight-sized result and no other temporary
+    (``masked_fill(~mask, 0)`` also allocates the inverted mask)."""
+    return torch.where(mask, weight, 0)
+
+
+def _zero_outside_(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` with exact zeros written outside ``keep``, in place (a fresh product's buffer is
+    reused rather than copied: the dense weight gradient is weight-sized)."""
+    if t.requires_grad and torch.is_grad_enabled():  # differentiated: no out= under autograd
+        return torch.where(keep, t, 0)
+    return torch.where(keep, t, t.new_zeros(()), out=t)
 
 
 #: elements of the ``[rows, out, inner]`` products one chunk of :func:`masked_mm` forms at most
@@ -89,7 +99,7 @@ def linear_dx(dy, weight, mask):
 
 def linear_dw(dy, x, grad_mask):
     """``(dyᵀ [M, N] @ x [N, K]) ⊙ G`` -> ``[M, K]``, exact zeros outside ``G``."""
-    return (dy.t() @ x).masked_fill(~grad_mask, 0)
+    return _zero_outside_(dy.t() @ x, grad_mask)
 
 
 def _unfold(x, kernel, conv: ConvParams) -> torch.Tensor:
@@ -167,7 +177,7 @@ def conv2d_dw(dy, x, grad_mask, weight_shape, conv: ConvParams):
         d = dy.reshape(dy.shape[0], dy.shape[1], -1)
         dw = _per_group(conv, weight_shape, lambda rows, ks: torch.einsum("nol,nkl->ok", d[:, rows], cols[:, ks]), 0)
         dw = dw.reshape(weight_shape)
-    return dw.masked_fill(~grad_mask, 0)
+    return _zero_outside_(dw, grad_mask)
 
 
 class ReferenceBackend(Backend):

@@ -1,0 +1,168 @@
+"""Memory rules (issue 20, item 7): no weight-sized temporaries where none are needed.
+
+Allocations are watched with a ``TorchDispatchMode`` that records the size of every tensor an op
+returns (C++ scratch that never becomes a tensor is not seen), so the assertions are exact and
+independent of the allocator; RSS figures come from ``benchmarks/tools/mem_train.py``.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sparsekern as sk
+from sparsekern import choice
+from sparsekern import reference as ref
+
+
+class _Allocs(TorchDispatchMode):
+    """Storage bytes of every tensor returned by an op (views of an input are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = {a.untyped_storage().data_ptr() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.untyped_storage().data_ptr() not in ins:
+                self.sizes.append(o.untyped_storage().nbytes())
+        return out
+
+
+@pytest.fixture
+def small_chunk(monkeypatch):
+    monkeypatch.setattr(choice, "CHUNK", 64)
+    return 64
+
+
+def _case(out_f=37, in_f=29, n=6, density=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(out_f, in_f, generator=g) < density
+    gm = m & (torch.rand(out_f, in_f, generator=g) < 0.7)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    w[~m] = float("nan")  # a pruned weight does not exist
+    x = torch.randn(n, in_f, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, out_f, generator=g, dtype=torch.float64)
+    return w, m, gm, x, dy
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_chunked_dense_fallback_matches_reference(small_chunk, density):
+    w, m, gm, x, dy = _case(density=density)
+    b = torch.randn(w.shape[0], dtype=torch.float64)
+    pat, gpat = sk.Pattern(m), sk.Pattern(gm)
+    torch.testing.assert_close(choice.DENSE.linear_fwd(x, w, b, pat), ref.linear_fwd(x, w, b, m))
+    torch.testing.assert_close(choice.DENSE.linear_fwd(x, w, None, pat), ref.linear_fwd(x, w, None, m))
+    torch.testing.assert_close(choice.DENSE.linear_dx(dy, w, pat), ref.linear_dx(dy, w, m))
+    dense_dw = ref.linear_dw(dy, x, gm)
+    vals = choice.DENSE.linear_dw_values(dy, x, gpat)
+    assert vals.shape == (int(gm.sum()),)
+    torch.testing.assert_close(vals, dense_dw.reshape(-1)[gm.reshape(-1)])
+
+
+def test_chunked_dense_fallback_forms_no_whole_weight(small_chunk):
+    w, m, gm, x, dy = _case(out_f=64, in_f=32)
+    pat, gpat = sk.Pattern(m), sk.Pattern(gm)
+    sk.formats.flat_index(gpat)  # metadata built outside the watch
+    whole = w.numel() * w.element_size()
+    with _Allocs() as a:
+        choice.DENSE.linear_fwd(x, w, None, pat)
+        choice.DENSE.linear_dx(dy, w, pat)
+        choice.DENSE.linear_dw_values(dy, x, gpat)
+    assert a.sizes and max(a.sizes) < whole
+    with _Allocs() as a:  # without chunks the masked weight is whole: the watch does see it
+        choice.CHUNK = 1 << 22
+        choice.DENSE.linear_fwd(x, w, None, pat)
+    assert max(a.sizes) >= whole
+
+
+def test_chunked_dense_fallback_nonfinite_input_takes_reference(small_chunk):
+    w, m, gm, x, dy = _case()
+    x[0, 3] = float("inf")
+    dy[1, 2] = float("nan")
+    pat = sk.Pattern(m)
+    torch.testing.assert_close(choice.DENSE.linear_fwd(x, w, None, pat), ref.linear_fwd(x, w, None, m), equal_nan=True)
+    torch.testing.assert_close(choice.DENSE.linear_dx(dy, w, pat), ref.linear_dx(dy, w, m), equal_nan=True)
+
+
+def test_reference_dw_masks_in_place():
+    w, m, gm, x, dy = _case(out_f=64, in_f=32)
+    whole = w.numel() * w.element_size()
+    with _Allocs() as a:
+        dw = ref.linear_dw(dy, x, gm)
+    assert sum(s >= whole for s in a.sizes) == 1  # the product only, zeroed in place
+    assert torch.all(dw[~gm] == 0)
+    xg = x.clone().requires_grad_()  # under autograd it is not written in place, and differentiates
+    ref.linear_dw(dy, xg, gm).sum().backward()
+    torch.testing.assert_close(xg.grad, dy @ gm.double())  # d/dx sum((dyᵀx)⊙G) = dy G
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparsify_takes_the_dense_parameters(kind):
+    torch.manual_seed(0)
+    # larger than one slice of the streamed mask selection (2**18 entries), which is weight-sized
+    # for a smaller layer
+    dense = nn.Linear(1024, 300) if kind == "linear" else nn.Conv2d(128, 256, 3)
+    model = nn.Sequential(dense)
+    w, b = dense.weight, dense.bias
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = w.detach().clone()
+    with _Allocs() as a:
+        sk.sparsify_(model, sk.SparsityConfig(0.75))
+    layer = model[0]
+    assert layer.weight is w and layer.bias is b
+    whole = w.numel() * w.element_size()
+    assert all(s < whole for s in a.sizes), "no second weight is made"
+    m = layer.weight_mask
+    assert torch.equal(w.detach()[m], before[m]) and torch.all(w.detach()[~m] == 0)
+    # the optimizer built before the conversion steps the sparse layer's weight
+    x = torch.randn(4, 1024) if kind == "linear" else torch.randn(2, 128, 5, 5)
+    model(x).square().sum().backward()
+    opt.step()
+    assert not torch.equal(layer.weight.detach()[m], before[m])
+    assert torch.all(layer.weight.detach()[~m] == 0)
+
+
+def test_from_dense_copies_by_default():
+    dense = nn.Linear(16, 8)
+    layer = sk.SparseLinear.from_dense(dense, sparsity=0.5)
+    assert layer.weight is not dense.weight
+    assert torch.count_nonzero(dense.weight) == dense.weight.numel()
+    shared = sk.SparseLinear.from_dense(dense, sparsity=0.5, share=True)
+    assert shared.weight is dense.weight and shared.weight.device.type == "cpu"
+    assert torch.equal(shared(torch.ones(2, 16)), layer(torch.ones(2, 16)))
+
+
+def test_probe_times_the_compact_gradient_path(monkeypatch):
+    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
+    monkeypatch.setenv("SPARSEKERN_AUTO", "probe")
+    choice.clear_decisions()
+    layer = sk.SparseLinear(256, 256, sparsity=0.9)
+    layer.set_grad_layout("compact")
+    calls = []
+    orig = choice.DenseBackend.linear_dw_values
+
+    def spy(self, *a):
+        calls.append("values")
+        return orig(self, *a)
+
+    monkeypatch.setattr(choice.DenseBackend, "linear_dw_values", spy)
+    layer(torch.randn(64, 256)).sum().backward()
+    keys = list(choice.decisions())
+    choice.clear_decisions()
+    assert len(keys) == 1 and keys[0].endswith("|compact")
+    assert calls, "the probe's dense side takes the gradient compactly, as the layer will"
+
+
+def test_memory_table_runs_each_configuration(tmp_path):
+    from sparsekern.bench import memory
+
+    lines = memory.main(["--features", "256", "--batch", "8", "--sparsity", "0.9"])
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["dense", "sparse-dense-grad", "sparse-compact"]
+    for r in rows:
+        cells = [float(c) for c in r.strip("| ").split("|")[1:]]
+        assert len(cells) == 5 and all(c == c for c in cells)  # five finite figures per row
