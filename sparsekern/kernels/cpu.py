@@ -393,7 +393,7 @@ class CppBackend(Backend):
     # dW; a kernel's spurious terms are 0 * Inf = NaN, so a NaN-free dW needs no second look.
     @staticmethod
     def _weight_nonfinite(weight, pattern) -> bool:
-        return not bool(torch.isfinite(weight).all()) and not bool(torch.isfinite(weight[pattern.mask]).all())
+        return not reference._all_finite(weight) and not reference._all_finite(weight[pattern.mask])
 
     def conv2d_fwd(self, x, weight, bias, pattern, conv):
         if self._weight_nonfinite(weight, pattern):
@@ -421,13 +421,13 @@ class CppBackend(Backend):
         s, p, d = self._conv_args(conv)
         if conv.groups != 1:
             self._need_depthwise(weight_shape, conv.groups)
-            if not bool(torch.isfinite(dy).all()):
+            if not reference._all_finite(dy):
                 return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
             crow, col = _elem_csr(grad_pattern)
             return torch.ops.sparsekern.dwconv2d_dw(dy, x, crow, col, list(weight_shape), s, p, d)
         crow, col, block = _csr_args(grad_pattern)
         dw = torch.ops.sparsekern.conv2d_dw(dy, x, crow, col, block, list(weight_shape), s, p, d)
-        if bool(torch.isnan(dw).any()):
+        if bool(torch.isnan(dw.sum())):  # a NaN term makes the sum NaN (an Inf pair too: then exact)
             return reference.conv2d_dw(dy, x, grad_pattern.mask, tuple(weight_shape), conv)
         return dw
 
@@ -437,7 +437,7 @@ class CppBackend(Backend):
         s, p, d = self._conv_args(conv)
         crow, col, block = _csr_args(grad_pattern)
         vals = torch.ops.sparsekern.conv2d_dw_values(dy, x, crow, col, block, list(weight_shape), s, p, d)
-        if bool(torch.isnan(vals).any()):  # as conv2d_dw: the reference's term-by-term semantics
+        if bool(torch.isnan(vals.sum())):  # as conv2d_dw: the reference's term-by-term semantics
             return super().conv2d_dw_values(dy, x, grad_pattern, weight_shape, conv)
         return vals
 

@@ -191,3 +191,21 @@ def test_conv2d_nonfinite(target, where, x_shape, w_shape, stride, pad, groups, 
         got = _run(name, tgt, fn, x, w, dy, "conv2d", groups)
         for what, g, e in zip(("y", "dx", "dW"), got, want):
             _same(g, e, f"{what} ({algo})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_check_is_sound(dtype):
+    """The per-pass check (one sum per tensor) never calls a tensor with a NaN / Inf finite."""
+    from sparsekern.reference import _all_finite
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(37, 53, generator=g).to(dtype)
+    assert _all_finite(t) and _all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 17 * 53 + 4, t.numel() - 1):
+            u = t.clone()
+            u.view(-1)[pos] = bad
+            assert not _all_finite(t, u) and not _all_finite(u)
+    pair = t.clone()
+    pair.view(-1)[:2] = torch.tensor([float("inf"), -float("inf")]).to(dtype)  # inf - inf: NaN sum
+    assert not _all_finite(pair)
