@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 from ._backends import Backend, ConvParams
@@ -87,6 +88,8 @@ class DenseBackend(Backend):
     # (and the probe that times it) needs a slice of memory where the sparse kernels need none.
     def linear_fwd(self, x, weight, bias, pattern):
         rows = _chunk(weight.shape[0], weight.shape[1])
+        if rows is None and reference._all_finite(x):
+            return torch.nn.functional.linear(x, _KEPT.made(weight, pattern.mask), bias)
         if rows is None or not reference._all_finite(x):
             return reference.linear_fwd(x, weight, bias, pattern.mask)
         m = pattern.mask
@@ -98,6 +101,8 @@ class DenseBackend(Backend):
 
     def linear_dx(self, dy, weight, pattern):
         cols = _chunk(weight.shape[1], weight.shape[0])
+        if cols is None and reference._all_finite(dy):
+            return dy @ _KEPT.taken(weight, pattern.mask)
         if cols is None or not reference._all_finite(dy):
             return reference.linear_dx(dy, weight, pattern.mask)
         m = pattern.mask
@@ -111,15 +116,20 @@ class DenseBackend(Backend):
         return reference.linear_dw(dy, x, grad_pattern.mask)
 
     def conv2d_fwd(self, x, weight, bias, pattern, conv: ConvParams):
+        if weight.shape[1]:
+            wm = _KEPT.made(weight, pattern.mask)
+            if reference._all_finite(x, wm):
+                return torch.nn.functional.conv2d(x, wm, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return reference.conv2d_fwd(x, weight, bias, pattern.mask, conv)
 
     def conv2d_dx(self, dy, weight, pattern, input_shape, conv: ConvParams):
+        _KEPT.taken(weight, pattern.mask)  # (not kept past this step)
         return reference.conv2d_dx(dy, weight, pattern.mask, tuple(input_shape), conv)
 
     def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
         """Both gradients from one ``convolution_backward`` call, as autograd's own conv does
         (non-finite inputs: the reference's two passes)."""
-        wm = reference._masked(weight, pattern.mask)
+        wm = _KEPT.taken(weight, pattern.mask)
         if not reference._all_finite(dy, x, wm):
             return (
                 self.conv2d_dx(dy, weight, pattern, tuple(x.shape), conv),
@@ -168,6 +178,44 @@ class DenseBackend(Backend):
         )
         return dw.reshape(-1).index_select(0, flat_index(grad_pattern))
 
+
+class _KeptMasked:
+    """``W⊙M`` made by a forward on :data:`DENSE`, kept for the input gradient of the same step.
+
+    The forward and the input gradient of one training step both need the masked weight; making
+    it once saves a weight-sized pass per layer and step.  An entry is used only while neither
+    the weight nor the mask has been written since (same tensors, same version counters), is
+    handed to the backward once and dropped there (so a later step never sees it), and is kept
+    only for a weight that trains; a layer's next forward replaces it.  A weight dying drops it.
+    """
+
+    def __init__(self) -> None:
+        self._d = WeakIdKeyDictionary()
+
+    @staticmethod
+    def _versions(weight, mask):
+        try:
+            return (weight._version, id(mask), mask._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+
+    def made(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        wm = reference._masked(weight, mask)
+        key = self._versions(weight, mask)
+        if key is not None and weight.requires_grad and not torch.is_grad_enabled():  # inside a forward
+            self._d[weight] = (key, wm)
+        else:
+            self._d.pop(weight, None)
+        return wm
+
+    def taken(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        entry = self._d.pop(weight, None)
+        if entry is not None and entry[0] == self._versions(weight, mask):
+            return entry[1]
+        return reference._masked(weight, mask)
+
+
+_KEPT = _KeptMasked()
 
 #: elements of the weight slice the dense fall-back forms at a time (16 MB in fp32)
 CHUNK = 1 << 22

@@ -166,3 +166,53 @@ def test_memory_table_runs_each_configuration(tmp_path):
     for r in rows:
         cells = [float(c) for c in r.strip("| ").split("|")[1:]]
         assert len(cells) == 5 and all(c == c for c in cells)  # five finite figures per row
+
+
+def test_masked_weight_kept_from_forward_to_input_gradient_only():
+    kept = choice._KEPT
+    w = torch.randn(6, 5, requires_grad=True)
+    m = torch.rand(6, 5) < 0.5
+    with torch.no_grad():
+        wm = kept.made(w, m)
+        assert kept.taken(w, m) is wm  # the forward's copy, once
+        assert kept.taken(w, m) is not wm  # then made again
+        kept.made(w, m)
+        w.mul_(2)  # a write after the forward: the kept copy is stale and not used
+        torch.testing.assert_close(kept.taken(w, m), torch.where(m, w, 0))
+        kept.made(w, m)
+        m2 = m.clone()
+        m2[0] = ~m2[0]  # another mask: not used either
+        torch.testing.assert_close(kept.taken(w, m2), torch.where(m2, w, 0))
+    with torch.enable_grad():  # differentiated through (not inside a Function's forward): not kept
+        wm = kept.made(w, m)
+    assert kept.taken(w, m) is not wm
+
+
+def test_dense_fallback_training_matches_reference_with_kept_weight():
+    torch.manual_seed(1)
+    layer = sk.SparseLinear(40, 30, sparsity=0.7, backend=None)
+    ref_layer = sk.SparseLinear(40, 30, sparsity=0.7, backend="reference")
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(8, 40, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    for _ in range(3):  # the weight changes between steps: no stale copy may be used
+        y, yr = choice_dense(layer, x), ref_layer(xr)
+        torch.testing.assert_close(y, yr)
+        y.square().sum().backward()
+        yr.square().sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad)
+        torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad)
+        with torch.no_grad():
+            for lay in (layer, ref_layer):
+                lay.weight -= 0.1 * lay.weight.grad
+                lay.weight.grad = None
+        x.grad = xr.grad = None
+
+
+def choice_dense(layer, x):
+    """``layer(x)`` on the dense fall-back (pinned through a decision that says dense)."""
+    from sparsekern.ops.linear import LinearFunction
+
+    pat = sk.formats.pattern_of(layer.weight_mask, layer.layout, layer.block_size)
+    gpat = sk.ops._common.grad_pattern(pat, layer.grad_mask)
+    return LinearFunction.apply(x, layer.weight, layer.bias, pat, gpat, choice.DENSE, ())
