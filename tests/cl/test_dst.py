@@ -1,5 +1,6 @@
 """DST (continual learning with dynamic sparse training): masks, drop/grow, isolation, evaluation, runs."""
 
+import copy
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from sparsekern_cl.methods.dst import (
     cosine_drop_rate,
     magnitude_drop,
     task_densities,
+    update_interval,
 )
 from sparsekern_cl.runner import build_run, evaluate
 
@@ -259,6 +261,64 @@ def test_batchnorm_statistics_freeze_after_the_first_task():
         strategy.observe(strategy.transform(data.x[:8]), data.x[:8], data.y[:8], t, data.uid[:8])
         assert torch.equal(bn.running_mean, stats) == (t == 1)  # moves during task 0 only
         strategy.end_task(t)
+
+
+def _exact_norm_statistics(model, x):
+    """Per BatchNorm layer (mean, unbiased var) of its input over ``x``, from a train-mode forward of a copy."""
+    model = copy.deepcopy(model)
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, name=n: seen.__setitem__(name, inp[0].detach()))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: (v.mean((0, 2, 3)), v.transpose(0, 1).reshape(v.shape[1], -1).var(1)) for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("task_params", ["shared", "private"])
+def test_frozen_batchnorm_statistics_are_the_exact_ones_of_the_task(task_params):
+    # a short task leaves the running averages near their initial values (0.9^steps of them at
+    # momentum 0.1); frozen (shared) or stored (private) like that, evaluation saw a broken network
+    cfg = {**TINY, "backbone": "resnet18", "nf": 2, "synthetic": {**TINY["synthetic"], "shape": [3, 8, 8]}}
+    _, scenario, model, strategy, _, plugin = _setup(**cfg, dst_task_params=task_params)
+    stats = {}
+    for t in range(2):
+        strategy.begin_task(t)
+        model.train()
+        data = scenario.train[t]
+        for s in range(0, len(data), 8):
+            b = slice(s, s + 8)
+            strategy.observe(strategy.transform(data.x[b]), data.x[b], data.y[b], t, data.uid[b])
+        strategy.end_task(t)
+        x = scenario.preprocess(scenario.train[t].x, train=False)
+        want = _exact_norm_statistics(model, x)
+        if t == 1 and task_params == "shared":  # frozen at the end of task 0: unchanged by task 1
+            assert all(torch.equal(model.get_submodule(n).running_mean, stats[n][0]) for n in stats)
+            continue
+        stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in model.named_modules() if n in want}
+        assert len(stats) > 5
+        for n, (mean, var) in want.items():
+            torch.testing.assert_close(stats[n][0], mean, rtol=1e-4, atol=1e-5, msg=n)
+            torch.testing.assert_close(stats[n][1], var, rtol=1e-4, atol=1e-5, msg=n)
+        if task_params == "private":
+            stored = plugin.task_states[t]
+            assert all(torch.equal(stored[f"{n}.running_var"], stats[n][1]) for n in stats)
+
+
+def test_default_update_interval_fits_short_tasks():
+    # the code's 100 steps never fired in a task of 25 steps (ResNet-18, MNIST subset, 1 epoch)
+    assert [update_interval(None, n) for n in (1, 8, 25, 50, 999, 1000, 5000)] == [1, 1, 3, 5, 100, 100, 100]
+    assert update_interval(7, 25) == 7
+    res = sparsekern_cl.run({**TINY, "dst_update_every": None})
+    tasks = res["method_report"]["dst"]["tasks"]
+    assert [(h["steps"], h["update_every"], h["updates"]) for h in tasks] == [(8, 1, 7)] * 3  # none at the last step
+    assert sparsekern_cl.resolve_config({**TINY, "dst_update_every": None})["dst_update_every"] is None
+    assert sparsekern_cl.DEFAULTS["dst_update_every"] is None
 
 
 def test_evaluate_switches_per_task():

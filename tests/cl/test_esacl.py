@@ -377,3 +377,28 @@ def test_quota_variant_preset_keeps_survivors_trainable():
     for n, m in sparsekern.sparse_modules(model):
         assert int(m.weight_mask.sum()) == strategy.plugins[0].budget[n] and bool(m.grad_mask.any())
     assert not strategy.plugins[0].shared.where  # biases and head stay trainable
+
+
+@pytest.mark.parametrize("method", ["esacl_derpp", "esacl_ewc"])
+def test_batchnorm_statistics_are_the_exact_ones_of_the_pruned_network(method):
+    # the end-of-task pruning changes every activation, and a short task's running averages still hold
+    # 0.9^steps of their initial values: evaluated with them the pruned network was at chance, and frozen
+    # at them after the first task the layers grown later were amplified until the step was not finite
+    from .test_dst import _exact_norm_statistics
+
+    shape = {**TINY["synthetic"], "shape": [3, 8, 8]}
+    cfg, scenario, model, strategy, _ = _setup(method=method, backbone="resnet18", nf=2, synthetic=shape, lr=0.05)
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(norms) > 5
+    for t in range(2):
+        _train_task(strategy, scenario, t, epochs=1)
+        x = scenario.train[t].x
+        buf = getattr(strategy, "buffer", None)
+        if buf is not None and t > 0:  # with the replay buffer's examples of earlier tasks
+            assert bool((buf.task[: len(buf)] < t).any())
+            x = torch.cat([x, buf.x[: len(buf)][buf.task[: len(buf)] < t]])
+        want = _exact_norm_statistics(model, scenario.preprocess(x, train=False))
+        for n, (mean, var) in want.items():
+            torch.testing.assert_close(norms[n].running_mean, mean, rtol=1e-4, atol=1e-5, msg=n)
+            torch.testing.assert_close(norms[n].running_var, var, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
