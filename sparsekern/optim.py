@@ -121,6 +121,12 @@ def _register_fakes() -> None:
         return None
 
 
+def _written(p: torch.Tensor) -> None:
+    """Bump ``p``'s version after a fused step wrote it through its data pointer, as torch's own
+    in-place updates do (autograd's saved-tensor check and the version-keyed caches read it)."""
+    torch.autograd.graph.increment_version(p)
+
+
 def _use_kernel(p: torch.Tensor, grad: torch.Tensor) -> bool:
     return (
         p.device.type == "cpu"
@@ -417,6 +423,7 @@ class SGD(_SparseStep, torch.optim.SGD):
                 group["maximize"],
                 first,
             )
+            _written(p)
         else:
             values = _gather(p, idx)
             bufs = [buf] if momentum != 0 else []
@@ -547,6 +554,7 @@ class Adam(_SparseStep, torch.optim.Adam):
                 group["decoupled_weight_decay"],
                 group["maximize"],
             )
+            _written(p)
             return
         values = _gather(p, idx)
         _adam(

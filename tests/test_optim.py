@@ -457,3 +457,18 @@ def test_op_rejects_bad_inputs(need_cpp):
         torch.ops.sparsekern.adam_step_masked_(
             w, g, idx, buf, buf.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False
         )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_fused_step_bumps_the_weight_version(name):
+    """A step writes the weight in place: autograd must see it like a torch.optim step."""
+    layer = sk.SparseLinear(32, 16, sparsity=0.8)
+    opt = getattr(sk.optim, name)(layer.parameters(), lr=0.1, model=layer)
+    layer(torch.randn(4, 32)).sum().backward()
+    v = layer.weight._version
+    opt.step()
+    assert layer.weight._version > v
+    y = layer(torch.randn(4, 32, requires_grad=True)).sum()
+    opt.step()  # between a forward and its backward, as with torch.optim: the backward refuses
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
