@@ -88,10 +88,12 @@ class DenseBackend(Backend):
     # (and the probe that times it) needs a slice of memory where the sparse kernels need none.
     def linear_fwd(self, x, weight, bias, pattern):
         rows = _chunk(weight.shape[0], weight.shape[1])
-        if rows is None and reference._all_finite(x):
-            return torch.nn.functional.linear(x, _KEPT.made(weight, pattern.mask), bias)
-        if rows is None or not reference._all_finite(x):
+        if not reference._all_finite(x):
+            _KEPT.drop(weight)
             return reference.linear_fwd(x, weight, bias, pattern.mask)
+        if rows is None:
+            return torch.nn.functional.linear(x, _KEPT.made(weight, pattern.mask), bias)
+        _KEPT.drop(weight)
         m = pattern.mask
         y = x.new_empty(x.shape[0], weight.shape[0])
         for a in range(0, weight.shape[0], rows):
@@ -101,10 +103,11 @@ class DenseBackend(Backend):
 
     def linear_dx(self, dy, weight, pattern):
         cols = _chunk(weight.shape[1], weight.shape[0])
-        if cols is None and reference._all_finite(dy):
-            return dy @ _KEPT.taken(weight, pattern.mask)
-        if cols is None or not reference._all_finite(dy):
+        if not reference._all_finite(dy):
+            _KEPT.drop(weight)
             return reference.linear_dx(dy, weight, pattern.mask)
+        if cols is None:
+            return dy @ _KEPT.taken(weight, pattern.mask)
         m = pattern.mask
         dx = dy.new_empty(dy.shape[0], weight.shape[1])
         for a in range(0, weight.shape[1], cols):
@@ -120,10 +123,15 @@ class DenseBackend(Backend):
             wm = _KEPT.made(weight, pattern.mask)
             if reference._all_finite(x, wm):
                 return torch.nn.functional.conv2d(x, wm, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            _KEPT.drop(weight)
         return reference.conv2d_fwd(x, weight, bias, pattern.mask, conv)
 
     def conv2d_dx(self, dy, weight, pattern, input_shape, conv: ConvParams):
-        _KEPT.taken(weight, pattern.mask)  # (not kept past this step)
+        wm = _KEPT.taken(weight, pattern.mask)
+        if reference._all_finite(dy, wm):  # as the reference's finite case, on the kept W⊙M
+            return torch.nn.grad.conv2d_input(
+                list(input_shape), wm, dy, conv.stride, conv.padding, conv.dilation, conv.groups
+            )
         return reference.conv2d_dx(dy, weight, pattern.mask, tuple(input_shape), conv)
 
     def conv2d_dx_dw(self, dy, x, weight, pattern, grad_pattern, conv: ConvParams):
@@ -171,11 +179,7 @@ class DenseBackend(Backend):
         return torch.cat(parts)
 
     def conv2d_dw_values(self, dy, x, grad_pattern, weight_shape, conv: ConvParams):
-        if not reference._all_finite(dy, x):
-            return super().conv2d_dw_values(dy, x, grad_pattern, weight_shape, conv)
-        dw = torch.nn.grad.conv2d_weight(
-            x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
+        dw = reference.conv_dw_unmasked(dy, x, tuple(weight_shape), conv)
         return dw.reshape(-1).index_select(0, flat_index(grad_pattern))
 
 
@@ -205,8 +209,12 @@ class _KeptMasked:
         if key is not None and weight.requires_grad and not torch.is_grad_enabled():  # inside a forward
             self._d[weight] = (key, wm)
         else:
-            self._d.pop(weight, None)
+            self.drop(weight)
         return wm
+
+    def drop(self, weight: torch.Tensor) -> None:
+        """Forget ``weight``'s entry (a forward that did not make one)."""
+        self._d.pop(weight, None)
 
     def taken(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         entry = self._d.pop(weight, None)

@@ -408,28 +408,20 @@ class SparseMixin:
         return self.weight.detach().masked_fill(~self.weight_mask, 0)
 
     @torch.no_grad()
-    def _copy_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
-        """Copy a dense module's weights, then set ``mask`` (or a magnitude mask at ``sparsity``;
-        ``"nonzero"``: the weight's nonzero pattern)."""
+    def _copy_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float, share: bool = False) -> None:
+        """Copy a dense module's weights (``share``: take its weight and bias Parameters themselves,
+        for a layer built on the meta device: no weight-sized copy), then set ``mask`` (or a
+        magnitude mask at ``sparsity``; ``"nonzero"``: the weight's nonzero pattern)."""
         mask = _from_dense_mask(weight, mask, sparsity, type(module).__name__)
-        self.weight.copy_(weight)
-        if module.bias is not None:
-            self.bias.copy_(module.bias)
-        if mask is not None:
-            self.set_mask(mask)
-        elif sparsity:
-            self.set_mask(magnitude_mask(self.weight, sparsity, layout=self.layout, block_size=self.block_size))
-        self.train(module.training)
-
-    def _adopt_from(self, module: nn.Module, weight: torch.Tensor, mask, sparsity: float) -> None:
-        """As :meth:`_copy_from`, but taking ``module``'s weight and bias Parameters themselves
-        (built on the meta device, this layer has none of its own yet): no weight-sized copy."""
-        mask = _from_dense_mask(weight, mask, sparsity, type(module).__name__)
-        self.weight = weight
-        self.bias = module.bias
-        ones = torch.ones_like(weight, dtype=torch.bool)
-        self._buffers["weight_mask"] = ones  # replacing the meta buffers (not a prune mask to merge)
-        self._buffers["grad_mask"] = ones.clone()
+        if share:
+            self.weight, self.bias = weight, module.bias
+            ones = torch.ones_like(weight, dtype=torch.bool)
+            self._buffers["weight_mask"] = ones  # replacing the meta buffers (not a prune mask to merge)
+            self._buffers["grad_mask"] = ones.clone()
+        else:
+            self.weight.copy_(weight)
+            if module.bias is not None:
+                self.bias.copy_(module.bias)
         if mask is not None:
             self.set_mask(mask)
         elif sparsity:

@@ -116,10 +116,7 @@ class SparseConv2d(SparseMixin, nn.Conv2d):
             dtype=weight.dtype,
             **kwargs,
         )
-        if share:
-            new._adopt_from(module, weight, mask, sparsity)
-        else:
-            new._copy_from(module, weight, mask, sparsity)
+        new._copy_from(module, weight, mask, sparsity, share)
         return new
 
     def to_dense(self) -> nn.Conv2d:

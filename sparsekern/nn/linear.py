@@ -91,10 +91,7 @@ class SparseLinear(SparseMixin, nn.Linear):
             dtype=weight.dtype,
             **kwargs,
         )
-        if share:
-            new._adopt_from(module, weight, mask, sparsity)
-        else:
-            new._copy_from(module, weight, mask, sparsity)
+        new._copy_from(module, weight, mask, sparsity, share)
         return new
 
     def to_dense(self) -> nn.Linear:

@@ -177,17 +177,21 @@ def conv2d_dx(dy, weight, mask, input_shape, conv: ConvParams):
     return F.fold(cols, tuple(input_shape[2:]), tuple(weight.shape[2:]), conv.dilation, conv.padding, conv.stride)
 
 
-def conv2d_dw(dy, x, grad_mask, weight_shape, conv: ConvParams):
+def conv_dw_unmasked(dy, x, weight_shape, conv: ConvParams) -> torch.Tensor:
+    """The conv2d weight gradient before ``G`` is applied (every position of ``W``)."""
     if _all_finite(dy, x):
-        dw = torch.nn.grad.conv2d_weight(
+        return torch.nn.grad.conv2d_weight(
             x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation, conv.groups
         )
-    else:  # padding multiplies as the zero it is (torch's own weight gradient may skip it)
-        cols = _unfold(x, weight_shape[2:], conv)
-        d = dy.reshape(dy.shape[0], dy.shape[1], -1)
-        dw = _per_group(conv, weight_shape, lambda rows, ks: torch.einsum("nol,nkl->ok", d[:, rows], cols[:, ks]), 0)
-        dw = dw.reshape(weight_shape)
-    return _zero_outside_(dw, grad_mask)
+    # padding multiplies as the zero it is (torch's own weight gradient may skip it)
+    cols = _unfold(x, weight_shape[2:], conv)
+    d = dy.reshape(dy.shape[0], dy.shape[1], -1)
+    dw = _per_group(conv, weight_shape, lambda rows, ks: torch.einsum("nol,nkl->ok", d[:, rows], cols[:, ks]), 0)
+    return dw.reshape(weight_shape)
+
+
+def conv2d_dw(dy, x, grad_mask, weight_shape, conv: ConvParams):
+    return _zero_outside_(conv_dw_unmasked(dy, x, weight_shape, conv), grad_mask)
 
 
 class ReferenceBackend(Backend):
