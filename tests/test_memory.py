@@ -216,3 +216,12 @@ def choice_dense(layer, x):
     pat = sk.formats.pattern_of(layer.weight_mask, layer.layout, layer.block_size)
     gpat = sk.ops._common.grad_pattern(pat, layer.grad_mask)
     return LinearFunction.apply(x, layer.weight, layer.bias, pat, gpat, choice.DENSE, ())
+
+
+def test_large_masked_weight_is_not_kept(monkeypatch):
+    monkeypatch.setattr(choice, "KEEP_MAX", 10)
+    w = torch.randn(6, 5, requires_grad=True)
+    m = torch.rand(6, 5) < 0.5
+    with torch.no_grad():
+        wm = choice._KEPT.made(w, m)
+        assert choice._KEPT.taken(w, m) is not wm
