@@ -143,6 +143,32 @@ void bf16_block_pairs(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_
   }
 }
 
+// Position of batch column t (< T, T a multiple of 32) in a lane tile row: within each chunk of
+// 32, t = 16h + 4L + w sits at 8L + 4h + w, so that unpacking two rows word by word (vpunpcklwd /
+// vpunpckhwd, which work inside 128-bit lanes) gives the pairs of t = 0..15 and 16..31 in order.
+inline int64_t lane_pos(int64_t t) {
+  const int64_t u = t & 31, h = u >> 4, L = (u & 15) >> 2, w = u & 3;
+  return (t & ~int64_t(31)) + 8 * L + 4 * h + w;
+}
+
+void bf16_lane_tile(const bf16* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T,
+                    uint16_t* __restrict dst) {
+  // by blocks of 8 columns: each source row is read along its columns, each destination row is
+  // written at 8 scattered positions per block, all inside a few cache lines
+  for (int64_t c0 = 0; c0 < ncols; c0 += 8) {
+    const int64_t c1 = std::min(ncols, c0 + 8);
+    for (int64_t t = 0; t < nt; ++t) {
+      const bf16* s = src + t * ld;
+      uint16_t* d = dst + lane_pos(t);
+      for (int64_t c = c0; c < c1; ++c) d[c * T] = s[c].bits;
+    }
+    for (int64_t t = nt; t < T; ++t) {
+      uint16_t* d = dst + lane_pos(t);
+      for (int64_t c = c0; c < c1; ++c) d[c * T] = 0;
+    }
+  }
+}
+
 #ifdef SPARSEKERN_BF16_X86
 namespace {
 
@@ -171,7 +197,133 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dp_r
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + q * T + v * 16, acc[q][v]);
 }
 
+// One row of an unstructured panel on a lane tile: the row's nonzeros go in pairs (a, b), the
+// tile rows of a and b are interleaved word by word and dotted with the weight pair, so each
+// vdpbf16ps adds two nonzeros' products.  A row with an odd count pairs its last nonzero with a
+// zero weight.  Terms are added pair after pair in the row's order.
+template <int NC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void csr_dp_row(
+    const int32_t* __restrict cl, int64_t n, const uint32_t* __restrict w, const uint16_t* __restrict bt,
+    float* __restrict o) {
+  constexpr int64_t T = NC * 32;
+  __m512 acc[2 * NC];
+  for (int k = 0; k < 2 * NC; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t i = 0; 2 * i < n; ++i) {
+    const int64_t ca = cl[2 * i], cb = 2 * i + 1 < n ? cl[2 * i + 1] : ca;
+    const uint16_t* xa = bt + ca * T;
+    const uint16_t* xb = bt + cb * T;
+    const __m512bh wv = (__m512bh)_mm512_set1_epi32(int(w[i]));
+    for (int k = 0; k < NC; ++k) {
+      const __m512i a = _mm512_loadu_si512(xa + 32 * k), b = _mm512_loadu_si512(xb + 32 * k);
+      acc[2 * k] = _mm512_dpbf16_ps(acc[2 * k], (__m512bh)_mm512_unpacklo_epi16(a, b), wv);
+      acc[2 * k + 1] = _mm512_dpbf16_ps(acc[2 * k + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), wv);
+    }
+  }
+  for (int k = 0; k < 2 * NC; ++k) _mm512_storeu_ps(o + 16 * k, acc[k]);
+}
+
+// Four horizontal sums at once, added to out[0..3]: pairs folded before the in-register reduction.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void hsum4_add(__m512 a, __m512 b, __m512 c,
+                                                                                      __m512 d, float* out) {
+  // 16 -> 8 lanes each, two vectors per register
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // 8 -> 4: a, b, c, d each in one 128-bit lane
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  // 4 -> 1 inside each 128-bit lane
+  __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  out[0] += t[0];
+  out[1] += t[4];
+  out[2] += t[8];
+  out[3] += t[12];
+}
+
+// acc[i] += dot(a, X_i) over T = NC * 32 bf16 pairs of batch columns (vdpbf16ps, two chains),
+// X_i = bt + cl[i] * T; four nonzeros reduced together, the rest one by one.  Fixed order.
+template <int NC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void sddmm_dp_row(
+    const uint16_t* __restrict a, const int32_t* __restrict cl, int64_t n, const uint16_t* __restrict bt,
+    float* __restrict out) {
+  constexpr int64_t T = NC * 32;
+  __m512bh av[NC];
+  for (int k = 0; k < NC; ++k) av[k] = (__m512bh)_mm512_loadu_si512(a + 32 * k);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    __m512 s[4], u[4];
+    for (int q = 0; q < 4; ++q) {
+      const uint16_t* x = bt + int64_t(cl[i + q]) * T;
+      s[q] = _mm512_setzero_ps();
+      u[q] = _mm512_setzero_ps();
+      for (int k = 0; k + 1 < NC; k += 2) {
+        s[q] = _mm512_dpbf16_ps(s[q], av[k], (__m512bh)_mm512_loadu_si512(x + 32 * k));
+        u[q] = _mm512_dpbf16_ps(u[q], av[k + 1], (__m512bh)_mm512_loadu_si512(x + 32 * k + 32));
+      }
+      if (NC % 2) s[q] = _mm512_dpbf16_ps(s[q], av[NC - 1], (__m512bh)_mm512_loadu_si512(x + 32 * (NC - 1)));
+      s[q] = _mm512_add_ps(s[q], u[q]);
+    }
+    hsum4_add(s[0], s[1], s[2], s[3], out + i);
+  }
+  for (; i < n; ++i) {
+    const uint16_t* x = bt + int64_t(cl[i]) * T;
+    __m512 s = _mm512_setzero_ps();
+    for (int k = 0; k < NC; ++k) s = _mm512_dpbf16_ps(s, av[k], (__m512bh)_mm512_loadu_si512(x + 32 * k));
+    out[i] += _mm512_reduce_add_ps(s);
+  }
+}
+
 }  // namespace
+
+void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pbase, const uint32_t* pk, int64_t r0,
+                       int64_t r1, int64_t T, const uint16_t* bt, float* ot) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t* cl = idx + ptr[r];
+    const int64_t n = ptr[r + 1] - ptr[r];
+    float* o = ot + (r - r0) * T;
+    if (T == 128)
+      csr_dp_row<4>(cl, n, pk + pbase[r], bt, o);
+    else
+      csr_dp_row<2>(cl, n, pk + pbase[r], bt, o);
+  }
+}
+
+void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, int64_t r0,
+                   int64_t r1, int64_t T, const uint16_t* at, const uint16_t* bt, float* acc, const int64_t* base,
+                   std::vector<int32_t>& cols) {
+  const bool unstructured = bo == 1 && bk == 1;
+  int64_t cur = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t* cl;
+    int64_t nc;
+    if (unstructured) {
+      cl = idx + ptr[r];
+      nc = ptr[r + 1] - ptr[r];
+    } else {
+      const int64_t rb = r / bo;
+      if (rb != cur) {
+        cols.clear();
+        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+          for (int64_t c = c0; c < c1; ++c) cols.push_back(int32_t(c));
+        }
+        cur = rb;
+      }
+      cl = cols.data();
+      nc = int64_t(cols.size());
+    }
+    if (nc == 0) continue;
+    const uint16_t* a = at + (r - r0) * T;
+    float* out = acc + base[r];
+    if (T == 256)
+      sddmm_dp_row<8>(a, cl, nc, bt, out);
+    else if (T == 128)
+      sddmm_dp_row<4>(a, cl, nc, bt, out);
+    else
+      sddmm_dp_row<2>(a, cl, nc, bt, out);
+  }
+}
 
 void bf16_panel_bsr_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols,
                        const uint32_t* pk, const int64_t* base, int64_t r0, int64_t r1, const uint32_t* bt, float* ot,
@@ -194,6 +346,10 @@ void bf16_panel_bsr_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64
 #else
 void bf16_panel_bsr_dp(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const uint32_t*, const int64_t*,
                        int64_t, int64_t, const uint32_t*, float*, std::vector<int32_t>&) {}
+void bf16_panel_csr_dp(const int32_t*, const int32_t*, const int64_t*, const uint32_t*, int64_t, int64_t, int64_t,
+                       const uint16_t*, float*) {}
+void bf16_sddmm_dp(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   const uint16_t*, const uint16_t*, float*, const int64_t*, std::vector<int32_t>&) {}
 #endif
 
 }  // namespace sparsekern

@@ -362,10 +362,14 @@ struct SparseA {
                         // block: values per block row, column by column (see panel_bsr)
   std::vector<int64_t> bbase;  // block: first expanded column (pair, if dp) of each block row
   bool dp = false;  // bf16 block with even bk on vdpbf16ps: pair tiles, packed holds bf16 pairs
+  bool udp = false;  // bf16 unstructured on vdpbf16ps: lane tiles, packed holds the rows' nonzero pairs
+  int64_t udp_width = 0;  // its tile width (64 or 128)
+  std::vector<int64_t> pbase;  // udp: first pair of each row
 
   bool unstructured() const { return bo == 1 && bk == 1; }
   int64_t width(const Kernels<S>& k) const {
     if (dp) return kBf16PanelWidth;
+    if (udp) return udp_width;
     return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width;
   }
 
@@ -381,6 +385,15 @@ struct SparseA {
       }
       pack_blocks();
       return;
+    }
+    if constexpr (std::is_same_v<W, bf16>) {
+      if (bf16_path() == Bf16Path::DPBF16) {
+        udp = true;
+        // the wider tile where the batch fills it and its bf16 tile fits in about half of L2
+        udp_width = q > 64 && C * 128 * 2 <= (int64_t(1) << 20) ? 128 : 64;
+        pack_row_pairs();
+        return;
+      }
     }
     nv = pick_width<S>(k, {2, 4, 8}, C, q);
     // rows of the weight with one tile: read in place (one pass over the weight either way)
@@ -466,13 +479,40 @@ struct SparseA {
                      });
   }
 
+  // For the unstructured vdpbf16ps panel (bf16_panel_csr_dp): each row's nonzeros in pairs of
+  // consecutive entries, as bf16 pairs in one word (a last odd entry pairs with zero).
+  void pack_row_pairs() {
+    pbase.assign(R + 1, 0);
+    for (int64_t r = 0; r < R; ++r) pbase[r + 1] = pbase[r] + (int64_t(ptr[r + 1] - ptr[r]) + 1) / 2;
+    static_assert(sizeof(S) == sizeof(uint32_t));
+    packed = Buf<S>(pbase[R], kMainC).get();
+    uint32_t* pk = reinterpret_cast<uint32_t*>(packed);
+    at::parallel_for(0, R, pbase[R] < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
+      if constexpr (std::is_same_v<W, bf16>) {
+        for (int64_t r = b; r < e; ++r) {
+          const W* ar = a + r * ars;
+          uint32_t* out = pk + pbase[r];
+          const int64_t j1 = ptr[r + 1];
+          for (int64_t j = ptr[r]; j < j1; j += 2) {
+            const uint32_t lo = ar[int64_t(idx[j]) * acs].bits;
+            const uint32_t hi = j + 1 < j1 ? ar[int64_t(idx[j + 1]) * acs].bits : 0u;
+            *out++ = lo | hi << 16;
+          }
+        }
+      }
+    });
+  }
+
   // ot[(r - r0) * T + t] = sum_c A[r, c] * bt[c * T + t] for r0 <= r < r1 (T = width()); with dp,
-  // bt is a pair tile (bf16_pair_tile).
+  // bt is a pair tile (bf16_pair_tile), with udp a lane tile (bf16_lane_tile).
   void rows(const Kernels<S>& k, int64_t r0, int64_t r1, const S* bt, S* ot, std::vector<int32_t>& cols) const {
     if constexpr (std::is_same_v<S, float>) {
       if (dp)
         return bf16_panel_bsr_dp(ptr, idx, bo, bk, C, reinterpret_cast<const uint32_t*>(packed), bbase.data(), r0, r1,
                                  reinterpret_cast<const uint32_t*>(bt), ot, cols);
+      if (udp)
+        return bf16_panel_csr_dp(ptr, idx, pbase.data(), reinterpret_cast<const uint32_t*>(packed), r0, r1, udp_width,
+                                 reinterpret_cast<const uint16_t*>(bt), ot);
     }
     if (unstructured()) {
       if constexpr (std::is_same_v<S, W>)

@@ -151,4 +151,20 @@ void bf16_panel_bsr_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64
                        const uint32_t* pk, const int64_t* base, int64_t r0, int64_t r1, const uint32_t* bt, float* ot,
                        std::vector<int32_t>& pairs);
 
+// Lane tile of bf16 rows for the unstructured vdpbf16ps kernels (T a multiple of 32): the bits of
+// src[t, c] at dst[c * T + lane_pos(t)] for t < nt (zero up to T), lane_pos a fixed permutation
+// inside each 32 columns (bf16_dot.cpp) that the panels' word interleave undoes.
+void bf16_lane_tile(const bf16* src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, uint16_t* dst);
+// Unstructured panel on a lane tile (T = 64 or 128): ot[(r - r0) * T + t] = sum over row r's
+// nonzeros of A[r, c] . tile[c, t], the nonzeros in pairs: pk[pbase[r] + i] holds the bf16 pair
+// (A[r, idx[ptr[r] + 2i]], A[r, idx[ptr[r] + 2i + 1]]) (high half zero past the row's end).
+void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pbase, const uint32_t* pk, int64_t r0,
+                       int64_t r1, int64_t T, const uint16_t* bt, float* ot);
+// sddmm_tile on lane tiles (T = 64, 128 or 256): acc[base[r] + i] += dot(at row r - r0, bt row c_i)
+// for the i-th column c_i of row r (block rows expanded), summed by vdpbf16ps over pairs of batch
+// columns (both tiles in the same lane order).
+void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, int64_t r0,
+                   int64_t r1, int64_t T, const uint16_t* at, const uint16_t* bt, float* acc, const int64_t* base,
+                   std::vector<int32_t>& cols);
+
 }  // namespace sparsekern

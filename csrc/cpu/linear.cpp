@@ -30,6 +30,8 @@ void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* 
         if constexpr (std::is_same_v<W, bf16>) {
           if (A.dp)
             bf16_pair_tile(b + n0 * C, C, nt, C, T, reinterpret_cast<uint32_t*>(bt.get()));
+          else if (A.udp)
+            bf16_lane_tile(b + n0 * C, C, nt, C, T, reinterpret_cast<uint16_t*>(bt.get()));
           else
             tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
         } else {
@@ -200,6 +202,47 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   return dx;
 }
 
+// The bf16 weight gradient on vdpbf16ps: transposed bf16 tiles of T batch columns (no widening),
+// dotted in pairs of batch columns, accumulated in float in pattern order, rounded once on store.
+// Writes dw (dense [M, K], zeros outside the pattern; allocated by the caller) or, with `compact`,
+// allocates and writes vals (the values on the pattern).
+void bf16_dw_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t N, int64_t M, int64_t K,
+                const bf16* dy, const bf16* x, bool compact, Tensor& dw, Tensor& vals) {
+  // the widest tile the batch fills whose x tile stays in about half of L2
+  int64_t T = 64;
+  while (T < 256 && T < N && K * (2 * T) * 2 <= (int64_t(1) << 20)) T *= 2;
+  const int64_t ntiles = cdiv(N, T);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
+  const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
+  const PackedRows packed(ptr, idx, M, bo, bk, K);
+  Buf<float> acc(packed.size(), kMainA);
+  std::fill(acc.get(), acc.get() + packed.size(), 0.0f);
+  at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+    Buf<uint16_t> bt(K * T, kTile), at_(kRowBlock * T, kPanel);
+    std::vector<int32_t> cols;
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+      if (r0 >= r1 || ptr[r0 / bo] == ptr[cdiv(r1, bo)]) continue;
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t n0 = tile * T, nt = std::min(T, N - n0);
+        bf16_lane_tile(x + n0 * K, K, nt, K, T, bt.get());
+        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+          const int64_t re = std::min(r1, rr + kRowBlock);
+          bf16_lane_tile(dy + n0 * M + rr, M, nt, re - rr, T, at_.get());
+          bf16_sddmm_dp(ptr, idx, bo, bk, K, rr, re, T, at_.get(), bt.get(), acc.get(), packed.base.data(), cols);
+        }
+      }
+    }
+  });
+  if (!compact) {
+    packed.scatter(ptr, idx, bo, bk, K, acc.get(), data_of<bf16>(dw));
+  } else {
+    vals = at::empty({packed.size()}, dw.defined() ? dw.options() : at::TensorOptions().dtype(at::kBFloat16));
+    bf16* o = data_of<bf16>(vals);
+    for (int64_t j = 0; j < packed.size(); ++j) store(o[j], acc[j]);
+  }
+}
+
 // dW on the pattern: dense [M, K] (zeros outside it), or with `compact` only the values on it,
 // [nnz], in row-major order of the pattern's positions (the order of PackedRows).
 Tensor linear_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, const Tensor& col, at::IntArrayRef block,
@@ -296,6 +339,12 @@ Tensor linear_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
         packed.gather(ptr, idx, bo, bk, K, out, vals.data_ptr<S>());
       }
       return;
+    }
+    if constexpr (!plain) {
+      if (bf16_path() == Bf16Path::DPBF16) {
+        bf16_dw_dp(ptr, idx, bo, bk, N, M, K, data_of<W>(dy), data_of<W>(x), compact, dw, vals);
+        return;
+      }
     }
     const int nv = pick_width<S>(k, {4, 8, 16}, K, N);
     const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);

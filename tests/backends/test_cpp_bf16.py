@@ -85,7 +85,11 @@ CASES = [
     (96, 33, 130, 32, 32, 0.5),  # odd K inside one clipped block column
     (128, 128, 5, 64, 64, 0.5),
     (40, 48, 17, 8, 2, 0.4),
-    (31, 45, 9, 1, 1, 0.3),  # unstructured: the widening panels on every path
+    (31, 45, 9, 1, 1, 0.3),  # unstructured: rows of odd and even counts, one partial lane tile
+    (70, 300, 150, 1, 1, 0.1),  # unstructured: 64-wide lane tiles (x 3), the 256-wide dW tile
+    (40, 257, 200, 1, 1, 0.5),  # unstructured: 128-wide lane tiles, a partial second tile
+    (33, 64, 70, 1, 1, 1.0),  # unstructured at density 1
+    (33, 64, 70, 1, 1, 0.0),  # unstructured, empty
     (24, 45, 9, 4, 3, 0.5),  # odd bk: also widened
     (48, 64, 20, 16, 16, 0.0),
     (48, 64, 20, 16, 16, 1.0),
@@ -100,7 +104,9 @@ def test_linear_bf16_matches_fp32_reference(path, case):
         torch.testing.assert_close(g.float(), r, **TOL, msg=lambda m, name=name: f"{name} on {path}: {m}")
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["block16", "block64", "unstructured"])
+@pytest.mark.parametrize(
+    "case", [CASES[1], CASES[3], CASES[5], CASES[7]], ids=["block16", "block64", "unstr", "unstr128"]
+)
 def test_bf16_paths_deterministic_across_threads(path, case):
     before = torch.get_num_threads()
     try:
@@ -115,11 +121,11 @@ def test_bf16_paths_deterministic_across_threads(path, case):
         assert torch.equal(a, b) and torch.equal(b, c)
 
 
-def test_unstructured_and_odd_blocks_take_the_widening_panels():
-    """Only block patterns with an even bk run on vdpbf16ps; the others are bit-identical on both paths."""
+def test_odd_blocks_take_the_widening_panels():
+    """Block patterns with an odd bk run on the widening panels on both paths (bit-identical)."""
     before = cppmod.cpu_bf16()
     try:
-        for case in (CASES[5], CASES[6]):
+        for case in [c for c in CASES if c[3] > 1 and c[4] % 2 == 1]:
             runs = []
             for p in [p for p in PATHS if _offered(p)]:
                 cppmod.cpu_bf16(p)
@@ -141,6 +147,28 @@ def test_the_forced_path_is_the_one_that_runs(path):
         assert torch.all(y == 0)
     else:
         torch.testing.assert_close(y, torch.full_like(y, 16 * x[0, 0].item()), atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["unstructured", "block"])
+def test_every_pass_runs_on_the_forced_path(path, layout):
+    """The same subnormal check for all three passes, unstructured and block: the input gradient
+    and the weight gradient run on the path the report names too."""
+    b = 1 if layout == "unstructured" else 16
+    M = K = N = 16
+    grid = torch.ones(M // b, K // b, dtype=torch.bool)
+    (crow, col), (ccol, row) = _grid_csr(grid)
+    tiny = torch.full((N, K), 1e-39, dtype=BF16)  # bf16 subnormals
+    one_w, one_dy = torch.ones(M, K, dtype=BF16), torch.ones(N, M, dtype=BF16)
+    outs = (
+        ops.linear_fwd(tiny, one_w, None, crow, col, [b, b], None, None, 0),
+        ops.linear_dx(one_dy, tiny, ccol, row, [b, b], None, None, 0),  # the weight subnormal
+        ops.linear_dw(one_dy, tiny, crow, col, [b, b], None, None, 0),
+    )
+    for name, y in zip(("y", "dx", "dw"), outs):
+        if path == "avx512_bf16":
+            assert torch.all(y.float() == 0), name
+        else:
+            assert torch.all(y.float() > 0), name
 
 
 def test_report_and_default_path():
