@@ -274,7 +274,90 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void sddm
   }
 }
 
+// Direct conv2d rows on bf16 planes: pair i of a row multiplies the views at offsets off[2i] and
+// off[2i + 1] (any alignment) by the weight pair w[i].  The interleave leaves the positions of
+// each 32 in lane order (lane_pos); the stores put them back in order.
+template <int NC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void direct_dp_row(
+    const int64_t* __restrict off, int64_t np, const uint32_t* __restrict w, const uint16_t* __restrict x,
+    float* __restrict o) {
+  __m512 acc[2 * NC];
+  for (int k = 0; k < 2 * NC; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < np; ++i) {
+    const uint16_t* xa = x + off[2 * i];
+    const uint16_t* xb = x + off[2 * i + 1];
+    const __m512bh wv = (__m512bh)_mm512_set1_epi32(int(w[i]));
+    for (int k = 0; k < NC; ++k) {
+      const __m512i a = _mm512_loadu_si512(xa + 32 * k), b = _mm512_loadu_si512(xb + 32 * k);
+      acc[2 * k] = _mm512_dpbf16_ps(acc[2 * k], (__m512bh)_mm512_unpacklo_epi16(a, b), wv);
+      acc[2 * k + 1] = _mm512_dpbf16_ps(acc[2 * k + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), wv);
+    }
+  }
+  // lo holds positions 0-3, 8-11, 16-19, 24-27 of its 32 (one group of 4 per 128-bit lane), hi the others
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < NC; ++k) {
+    _mm512_storeu_ps(o + 32 * k, _mm512_permutex2var_ps(acc[2 * k], first, acc[2 * k + 1]));
+    _mm512_storeu_ps(o + 32 * k + 16, _mm512_permutex2var_ps(acc[2 * k], second, acc[2 * k + 1]));
+  }
+}
+
+// acc[i] += dot(a, X_i) over T = NC * 32 positions, X_i = x + off[i] (any alignment); as
+// sddmm_dp_row.
+template <int NC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void direct_sddmm_dp_row(
+    const uint16_t* __restrict a, const int64_t* __restrict off, int64_t n, const uint16_t* __restrict x,
+    float* __restrict out) {
+  __m512bh av[NC];
+  for (int k = 0; k < NC; ++k) av[k] = (__m512bh)_mm512_loadu_si512(a + 32 * k);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    __m512 s[4], u[4];
+    for (int q = 0; q < 4; ++q) {
+      const uint16_t* xv = x + off[i + q];
+      s[q] = _mm512_setzero_ps();
+      u[q] = _mm512_setzero_ps();
+      for (int k = 0; k + 1 < NC; k += 2) {
+        s[q] = _mm512_dpbf16_ps(s[q], av[k], (__m512bh)_mm512_loadu_si512(xv + 32 * k));
+        u[q] = _mm512_dpbf16_ps(u[q], av[k + 1], (__m512bh)_mm512_loadu_si512(xv + 32 * k + 32));
+      }
+      s[q] = _mm512_add_ps(s[q], u[q]);
+    }
+    hsum4_add(s[0], s[1], s[2], s[3], out + i);
+  }
+  for (; i < n; ++i) {
+    const uint16_t* xv = x + off[i];
+    __m512 s = _mm512_setzero_ps();
+    for (int k = 0; k < NC; ++k) s = _mm512_dpbf16_ps(s, av[k], (__m512bh)_mm512_loadu_si512(xv + 32 * k));
+    out[i] += _mm512_reduce_add_ps(s);
+  }
+}
+
 }  // namespace
+
+void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,
+                    const uint16_t* x, float* ot) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p0 = pptr[r], np = pptr[r + 1] - p0;
+    float* o = ot + (r - r0) * T;
+    if (T == 128)
+      direct_dp_row<4>(off + 2 * p0, np, w + p0, x, o);
+    else
+      direct_dp_row<2>(off + 2 * p0, np, w + p0, x, o);
+  }
+}
+
+void bf16_direct_sddmm_dp(const int64_t* ptr, const int64_t* off, int64_t r0, int64_t r1, int64_t T,
+                          const uint16_t* a, int64_t lda, const uint16_t* x, float* acc) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = ptr[r], n = ptr[r + 1] - b;
+    if (n == 0) continue;
+    if (T == 128)
+      direct_sddmm_dp_row<4>(a + r * lda, off + b, n, x, acc + b);
+    else
+      direct_sddmm_dp_row<2>(a + r * lda, off + b, n, x, acc + b);
+  }
+}
 
 void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pbase, const uint32_t* pk, int64_t r0,
                        int64_t r1, int64_t T, const uint16_t* bt, float* ot) {
@@ -350,6 +433,10 @@ void bf16_panel_csr_dp(const int32_t*, const int32_t*, const int64_t*, const uin
                        const uint16_t*, float*) {}
 void bf16_sddmm_dp(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                    const uint16_t*, const uint16_t*, float*, const int64_t*, std::vector<int32_t>&) {}
+void bf16_direct_dp(const int64_t*, const int64_t*, const uint32_t*, int64_t, int64_t, int64_t, const uint16_t*,
+                    float*) {}
+void bf16_direct_sddmm_dp(const int64_t*, const int64_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
+                          const uint16_t*, float*) {}
 #endif
 
 }  // namespace sparsekern

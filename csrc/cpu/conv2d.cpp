@@ -84,18 +84,18 @@ void build_planes(const S* x, const DirectGeom& d, int64_t CS, S* xq) {
         S* dst = plane + n * d.HW + yq * d.Wq;
         const int64_t u = a + g.sh * yq - g.ph;
         if (u < 0 || u >= g.H) {
-          std::fill(dst, dst + d.Wq, S(0));
+          std::fill(dst, dst + d.Wq, S{});
           continue;
         }
         const S* src = xc + u * g.W + b - g.pw;
-        std::fill(dst, dst + lo, S(0));
+        std::fill(dst, dst + lo, S{});
         if (g.sw == 1)
           std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(S));
         else
           for (int64_t q = lo; q < hi; ++q) dst[q] = src[q * g.sw];
-        std::fill(dst + hi, dst + d.Wq, S(0));
+        std::fill(dst + hi, dst + d.Wq, S{});
       }
-      if (n == g.N - 1) std::fill(plane + d.G, plane + CS, S(0));
+      if (n == g.N - 1) std::fill(plane + d.G, plane + CS, S{});
     }
   });
 }
@@ -110,19 +110,19 @@ void build_dy_grid(const S* dy, const DirectGeom& d, int64_t M, int64_t DS, S* d
     for (int64_t task = b_; task < e_; ++task) {
       const int64_t o = task / g.N, n = task % g.N;
       S* row = dyg + o * DS;
-      if (n == 0) std::fill(row, row + M, S(0));
+      if (n == 0) std::fill(row, row + M, S{});
       S* dst = row + M + n * d.HW;
       const S* src = dy + (n * g.O + o) * P;
       for (int64_t y = 0; y < d.Hq; ++y) {
         S* dr = dst + y * d.Wq;
         if (y >= g.Ho) {
-          std::fill(dr, dr + d.Wq, S(0));
+          std::fill(dr, dr + d.Wq, S{});
           continue;
         }
         std::memcpy(dr, src + y * g.Wo, g.Wo * sizeof(S));
-        std::fill(dr + g.Wo, dr + d.Wq, S(0));
+        std::fill(dr + g.Wo, dr + d.Wq, S{});
       }
-      if (n == g.N - 1) std::fill(row + M + d.G, row + DS, S(0));
+      if (n == g.N - 1) std::fill(row + M + d.G, row + DS, S{});
     }
   });
 }
@@ -391,6 +391,184 @@ void direct_dw(const ConvGeom& g, const S* dyp, const S* xp, const int32_t* ptr,
   packed.scatter(ptr, idx, bo, bk, Kc, acc, dwp);
 }
 
+// ---------------------------------------------------------------------------------------------
+// direct conv2d in bf16 on vdpbf16ps (bf16_dot.cpp): the planes and the output-gradient grid stay
+// bf16 (half the bytes of the float path), each panel instruction adds two nonzeros' products,
+// the weight gradient dots pairs of positions; float accumulation, one rounding on store.
+// ---------------------------------------------------------------------------------------------
+
+// Tile width of the bf16 direct kernels: 128 where the window of `rows` planes still fits in about
+// half of L2 and at least eight tiles remain, else 64.  From the shapes only.
+int64_t direct_width_bf16(int64_t rows, const DirectGeom& d) {
+  constexpr int64_t kWindowBytes = int64_t(1) << 20;
+  if (rows * (128 + d.maxoff) * 2 <= kWindowBytes && cdiv(d.G, 128) >= 8) return 128;
+  return 64;
+}
+
+// Each row's entries [eptr[r], eptr[r + 1]) (offsets off, weights val) as pairs of consecutive
+// entries: pptr (pairs per row, prefix sums), off2 (two offsets per pair) and w2 (the bf16 pair);
+// a row's odd last entry pairs with itself at weight zero.
+struct DirectPairs {
+  std::vector<int64_t> pptr;
+  int64_t* off2;
+  uint32_t* w2;
+  DirectPairs(const std::vector<int64_t>& eptr, const int64_t* off, const bf16* val) {
+    const int64_t R = int64_t(eptr.size()) - 1;
+    pptr.assign(R + 1, 0);
+    for (int64_t r = 0; r < R; ++r) pptr[r + 1] = pptr[r] + (eptr[r + 1] - eptr[r] + 1) / 2;
+    off2 = Buf<int64_t>(2 * pptr[R], kStrip).get();
+    w2 = Buf<uint32_t>(pptr[R], kMainC).get();
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t p = pptr[r];
+      for (int64_t e = eptr[r]; e < eptr[r + 1]; e += 2, ++p) {
+        const bool two = e + 1 < eptr[r + 1];
+        off2[2 * p] = off[e];
+        off2[2 * p + 1] = two ? off[e + 1] : off[e];
+        w2[p] = uint32_t(val[e].bits) | (two ? uint32_t(val[e + 1].bits) << 16 : 0u);
+      }
+    }
+  }
+};
+
+void direct_fwd_bf16(const ConvGeom& g, const bf16* xp, const bf16* wp, const float* bp, const int32_t* ptr,
+                     const int32_t* idx, int64_t bo, int64_t bk, bf16* yp) {
+  const DirectGeom d(g);
+  const int64_t taps = g.kh * g.kw, Kc = g.C * taps, P = g.Ho * g.Wo;
+  const int64_t T = direct_width_bf16(d.phases * g.C, d), ntiles = cdiv(d.G, T);
+  const int64_t CS = round_up(ntiles * T + d.maxoff, 32);
+  bf16* xq = Buf<bf16>(d.phases * g.C * CS, kDirX).get();
+  build_planes(xp, d, CS, xq);
+  const std::vector<int64_t> eptr = expanded_ptr(ptr, idx, g.O, bo, bk, Kc);
+  const int64_t nnz = eptr[g.O];
+  bf16* val = Buf<bf16>(nnz, kDirV).get();
+  int64_t* off = Buf<int64_t>(nnz, kDirO).get();
+  for_expanded(ptr, idx, g.O, bo, bk, Kc, eptr, [&](int64_t r, int64_t kk, int64_t e) {
+    const int64_t c = kk / taps, tap = kk % taps, i = tap / g.kw, j = tap % g.kw;
+    off[e] = (d.phase(i, j) * g.C + c) * CS + d.shift(i, j);
+    val[e] = wp[r * Kc + kk];
+  });
+  const DirectPairs pairs(eptr, off, val);
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xq);
+  const int64_t rch = row_chunks(ntiles, g.O), chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<float> ot(kRowBlock * T, kPanel);
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
+      const int64_t q0 = tile * T, nt = std::min(T, d.G - q0);
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        bf16_direct_dp(pairs.pptr.data(), pairs.off2, pairs.w2, rr, re, T, xb + q0, ot.get());
+        grid_runs(d, q0, nt, [&](int64_t n, int64_t y, int64_t x0, int64_t t, int64_t len) {
+          if (y >= g.Ho || x0 >= g.Wo) return;
+          const int64_t m = std::min(len, g.Wo - x0);
+          for (int64_t o = rr; o < re; ++o) {
+            const float* s = ot.get() + (o - rr) * T + t;
+            bf16* dst = yp + (n * g.O + o) * P + y * g.Wo + x0;
+            const float b = bp ? bp[o] : 0.0f;
+            for (int64_t q = 0; q < m; ++q) store(dst[q], s[q] + b);
+          }
+        });
+      }
+    }
+  });
+}
+
+// direct_dx in bf16 (the same rows, offsets and write-back).
+void direct_dx_bf16(const ConvGeom& g, const bf16* dyp, const bf16* wp, const int32_t* ccol, const int32_t* row,
+                    int64_t bo, int64_t bk, bf16* dxp) {
+  const DirectGeom d(g);
+  const int64_t taps = g.kh * g.kw, Kc = g.C * taps, R = d.phases * g.C;
+  const int64_t T = direct_width_bf16(g.O, d), ntiles = cdiv(d.G, T);
+  const int64_t M = round_up(d.maxoff, 32), DS = M + ntiles * T;
+  bf16* dyg = Buf<bf16>(g.O * DS, kDirY).get();
+  build_dy_grid(dyp, d, M, DS, dyg);
+  const std::vector<int64_t> kptr = expanded_ptr(ccol, row, Kc, bk, bo, g.O);
+  std::vector<int64_t> eptr(R + 1, 0), tap_start(Kc);
+  {
+    std::vector<int64_t> count(R, 0);
+    for (int64_t kk = 0; kk < Kc; ++kk) {
+      const int64_t c = kk / taps, tap = kk % taps;
+      count[c * d.phases + d.phase(tap / g.kw, tap % g.kw)] += kptr[kk + 1] - kptr[kk];
+    }
+    for (int64_t r = 0; r < R; ++r) eptr[r + 1] = eptr[r] + count[r];
+    std::vector<int64_t> fill(eptr.begin(), eptr.end() - 1);
+    for (int64_t kk = 0; kk < Kc; ++kk) {
+      const int64_t c = kk / taps, tap = kk % taps, pr = c * d.phases + d.phase(tap / g.kw, tap % g.kw);
+      tap_start[kk] = fill[pr];
+      fill[pr] += kptr[kk + 1] - kptr[kk];
+    }
+  }
+  const int64_t nnz = eptr[R];
+  bf16* val = Buf<bf16>(nnz, kDirV).get();
+  int64_t* off = Buf<int64_t>(nnz, kDirO).get();
+  for_expanded(ccol, row, Kc, bk, bo, g.O, kptr, [&](int64_t kk, int64_t o, int64_t e) {
+    const int64_t tap = kk % taps, pos = tap_start[kk] + (e - kptr[kk]);
+    off[pos] = o * DS + M - d.shift(tap / g.kw, tap % g.kw);
+    val[pos] = wp[o * Kc + kk];
+  });
+  const DirectPairs pairs(eptr, off, val);
+  const uint16_t* db = reinterpret_cast<const uint16_t*>(dyg);
+  const int64_t rch = row_chunks(ntiles, R), chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<float> ot(kRowBlock * T, kPanel);
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
+      const int64_t q0 = tile * T, nt = std::min(T, d.G - q0);
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        bf16_direct_dp(pairs.pptr.data(), pairs.off2, pairs.w2, rr, re, T, db + q0, ot.get());
+        grid_runs(d, q0, nt, [&](int64_t n, int64_t yq, int64_t x0, int64_t t, int64_t len) {
+          for (int64_t pr = rr; pr < re; ++pr) {
+            const int64_t c = pr / d.phases, ph = pr % d.phases, a = ph / g.sw, b = ph % g.sw;
+            const int64_t u = a + g.sh * yq - g.ph;
+            if (u < 0 || u >= g.H) continue;
+            const int64_t lo = std::max(x0, cdiv(std::max<int64_t>(0, g.pw - b), g.sw));
+            const int64_t hi = std::min(x0 + len, cdiv(g.W + g.pw - b, g.sw));
+            if (lo >= hi) continue;
+            const float* s = ot.get() + (pr - rr) * T + t - x0;
+            bf16* dr = dxp + ((n * g.C + c) * g.H + u) * g.W + b - g.pw;
+            for (int64_t q = lo; q < hi; ++q) store(dr[q * g.sw], s[q]);
+          }
+        });
+      }
+    }
+  });
+}
+
+// direct_dw in bf16: float accumulators in pattern order (summed over the batch chunks), stored
+// rounded into the dense dW (zeros outside the pattern) or, with `compact`, into vals.
+void direct_dw_bf16(const ConvGeom& g, const bf16* dyp, const bf16* xp, const int32_t* ptr, const int32_t* idx,
+                    int64_t bo, int64_t bk, bf16* dwp, bf16* vals) {
+  const DirectGeom d(g);
+  const int64_t taps = g.kh * g.kw, Kc = g.C * taps;
+  const int64_t T = direct_width_bf16(d.phases * g.C, d), ntiles = cdiv(d.G, T);
+  const int64_t CS = round_up(ntiles * T + d.maxoff, 32), DS = ntiles * T;
+  bf16* xq = Buf<bf16>(d.phases * g.C * CS, kDirX).get();
+  build_planes(xp, d, CS, xq);
+  bf16* dyg = Buf<bf16>(g.O * DS, kDirY).get();
+  build_dy_grid(dyp, d, 0, DS, dyg);
+  const PackedRows packed(ptr, idx, g.O, bo, bk, Kc);
+  const int64_t nnz = packed.size();
+  int64_t* off = Buf<int64_t>(nnz, kDirO).get();
+  for_expanded(ptr, idx, g.O, bo, bk, Kc, packed.base, [&](int64_t, int64_t kk, int64_t e) {
+    const int64_t c = kk / taps, tap = kk % taps, i = tap / g.kw, j = tap % g.kw;
+    off[e] = (d.phase(i, j) * g.C + c) * CS + d.shift(i, j);
+  });
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xq);
+  const uint16_t* db = reinterpret_cast<const uint16_t*>(dyg);
+  const float* acc = sum_tile_chunks<float>(ntiles, nnz, [&](float* part, int64_t t0, int64_t t1) {
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t q0 = tile * T;
+      bf16_direct_sddmm_dp(packed.base.data(), off, 0, g.O, T, db + q0, DS, xb + q0, part);
+    }
+  });
+  if (vals) {
+    for (int64_t j = 0; j < nnz; ++j) store(vals[j], acc[j]);
+  } else {
+    packed.scatter(ptr, idx, bo, bk, Kc, acc, dwp);
+  }
+}
+
 // Implicit GEMM on a zero-padded copy of the planes: with the padding done once per call, the
 // tile copies (im2col_tile / col2im_tile) run straight rows with no per-row range checks, which on
 // small planes (8x8, 4x4) cost several times the products.  padded(g) is the geometry of the copy.
@@ -491,9 +669,6 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   check_float(x_, "x", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", x_, "x");
-  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
-    return conv2d_fwd(widen_bf16(x_), widen_bf16(weight_), widen_bf16(bias_), crow, col, block, stride, padding,
-                      dilation).to(at::kBFloat16);
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_.size(1) == x_.size(1), "weight: expected ", x_.size(1),
               " input channels (groups=1; x has that many), got shape ", weight_.sizes());
@@ -501,10 +676,23 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo;
   const Tensor bias = check_bias(bias_, weight_, g.O);
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
+  const bool direct = use_direct(ConvOp::kFwd, g, col.numel() * bo * bk, bo, bk);
+  if (x_.scalar_type() == at::kBFloat16) {
+    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+      return conv2d_fwd(widen_bf16(x_), widen_bf16(weight_), widen_bf16(bias_), crow, col, block, stride, padding,
+                        dilation)
+          .to(at::kBFloat16);
+    Tensor x = x_.contiguous(), w = weight_.contiguous();
+    Tensor y = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
+    if (g.N == 0 || g.O == 0) return y;
+    std::vector<float> btmp;
+    direct_fwd_bf16(g, data_of<bf16>(x), data_of<bf16>(w), bias_values<float, bf16>(bias, btmp),
+                    crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, data_of<bf16>(y));
+    return y;
+  }
   Tensor x = x_.contiguous(), w = weight_.contiguous();
   Tensor y = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
   if (g.N == 0 || g.O == 0) return y;
-  const bool direct = use_direct(ConvOp::kFwd, g, col.numel() * bo * bk, bo, bk);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern::conv2d_fwd", [&] {
     using S = scalar_t;
     if (direct) {
@@ -555,8 +743,6 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   check_float(dy_, "dy", 4);
   check_float(weight_, "weight", 4);
   check_same_dtype(weight_, "weight", dy_, "dy");
-  if (dy_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
-    return conv2d_dx(widen_bf16(dy_), widen_bf16(weight_), ccol, row, block, input_size, stride, padding, dilation).to(at::kBFloat16);
   check_size_arg(input_size, "input_size");
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_.size(1) == input_size[1], "weight: expected ", input_size[1],
@@ -568,6 +754,16 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   Tensor dy = dy_.contiguous(), w = weight_.contiguous();
   if (g.N == 0 || g.C == 0 || row.numel() == 0) return at::zeros({g.N, g.C, g.H, g.W}, dy.options());
   const bool direct = use_direct(ConvOp::kDx, g, row.numel() * bo * bk, bo, bk);
+  if (dy_.scalar_type() == at::kBFloat16) {
+    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+      return conv2d_dx(widen_bf16(dy_), widen_bf16(weight_), ccol, row, block, input_size, stride, padding, dilation)
+          .to(at::kBFloat16);
+    Tensor dx = g.sh == 1 && g.sw == 1 ? huge_page_hint(at::empty({g.N, g.C, g.H, g.W}, dy.options()))
+                                       : at::zeros({g.N, g.C, g.H, g.W}, dy.options());
+    direct_dx_bf16(g, data_of<bf16>(dy), data_of<bf16>(w), ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bo, bk,
+                   data_of<bf16>(dx));
+    return dx;
+  }
   // the direct path writes every pixel at stride 1 (its grid covers the padded input)
   // so does implicit GEMM on a padded copy (crop_planes)
   const bool pad = !direct && has_padding(g);
@@ -630,10 +826,6 @@ Tensor conv2d_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
   check_float(dy_, "dy", 4);
   check_float(x_, "x", 4);
   check_same_dtype(dy_, "dy", x_, "x");
-  if (x_.scalar_type() == at::kBFloat16)  // widened at the boundary (no bf16 conv tiles yet)
-    return conv2d_dw_impl(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation,
-                          compact)
-        .to(at::kBFloat16);
   check_size_arg(weight_size, "weight_size");
   const auto [bo, bk] = check_block(block);
   TORCH_CHECK(weight_size[1] == x_.size(1), "weight_size: expected ", x_.size(1),
@@ -649,6 +841,18 @@ Tensor conv2d_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
   }
   if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
   const bool direct = use_direct(ConvOp::kDw, g, col.numel() * bo * bk, bo, bk);
+  if (x_.scalar_type() == at::kBFloat16) {
+    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+      return conv2d_dw_impl(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation,
+                            compact)
+          .to(at::kBFloat16);
+    const PackedRows packed(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.O, bo, bk, Kc);
+    Tensor out = compact ? at::empty({packed.size()}, x.options())
+                         : huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));
+    direct_dw_bf16(g, data_of<bf16>(dy), data_of<bf16>(x), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk,
+                   compact ? nullptr : data_of<bf16>(out), compact ? data_of<bf16>(out) : nullptr);
+    return out;
+  }
   // compact: the direct path still writes a dense dW (gathered after), the GEMM path none
   Tensor dw, vals;
   if (!compact || direct) dw = huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));

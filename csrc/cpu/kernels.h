@@ -166,5 +166,13 @@ void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pb
 void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, int64_t r0,
                    int64_t r1, int64_t T, const uint16_t* at, const uint16_t* bt, float* acc, const int64_t* base,
                    std::vector<int32_t>& cols);
+// Direct conv2d panel on bf16 views (T = 64 or 128): ot[(r - r0) * T + t] = sum over the pairs i in
+// [pptr[r], pptr[r + 1]) of the bf16 pair w[i] . (x[off[2i] + t], x[off[2i + 1] + t]).
+void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,
+                    const uint16_t* x, float* ot);
+// Direct conv2d weight-gradient rows (T = 64 or 128): acc[j] += sum_t a[r * lda + t] * x[off[j] + t]
+// for j in [ptr[r], ptr[r + 1]), summed by vdpbf16ps over pairs of positions.
+void bf16_direct_sddmm_dp(const int64_t* ptr, const int64_t* off, int64_t r0, int64_t r1, int64_t T,
+                          const uint16_t* a, int64_t lda, const uint16_t* x, float* acc);
 
 }  // namespace sparsekern

@@ -190,3 +190,95 @@ def test_env_var_sets_the_first_choice(value):
     got, _, feats = out.stdout.strip().partition(" ")
     best = "avx512_bf16" if "avx512_bf16" in feats.split(",") else "widen"
     assert got == (value if value == "widen" else best)
+
+
+def _conv_passes(N, C, co, H, k, stride, pad, bo, bk, density, seed=0):
+    """The three conv2d ops in bf16 and their fp32 references on the same bf16 operands (the
+    weight [C_out, C, k, k] viewed as [C_out, C * k * k] carries the pattern)."""
+    g = torch.Generator().manual_seed(seed)
+    Kc = C * k * k
+    grid = torch.rand(-(-co // bo), -(-Kc // bk), generator=g) < density
+    if grid.shape[0] > 2 and 0 < density < 1:
+        grid[1] = False  # an output channel with no weights
+    mask2 = grid.repeat_interleave(bo, 0).repeat_interleave(bk, 1)[:co, :Kc]
+    mask = mask2.reshape(co, C, k, k)
+    w = (torch.randn(co, C, k, k, generator=g) * mask).to(BF16)
+    x = torch.randn(N, C, H, H, generator=g).to(BF16)
+    b = torch.randn(co, generator=g).to(BF16)
+    (crow, col), (ccol, row) = _grid_csr(grid)
+    yref = torch.nn.functional.conv2d(x.float(), w.float(), b.float(), stride, pad)
+    dy = torch.randn(yref.shape, generator=g).to(BF16)
+    blk, st, pd, dl = [bo, bk], [stride, stride], [pad, pad], [1, 1]
+    y = ops.conv2d_fwd(x, w, b, crow, col, blk, st, pd, dl)
+    dx = ops.conv2d_dx(dy, w, ccol, row, blk, list(x.shape), st, pd, dl)
+    dw = ops.conv2d_dw(dy, x, crow, col, blk, list(w.shape), st, pd, dl)
+    dwv = ops.conv2d_dw_values(dy, x, crow, col, blk, list(w.shape), st, pd, dl)
+    xf = x.float().requires_grad_()
+    wf = w.float().requires_grad_()
+    torch.nn.functional.conv2d(xf, wf, None, stride, pad).backward(dy.float())
+    refs = (yref, xf.grad, wf.grad * mask)
+    return (y, dx, dw), refs, (dwv, mask)
+
+
+CONV_CASES = [
+    # N, C, co, H, k, stride, pad, bo, bk, density
+    (2, 16, 24, 18, 3, 1, 1, 1, 1, 0.1),  # unstructured, 18x18 planes, rows of odd and even counts
+    (3, 8, 20, 17, 3, 2, 1, 1, 1, 0.3),  # stride 2: four phase planes, odd plane size
+    (2, 12, 16, 16, 3, 1, 0, 1, 1, 1.0),  # density 1, no padding
+    (2, 12, 16, 16, 3, 1, 1, 1, 1, 0.0),  # empty
+    (2, 16, 32, 16, 3, 1, 1, 16, 16, 0.3),  # block 16
+    (1, 5, 7, 20, 5, 1, 2, 1, 1, 0.2),  # 5x5 taps, odd channels
+]
+
+
+@pytest.mark.parametrize("algo", ["direct", "gemm"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}-C{}-co{}-H{}-k{}-s{}-p{}-b{}x{}-d{}".format(*c))
+def test_conv2d_bf16_matches_fp32_reference(path, case, algo, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
+    got, refs, (dwv, mask) = _conv_passes(*case)
+    for g, r, name in zip(got, refs, ("y", "dx", "dw")):
+        assert g.dtype == BF16, name
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(
+            g.float() / scale, r / scale, **TOL, msg=lambda m, name=name: f"{name} on {path}/{algo}: {m}"
+        )
+    # the compact values are the dense gradient's entries on the pattern, bit for bit
+    assert dwv.dtype == BF16
+    assert torch.equal(dwv, got[2][mask])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["s1", "s2", "block16"])
+def test_conv2d_bf16_deterministic_across_threads(path, case, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", "direct")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _, _ = _conv_passes(*case)
+        torch.set_num_threads(2)
+        two, _, _ = _conv_passes(*case)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_conv2d_bf16_direct_runs_on_the_forced_path(path, monkeypatch):
+    """The subnormal check on the direct conv: vdpbf16ps reads bf16 subnormals as zero."""
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", "direct")
+    C = co = 8
+    grid = torch.ones(co, C * 9, dtype=torch.bool)
+    (crow, col), (ccol, row) = _grid_csr(grid)
+    tiny = torch.full((1, C, 16, 16), 1e-39, dtype=BF16)
+    w_tiny = torch.full((co, C, 3, 3), 1e-39, dtype=BF16)
+    ones_w, ones_dy = torch.ones(co, C, 3, 3, dtype=BF16), torch.ones(1, co, 16, 16, dtype=BF16)
+    blk, st, pd, dl = [1, 1], [1, 1], [1, 1], [1, 1]
+    outs = (
+        ops.conv2d_fwd(tiny, ones_w, None, crow, col, blk, st, pd, dl),
+        ops.conv2d_dx(ones_dy, w_tiny, ccol, row, blk, [1, C, 16, 16], st, pd, dl),
+        ops.conv2d_dw(ones_dy, tiny, crow, col, blk, [co, C, 3, 3], st, pd, dl),
+    )
+    for name, y in zip(("y", "dx", "dw"), outs):
+        if path == "avx512_bf16":
+            assert torch.all(y.float() == 0), name
+        else:
+            assert torch.all(y.float() > 0), name
