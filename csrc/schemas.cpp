@@ -103,7 +103,7 @@ TORCH_LIBRARY(sparsekern, m) {
   // Not a tensor op: the conv2d algorithm ("direct" or "gemm") the ops pick for a shape.
   m.def(
       "conv2d_algo(str op, int[4] input_size, int[4] weight_size, int[2] stride, int[2] padding, int[2] dilation, "
-      "int[2] block, int nnz) -> str");
+      "int[2] block, int nnz, bool bf16=False) -> str");
   // Not a tensor op: how the kernels are threaded ("openmp" or "serial").
   m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
   // Not a tensor op: the torch version the library was built against.

@@ -335,6 +335,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dire
 
 }  // namespace
 
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_round_row(const float* s, float add,
+                                                                                    int64_t n, bf16* dst) {
+  const __m512 b = _mm512_set1_ps(add);
+  int64_t q = 0;
+  for (; q + 16 <= n; q += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(s + q), b)));
+  if (q < n) {
+    const __mmask16 m = __mmask16((1u << (n - q)) - 1);
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_maskz_loadu_ps(m, s + q), b));
+    _mm256_mask_storeu_epi16(dst + q, m, (__m256i)v);
+  }
+}
+
 void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,
                     const uint16_t* x, float* ot) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -435,6 +449,9 @@ void bf16_sddmm_dp(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, in
                    const uint16_t*, const uint16_t*, float*, const int64_t*, std::vector<int32_t>&) {}
 void bf16_direct_dp(const int64_t*, const int64_t*, const uint32_t*, int64_t, int64_t, int64_t, const uint16_t*,
                     float*) {}
+void bf16_round_row(const float* s, float add, int64_t n, bf16* dst) {
+  for (int64_t q = 0; q < n; ++q) store(dst[q], s[q] + add);
+}
 void bf16_direct_sddmm_dp(const int64_t*, const int64_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
                           const uint16_t*, float*) {}
 #endif

@@ -166,6 +166,9 @@ void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pb
 void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t ncols, int64_t r0,
                    int64_t r1, int64_t T, const uint16_t* at, const uint16_t* bt, float* acc, const int64_t* base,
                    std::vector<int32_t>& cols);
+// dst[q] = bf16(s[q] + add) for q < n, rounded to nearest even by vcvtneps2bf16 (on the
+// avx512_bf16 path only: it reads float subnormals as zero and keeps a NaN's payload).
+void bf16_round_row(const float* s, float add, int64_t n, bf16* dst);
 // Direct conv2d panel on bf16 views (T = 64 or 128): ot[(r - r0) * T + t] = sum over the pairs i in
 // [pptr[r], pptr[r + 1]) of the bf16 pair w[i] . (x[off[2i] + t], x[off[2i + 1] + t]).
 void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,

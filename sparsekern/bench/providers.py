@@ -334,7 +334,8 @@ def _prepare_conv(case: Case, gen: torch.Generator, check: bool = False) -> Prep
     if base_provider(case.provider) == "cpp":
         b = block_of(case.layout)
         pat = formats.pattern_of(mask, "block" if b else "unstructured", b)
-        algo = "/".join(conv2d_algo(op, x.shape, w.shape, s, p, pattern=pat) for op in ("fwd", "dx", "dw"))
+        dt = torch.bfloat16 if case.provider in AUTOCAST_PROVIDERS else x.dtype
+        algo = "/".join(conv2d_algo(op, x.shape, w.shape, s, p, pattern=pat, dtype=dt) for op in ("fwd", "dx", "dw"))
     flops = 2.0 * shape.positions(case.batch) * nnz * _pass_factor(case.mode)
     return Prepared(fn, flops, nnz / mask.numel(), conv_algo=algo, max_rel_err=err)
 

@@ -17,7 +17,7 @@ Ops (``block`` is the :class:`~sparsekern.formats.BlockSize` tile in matrix unit
   ``dilation`` and the input / weight size.  Each picks per shape between direct sparse
   convolution on shifted views of the input and implicit GEMM on im2col tiles (a fixed rule of
   the shapes; ``SPARSEKERN_CPU_CONV_ALGO=auto|direct|gemm`` forces one);
-* ``conv2d_algo(op, input_size, weight_size, stride, padding, dilation, block, nnz)``: which of the
+* ``conv2d_algo(op, input_size, weight_size, stride, padding, dilation, block, nnz, bf16=False)``: which of the
   two a conv2d op runs for a shape (``"direct"`` or ``"gemm"``), see :func:`conv2d_algo`;
 * ``dwconv2d_fwd / dwconv2d_dx / dwconv2d_dw`` for depthwise convs (direct, any layout);
 * ``cpu_isa(request="")``: the instruction set in use (``avx512``, ``avx2`` or ``generic``).
@@ -478,14 +478,18 @@ def cpu_features() -> str:
     return torch.ops.sparsekern.cpu_features()
 
 
-def conv2d_algo(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1, pattern=None) -> str:
+def conv2d_algo(
+    op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1, pattern=None, dtype=torch.float32
+) -> str:
     """The algorithm the cpp ``conv2d`` op ``op`` ("fwd", "dx" or "dw") runs for these shapes:
     ``"direct"`` (sparse convolution on shifted views of the input) or ``"gemm"`` (implicit GEMM
     on im2col tiles).  ``input_shape`` is ``[N, C, H, W]``, ``weight_shape`` ``[O, C, kh, kw]``
     (groups=1); ``stride`` / ``padding`` / ``dilation`` are ints or pairs; ``pattern`` (a
     :class:`~sparsekern.formats.Pattern`, default dense) gives the layout and the density.  The
     automatic choice is a fixed rule of the shapes (see ``auto_direct`` in ``csrc/cpu/conv2d.cpp``);
-    ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is reported here too."""
+    ``dtype=torch.bfloat16`` reports it for bf16 operands (on the ``avx512_bf16`` path the direct
+    kernels take smaller planes); ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is
+    reported here too."""
     ok, why = load_library()
     if not ok:
         raise BackendError(why)
@@ -513,4 +517,5 @@ def conv2d_algo(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
         pair(dilation, "dilation"),
         block,
         nnz,
+        dtype == torch.bfloat16,
     )

@@ -282,3 +282,19 @@ def test_conv2d_bf16_direct_runs_on_the_forced_path(path, monkeypatch):
             assert torch.all(y.float() == 0), name
         else:
             assert torch.all(y.float() > 0), name
+
+
+def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
+    """On avx512_bf16 the bf16 direct kernels also take 8x8 outputs; fp32 (and the widening path)
+    keep implicit GEMM there; 4x4 outputs stay on GEMM for both."""
+    monkeypatch.delenv("SPARSEKERN_CPU_CONV_ALGO", raising=False)
+    from sparsekern import formats
+
+    w_shape = [80, 80, 3, 3]
+    mask = torch.rand(80, 80, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.1
+    pat = formats.pattern_of(mask, "unstructured", None)
+    for op in ("fwd", "dx", "dw"):
+        small = cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat, dtype=BF16)
+        assert small == ("direct" if path == "avx512_bf16" else "gemm"), op
+        assert cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat) == "gemm", op
+        assert cppmod.conv2d_algo(op, [32, 80, 4, 4], w_shape, 1, 1, pattern=pat, dtype=BF16) == "gemm", op
