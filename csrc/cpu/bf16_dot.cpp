@@ -349,6 +349,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_round_
   }
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_round_runs(
+    const float* ot, int64_t T, int64_t rows, const float* bias, const Bf16Run* runs, int64_t nruns, bf16* y,
+    int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float b = bias ? bias[r] : 0.0f;
+    for (int64_t i = 0; i < nruns; ++i)
+      bf16_round_row(ot + r * T + runs[i].t, b, runs[i].len, y + r * row_stride + runs[i].dst);
+  }
+}
+
 void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,
                     const uint16_t* x, float* ot) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -381,8 +391,10 @@ void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pb
     float* o = ot + (r - r0) * T;
     if (T == 128)
       csr_dp_row<4>(cl, n, pk + pbase[r], bt, o);
-    else
+    else if (T == 64)
       csr_dp_row<2>(cl, n, pk + pbase[r], bt, o);
+    else
+      csr_dp_row<1>(cl, n, pk + pbase[r], bt, o);
   }
 }
 
@@ -417,8 +429,10 @@ void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t b
       sddmm_dp_row<8>(a, cl, nc, bt, out);
     else if (T == 128)
       sddmm_dp_row<4>(a, cl, nc, bt, out);
-    else
+    else if (T == 64)
       sddmm_dp_row<2>(a, cl, nc, bt, out);
+    else
+      sddmm_dp_row<1>(a, cl, nc, bt, out);
   }
 }
 
@@ -451,6 +465,12 @@ void bf16_direct_dp(const int64_t*, const int64_t*, const uint32_t*, int64_t, in
                     float*) {}
 void bf16_round_row(const float* s, float add, int64_t n, bf16* dst) {
   for (int64_t q = 0; q < n; ++q) store(dst[q], s[q] + add);
+}
+void bf16_round_runs(const float* ot, int64_t T, int64_t rows, const float* bias, const Bf16Run* runs,
+                     int64_t nruns, bf16* y, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < nruns; ++i)
+      bf16_round_row(ot + r * T + runs[i].t, bias ? bias[r] : 0.0f, runs[i].len, y + r * row_stride + runs[i].dst);
 }
 void bf16_direct_sddmm_dp(const int64_t*, const int64_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
                           const uint16_t*, float*) {}

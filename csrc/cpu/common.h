@@ -363,7 +363,7 @@ struct SparseA {
   std::vector<int64_t> bbase;  // block: first expanded column (pair, if dp) of each block row
   bool dp = false;  // bf16 block with even bk on vdpbf16ps: pair tiles, packed holds bf16 pairs
   bool udp = false;  // bf16 unstructured on vdpbf16ps: lane tiles, packed holds the rows' nonzero pairs
-  int64_t udp_width = 0;  // its tile width (64 or 128)
+  int64_t udp_width = 0;  // its tile width (32, 64 or 128)
   std::vector<int64_t> pbase;  // udp: first pair of each row
 
   bool unstructured() const { return bo == 1 && bk == 1; }
@@ -390,7 +390,7 @@ struct SparseA {
       if (bf16_path() == Bf16Path::DPBF16) {
         udp = true;
         // the wider tile where the batch fills it and its bf16 tile fits in about half of L2
-        udp_width = q > 64 && C * 128 * 2 <= (int64_t(1) << 20) ? 128 : 64;
+        udp_width = q > 64 && C * 128 * 2 <= (int64_t(1) << 20) ? 128 : (q > 32 ? 64 : 32);
         pack_row_pairs();
         return;
       }

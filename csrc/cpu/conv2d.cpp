@@ -452,21 +452,20 @@ void direct_fwd_bf16(const ConvGeom& g, const bf16* xp, const bf16* wp, const fl
   const int64_t rch = row_chunks(ntiles, g.O), chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
     Buf<float> ot(kRowBlock * T, kPanel);
+    std::vector<Bf16Run> runs;
     for (int64_t task = tb; task < te; ++task) {
       const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
       const int64_t q0 = tile * T, nt = std::min(T, d.G - q0);
+      // the tile's output runs (the same for every row; dst relative to row 0 of image 0)
+      runs.clear();
+      grid_runs(d, q0, nt, [&](int64_t n, int64_t y, int64_t x0, int64_t t, int64_t len) {
+        if (y >= g.Ho || x0 >= g.Wo) return;
+        runs.push_back({t, std::min(len, g.Wo - x0), n * g.O * P + y * g.Wo + x0});
+      });
       for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
         const int64_t re = std::min(r1, rr + kRowBlock);
         bf16_direct_dp(pairs.pptr.data(), pairs.off2, pairs.w2, rr, re, T, xb + q0, ot.get());
-        grid_runs(d, q0, nt, [&](int64_t n, int64_t y, int64_t x0, int64_t t, int64_t len) {
-          if (y >= g.Ho || x0 >= g.Wo) return;
-          const int64_t m = std::min(len, g.Wo - x0);
-          for (int64_t o = rr; o < re; ++o) {
-            const float* s = ot.get() + (o - rr) * T + t;
-            bf16* dst = yp + (n * g.O + o) * P + y * g.Wo + x0;
-            bf16_round_row(s, bp ? bp[o] : 0.0f, m, dst);
-          }
-        });
+        bf16_round_runs(ot.get(), T, re - rr, bp ? bp + rr : nullptr, runs.data(), int64_t(runs.size()), yp + rr * P, P);
       }
     }
   });

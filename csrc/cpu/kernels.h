@@ -169,6 +169,14 @@ void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t b
 // dst[q] = bf16(s[q] + add) for q < n, rounded to nearest even by vcvtneps2bf16 (on the
 // avx512_bf16 path only: it reads float subnormals as zero and keeps a NaN's payload).
 void bf16_round_row(const float* s, float add, int64_t n, bf16* dst);
+// One run of an output row segment: ot positions [t, t + len) go to dst .. dst + len.
+struct Bf16Run {
+  int64_t t, len, dst;
+};
+// bf16_round_row over rows r < rows of ot (stride T) and every run: y[r * row_stride + dst + q] =
+// bf16(ot[r * T + t + q] + bias[r]) (bias may be null).
+void bf16_round_runs(const float* ot, int64_t T, int64_t rows, const float* bias, const Bf16Run* runs,
+                     int64_t nruns, bf16* y, int64_t row_stride);
 // Direct conv2d panel on bf16 views (T = 64 or 128): ot[(r - r0) * T + t] = sum over the pairs i in
 // [pptr[r], pptr[r + 1]) of the bf16 pair w[i] . (x[off[2i] + t], x[off[2i + 1] + t]).
 void bf16_direct_dp(const int64_t* pptr, const int64_t* off, const uint32_t* w, int64_t r0, int64_t r1, int64_t T,

@@ -209,7 +209,7 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
 void bf16_dw_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t bk, int64_t N, int64_t M, int64_t K,
                 const bf16* dy, const bf16* x, bool compact, Tensor& dw, Tensor& vals) {
   // the widest tile the batch fills whose x tile stays in about half of L2
-  int64_t T = 64;
+  int64_t T = N > 32 ? 64 : 32;
   while (T < 256 && T < N && K * (2 * T) * 2 <= (int64_t(1) << 20)) T *= 2;
   const int64_t ntiles = cdiv(N, T);
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
