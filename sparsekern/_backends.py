@@ -109,6 +109,10 @@ class Backend:
     name: str = "?"
     #: whether conv kernels take channels-last (NHWC-strided) tensors as they are
     channels_last: bool = False
+    #: whether linear_fwd / linear_dx take a float32 weight with bfloat16 data (under bf16
+    #: autocast the master weight is then read as it is, each entry rounded to bf16, instead of
+    #: cast whole to bf16 first)
+    mixed_bf16_weight: bool = False
 
     def available(self) -> tuple[bool, str]:
         """Whether the backend can run at all here (built, importable); reason if not."""

@@ -395,6 +395,8 @@ def _runner(op, be, x, weight, bias, pattern, gpattern, conv, dy, training, comp
 
 def _probe(op, be, x, weight, bias, pattern, gpattern, conv, training, compact=False) -> tuple[float, float]:
     """Median ms of one fwd (+ dx + dw) call on each path, alternating rounds after a warm-up."""
+    if weight.dtype != x.dtype:  # the float32 master weight of a bf16 autocast call: time on its cast
+        weight = weight.detach().to(x.dtype)
     with torch.no_grad():
         y = (
             DENSE.linear_fwd(x, weight, bias, pattern)

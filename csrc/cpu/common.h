@@ -123,6 +123,12 @@ inline void check_same_dtype(const Tensor& a, const char* an, const Tensor& b, c
               "), got ", b.scalar_type());
 }
 
+// bf16 data with a float32 weight (the master weight under bf16 autocast): the linear ops read the
+// weight's entries and round them to bf16, as if the weight had been cast.
+inline bool is_mixed_bf16(const Tensor& data, const Tensor& weight) {
+  return data.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat;
+}
+
 inline std::pair<int64_t, int64_t> check_block(at::IntArrayRef block) {
   TORCH_CHECK(block.size() == 2, "block: expected two ints (bo, bk), got ", block.size());
   TORCH_CHECK(block[0] >= 1 && block[1] >= 1, "block: expected positive sides, got ", block);
@@ -171,12 +177,13 @@ inline std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name,
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The optional bias of a forward op: float, the weight's dtype, `n` entries; contiguous (or
-// undefined when absent).
-inline Tensor check_bias(const c10::optional<Tensor>& bias, const Tensor& weight, int64_t n) {
+// The optional bias of a forward op: float, the dtype of `like` (the weight, or the input of a
+// mixed call), `n` entries; contiguous (or undefined when absent).
+inline Tensor check_bias(const c10::optional<Tensor>& bias, const Tensor& like, int64_t n,
+                         const char* like_name = "weight") {
   if (!bias.has_value() || !bias->defined()) return Tensor();
   check_float(*bias, "bias", 1);
-  check_same_dtype(weight, "weight", *bias, "bias");
+  check_same_dtype(like, like_name, *bias, "bias");
   TORCH_CHECK(bias->size(0) == n, "bias: expected shape [", n, "], got ", bias->sizes());
   return bias->contiguous();
 }
@@ -350,12 +357,27 @@ int pick_width(const Kernels<S>& k, const std::vector<int64_t>& choices, int64_t
 // weight of input gradients: a cache miss per nonzero).  Values change every step, so nothing is
 // kept between calls.  W: the weight's storage (S, or bf16: then the values are always gathered,
 // widened to S, so the panels read S).
-template <typename S, typename W = S>
+// The bits of v rounded to bf16 (a bf16 value as it is): values of a float weight read by a bf16
+// op are rounded as a cast of the weight to bf16 would round them.
+inline uint32_t bf16_bits(bf16 v) { return v.bits; }
+inline uint32_t bf16_bits(float v) {
+  bf16 h;
+  store(h, v);
+  return h.bits;
+}
+template <typename A>
+inline float bf16_value(A v) {
+  return as_float(bf16{uint16_t(bf16_bits(v))});
+}
+
+// AV: the storage of A's values: W, or float for bf16 data (the fp32 master weight under bf16
+// autocast, read and rounded to bf16 entry by entry instead of cast whole).
+template <typename S, typename W = S, typename AV = W>
 struct SparseA {
   const int32_t* ptr;
   const int32_t* idx;
   int64_t bo, bk, R, C;
-  const W* a;
+  const AV* a;
   int64_t ars, acs;
   int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
   S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
@@ -367,6 +389,11 @@ struct SparseA {
   std::vector<int64_t> pbase;  // udp: first pair of each row
 
   bool unstructured() const { return bo == 1 && bk == 1; }
+  // an entry of A as S (rounded to bf16 first when bf16 data reads float values)
+  static S value(AV v) {
+    if constexpr (std::is_same_v<W, bf16> && !std::is_same_v<AV, bf16>) return S(bf16_value(v));
+    return S(as_float(v));
+  }
   int64_t width(const Kernels<S>& k) const {
     if (dp) return kBf16PanelWidth;
     if (udp) return udp_width;
@@ -403,8 +430,8 @@ struct SparseA {
     // a parallel region costs more than gathering a small pattern serially
     at::parallel_for(0, R, nnz < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const W* ar = a + r * ars;
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = S(as_float(ar[int64_t(idx[j]) * acs]));
+        const AV* ar = a + r * ars;
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) packed[j] = value(ar[int64_t(idx[j]) * acs]);
       }
     });
   }
@@ -431,13 +458,12 @@ struct SparseA {
           const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, C);
           if (acs == 1) {  // rows of A are contiguous: read along them
             for (int64_t qq = 0; qq < qn; ++qq) {
-              const W* ar = a + (rb * bo + qq) * ars;
-              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(as_float(ar[c]));
+              const AV* ar = a + (rb * bo + qq) * ars;
+              for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = value(ar[c]);
             }
           } else {
             for (int64_t c = c0; c < c1; ++c)
-              for (int64_t qq = 0; qq < qn; ++qq)
-                out[(c - c0) * bo + qq] = S(as_float(a[(rb * bo + qq) * ars + c * acs]));
+              for (int64_t qq = 0; qq < qn; ++qq) out[(c - c0) * bo + qq] = value(a[(rb * bo + qq) * ars + c * acs]);
           }
           for (int64_t qq = qn; qq < bo; ++qq)
             for (int64_t c = c0; c < c1; ++c) out[(c - c0) * bo + qq] = S(0);
@@ -462,7 +488,7 @@ struct SparseA {
     uint32_t* pk = reinterpret_cast<uint32_t*>(packed);
     const auto bits = [&](int64_t r, int64_t c) -> uint32_t {
       if (r >= R || c >= C) return 0;
-      if constexpr (std::is_same_v<W, bf16>) return a[r * ars + c * acs].bits;
+      if constexpr (std::is_same_v<W, bf16>) return bf16_bits(a[r * ars + c * acs]);
       return 0;
     };
     at::parallel_for(0, nrb, bbase[nrb] * bo < (int64_t(1) << 16) ? std::max<int64_t>(nrb, 1) : 4,
@@ -490,12 +516,12 @@ struct SparseA {
     at::parallel_for(0, R, pbase[R] < (int64_t(1) << 16) ? std::max<int64_t>(R, 1) : 256, [&](int64_t b, int64_t e) {
       if constexpr (std::is_same_v<W, bf16>) {
         for (int64_t r = b; r < e; ++r) {
-          const W* ar = a + r * ars;
+          const AV* ar = a + r * ars;
           uint32_t* out = pk + pbase[r];
           const int64_t j1 = ptr[r + 1];
           for (int64_t j = ptr[r]; j < j1; j += 2) {
-            const uint32_t lo = ar[int64_t(idx[j]) * acs].bits;
-            const uint32_t hi = j + 1 < j1 ? ar[int64_t(idx[j + 1]) * acs].bits : 0u;
+            const uint32_t lo = bf16_bits(ar[int64_t(idx[j]) * acs]);
+            const uint32_t hi = j + 1 < j1 ? bf16_bits(ar[int64_t(idx[j + 1]) * acs]) : 0u;
             *out++ = lo | hi << 16;
           }
         }
@@ -515,7 +541,7 @@ struct SparseA {
                                  reinterpret_cast<const uint16_t*>(bt), ot);
     }
     if (unstructured()) {
-      if constexpr (std::is_same_v<S, W>)
+      if constexpr (std::is_same_v<S, W> && std::is_same_v<S, AV>)
         if (!packed) return k.spmm.panel_csr[nv](ptr, idx, a, ars, acs, C, r0, r1, bt, ot);
       k.spmm.panel_csr_packed[nv](ptr, idx, packed, C, r0, r1, bt, ot);
     } else

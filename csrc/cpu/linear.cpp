@@ -12,8 +12,8 @@ namespace sparsekern {
 namespace {
 
 // out [N, R] = b [N, C] @ A^T (+ bias), A sparse; b, A and out stored as W (S, or bf16).
-template <typename S, typename W>
-void spmm_rows(const W* b, int64_t N, const SparseA<S, W>& A, const S* bias, W* out) {
+template <typename S, typename W, typename AV>
+void spmm_rows(const W* b, int64_t N, const SparseA<S, W, AV>& A, const S* bias, W* out) {
   const Kernels<S>& k = kernels<S>();
   const int64_t T = A.width(k), R = A.R, C = A.C;
   const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
@@ -142,12 +142,13 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
                   const c10::optional<Tensor>& win_idx, int64_t window) {
   check_float(x_, "x", 2);
   check_float(weight_, "weight", 2);
-  check_same_dtype(weight_, "weight", x_, "x");
+  const bool mixed = is_mixed_bf16(x_, weight_);
+  if (!mixed) check_same_dtype(weight_, "weight", x_, "x");
   const auto [bo, bk] = check_block(block);
   const int64_t N = x_.size(0), K = x_.size(1), M = weight_.size(0);
   TORCH_CHECK(weight_.size(1) == K, "weight: expected shape [out_features, ", K, "] (x has ", K,
               " features), got ", weight_.sizes());
-  const Tensor bias = check_bias(bias_, weight_, M);
+  const Tensor bias = mixed ? check_bias(bias_, x_, M, "x") : check_bias(bias_, weight_, M);
   check_compressed(crow, col, cdiv(M, bo), cdiv(K, bk), "crow_indices", "col_indices");
   Tensor x = x_.contiguous(), w = weight_.contiguous();
   Tensor y = huge_page_hint(at::empty({N, M}, x.options()));
@@ -164,6 +165,15 @@ Tensor linear_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
         return;
       }
     }
+    if constexpr (!std::is_same_v<S, W>) {
+      if (mixed) {
+        SparseA<S, W, float> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, w.data_ptr<float>(), K,
+                               1};
+        A.plan(kernels<S>(), N);
+        spmm_rows(data_of<W>(x), N, A, bp, data_of<W>(y));
+        return;
+      }
+    }
     SparseA<S, W> A{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, M, K, data_of<W>(w), K, 1};
     A.plan(kernels<S>(), N);
     spmm_rows<S, W>(data_of<W>(x), N, A, bp, data_of<W>(y));
@@ -176,7 +186,8 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
                  int64_t window) {
   check_float(dy_, "dy", 2);
   check_float(weight_, "weight", 2);
-  check_same_dtype(weight_, "weight", dy_, "dy");
+  const bool mixed = is_mixed_bf16(dy_, weight_);
+  if (!mixed) check_same_dtype(weight_, "weight", dy_, "dy");
   const auto [bo, bk] = check_block(block);
   const int64_t N = dy_.size(0), M = weight_.size(0), K = weight_.size(1);
   TORCH_CHECK(dy_.size(1) == M, "dy: expected shape [N, ", M, "] (weight has ", M, " rows), got ", dy_.sizes());
@@ -195,6 +206,15 @@ Tensor linear_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
       }
     }
     // A = W^T [K, M]: rows are W's columns, blocks (bk, bo).
+    if constexpr (!std::is_same_v<S, W>) {
+      if (mixed) {
+        SparseA<S, W, float> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, w.data_ptr<float>(), 1,
+                               K};
+        A.plan(kernels<S>(), N);
+        spmm_rows(data_of<W>(dy), N, A, static_cast<const S*>(nullptr), data_of<W>(dx));
+        return;
+      }
+    }
     SparseA<S, W> A{ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bk, bo, K, M, data_of<W>(w), 1, K};
     A.plan(kernels<S>(), N);
     spmm_rows<S, W>(data_of<W>(dy), N, A, nullptr, data_of<W>(dx));

@@ -323,6 +323,7 @@ class CppBackend(Backend):
     boundary.  Results are bit-identical for any ``torch.get_num_threads()``."""
 
     name = "cpp"
+    mixed_bf16_weight = True
 
     def available(self) -> tuple[bool, str]:
         return load_library()

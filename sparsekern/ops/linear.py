@@ -65,25 +65,29 @@ def linear_grads(dy, x, weight, pattern, gpattern, backend, need_dx: bool, need_
     return dx, backend.linear_dw_values(dy, x, gpattern) if compact else backend.linear_dw(dy, x, gpattern)
 
 
-def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op):
-    _check(x, weight, bias, mask, grad_mask)
+def _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op, master=False):
+    _check(x, weight, bias, mask, grad_mask, x.dtype if master else None)
     pattern = weight_pattern(mask, layout, block_size)
     gpattern = grad_pattern(pattern, grad_mask)
-    info = CallInfo(op, weight.device, weight.dtype, pattern.layout, pattern.block_size, gpattern.layout)
+    dtype = x.dtype if master else weight.dtype  # the dtype the call computes in
+    info = CallInfo(op, weight.device, dtype, pattern.layout, pattern.block_size, gpattern.layout)
     return pattern, gpattern, select_backend(info, backend)
 
 
-def _check(x, weight, bias, mask, grad_mask) -> None:
+def _check(x, weight, bias, mask, grad_mask, dtype=None) -> None:
+    """``dtype``: the data's dtype where it differs from the weight's (a bf16 autocast call on the
+    float32 master weight)."""
     check_weight(weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D [out_features, in_features] tensor, got shape {tuple(weight.shape)}")
-    check_tensor(x, "x", dtype=weight.dtype, device=weight.device)
+    dtype = weight.dtype if dtype is None else dtype
+    check_tensor(x, "x", dtype=dtype, device=weight.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"x: expected shape [..., {weight.shape[1]}] (in_features = weight.shape[1]), got {tuple(x.shape)}"
         )
     if bias is not None:
-        check_tensor(bias, "bias", dim=1, dtype=weight.dtype, device=weight.device)
+        check_tensor(bias, "bias", dim=1, dtype=dtype, device=weight.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_mask(mask, weight, "mask")
@@ -149,29 +153,41 @@ def linear(
     """:func:`sparse_linear` dispatched as ``op`` (``"linear"``, or ``"spmm"`` for :func:`~sparsekern.spmm`).
 
     Under ``torch.autocast`` the call follows ``nn.Linear``: x, weight and bias are cast to the
-    autocast dtype and the op runs in it with autocast off (the backend sees one dtype).
+    autocast dtype and the op runs in it with autocast off.  A backend that reads a float32 weight
+    with bf16 data (``mixed_bf16_weight``: cpp) gets the master weight itself, whose entries it
+    rounds to bf16 as the cast would (the same result without a dense bf16 copy per call); the
+    weight gradient reaches the master weight in float32 either way.
     ``sink``: see :class:`LinearFunction` (a module in compact-gradient mode passes it).
     """
     cast = autocast_dtype(weight)
     if cast is not None:
-        x, weight, bias = autocast_cast(cast, x, weight, bias)
+        master = cast == torch.bfloat16 and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+        if master and not torch.compiler.is_compiling():
+            x, bias = autocast_cast(cast, x, bias)
+        else:
+            x, weight, bias = autocast_cast(cast, x, weight, bias)
+            master = False
         with torch.autocast(weight.device.type, enabled=False):
-            return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink)
+            return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink, master)
     return _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink)
 
 
-def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink=None):
+def _linear(x, weight, bias, mask, grad_mask, backend, layout, block_size, op, sink=None, master=False):
+    """``master``: ``weight`` is the float32 master weight of a bf16 autocast call (x and bias are
+    bf16); it is cast here unless the backend that runs reads it as it is."""
     if torch.compiler.is_compiling():  # traced: one registered op, metadata built when it runs
         _check(x, weight, bias, mask, grad_mask)
         y = traced_linear(
             x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, mask, grad_mask, backend, layout, block_size, op
         )
         return y.reshape(*x.shape[:-1], weight.shape[0])
-    pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op)
+    pattern, gpattern, be = _prepare(x, weight, bias, mask, grad_mask, layout, block_size, backend, op, master)
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()  # -1 is ambiguous when in_features = 0
     if op == "linear" and is_automatic(backend):
         be = choice.choose("linear", be, x2, weight, bias, pattern, gpattern, compact=sink is not None)
+    if master and not be.mixed_bf16_weight:  # e.g. the dense fall-back: one dtype, so the cast
+        weight = weight.to(x.dtype)
     guard = mask_guard(pattern, gpattern, grad_mask)
     y = LinearFunction.apply(x2, weight, bias, pattern, gpattern, be, guard, sink)
     return y.reshape(*lead, weight.shape[0])

@@ -92,3 +92,54 @@ def test_bf16_autocast_runs_on_cpp(kind, monkeypatch):
     with torch.autocast("cpu", dtype=BF16):
         y = sparse(x)
     assert y.dtype == BF16 and seen == [(BF16, "cpp")]
+
+
+@requires_cpp
+@pytest.mark.parametrize("layout", ["unstructured", "block"])
+def test_cpp_reads_the_fp32_master_weight_under_bf16_autocast(layout, monkeypatch):
+    """cpp takes the float32 weight with bf16 data (no dense bf16 copy of the weight per call)
+    and rounds each entry as the cast would: y, dx and dW are bit-identical to the same call on
+    the weight cast to bf16 first."""
+    from sparsekern.kernels.cpu import CppBackend
+
+    seen = []
+    orig = CppBackend.linear_fwd
+
+    def spy(self, x, weight, bias, pattern):
+        seen.append((x.dtype, weight.dtype))
+        return orig(self, x, weight, bias, pattern)
+
+    monkeypatch.setattr(CppBackend, "linear_fwd", spy)
+    torch.manual_seed(1)
+    kw = dict(layout="block", block_size=16) if layout == "block" else {}
+    w = torch.randn(48, 64).requires_grad_()
+    mask = (
+        torch.rand(48, 64) < 0.3
+        if layout == "unstructured"
+        else (torch.rand(3, 4) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    )
+    b = torch.randn(48).requires_grad_()
+    x = torch.randn(37, 64).requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        y = sk.sparse_linear(x, w, b, mask, backend="cpp", **kw)
+    assert seen == [(BF16, torch.float32)] and y.dtype == BF16
+    dy = torch.randn(y.shape).to(BF16)
+    y.backward(dy)
+    w2 = w.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    wb = w2.to(BF16)  # the cast autocast would make, then the all-bf16 call
+    y2 = sk.sparse_linear(x2.to(BF16), wb, b.detach().to(BF16), mask, backend="cpp", **kw)
+    y2.backward(dy)
+    assert torch.equal(y, y2)
+    assert torch.equal(x.grad, x2.grad) and x.grad.dtype == torch.float32
+    assert torch.equal(w.grad, w2.grad) and w.grad.dtype == torch.float32
+    assert torch.all(w.grad[~mask] == 0)
+
+
+@requires_cpp
+def test_mixed_op_rejects_other_dtype_pairs():
+    """Only bf16 data with a float32 weight is a mixed call; other pairs name the mismatch."""
+    crow, col = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="x: expected dtype Float"):
+        torch.ops.sparsekern.linear_fwd(x, torch.randn(1, 4), None, crow, col, [1, 1], None, None, 0)
