@@ -24,6 +24,14 @@ from ._library import traced_linear
 __all__ = ["LinearFunction", "sparse_linear"]
 
 
+#: A mixed call (bf16 data, float32 master weight) reads the weight's transpose for the input
+#: gradient, a column walk through the float32 weight.  Below this many weight elements a cast to
+#: bf16 first measured faster (1000 x 1000 at 90 %, batch 32, AMD EPYC: cast + dx 0.35 ms against
+#: 0.44 ms in place, and 0.48 against 1.66 ms inside a training step); at 4096 x 4096, batch 256,
+#: reading in place wins (27.7 against 36.6 ms).
+MIXED_DX_MIN = 1 << 22
+
+
 class LinearFunction(torch.autograd.Function):
     """``y = x (W⊙M)ᵀ + b``; ``dW`` on the gradient pattern only.  x is 2-D and contiguous.
 
@@ -49,6 +57,8 @@ class LinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         compact = ctx.compact and need[7]
         need_dw = need[7] if ctx.compact else need[1]
+        if need[0] and weight.dtype != dy.dtype and weight.numel() < MIXED_DX_MIN:
+            weight = weight.to(dy.dtype)  # see MIXED_DX_MIN
         dx, dw = linear_grads(dy, x, weight, ctx.pattern, ctx.gpattern, ctx.backend, need[0], need_dw, compact)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         if ctx.compact:

@@ -95,8 +95,9 @@ def test_bf16_autocast_runs_on_cpp(kind, monkeypatch):
 
 
 @requires_cpp
+@pytest.mark.parametrize("dx_in_place", [True, False], ids=["dx-in-place", "dx-cast"])
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
-def test_cpp_reads_the_fp32_master_weight_under_bf16_autocast(layout, monkeypatch):
+def test_cpp_reads_the_fp32_master_weight_under_bf16_autocast(layout, dx_in_place, monkeypatch):
     """cpp takes the float32 weight with bf16 data (no dense bf16 copy of the weight per call)
     and rounds each entry as the cast would: y, dx and dW are bit-identical to the same call on
     the weight cast to bf16 first."""
@@ -110,6 +111,9 @@ def test_cpp_reads_the_fp32_master_weight_under_bf16_autocast(layout, monkeypatc
         return orig(self, x, weight, bias, pattern)
 
     monkeypatch.setattr(CppBackend, "linear_fwd", spy)
+    import sparsekern.ops.linear as linmod
+
+    monkeypatch.setattr(linmod, "MIXED_DX_MIN", 0 if dx_in_place else 1 << 30)
     torch.manual_seed(1)
     kw = dict(layout="block", block_size=16) if layout == "block" else {}
     w = torch.randn(48, 64).requires_grad_()
