@@ -125,8 +125,9 @@ const char* select_isa(const char* request);
 
 // ---------------------------------------------------------------------------------------------
 // bf16 paths (bf16_dot.cpp).  "widen": bf16 tiles widened to float, float FMAs (every CPU);
-// "avx512_bf16": block panels on vdpbf16ps (pairs of bf16 products summed into float, so rounding
-// differs from widening), where the CPU has AVX512-BF16.  The best one runs unless
+// "avx512_bf16": vdpbf16ps on bf16 tiles (pairs of bf16 products summed into float, subnormals
+// read as zero) for the linear panels and weight gradients of every layout and the direct conv2d,
+// where the CPU has AVX512-BF16.  The best one runs unless
 // SPARSEKERN_CPU_BF16 (read once) or select_bf16_path picks another.
 // ---------------------------------------------------------------------------------------------
 enum class Bf16Path { WIDEN = 0, DPBF16 = 1 };

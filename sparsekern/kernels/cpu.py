@@ -318,9 +318,12 @@ def _is_depthwise(weight_shape, groups: int) -> bool:
 
 class CppBackend(Backend):
     """C++ CPU kernels: float32 / float64 / bfloat16, unstructured and block layouts, linear and
-    conv2d (groups=1 and depthwise).  bf16 computes in fp32 (operands widened on load, one
-    rounding on store); linear reads and writes bf16 in its tile kernels, conv2d widens at the op
-    boundary.  Results are bit-identical for any ``torch.get_num_threads()``."""
+    conv2d (groups=1 and depthwise).  bf16 accumulates in fp32 with one rounding on store: on
+    CPUs with AVX512-BF16 linear (every layout, all three passes) and the direct conv2d run on
+    vdpbf16ps over bf16 tiles; elsewhere, and for conv shapes on implicit GEMM, bf16 is widened
+    to fp32 (linear in its tile loads, conv2d at the op boundary).  Under bf16 autocast linear
+    reads the fp32 master weight itself (``mixed_bf16_weight``).  Results are bit-identical for
+    any ``torch.get_num_threads()``."""
 
     name = "cpp"
     mixed_bf16_weight = True
