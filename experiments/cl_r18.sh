@@ -19,6 +19,5 @@ $PY experiments/cl_r18.py --grid abl01 --seeds 0 1 2 --jobs 2
 $PY experiments/cl_r18.py --grid epochs --seeds 0 1 --jobs 2
 $PY experiments/cl_r18.py --table-only
 # 3 epochs per task (dense DER++ still improved from 2 to 3 epochs), and a 4-epoch dense check:
-$PY experiments/cl_r18.py --grid e3 --seeds 0 1 2 3 4 --jobs 2
-$PY experiments/cl_r18.py --grid e4 --seeds 0 1 --jobs 2
+$PY experiments/cl_r18.py --grid e3 --grid e4 --seeds 0 1 2 3 4 --jobs 2
 $PY experiments/cl_r18.py --table-only
