@@ -47,7 +47,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs_hash" ] || ! "$VPY" -c "
     echo "[setup] pip install failed; full log: $log" >&2
     exit 1
   fi
-  echo "$inputs_hash" > "$stamp"
+  if grep -q "BUILDING THE C++ KERNELS FAILED" "$log"; then
+    # pip fell back to the pure-Python package; in a source tree an older sparsekern/_C*.so from an
+    # earlier build would still load, so say so rather than run stale kernels silently
+    grep -A3 -m1 " error: " "$log" >&2 || true
+    echo "[setup] WARNING: the C++ kernels failed to build (full log: $log); any sparsekern/_C*.so in the" \
+         "source tree is from an earlier build" >&2
+  else
+    echo "$inputs_hash" > "$stamp"
+  fi
 else
   echo "[setup] sparsekern already installed and up to date"
 fi
