@@ -241,20 +241,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void hsum
   out[3] += t[12];
 }
 
-// acc[i] += dot(a, X_i) over T = NC * 32 bf16 pairs of batch columns (vdpbf16ps, two chains),
-// X_i = bt + cl[i] * T; four nonzeros reduced together, the rest one by one.  Fixed order.
-template <int NC>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void sddmm_dp_row(
-    const uint16_t* __restrict a, const int32_t* __restrict cl, int64_t n, const uint16_t* __restrict bt,
-    float* __restrict out) {
-  constexpr int64_t T = NC * 32;
+// out[i] += dot(a, X_i) for i < n over NC * 32 bf16 (vdpbf16ps on pairs of positions, two
+// chains), X_i = addr(i) (any alignment); four dots reduced together, the rest one by one.  Fixed
+// order.  The dot loop of both bf16 weight-gradient kernels.
+template <int NC, typename Addr>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dot_rows_dp(const uint16_t* __restrict a,
+                                                                                        int64_t n, Addr addr,
+                                                                                        float* __restrict out) {
   __m512bh av[NC];
   for (int k = 0; k < NC; ++k) av[k] = (__m512bh)_mm512_loadu_si512(a + 32 * k);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     __m512 s[4], u[4];
     for (int q = 0; q < 4; ++q) {
-      const uint16_t* x = bt + int64_t(cl[i + q]) * T;
+      const uint16_t* x = addr(i + q);
       s[q] = _mm512_setzero_ps();
       u[q] = _mm512_setzero_ps();
       for (int k = 0; k + 1 < NC; k += 2) {
@@ -267,11 +267,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void sddm
     hsum4_add(s[0], s[1], s[2], s[3], out + i);
   }
   for (; i < n; ++i) {
-    const uint16_t* x = bt + int64_t(cl[i]) * T;
+    const uint16_t* x = addr(i);
     __m512 s = _mm512_setzero_ps();
     for (int k = 0; k < NC; ++k) s = _mm512_dpbf16_ps(s, av[k], (__m512bh)_mm512_loadu_si512(x + 32 * k));
     out[i] += _mm512_reduce_add_ps(s);
   }
+}
+
+// sddmm rows on lane tiles: X_i = bt + cl[i] * T, T = NC * 32.
+template <int NC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void sddmm_dp_row(
+    const uint16_t* __restrict a, const int32_t* __restrict cl, int64_t n, const uint16_t* __restrict bt,
+    float* __restrict out) {
+  dot_rows_dp<NC>(a, n, [&](int64_t i) { return bt + int64_t(cl[i]) * (NC * 32); }, out);
 }
 
 // Direct conv2d rows on bf16 planes: pair i of a row multiplies the views at offsets off[2i] and
@@ -302,35 +310,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dire
   }
 }
 
-// acc[i] += dot(a, X_i) over T = NC * 32 positions, X_i = x + off[i] (any alignment); as
-// sddmm_dp_row.
+// direct conv2d weight-gradient rows: X_i = x + off[i] (shifted views, any alignment).
 template <int NC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void direct_sddmm_dp_row(
     const uint16_t* __restrict a, const int64_t* __restrict off, int64_t n, const uint16_t* __restrict x,
     float* __restrict out) {
-  __m512bh av[NC];
-  for (int k = 0; k < NC; ++k) av[k] = (__m512bh)_mm512_loadu_si512(a + 32 * k);
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    __m512 s[4], u[4];
-    for (int q = 0; q < 4; ++q) {
-      const uint16_t* xv = x + off[i + q];
-      s[q] = _mm512_setzero_ps();
-      u[q] = _mm512_setzero_ps();
-      for (int k = 0; k + 1 < NC; k += 2) {
-        s[q] = _mm512_dpbf16_ps(s[q], av[k], (__m512bh)_mm512_loadu_si512(xv + 32 * k));
-        u[q] = _mm512_dpbf16_ps(u[q], av[k + 1], (__m512bh)_mm512_loadu_si512(xv + 32 * k + 32));
-      }
-      s[q] = _mm512_add_ps(s[q], u[q]);
-    }
-    hsum4_add(s[0], s[1], s[2], s[3], out + i);
-  }
-  for (; i < n; ++i) {
-    const uint16_t* xv = x + off[i];
-    __m512 s = _mm512_setzero_ps();
-    for (int k = 0; k < NC; ++k) s = _mm512_dpbf16_ps(s, av[k], (__m512bh)_mm512_loadu_si512(xv + 32 * k));
-    out[i] += _mm512_reduce_add_ps(s);
-  }
+  dot_rows_dp<NC>(a, n, [&](int64_t i) { return x + off[i]; }, out);
 }
 
 }  // namespace
@@ -412,11 +397,7 @@ void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t b
     } else {
       const int64_t rb = r / bo;
       if (rb != cur) {
-        cols.clear();
-        for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
-          const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
-          for (int64_t c = c0; c < c1; ++c) cols.push_back(int32_t(c));
-        }
+        block_row_columns(ptr, idx, rb, bk, ncols, cols);
         cur = rb;
       }
       cl = cols.data();

@@ -177,6 +177,45 @@ void for_expanded(const int32_t* ptr, const int32_t* idx, int64_t R, int64_t br,
   });
 }
 
+// The entries of the input-gradient product of the direct algorithm (direct_dx and its bf16
+// twin), from W^T's metadata: rows are the planes (c, phase), each the taps of channel c with that
+// phase in order (the phases of a channel are neighbours, so their interleaved writes to dx meet
+// in cache); entry e of row r reads dyg at off[e] = o * DS + M - shift with weight val[e].  Returns
+// the row pointers; val and off are the calling thread's scratch (kDirV, kDirO).
+template <typename V>
+std::vector<int64_t> dx_entries(const ConvGeom& g, const DirectGeom& d, const int32_t* ccol, const int32_t* row,
+                                int64_t bo, int64_t bk, int64_t M, int64_t DS, const V* wp, V*& val, int64_t*& off) {
+  const int64_t taps = g.kh * g.kw, Kc = g.C * taps, R = d.phases * g.C;
+  // columns k of W (rows of W^T, block (bk, bo)) expanded over the output channels
+  const std::vector<int64_t> kptr = expanded_ptr(ccol, row, Kc, bk, bo, g.O);
+  std::vector<int64_t> eptr(R + 1, 0), tap_start(Kc);
+  {
+    std::vector<int64_t> count(R, 0);
+    for (int64_t kk = 0; kk < Kc; ++kk) {
+      const int64_t c = kk / taps, tap = kk % taps;
+      count[c * d.phases + d.phase(tap / g.kw, tap % g.kw)] += kptr[kk + 1] - kptr[kk];
+    }
+    for (int64_t r = 0; r < R; ++r) eptr[r + 1] = eptr[r] + count[r];
+    std::vector<int64_t> fill(eptr.begin(), eptr.end() - 1);
+    for (int64_t kk = 0; kk < Kc; ++kk) {
+      const int64_t c = kk / taps, tap = kk % taps, pr = c * d.phases + d.phase(tap / g.kw, tap % g.kw);
+      tap_start[kk] = fill[pr];
+      fill[pr] += kptr[kk + 1] - kptr[kk];
+    }
+  }
+  const int64_t nnz = eptr[R];
+  val = Buf<V>(nnz, kDirV).get();
+  off = Buf<int64_t>(nnz, kDirO).get();
+  V* v = val;
+  int64_t* of = off;
+  for_expanded(ccol, row, Kc, bk, bo, g.O, kptr, [&](int64_t kk, int64_t o, int64_t e) {
+    const int64_t tap = kk % taps, pos = tap_start[kk] + (e - kptr[kk]);
+    of[pos] = o * DS + M - d.shift(tap / g.kw, tap % g.kw);
+    v[pos] = wp[o * Kc + kk];
+  });
+  return eptr;
+}
+
 template <typename S>
 void direct_fwd(const ConvGeom& g, const S* xp, const S* wp, const S* bp, const int32_t* ptr, const int32_t* idx,
                 int64_t bo, int64_t bk, S* yp) {
@@ -259,33 +298,9 @@ void direct_dx(const ConvGeom& g, const S* dyp, const S* wp, const int32_t* ccol
   const int64_t M = round_up(d.maxoff, k.lanes), DS = M + ntiles * T;
   S* dyg = Buf<S>(g.O * DS, kDirY).get();
   build_dy_grid(dyp, d, M, DS, dyg);
-  // columns k of W (rows of W^T, block (bk, bo)) expanded over the output channels
-  const std::vector<int64_t> kptr = expanded_ptr(ccol, row, Kc, bk, bo, g.O);
-  // rows of the product: planes (c, phase), each the taps of channel c with that phase in order;
-  // the phases of a channel are neighbours, so their interleaved writes to dx meet in cache
-  std::vector<int64_t> eptr(R + 1, 0), tap_start(Kc);
-  {
-    std::vector<int64_t> count(R, 0);
-    for (int64_t kk = 0; kk < Kc; ++kk) {
-      const int64_t c = kk / taps, tap = kk % taps;
-      count[c * d.phases + d.phase(tap / g.kw, tap % g.kw)] += kptr[kk + 1] - kptr[kk];
-    }
-    for (int64_t r = 0; r < R; ++r) eptr[r + 1] = eptr[r] + count[r];
-    std::vector<int64_t> fill(eptr.begin(), eptr.end() - 1);
-    for (int64_t kk = 0; kk < Kc; ++kk) {
-      const int64_t c = kk / taps, tap = kk % taps, pr = c * d.phases + d.phase(tap / g.kw, tap % g.kw);
-      tap_start[kk] = fill[pr];
-      fill[pr] += kptr[kk + 1] - kptr[kk];
-    }
-  }
-  const int64_t nnz = eptr[R];
-  S* val = Buf<S>(nnz, kDirV).get();
-  int64_t* off = Buf<int64_t>(nnz, kDirO).get();
-  for_expanded(ccol, row, Kc, bk, bo, g.O, kptr, [&](int64_t kk, int64_t o, int64_t e) {
-    const int64_t tap = kk % taps, pos = tap_start[kk] + (e - kptr[kk]);
-    off[pos] = o * DS + M - d.shift(tap / g.kw, tap % g.kw);
-    val[pos] = wp[o * Kc + kk];
-  });
+  S* val;
+  int64_t* off;
+  const std::vector<int64_t> eptr = dx_entries(g, d, ccol, row, bo, bk, M, DS, wp, val, off);
   const int64_t rch = row_chunks(ntiles, R), chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
   at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
     Buf<S> ot(kRowBlock * T, kPanel);
@@ -480,30 +495,9 @@ void direct_dx_bf16(const ConvGeom& g, const bf16* dyp, const bf16* wp, const in
   const int64_t M = round_up(d.maxoff, 32), DS = M + ntiles * T;
   bf16* dyg = Buf<bf16>(g.O * DS, kDirY).get();
   build_dy_grid(dyp, d, M, DS, dyg);
-  const std::vector<int64_t> kptr = expanded_ptr(ccol, row, Kc, bk, bo, g.O);
-  std::vector<int64_t> eptr(R + 1, 0), tap_start(Kc);
-  {
-    std::vector<int64_t> count(R, 0);
-    for (int64_t kk = 0; kk < Kc; ++kk) {
-      const int64_t c = kk / taps, tap = kk % taps;
-      count[c * d.phases + d.phase(tap / g.kw, tap % g.kw)] += kptr[kk + 1] - kptr[kk];
-    }
-    for (int64_t r = 0; r < R; ++r) eptr[r + 1] = eptr[r] + count[r];
-    std::vector<int64_t> fill(eptr.begin(), eptr.end() - 1);
-    for (int64_t kk = 0; kk < Kc; ++kk) {
-      const int64_t c = kk / taps, tap = kk % taps, pr = c * d.phases + d.phase(tap / g.kw, tap % g.kw);
-      tap_start[kk] = fill[pr];
-      fill[pr] += kptr[kk + 1] - kptr[kk];
-    }
-  }
-  const int64_t nnz = eptr[R];
-  bf16* val = Buf<bf16>(nnz, kDirV).get();
-  int64_t* off = Buf<int64_t>(nnz, kDirO).get();
-  for_expanded(ccol, row, Kc, bk, bo, g.O, kptr, [&](int64_t kk, int64_t o, int64_t e) {
-    const int64_t tap = kk % taps, pos = tap_start[kk] + (e - kptr[kk]);
-    off[pos] = o * DS + M - d.shift(tap / g.kw, tap % g.kw);
-    val[pos] = wp[o * Kc + kk];
-  });
+  bf16* val;
+  int64_t* off;
+  const std::vector<int64_t> eptr = dx_entries(g, d, ccol, row, bo, bk, M, DS, wp, val, off);
   const DirectPairs pairs(eptr, off, val);
   const uint16_t* db = reinterpret_cast<const uint16_t*>(dyg);
   const int64_t rch = row_chunks(ntiles, R), chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;

@@ -2,6 +2,7 @@
 // one sub-table per op family.  Torch-free: the op files (linear.cpp, conv2d.cpp, dwconv2d.cpp)
 // take the table of the instruction set in use and call through it.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -33,6 +34,17 @@ inline void store(bf16& d, float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
   d.bits = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// Columns of block row rb of a BSR grid (block columns idx[ptr[rb]:ptr[rb+1]] of width bk,
+// clipped to ncols), expanded into a list.
+inline void block_row_columns(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_t bk, int64_t ncols,
+                              std::vector<int32_t>& cols) {
+  cols.clear();
+  for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+    const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
+    for (int64_t c = c0; c < c1; ++c) cols.push_back(int32_t(c));
+  }
 }
 
 // Conv2d geometry, all sizes explicit.

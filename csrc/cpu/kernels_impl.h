@@ -275,17 +275,6 @@ void panel_win(const int32_t* __restrict wptr, const int32_t* __restrict idx, co
   }
 }
 
-// Columns of block row rb of a BSR grid (block columns idx[ptr[rb]:ptr[rb+1]] of width bk,
-// clipped to ncols), expanded into a list.
-inline void block_row_columns(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_t bk, int64_t ncols,
-                              std::vector<int32_t>& cols) {
-  cols.clear();
-  for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
-    const int64_t c0 = int64_t(idx[j]) * bk, c1 = std::min(c0 + bk, ncols);
-    for (int64_t c = c0; c < c1; ++c) cols.push_back(int32_t(c));
-  }
-}
-
 // Block A (tiles bo x bk over a grid in CSR form) with its values packed per block row:
 // pk[(base[rb] + i) * bo + q] = A[rb * bo + q, cols_i] for the i-th expanded column of block row rb
 // (SparseA::plan packs them once per call).  Four rows of a block row share every tile load and
