@@ -143,14 +143,6 @@ void bf16_block_pairs(const int32_t* ptr, const int32_t* idx, int64_t rb, int64_
   }
 }
 
-// Position of batch column t (< T, T a multiple of 32) in a lane tile row: within each chunk of
-// 32, t = 16h + 4L + w sits at 8L + 4h + w, so that unpacking two rows word by word (vpunpcklwd /
-// vpunpckhwd, which work inside 128-bit lanes) gives the pairs of t = 0..15 and 16..31 in order.
-inline int64_t lane_pos(int64_t t) {
-  const int64_t u = t & 31, h = u >> 4, L = (u & 15) >> 2, w = u & 3;
-  return (t & ~int64_t(31)) + 8 * L + 4 * h + w;
-}
-
 void bf16_lane_tile(const bf16* __restrict src, int64_t ld, int64_t nt, int64_t ncols, int64_t T,
                     uint16_t* __restrict dst) {
   // by blocks of 8 columns: each source row is read along its columns, each destination row is
@@ -167,6 +159,132 @@ void bf16_lane_tile(const bf16* __restrict src, int64_t ld, int64_t nt, int64_t 
       for (int64_t c = c0; c < c1; ++c) d[c * T] = 0;
     }
   }
+}
+
+#ifdef SPARSEKERN_BF16_X86
+struct LaneInv {
+  alignas(64) uint16_t v[32];
+  LaneInv() {
+    for (int t = 0; t < 32; ++t) v[lane_pos(t)] = uint16_t(t);
+  }
+};
+const LaneInv kLaneInv;
+
+// dst[lane_pos(t)] = src[t] by vpermw, 32 words per instruction (AVX512BW: the avx512_bf16 path
+// has it).  idx[j] is the position t that lane_pos sends to j.
+__attribute__((target("avx512f,avx512bw"))) void lane_order_bw(const uint16_t* __restrict src, int64_t T,
+                                                               uint16_t* __restrict dst) {
+  const __m512i idx = _mm512_load_si512(kLaneInv.v);
+  for (int64_t t = 0; t < T; t += 32)
+    _mm512_storeu_si512(dst + t, _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(src + t)));
+}
+#endif
+
+#ifdef SPARSEKERN_BF16_X86
+__attribute__((target("avx512f,avx512bw"))) void im2col_lane16_bw(const uint16_t* __restrict x, const ConvGeom& g,
+                                                                  const Lane16Map& map, int64_t n0, int64_t T,
+                                                                  uint16_t* __restrict bt) {
+  const int64_t taps = g.kh * g.kw, HW = g.H * g.W;
+  const __mmask32 plane = HW >= 32 ? ~__mmask32(0) : (__mmask32(1) << HW) - 1;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t m = 0; 32 * m < T; ++m) {
+      const int64_t n = n0 + 2 * m;
+      const __m512i a = n < g.N ? _mm512_maskz_loadu_epi16(plane, x + (n * g.C + c) * HW) : _mm512_setzero_si512();
+      const __m512i b = n + 1 < g.N ? _mm512_maskz_loadu_epi16(plane, x + ((n + 1) * g.C + c) * HW)
+                                    : _mm512_setzero_si512();
+      uint16_t* d = bt + c * taps * T + 32 * m;
+      for (int64_t tap = 0; tap < taps; ++tap, d += T) {
+        const __m512i idx = _mm512_loadu_si512(map.idx + 32 * tap);
+        _mm512_storeu_si512(d, _mm512_maskz_permutex2var_epi16(__mmask32(map.mask[tap]), a, idx, b));
+      }
+    }
+}
+#endif
+
+bool bf16_im2col_lane16(const uint16_t* x, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t T,
+                        uint16_t* bt) {
+#ifdef SPARSEKERN_BF16_X86
+  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % 32 == 0 && q0 % 32 == 0) {
+    im2col_lane16_bw(x, g, map, q0 / 16, T, bt);
+    return true;
+  }
+#endif
+  (void)x, (void)g, (void)map, (void)q0, (void)T, (void)bt;
+  return false;
+}
+
+#ifdef SPARSEKERN_BF16_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void col2im_lane16_bw(
+    const float* __restrict ot, int64_t T, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t nt, int64_t c0,
+    int64_t c1, bf16* __restrict dx) {
+  const int64_t taps = g.kh * g.kw, HW = g.H * g.W;
+  const __mmask16 plane = __mmask16((uint32_t(1) << HW) - 1);
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t t = 0; t < nt; t += 16) {
+      const int64_t n = (q0 + t) / 16;
+      const float* o = ot + (c - c0) * taps * T + t;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t tap = 0; tap < taps; ++tap, o += T)
+        acc = _mm512_add_ps(acc, _mm512_maskz_permutexvar_ps(__mmask16(map.cmask[tap]),
+                                                              _mm512_load_si512(map.cidx + 16 * tap), _mm512_loadu_ps(o)));
+      _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(dx + (n * g.C + c) * HW), plane,
+                               (__m256i)_mm512_cvtneps_pbh(acc));
+    }
+}
+#endif
+
+bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t nt,
+                        int64_t c0, int64_t c1, bf16* dx) {
+#ifdef SPARSEKERN_BF16_X86
+  if (bf16_path() == Bf16Path::DPBF16 && map.col_on && q0 % 16 == 0 && nt % 16 == 0) {
+    col2im_lane16_bw(ot, T, g, map, q0, nt, c0, c1, dx);
+    return true;
+  }
+#endif
+  (void)ot, (void)T, (void)g, (void)map, (void)q0, (void)nt, (void)c0, (void)c1, (void)dx;
+  return false;
+}
+
+Lane16Map::Lane16Map(const ConvGeom& g) {
+  const int64_t taps = g.kh * g.kw;
+  on = g.Ho * g.Wo == 16 && g.H * g.W <= 32 && taps <= kMaxTaps;
+  if (!on) return;
+  col_on = g.H * g.W <= 16;
+  if (col_on)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t tap = i * g.kw + j;
+        uint32_t mk = 0;
+        for (int64_t v = 0; v < 16; ++v) {
+          const int64_t ih = v / g.W, iw = v % g.W, a = ih + g.ph - i * g.dh, b = iw + g.pw - j * g.dw;
+          const bool ok = v < g.H * g.W && a >= 0 && b >= 0 && a % g.sh == 0 && b % g.sw == 0 && a / g.sh < g.Ho &&
+                          b / g.sw < g.Wo;
+          cidx[16 * tap + v] = ok ? int32_t((a / g.sh) * g.Wo + b / g.sw) : 0;
+          if (ok) mk |= uint32_t(1) << v;
+        }
+        cmask[tap] = mk;
+      }
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t tap = i * g.kw + j;
+      uint32_t mk = 0;
+      for (int64_t u = 0; u < 32; ++u) {
+        const int64_t h = u / 16, p = u % 16, oh = p / g.Wo, ow = p % g.Wo;
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh, iw = ow * g.sw - g.pw + j * g.dw;
+        const int64_t pos = lane_pos(u);
+        const bool ok = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+        idx[32 * tap + pos] = uint16_t(ok ? h * 32 + ih * g.W + iw : 0);
+        if (ok) mk |= uint32_t(1) << pos;
+      }
+      mask[tap] = mk;
+    }
+}
+
+void bf16_lane_order(const uint16_t* __restrict src, int64_t T, uint16_t* __restrict dst) {
+#ifdef SPARSEKERN_BF16_X86
+  if (bf16_path() == Bf16Path::DPBF16) return lane_order_bw(src, T, dst);
+#endif
+  for (int64_t t = 0; t < T; ++t) dst[lane_pos(t)] = src[t];
 }
 
 #ifdef SPARSEKERN_BF16_X86

@@ -609,6 +609,225 @@ void crop_planes(const S* xp, const ConvGeom& g, S* x) {
 bool has_padding(const ConvGeom& g) { return g.ph > 0 || g.pw > 0; }
 
 // ---------------------------------------------------------------------------------------------
+// implicit GEMM in bf16 on vdpbf16ps (unstructured patterns): lane tiles (bf16_lane_tile's layout)
+// built straight from the zero-padded bf16 planes and from dy, the linear kernels' unstructured
+// panel (two nonzeros per instruction) and pair-of-positions weight gradient; float accumulation,
+// one rounding on store.  For the small planes (4x4) where the direct grid wastes most of its work.
+// ---------------------------------------------------------------------------------------------
+
+// A tile's runs of consecutive output positions inside one output row (im2col) or one image (dy):
+// tile positions [t, t + len) read from base + m * step.
+struct LaneRun {
+  int64_t t, len, base;
+};
+
+// bt[k * T + lane_pos(t)] = the im2col entry k of output position q0 + t of the unpadded geometry
+// gp (k = c * taps + i * kw + j), for t < nt; zero for nt <= t < T (T <= 256).  Each row is
+// gathered in position order into a scratch row, then put in lane order by bf16_lane_order.
+void im2col_lane_tile(const uint16_t* __restrict x, const ConvGeom& gp, int64_t q0, int64_t nt, int64_t T,
+                      std::vector<LaneRun>& runs, uint16_t* __restrict bt) {
+  const int64_t P = gp.Ho * gp.Wo, plane = gp.H * gp.W;
+  runs.clear();
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, oh = p / gp.Wo, ow0 = p % gp.Wo;
+    const int64_t len = std::min(gp.Wo - ow0, nt - t);
+    runs.push_back({t, len, n * gp.C * plane + oh * gp.sh * gp.W + ow0 * gp.sw});
+    t += len;
+  }
+  alignas(64) uint16_t row[256];
+  std::fill(row + nt, row + T, uint16_t(0));
+  uint16_t* d = bt;
+  for (int64_t c = 0; c < gp.C; ++c)
+    for (int64_t i = 0; i < gp.kh; ++i)
+      for (int64_t j = 0; j < gp.kw; ++j, d += T) {
+        const uint16_t* xs = x + c * plane + i * gp.dh * gp.W + j * gp.dw;
+        for (const LaneRun& r : runs) {
+          const uint16_t* s = xs + r.base;
+          if (gp.sw == 1)
+            std::memcpy(row + r.t, s, r.len * sizeof(uint16_t));
+          else
+            for (int64_t m = 0; m < r.len; ++m) row[r.t + m] = s[m * gp.sw];
+        }
+        bf16_lane_order(row, T, d);
+      }
+}
+
+// bt[(o - o0) * T + lane_pos(t)] = dy[n, o, p] of position q0 + t for o0 <= o < o1; zero past nt.
+void dy_lane_tile(const uint16_t* __restrict dy, int64_t O, int64_t P, int64_t q0, int64_t nt, int64_t T, int64_t o0,
+                  int64_t o1, std::vector<LaneRun>& runs, uint16_t* __restrict bt) {
+  runs.clear();
+  for (int64_t t = 0; t < nt;) {
+    const int64_t q = q0 + t, n = q / P, p = q % P, len = std::min(P - p, nt - t);
+    runs.push_back({t, len, n * O * P + p});
+    t += len;
+  }
+  alignas(64) uint16_t row[256];
+  std::fill(row + nt, row + T, uint16_t(0));
+  for (int64_t o = o0; o < o1; ++o) {
+    for (const LaneRun& r : runs) std::memcpy(row + r.t, dy + r.base + o * P, r.len * sizeof(uint16_t));
+    bf16_lane_order(row, T, bt + (o - o0) * T);
+  }
+}
+
+// The im2col lane tiles of one call: by permutes of whole small planes where Lane16Map qualifies
+// (4x4 outputs), else gathered from a zero-padded copy of the planes (made once per call).
+struct LaneIm2col {
+  const ConvGeom& g;
+  const ConvGeom gp;
+  const Lane16Map map;
+  const uint16_t* x;
+  const uint16_t* xp = nullptr;
+  LaneIm2col(const ConvGeom& g_, const bf16* x_)
+      : g(g_), gp(padded(g_)), map(g_), x(reinterpret_cast<const uint16_t*>(x_)) {
+    if (map.on) return;
+    xp = x;
+    if (has_padding(g)) {
+      uint16_t* xpad = Buf<uint16_t>(gp.N * gp.C * gp.H * gp.W, kDirX).get();
+      pad_planes(x, g, xpad);
+      xp = xpad;
+    }
+  }
+  void tile(int64_t q0, int64_t nt, int64_t T, std::vector<LaneRun>& runs, uint16_t* bt) const {
+    if (bf16_im2col_lane16(x, g, map, q0, T, bt)) return;
+    TORCH_INTERNAL_ASSERT(xp, "im2col lane tile: the small-plane path did not run");
+    im2col_lane_tile(xp, gp, q0, nt, T, runs, bt);
+  }
+};
+
+void gemm_fwd_bf16(const ConvGeom& g, const bf16* x, const bf16* w, const float* bp, const int32_t* ptr,
+                   const int32_t* idx, bf16* y) {
+  const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo, Q = g.N * P;
+  const Kernels<float>& k = kernels<float>();
+  SparseA<float, bf16> A{ptr, idx, 1, 1, g.O, Kc, w, Kc, 1};
+  A.plan(k, Q);
+  TORCH_INTERNAL_ASSERT(A.udp, "gemm_fwd_bf16 runs on the avx512_bf16 path only");
+  const LaneIm2col cols_of(g, x);
+  const int64_t T = A.width(k), ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
+  const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    Buf<uint16_t> bt(Kc * T, kTile);
+    Buf<float> ot(kRowBlock * T, kPanel);
+    std::vector<int32_t> cols;
+    std::vector<Bf16Run> runs;
+    std::vector<LaneRun> lruns;
+    int64_t last = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+      if (tile != last) {
+        cols_of.tile(q0, nt, T, lruns, bt.get());
+        runs.clear();  // the tile's output runs (dst relative to channel 0)
+        for (int64_t t = 0; t < nt;) {
+          const int64_t q = q0 + t, n = q / P, p = q % P, len = std::min(P - p, nt - t);
+          runs.push_back({t, len, n * g.O * P + p});
+          t += len;
+        }
+        last = tile;
+      }
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+        const int64_t re = std::min(r1, rr + kRowBlock);
+        A.rows(k, rr, re, reinterpret_cast<const float*>(bt.get()), ot.get(), cols);
+        bf16_round_runs(ot.get(), T, re - rr, bp ? bp + rr : nullptr, runs.data(), int64_t(runs.size()), y + rr * P, P);
+      }
+    }
+  });
+}
+
+// dx: the rows of W^T (im2col entries) of each tile into a float padded accumulator by col2im, each
+// task owning a range of input channels (as the float path); cropped and rounded once at the end.
+void gemm_dx_bf16(const ConvGeom& g, const bf16* dy, const bf16* w, const int32_t* ccol, const int32_t* row,
+                  bf16* dx) {
+  const int64_t taps = g.kh * g.kw, Kc = g.C * taps, P = g.Ho * g.Wo, Q = g.N * P;
+  const Kernels<float>& k = kernels<float>();
+  SparseA<float, bf16> A{ccol, row, 1, 1, Kc, g.O, w, 1, Kc};
+  A.plan(k, Q);
+  TORCH_INTERNAL_ASSERT(A.udp, "gemm_dx_bf16 runs on the avx512_bf16 path only");
+  std::vector<int64_t> cost(g.C, 0);
+  for (int64_t c = 0; c < g.C; ++c) cost[c] = int64_t(ccol[(c + 1) * taps] - ccol[c * taps]);
+  const auto bounds = balanced_split(cost, std::min<int64_t>(g.C, at::get_num_threads()), 1);
+  const int64_t T = A.width(k), ntiles = cdiv(Q, T);
+  const int64_t cgrp = std::max<int64_t>(1, kRowBlock / taps);
+  const ConvGeom gp = padded(g);
+  const Lane16Map map(g);  // col_on: each tile's images written whole, no accumulator
+  const bool small = map.col_on && T % 16 == 0;
+  const int64_t nd = small ? 0 : gp.N * gp.C * gp.H * gp.W;
+  float* acc = Buf<float>(nd, kDirY).get();
+  std::fill(acc, acc + nd, 0.0f);
+  const uint16_t* dyb = reinterpret_cast<const uint16_t*>(dy);
+  at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+    Buf<uint16_t> bt(g.O * T, kTile);
+    Buf<float> ot(cgrp * taps * T, kPanel);
+    std::vector<int32_t> cols;
+    std::vector<LaneRun> lruns;
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t c0 = bounds[part], c1 = bounds[part + 1];
+      if (c0 >= c1) continue;
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+        dy_lane_tile(dyb, g.O, P, q0, nt, T, 0, g.O, lruns, bt.get());
+        for (int64_t cc = c0; cc < c1; cc += cgrp) {
+          const int64_t ce = std::min(c1, cc + cgrp);
+          A.rows(k, cc * taps, ce * taps, reinterpret_cast<const float*>(bt.get()), ot.get(), cols);
+          if (!(small && bf16_col2im_lane16(ot.get(), T, g, map, q0, nt, cc, ce, dx)))
+            k.conv2d.col2im_tile(ot.get(), gp, q0, nt, T, cc, ce, acc);
+        }
+      }
+    }
+  });
+  if (small) return;
+  at::parallel_for(0, g.N * g.C, 16, [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl)
+      for (int64_t yy = 0; yy < g.H; ++yy)
+        bf16_round_row(acc + pl * gp.H * gp.W + (yy + g.ph) * gp.W + g.pw, 0.0f, g.W, dx + (pl * g.H + yy) * g.W);
+  });
+}
+
+// dW on the pattern: pairs of positions of the dy and im2col lane tiles (bf16_sddmm_dp), float
+// accumulators in pattern order, each task owning a range of rows over every tile (as the linear
+// bf16 weight gradient: a split over the batch would leave threads idle on small planes), rounded
+// once into dw (dense) or vals (compact).
+void gemm_dw_bf16(const ConvGeom& g, const bf16* dy, const bf16* x, const int32_t* ptr, const int32_t* idx, bf16* dwp,
+                  bf16* vals) {
+  const int64_t Kc = g.C * g.kh * g.kw, P = g.Ho * g.Wo, Q = g.N * P;
+  int64_t T = Q > 32 ? 64 : 32;  // the widest tile the batch fills whose im2col tile stays in about half of L2
+  while (T < 256 && T < Q && Kc * (2 * T) * 2 <= (int64_t(1) << 20)) T *= 2;
+  const int64_t ntiles = cdiv(Q, T);
+  const LaneIm2col cols_of(g, x);
+  const uint16_t* dyb = reinterpret_cast<const uint16_t*>(dy);
+  const PackedRows packed(ptr, idx, g.O, 1, 1, Kc);
+  const int64_t nnz = packed.size();
+  Buf<float> acc(nnz, kMainA);
+  std::fill(acc.get(), acc.get() + nnz, 0.0f);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(g.O, 4));
+  const auto bounds = balanced_split(row_costs(ptr, g.O, 1, 1), parts, 1);
+  at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t pb, int64_t pe) {
+    Buf<uint16_t> bt(Kc * T, kTile), at_(kRowBlock * T, kPanel);
+    std::vector<int32_t> cols;
+    std::vector<LaneRun> lruns;
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t r0 = bounds[part], r1 = bounds[part + 1];
+      if (r0 >= r1 || ptr[r0] == ptr[r1]) continue;
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
+        cols_of.tile(q0, nt, T, lruns, bt.get());
+        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
+          const int64_t re = std::min(r1, rr + kRowBlock);
+          if (ptr[rr] == ptr[re]) continue;
+          dy_lane_tile(dyb, g.O, P, q0, nt, T, rr, re, lruns, at_.get());
+          bf16_sddmm_dp(ptr, idx, 1, 1, Kc, rr, re, T, at_.get(), bt.get(), acc.get(), packed.base.data(), cols);
+        }
+      }
+    }
+  });
+  if (vals) {
+    for (int64_t j = 0; j < nnz; ++j) store(vals[j], acc[j]);
+  } else {
+    packed.scatter(ptr, idx, 1, 1, Kc, acc.get(), dwp);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // the per-shape choice between implicit GEMM and direct
 // ---------------------------------------------------------------------------------------------
 
@@ -638,21 +857,36 @@ int forced_algo() {
 // needs a density of at most 0.15.  Strides whose phases no tap reads (a 1x1 kernel at stride 2)
 // make the direct path copy planes it never uses, so those stay on implicit GEMM.
 //
-// bf16 on vdpbf16ps (direct_*_bf16) has no GEMM counterpart of its own (implicit GEMM widens bf16
-// to float at the op boundary), so there the direct path also takes the 8x8 outputs with at most
-// 1.6 grid positions per output, for all three ops (ResNet-18's 80-channel 8x8 layers at 90 %, batch
-// 32, AMD EPYC: forward 0.71 vs 1.05 ms, dx 0.79 vs 1.56, dW 0.80 vs 0.88; the 4x4 layers keep GEMM:
-// 1.66 vs 0.78 ms forward).
+// bf16 on vdpbf16ps, unstructured: both algorithms have bf16 kernels (direct_*_bf16, gemm_*_bf16),
+// measured against each other on ResNet-18's layers (nf 20 and 64, batch 32, 90 %, AMD EPYC, 2
+// threads).  The strided input gradient goes to GEMM (nf 64, 16x16 stride 2: 3.9 vs 4.9 ms; the
+// direct one's write-back is strided); 16x16 and larger outputs keep the direct rule above; 8x8
+// outputs go direct only for short im2col rows (C * kh * kw <= 1024: nf 20's 80 channels, forward
+// 0.59 vs 0.78 ms, dW 0.57 vs 1.3; nf 64's 256 channels run GEMM, 4.2 vs 5.8 ms forward) and, at
+// stride 2, only for dW (nf 20 16->8 forward 0.46 vs 0.98 ms on GEMM); 4x4 outputs run GEMM
+// (Lane16Map: 0.20 vs 0.84 ms forward).  Block patterns on vdpbf16ps have direct kernels only
+// (GEMM widens them to float at the op boundary), so there the direct path also takes the 8x8
+// outputs with at most 1.6 grid positions per output, for all three ops.
 bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t bk, bool dp_bf16) {
-  (void)bk;
   const DirectGeom d(g);
   if (d.used_phases() < d.phases) return false;
   const int64_t size = g.O * g.C * g.kh * g.kw;
   if (size == 0 || double(nnz) > 0.15 * double(size)) return false;
   const int64_t out = g.Ho * g.Wo;
+  if (dp_bf16 && bo == 1 && bk == 1) {
+    if (op == ConvOp::kDx && d.phases > 1) return false;
+    if (out >= 256 && d.waste() <= 1.4) return true;
+    return out >= 64 && d.waste() <= 1.6 && g.C * g.kh * g.kw <= 1024 && (op == ConvOp::kDw || d.phases == 1);
+  }
   if (out >= 256 && d.waste() <= 1.4) return true;
   if (dp_bf16 && out >= 64 && d.waste() <= 1.6) return true;
   return bo % 4 == 0 && op != ConvOp::kDx && out >= 64 && d.waste() <= 1.6;
+}
+
+// Whether a bf16 call runs on vdpbf16ps (direct_*_bf16, or gemm_*_bf16 for unstructured
+// patterns) rather than widened to float at the op boundary.
+bool bf16_dp_conv(bool direct, int64_t bo, int64_t bk) {
+  return bf16_path() == Bf16Path::DPBF16 && (direct || (bo == 1 && bk == 1));
 }
 
 // bf16: whether the bf16 direct kernels run (`bf16` and the avx512_bf16 path); they replace the
@@ -682,7 +916,7 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
   check_compressed(crow, col, cdiv(g.O, bo), cdiv(Kc, bk), "crow_indices", "col_indices");
   const bool direct = use_direct(ConvOp::kFwd, g, col.numel() * bo * bk, bo, bk, x_.scalar_type() == at::kBFloat16);
   if (x_.scalar_type() == at::kBFloat16) {
-    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+    if (!bf16_dp_conv(direct, bo, bk))  // widened at the boundary (block GEMM tiles are float-only)
       return conv2d_fwd(widen_bf16(x_), widen_bf16(weight_), widen_bf16(bias_), crow, col, block, stride, padding,
                         dilation)
           .to(at::kBFloat16);
@@ -690,8 +924,13 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
     Tensor y = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
     if (g.N == 0 || g.O == 0) return y;
     std::vector<float> btmp;
-    direct_fwd_bf16(g, data_of<bf16>(x), data_of<bf16>(w), bias_values<float, bf16>(bias, btmp),
-                    crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk, data_of<bf16>(y));
+    const float* bp = bias_values<float, bf16>(bias, btmp);
+    if (direct)
+      direct_fwd_bf16(g, data_of<bf16>(x), data_of<bf16>(w), bp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo,
+                      bk, data_of<bf16>(y));
+    else
+      gemm_fwd_bf16(g, data_of<bf16>(x), data_of<bf16>(w), bp, crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                    data_of<bf16>(y));
     return y;
   }
   Tensor x = x_.contiguous(), w = weight_.contiguous();
@@ -759,9 +998,15 @@ Tensor conv2d_dx(const Tensor& dy_, const Tensor& weight_, const Tensor& ccol, c
   if (g.N == 0 || g.C == 0 || row.numel() == 0) return at::zeros({g.N, g.C, g.H, g.W}, dy.options());
   const bool direct = use_direct(ConvOp::kDx, g, row.numel() * bo * bk, bo, bk, dy_.scalar_type() == at::kBFloat16);
   if (dy_.scalar_type() == at::kBFloat16) {
-    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+    if (!bf16_dp_conv(direct, bo, bk))  // widened at the boundary (block GEMM tiles are float-only)
       return conv2d_dx(widen_bf16(dy_), widen_bf16(weight_), ccol, row, block, input_size, stride, padding, dilation)
           .to(at::kBFloat16);
+    if (!direct) {  // writes every pixel (cropped from its padded accumulator)
+      Tensor dx = huge_page_hint(at::empty({g.N, g.C, g.H, g.W}, dy.options()));
+      gemm_dx_bf16(g, data_of<bf16>(dy), data_of<bf16>(w), ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(),
+                   data_of<bf16>(dx));
+      return dx;
+    }
     Tensor dx = g.sh == 1 && g.sw == 1 ? huge_page_hint(at::empty({g.N, g.C, g.H, g.W}, dy.options()))
                                        : at::zeros({g.N, g.C, g.H, g.W}, dy.options());
     direct_dx_bf16(g, data_of<bf16>(dy), data_of<bf16>(w), ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(), bo, bk,
@@ -846,14 +1091,18 @@ Tensor conv2d_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
   if (g.N == 0 || col.numel() == 0 || g.O == 0 || Kc == 0) return at::zeros({g.O, g.C, g.kh, g.kw}, x.options());
   const bool direct = use_direct(ConvOp::kDw, g, col.numel() * bo * bk, bo, bk, x_.scalar_type() == at::kBFloat16);
   if (x_.scalar_type() == at::kBFloat16) {
-    if (!(direct && bf16_path() == Bf16Path::DPBF16))  // widened at the boundary (no bf16 GEMM tiles)
+    if (!bf16_dp_conv(direct, bo, bk))  // widened at the boundary (block GEMM tiles are float-only)
       return conv2d_dw_impl(widen_bf16(dy_), widen_bf16(x_), crow, col, block, weight_size, stride, padding, dilation,
                             compact)
           .to(at::kBFloat16);
     const PackedRows packed(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g.O, bo, bk, Kc);
     Tensor out = compact ? at::empty({packed.size()}, x.options())
                          : huge_page_hint(at::empty({g.O, g.C, g.kh, g.kw}, x.options()));
-    direct_dw_bf16(g, data_of<bf16>(dy), data_of<bf16>(x), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk,
+    if (direct)
+      direct_dw_bf16(g, data_of<bf16>(dy), data_of<bf16>(x), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), bo, bk,
+                     compact ? nullptr : data_of<bf16>(out), compact ? data_of<bf16>(out) : nullptr);
+    else
+      gemm_dw_bf16(g, data_of<bf16>(dy), data_of<bf16>(x), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                    compact ? nullptr : data_of<bf16>(out), compact ? data_of<bf16>(out) : nullptr);
     return out;
   }

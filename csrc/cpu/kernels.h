@@ -164,10 +164,47 @@ void bf16_panel_bsr_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64
                        const uint32_t* pk, const int64_t* base, int64_t r0, int64_t r1, const uint32_t* bt, float* ot,
                        std::vector<int32_t>& pairs);
 
+// Position of batch column t (< T, T a multiple of 32) in a lane tile row: within each chunk of
+// 32, t = 16h + 4L + w sits at 8L + 4h + w, so that unpacking two rows word by word (vpunpcklwd /
+// vpunpckhwd, which work inside 128-bit lanes) gives the pairs of t = 0..15 and 16..31 in order.
+inline int64_t lane_pos(int64_t t) {
+  const int64_t u = t & 31, h = u >> 4, L = (u & 15) >> 2, w = u & 3;
+  return (t & ~int64_t(31)) + 8 * L + 4 * h + w;
+}
+
 // Lane tile of bf16 rows for the unstructured vdpbf16ps kernels (T a multiple of 32): the bits of
 // src[t, c] at dst[c * T + lane_pos(t)] for t < nt (zero up to T), lane_pos a fixed permutation
 // inside each 32 columns (bf16_dot.cpp) that the panels' word interleave undoes.
 void bf16_lane_tile(const bf16* src, int64_t ld, int64_t nt, int64_t ncols, int64_t T, uint16_t* dst);
+// One lane tile row: dst[lane_pos(t)] = src[t] for t < T (T a multiple of 32).
+void bf16_lane_order(const uint16_t* src, int64_t T, uint16_t* dst);
+// The im2col lane tile of a conv with 16 output positions per image (4x4) whose input planes hold at
+// most 32 entries, by word permutes of two images' planes at a time (vpermt2w, zero where a tap
+// reads padding).  Lane16Map holds each tap's word indices and validity mask; on is false where
+// the geometry does not qualify.
+struct Lane16Map {
+  static constexpr int64_t kMaxTaps = 25;
+  bool on = false;
+  alignas(64) uint16_t idx[32 * kMaxTaps];
+  uint32_t mask[kMaxTaps];
+  // the adjoint (bf16_col2im_lane16), where the input planes hold at most 16 entries: per tap, the
+  // output position each input entry takes its term from, and which entries take one
+  bool col_on = false;
+  alignas(64) int32_t cidx[16 * kMaxTaps];
+  uint32_t cmask[kMaxTaps];
+  explicit Lane16Map(const ConvGeom& g);
+};
+// dx[n, c] (the whole input plane, rounded to bf16) = the sum over taps of the tile's float rows
+// ot[((c - c0) * taps + tap) * T + t] (natural position order) at the positions of image n, for the
+// images of positions q0 .. q0 + nt and channels c0 <= c < c1, if map.col_on and the avx512_bf16
+// path (q0 a multiple of 16); returns whether it wrote them.
+bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t nt,
+                        int64_t c0, int64_t c1, bf16* dx);
+// bt[k * T + lane_pos(t)] (the layout of im2col_lane_tile in conv2d.cpp) for positions q0 .. q0 + T
+// of the unpadded input x (zero past the batch), if map.on, the avx512_bf16 path and T, q0
+// multiples of 32; returns whether it wrote the tile.
+bool bf16_im2col_lane16(const uint16_t* x, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t T,
+                        uint16_t* bt);
 // Unstructured panel on a lane tile (T = 64 or 128): ot[(r - r0) * T + t] = sum over row r's
 // nonzeros of A[r, c] . tile[c, t], the nonzeros in pairs: pk[pbase[r] + i] holds the bf16 pair
 // (A[r, idx[ptr[r] + 2i]], A[r, idx[ptr[r] + 2i + 1]]) (high half zero past the row's end).

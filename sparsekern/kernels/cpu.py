@@ -491,8 +491,9 @@ def conv2d_algo(
     (groups=1); ``stride`` / ``padding`` / ``dilation`` are ints or pairs; ``pattern`` (a
     :class:`~sparsekern.formats.Pattern`, default dense) gives the layout and the density.  The
     automatic choice is a fixed rule of the shapes (see ``auto_direct`` in ``csrc/cpu/conv2d.cpp``);
-    ``dtype=torch.bfloat16`` reports it for bf16 operands (on the ``avx512_bf16`` path the direct
-    kernels take smaller planes); ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is
+    ``dtype=torch.bfloat16`` reports it for bf16 operands (on the ``avx512_bf16`` path both
+    algorithms have bf16 kernels and the rule differs: the direct kernels take 8x8 outputs of short
+    im2col rows, the strided input gradient runs GEMM); ``SPARSEKERN_CPU_CONV_ALGO=direct|gemm`` forces one and is
     reported here too."""
     ok, why = load_library()
     if not ok:

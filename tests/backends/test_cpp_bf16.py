@@ -228,6 +228,13 @@ CONV_CASES = [
     (2, 12, 16, 16, 3, 1, 1, 1, 1, 0.0),  # empty
     (2, 16, 32, 16, 3, 1, 1, 16, 16, 0.3),  # block 16
     (1, 5, 7, 20, 5, 1, 2, 1, 1, 0.2),  # 5x5 taps, odd channels
+    # 4x4 outputs: whole planes by word permutes (Lane16Map); an odd batch leaves half a pair
+    (3, 20, 24, 4, 3, 1, 1, 1, 1, 0.3),
+    (2, 9, 11, 4, 5, 1, 2, 1, 1, 0.4),  # 5x5 taps on a 4x4 plane: most taps read padding
+    (3, 6, 10, 5, 2, 1, 0, 1, 1, 0.5),  # 5x5 input planes (25 entries): permuted im2col, general col2im
+    (2, 16, 24, 8, 3, 2, 1, 1, 1, 0.2),  # 8x8 -> 4x4 at stride 2: planes too large for the permutes
+    (2, 10, 12, 8, 1, 2, 0, 1, 1, 0.5),  # 1x1 at stride 2
+    (2, 24, 8, 3, 3, 1, 1, 1, 1, 0.3),  # 3x3 outputs (9 per image)
 ]
 
 
@@ -247,9 +254,12 @@ def test_conv2d_bf16_matches_fp32_reference(path, case, algo, monkeypatch):
     assert torch.equal(dwv, got[2][mask])
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["s1", "s2", "block16"])
-def test_conv2d_bf16_deterministic_across_threads(path, case, monkeypatch):
-    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", "direct")
+@pytest.mark.parametrize("algo", ["direct", "gemm"])
+@pytest.mark.parametrize(
+    "case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4], CONV_CASES[6]], ids=["s1", "s2", "block16", "4x4"]
+)
+def test_conv2d_bf16_deterministic_across_threads(path, case, algo, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -262,19 +272,21 @@ def test_conv2d_bf16_deterministic_across_threads(path, case, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_conv2d_bf16_direct_runs_on_the_forced_path(path, monkeypatch):
-    """The subnormal check on the direct conv: vdpbf16ps reads bf16 subnormals as zero."""
-    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", "direct")
+@pytest.mark.parametrize("algo,H", [("direct", 16), ("gemm", 16), ("gemm", 4)])
+def test_conv2d_bf16_runs_on_the_forced_path(path, algo, H, monkeypatch):
+    """The subnormal check on both conv algorithms (4x4: the permuted small-plane tiles):
+    vdpbf16ps reads bf16 subnormals as zero, the widening path keeps them."""
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
     C = co = 8
     grid = torch.ones(co, C * 9, dtype=torch.bool)
     (crow, col), (ccol, row) = _grid_csr(grid)
-    tiny = torch.full((1, C, 16, 16), 1e-39, dtype=BF16)
+    tiny = torch.full((1, C, H, H), 1e-39, dtype=BF16)
     w_tiny = torch.full((co, C, 3, 3), 1e-39, dtype=BF16)
-    ones_w, ones_dy = torch.ones(co, C, 3, 3, dtype=BF16), torch.ones(1, co, 16, 16, dtype=BF16)
+    ones_w, ones_dy = torch.ones(co, C, 3, 3, dtype=BF16), torch.ones(1, co, H, H, dtype=BF16)
     blk, st, pd, dl = [1, 1], [1, 1], [1, 1], [1, 1]
     outs = (
         ops.conv2d_fwd(tiny, ones_w, None, crow, col, blk, st, pd, dl),
-        ops.conv2d_dx(ones_dy, w_tiny, ccol, row, blk, [1, C, 16, 16], st, pd, dl),
+        ops.conv2d_dx(ones_dy, w_tiny, ccol, row, blk, [1, C, H, H], st, pd, dl),
         ops.conv2d_dw(ones_dy, tiny, crow, col, blk, [co, C, 3, 3], st, pd, dl),
     )
     for name, y in zip(("y", "dx", "dw"), outs):
@@ -285,8 +297,9 @@ def test_conv2d_bf16_direct_runs_on_the_forced_path(path, monkeypatch):
 
 
 def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
-    """On avx512_bf16 the bf16 direct kernels also take 8x8 outputs; fp32 (and the widening path)
-    keep implicit GEMM there; 4x4 outputs stay on GEMM for both."""
+    """On avx512_bf16 the bf16 direct kernels also take 8x8 outputs of short im2col rows; fp32 (and
+    the widening path) keep implicit GEMM there; 4x4 outputs stay on GEMM for both; on
+    avx512_bf16 wide 8x8 layers and the strided input gradient run the bf16 GEMM."""
     monkeypatch.delenv("SPARSEKERN_CPU_CONV_ALGO", raising=False)
     from sparsekern import formats
 
@@ -298,3 +311,18 @@ def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
         assert small == ("direct" if path == "avx512_bf16" else "gemm"), op
         assert cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat) == "gemm", op
         assert cppmod.conv2d_algo(op, [32, 80, 4, 4], w_shape, 1, 1, pattern=pat, dtype=BF16) == "gemm", op
+
+    def sparse(*shape):
+        return formats.pattern_of(
+            torch.rand(*shape, generator=torch.Generator().manual_seed(1)) < 0.1, "unstructured", None
+        )
+
+    wide, down = sparse(256, 256, 3, 3), sparse(128, 64, 3, 3)
+    for op in ("fwd", "dx", "dw"):
+        got = cppmod.conv2d_algo(op, [32, 256, 8, 8], [256, 256, 3, 3], 1, 1, pattern=wide, dtype=BF16)
+        assert got == "gemm", op
+    strided = [
+        cppmod.conv2d_algo(op, [32, 64, 32, 32], [128, 64, 3, 3], 2, 1, pattern=down, dtype=BF16)
+        for op in ("fwd", "dx", "dw")
+    ]
+    assert strided == (["direct", "gemm", "direct"] if path == "avx512_bf16" else ["direct"] * 3)
