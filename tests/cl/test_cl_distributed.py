@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,31 @@ TINY = {
 METHODS = ["derpp", "sparcl_derpp", "dst", "esacl_derpp"]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+# A rank that finished its work can still abort in gloo's teardown at interpreter exit
+# (std::terminate from a worker thread: "terminate called without an active exception"); seen
+# about once in a dozen runs of the driver on a loaded 2-core machine, never in the work itself.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(*args: str, fresh: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun`` with two ranks; with ``fresh`` (an output directory the run creates), a run
+    whose only failure is the teardown abort above is run once more from an empty ``fresh``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2 if fresh is not None else 1):
+        if attempt:
+            shutil.rmtree(fresh, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+        proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stderr + proc.stdout:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -69,7 +91,8 @@ def _assert_same_model(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def driven(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_cl")
-    torchrun(str(ROOT / "tests" / "cl" / "ddp_driver.py"), str(out / "two"), json.dumps(TINY), ",".join(METHODS))
+    two = out / "two"
+    torchrun(str(ROOT / "tests" / "cl" / "ddp_driver.py"), str(two), json.dumps(TINY), ",".join(METHODS), fresh=two)
     return out
 
 
