@@ -245,6 +245,95 @@ bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lan
   return false;
 }
 
+LaneShiftMap::LaneShiftMap(const ConvGeom& g) {
+  taps = g.kh * g.kw;
+  P = g.Ho * g.Wo;
+  on = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && P % 32 == 0 && P > 0;
+  if (!on) return;
+  shift.resize(taps);
+  mask.assign(taps * (P / 32), 0);
+  cmask.assign(taps * (P / 16), 0);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t tap = i * g.kw + j, di = i * g.dh - g.ph, dj = j * g.dw - g.pw;
+      shift[tap] = di * g.W + dj;
+      for (int64_t u = 0; u < P; ++u) {
+        const int64_t oh = u / g.Wo, ow = u % g.Wo;
+        if (oh + di >= 0 && oh + di < g.H && ow + dj >= 0 && ow + dj < g.W)
+          mask[tap * (P / 32) + u / 32] |= uint32_t(1) << (u % 32);
+        const int64_t ih = u / g.W, iw = u % g.W;  // as an input entry (the planes have one size)
+        if (ih - di >= 0 && ih - di < g.Ho && iw - dj >= 0 && iw - dj < g.Wo)
+          cmask[tap * (P / 16) + u / 16] |= uint32_t(1) << (u % 16);
+      }
+    }
+}
+
+#ifdef SPARSEKERN_BF16_X86
+__attribute__((target("avx512f,avx512bw"))) void im2col_shift_bw(const uint16_t* __restrict x, const ConvGeom& g,
+                                                                 const LaneShiftMap& map, int64_t q0, int64_t T,
+                                                                 uint16_t* __restrict bt) {
+  const int64_t taps = map.taps, P = map.P, G = P / 32;
+  const __m512i perm = _mm512_load_si512(kLaneInv.v);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t t = 0; t < T; t += 32) {
+      const int64_t q = q0 + t, n = q / P, gi = (q % P) / 32;
+      uint16_t* d = bt + c * taps * T + t;
+      if (n >= g.N) {
+        for (int64_t tap = 0; tap < taps; ++tap) _mm512_storeu_si512(d + tap * T, _mm512_setzero_si512());
+        continue;
+      }
+      const uint16_t* plane = x + (n * g.C + c) * P + gi * 32;
+      for (int64_t tap = 0; tap < taps; ++tap, d += T) {
+        const __m512i v = _mm512_maskz_loadu_epi16(__mmask32(map.mask[tap * G + gi]), plane + map.shift[tap]);
+        _mm512_storeu_si512(d, _mm512_permutexvar_epi16(perm, v));
+      }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void col2im_shift_bw(
+    const float* __restrict ot, int64_t T, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t nt,
+    int64_t c0, int64_t c1, bf16* __restrict dx) {
+  const int64_t taps = map.taps, P = map.P, G = P / 16;
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t t = 0; t < nt; t += P) {
+      const int64_t n = (q0 + t) / P;
+      const float* img = ot + (c - c0) * taps * T + t;
+      uint16_t* d = reinterpret_cast<uint16_t*>(dx + (n * g.C + c) * P);
+      for (int64_t k = 0; k < G; ++k) {
+        __m512 acc = _mm512_setzero_ps();
+        const float* o = img + 16 * k;
+        for (int64_t tap = 0; tap < taps; ++tap, o += T)
+          acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(__mmask16(map.cmask[tap * G + k]), o - map.shift[tap]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 16 * k), (__m256i)_mm512_cvtneps_pbh(acc));
+      }
+    }
+}
+#endif
+
+bool bf16_im2col_shift(const uint16_t* x, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t T,
+                       uint16_t* bt) {
+#ifdef SPARSEKERN_BF16_X86
+  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % 32 == 0 && q0 % 32 == 0) {
+    im2col_shift_bw(x, g, map, q0, T, bt);
+    return true;
+  }
+#endif
+  (void)x, (void)g, (void)map, (void)q0, (void)T, (void)bt;
+  return false;
+}
+
+bool bf16_col2im_shift(const float* ot, int64_t T, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t nt,
+                       int64_t c0, int64_t c1, bf16* dx) {
+#ifdef SPARSEKERN_BF16_X86
+  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % map.P == 0 && q0 % map.P == 0 && nt % map.P == 0) {
+    col2im_shift_bw(ot, T, g, map, q0, nt, c0, c1, dx);
+    return true;
+  }
+#endif
+  (void)ot, (void)T, (void)g, (void)map, (void)q0, (void)nt, (void)c0, (void)c1, (void)dx;
+  return false;
+}
+
 Lane16Map::Lane16Map(const ConvGeom& g) {
   const int64_t taps = g.kh * g.kw;
   on = g.Ho * g.Wo == 16 && g.H * g.W <= 32 && taps <= kMaxTaps;

@@ -675,11 +675,12 @@ struct LaneIm2col {
   const ConvGeom& g;
   const ConvGeom gp;
   const Lane16Map map;
+  const LaneShiftMap smap;
   const uint16_t* x;
   const uint16_t* xp = nullptr;
   LaneIm2col(const ConvGeom& g_, const bf16* x_)
-      : g(g_), gp(padded(g_)), map(g_), x(reinterpret_cast<const uint16_t*>(x_)) {
-    if (map.on) return;
+      : g(g_), gp(padded(g_)), map(g_), smap(g_), x(reinterpret_cast<const uint16_t*>(x_)) {
+    if (map.on || smap.on) return;
     xp = x;
     if (has_padding(g)) {
       uint16_t* xpad = Buf<uint16_t>(gp.N * gp.C * gp.H * gp.W, kDirX).get();
@@ -688,7 +689,7 @@ struct LaneIm2col {
     }
   }
   void tile(int64_t q0, int64_t nt, int64_t T, std::vector<LaneRun>& runs, uint16_t* bt) const {
-    if (bf16_im2col_lane16(x, g, map, q0, T, bt)) return;
+    if (bf16_im2col_lane16(x, g, map, q0, T, bt) || bf16_im2col_shift(x, g, smap, q0, T, bt)) return;
     TORCH_INTERNAL_ASSERT(xp, "im2col lane tile: the small-plane path did not run");
     im2col_lane_tile(xp, gp, q0, nt, T, runs, bt);
   }
@@ -749,8 +750,11 @@ void gemm_dx_bf16(const ConvGeom& g, const bf16* dy, const bf16* w, const int32_
   const int64_t T = A.width(k), ntiles = cdiv(Q, T);
   const int64_t cgrp = std::max<int64_t>(1, kRowBlock / taps);
   const ConvGeom gp = padded(g);
-  const Lane16Map map(g);  // col_on: each tile's images written whole, no accumulator
-  const bool small = map.col_on && T % 16 == 0;
+  // small planes (Lane16Map::col_on, LaneShiftMap with whole images per tile): each tile's
+  // images written whole, no accumulator
+  const Lane16Map map(g);
+  const LaneShiftMap smap(g);
+  const bool small = (map.col_on && T % 16 == 0) || (smap.on && T % smap.P == 0);
   const int64_t nd = small ? 0 : gp.N * gp.C * gp.H * gp.W;
   float* acc = Buf<float>(nd, kDirY).get();
   std::fill(acc, acc + nd, 0.0f);
@@ -769,7 +773,8 @@ void gemm_dx_bf16(const ConvGeom& g, const bf16* dy, const bf16* w, const int32_
         for (int64_t cc = c0; cc < c1; cc += cgrp) {
           const int64_t ce = std::min(c1, cc + cgrp);
           A.rows(k, cc * taps, ce * taps, reinterpret_cast<const float*>(bt.get()), ot.get(), cols);
-          if (!(small && bf16_col2im_lane16(ot.get(), T, g, map, q0, nt, cc, ce, dx)))
+          if (!(small && (bf16_col2im_lane16(ot.get(), T, g, map, q0, nt, cc, ce, dx) ||
+                          bf16_col2im_shift(ot.get(), T, g, smap, q0, nt, cc, ce, dx))))
             k.conv2d.col2im_tile(ot.get(), gp, q0, nt, T, cc, ce, acc);
         }
       }
@@ -859,10 +864,14 @@ int forced_algo() {
 //
 // bf16 on vdpbf16ps, unstructured: both algorithms have bf16 kernels (direct_*_bf16, gemm_*_bf16),
 // measured against each other on ResNet-18's layers (nf 20 and 64, batch 32, 90 %, AMD EPYC, 2
-// threads).  The strided input gradient goes to GEMM (nf 64, 16x16 stride 2: 3.9 vs 4.9 ms; the
-// direct one's write-back is strided); 16x16 and larger outputs keep the direct rule above; 8x8
-// outputs go direct only for short im2col rows (C * kh * kw <= 1024: nf 20's 80 channels, forward
-// 0.59 vs 0.78 ms, dW 0.57 vs 1.3; nf 64's 256 channels run GEMM, 4.2 vs 5.8 ms forward) and, at
+// threads).  Where the GEMM tiles come from masked loads of whole planes (LaneShiftMap: stride 1,
+// output plane = input plane, a multiple of 32 entries) GEMM takes the forward and dW up to 16x16
+// outputs (nf 20 8x8: forward 0.18 vs 0.45 ms, dW 0.27 vs 0.72; 16x16: 0.20 vs 0.36, 0.25 vs 0.38;
+// nf 64 16x16: 1.6 vs 2.8, 1.7 vs 2.8; at 32x32 direct is as fast or faster) and the input gradient
+// where a tile holds whole images (8x8: 0.29 vs 0.64 ms; at 16x16 its scatter-add is twice the
+// direct one's time).  The strided input gradient goes to GEMM (nf 64, 16x16 stride 2: 3.9 vs 4.9
+// ms; the direct one's write-back is strided); otherwise 16x16 and larger outputs keep the direct
+// rule above, other 8x8 outputs go direct only for short im2col rows (C * kh * kw <= 1024) and, at
 // stride 2, only for dW (nf 20 16->8 forward 0.46 vs 0.98 ms on GEMM); 4x4 outputs run GEMM
 // (Lane16Map: 0.20 vs 0.84 ms forward).  Block patterns on vdpbf16ps have direct kernels only
 // (GEMM widens them to float at the op boundary), so there the direct path also takes the 8x8
@@ -874,7 +883,12 @@ bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t 
   if (size == 0 || double(nnz) > 0.15 * double(size)) return false;
   const int64_t out = g.Ho * g.Wo;
   if (dp_bf16 && bo == 1 && bk == 1) {
-    if (op == ConvOp::kDx && d.phases > 1) return false;
+    const bool shifted = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && out % 32 == 0;
+    if (op == ConvOp::kDx) {
+      if (d.phases > 1 || (shifted && out <= 64)) return false;
+    } else if (shifted && out <= 256) {
+      return false;
+    }
     if (out >= 256 && d.waste() <= 1.4) return true;
     return out >= 64 && d.waste() <= 1.6 && g.C * g.kh * g.kw <= 1024 && (op == ConvOp::kDw || d.phases == 1);
   }

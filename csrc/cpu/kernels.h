@@ -205,6 +205,24 @@ bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lan
 // multiples of 32; returns whether it wrote the tile.
 bool bf16_im2col_lane16(const uint16_t* x, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t T,
                         uint16_t* bt);
+// The same tiles for stride-1 convs whose output planes have the input's size and a multiple of
+// 32 entries (8x8 and up): each tap reads the plane at a fixed offset from the output position,
+// so a tile row's 32 positions are one masked load of the (unpadded) plane, put in lane order by
+// vpermw; the adjoint adds masked loads of the tile rows (whole images per tile: T a multiple of
+// the plane).  Per tap: the offset, and for each group of 32 outputs (16 inputs for the adjoint)
+// which entries are inside the plane.
+struct LaneShiftMap {
+  bool on = false;
+  int64_t taps = 0, P = 0;
+  std::vector<int64_t> shift;
+  std::vector<uint32_t> mask;  // [tap * (P / 32) + group]
+  std::vector<uint32_t> cmask;  // [tap * (P / 16) + group]
+  explicit LaneShiftMap(const ConvGeom& g);
+};
+bool bf16_im2col_shift(const uint16_t* x, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t T,
+                       uint16_t* bt);
+bool bf16_col2im_shift(const float* ot, int64_t T, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t nt,
+                       int64_t c0, int64_t c1, bf16* dx);
 // Unstructured panel on a lane tile (T = 64 or 128): ot[(r - r0) * T + t] = sum over row r's
 // nonzeros of A[r, c] . tile[c, t], the nonzeros in pairs: pk[pbase[r] + i] holds the bf16 pair
 // (A[r, idx[ptr[r] + 2i]], A[r, idx[ptr[r] + 2i + 1]]) (high half zero past the row's end).

@@ -235,6 +235,10 @@ CONV_CASES = [
     (2, 16, 24, 8, 3, 2, 1, 1, 1, 0.2),  # 8x8 -> 4x4 at stride 2: planes too large for the permutes
     (2, 10, 12, 8, 1, 2, 0, 1, 1, 0.5),  # 1x1 at stride 2
     (2, 24, 8, 3, 3, 1, 1, 1, 1, 0.3),  # 3x3 outputs (9 per image)
+    # stride 1, output plane = input plane: GEMM tiles by masked plane loads (LaneShiftMap)
+    (3, 16, 24, 8, 3, 1, 1, 1, 1, 0.3),  # 8x8: whole images per tile (the adjoint by loads too)
+    (2, 9, 12, 8, 5, 1, 2, 1, 1, 0.5),  # 5x5 taps
+    (2, 16, 20, 16, 3, 1, 1, 1, 1, 0.2),  # 16x16: half an image per tile, general col2im
 ]
 
 
@@ -256,7 +260,9 @@ def test_conv2d_bf16_matches_fp32_reference(path, case, algo, monkeypatch):
 
 @pytest.mark.parametrize("algo", ["direct", "gemm"])
 @pytest.mark.parametrize(
-    "case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4], CONV_CASES[6]], ids=["s1", "s2", "block16", "4x4"]
+    "case",
+    [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4], CONV_CASES[6], CONV_CASES[12]],
+    ids=["s1", "s2", "block16", "4x4", "8x8"],
 )
 def test_conv2d_bf16_deterministic_across_threads(path, case, algo, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
@@ -297,9 +303,10 @@ def test_conv2d_bf16_runs_on_the_forced_path(path, algo, H, monkeypatch):
 
 
 def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
-    """On avx512_bf16 the bf16 direct kernels also take 8x8 outputs of short im2col rows; fp32 (and
-    the widening path) keep implicit GEMM there; 4x4 outputs stay on GEMM for both; on
-    avx512_bf16 wide 8x8 layers and the strided input gradient run the bf16 GEMM."""
+    """The bf16 rule on avx512_bf16 against fp32's (which the widening path follows): same-size
+    stride-1 planes up to 16x16 run the bf16 GEMM forward and dW (8x8 also dx), other 8x8 outputs
+    of short im2col rows run direct, 4x4 outputs GEMM for both, wide 8x8 layers and the strided
+    input gradient the bf16 GEMM."""
     monkeypatch.delenv("SPARSEKERN_CPU_CONV_ALGO", raising=False)
     from sparsekern import formats
 
@@ -307,9 +314,19 @@ def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
     mask = torch.rand(80, 80, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.1
     pat = formats.pattern_of(mask, "unstructured", None)
     for op in ("fwd", "dx", "dw"):
-        small = cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat, dtype=BF16)
-        assert small == ("direct" if path == "avx512_bf16" else "gemm"), op
+        # 8x8 at stride 1, same size: the plane-load GEMM tiles on avx512_bf16 (widened GEMM otherwise)
+        assert cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat, dtype=BF16) == "gemm", op
         assert cppmod.conv2d_algo(op, [32, 80, 8, 8], w_shape, 1, 1, pattern=pat) == "gemm", op
+        # 8x8 outputs of 10x10 planes (no padding): the direct kernels on avx512_bf16
+        valid = cppmod.conv2d_algo(op, [32, 80, 10, 10], w_shape, 1, 0, pattern=pat, dtype=BF16)
+        assert valid == ("direct" if path == "avx512_bf16" else "gemm"), op
+        # 32x32: direct for both
+        assert cppmod.conv2d_algo(op, [32, 80, 32, 32], w_shape, 1, 1, pattern=pat, dtype=BF16) == "direct", op
+    mid = [
+        cppmod.conv2d_algo(op, [32, 80, 16, 16], w_shape, 1, 1, pattern=pat, dtype=BF16) for op in ("fwd", "dx", "dw")
+    ]
+    assert mid == (["gemm", "direct", "gemm"] if path == "avx512_bf16" else ["direct"] * 3)
+    for op in ("fwd", "dx", "dw"):
         assert cppmod.conv2d_algo(op, [32, 80, 4, 4], w_shape, 1, 1, pattern=pat, dtype=BF16) == "gemm", op
 
     def sparse(*shape):
