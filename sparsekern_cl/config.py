@@ -128,6 +128,13 @@ class CoreConfig:
     weight_decay: float = number(0.0, "weight decay", "[0, inf)")
     seed: int = integer(0, "seed: a CPU run is repeatable bit for bit with the same seed and thread count", min=0)
     threads: int | None = integer(None, "torch CPU threads (default: torch's)", min=1, nullable=True)
+    precision: str = choice(
+        "fp32",
+        "bf16: every forward pass (training, replay, evaluation) under torch.autocast(device, bfloat16) with "
+        "fp32 master weights, as for nn.Linear / nn.Conv2d; the sparse layers run their bf16 kernels "
+        "(and the compare_dense run its dense bf16: the fastest dense on CPUs with AVX512-BF16 or AMX)",
+        ("fp32", "bf16"),
+    )
     device: str = custom("cpu", "torch device of the run", _device, _DEVICE_EXPECTED)
     output_dir: str | None = text(
         None, "where results.json, plots and checkpoints go (default: no files)", "a folder path", nullable=True

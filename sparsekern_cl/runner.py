@@ -219,8 +219,10 @@ def _run_one(cfg: dict, model=None, scenario=None, par=None) -> dict:
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    amp = cfg.get("precision", "fp32") == "bf16"
     try:
-        return _train(cfg, model, scenario, par)
+        with torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16, enabled=amp):
+            return _train(cfg, model, scenario, par)
     finally:
         torch.set_num_threads(threads)  # a run leaves the process as it found it
 
@@ -290,7 +292,8 @@ def _train(cfg: dict, user_model=None, user_scenario=None, par=None) -> dict:
 
     if cfg["resume"] and ckpt_path and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path)
-        a = {k: v for k, v in ck["config"].items() if k not in _RESUME_FREE}
+        # a checkpoint from before the precision key ran in fp32
+        a = {k: v for k, v in {"precision": "fp32", **ck["config"]}.items() if k not in _RESUME_FREE}
         b = {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

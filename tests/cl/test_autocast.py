@@ -9,6 +9,7 @@ import torch
 
 import sparsekern_cl
 from sparsekern_cl.strategies import Strategy
+from tests.support import requires_cpp
 
 CFG = {
     "dataset": "synthetic",
@@ -71,3 +72,39 @@ def test_autocast_derpp_trains(runs):
 def test_autocast_accuracy_matches_fp32(runs, setting):
     fp32, amp = runs[False][0]["avg_acc"][setting], runs[True][0]["avg_acc"][setting]
     assert abs(amp - fp32) <= ACC_TOLERANCE, f"{setting}: autocast {amp:.1f}, fp32 {fp32:.1f}"
+
+
+@requires_cpp
+def test_precision_bf16_runs_the_sparse_layers_in_bf16(monkeypatch):
+    """``precision: bf16`` (``--precision bf16``): the sparse layers' kernels get bf16 operands in
+    training and evaluation, the run repeats bit for bit, and it differs from the fp32 run."""
+    from sparsekern.kernels.cpu import CppBackend
+
+    pinned = {**CFG, "backend": "cpp"}
+    seen: list[torch.dtype] = []
+    real = CppBackend.linear_fwd
+
+    def linear_fwd(self, x, *args, **kw):
+        seen.append(x.dtype)
+        return real(self, x, *args, **kw)
+
+    monkeypatch.setattr(CppBackend, "linear_fwd", linear_fwd)
+    res = sparsekern_cl.run({**pinned, "precision": "bf16"})
+    assert seen and set(seen) == {torch.bfloat16}
+    again = sparsekern_cl.run({**pinned, "precision": "bf16"})
+    seen.clear()
+    fp32 = sparsekern_cl.run(pinned)
+    assert set(seen) == {torch.float32}
+    assert res["config"]["precision"] == "bf16"
+    assert res["acc_matrix"] == again["acc_matrix"]
+    assert res["acc_matrix"] != fp32["acc_matrix"]  # bf16 rounding moves the trajectory
+
+
+def test_precision_bf16_leaves_the_process_as_it_was():
+    sparsekern_cl.run({**CFG, "precision": "bf16", "n_tasks": 1, "epochs": 1})
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_precision_rejects_other_values():
+    with pytest.raises(ValueError, match="precision"):
+        sparsekern_cl.run({**CFG, "precision": "fp16"})
