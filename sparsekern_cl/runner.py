@@ -221,7 +221,11 @@ def _run_one(cfg: dict, model=None, scenario=None, par=None) -> dict:
         torch.set_num_threads(cfg["threads"])
     amp = cfg.get("precision", "fp32") == "bf16"
     try:
-        with torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16, enabled=amp):
+        # one autocast region around the whole run, so without autocast's cast cache: the cache
+        # keeps each parameter's first bf16 copy until the region ends, and every later forward
+        # of a dense layer would read the weights of the first step
+        dev = torch.device(cfg["device"]).type
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
             return _train(cfg, model, scenario, par)
     finally:
         torch.set_num_threads(threads)  # a run leaves the process as it found it
