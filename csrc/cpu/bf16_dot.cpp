@@ -248,11 +248,13 @@ bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lan
 LaneShiftMap::LaneShiftMap(const ConvGeom& g) {
   taps = g.kh * g.kw;
   P = g.Ho * g.Wo;
-  on = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && P % 32 == 0 && P > 0;
+  on = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && P >= 32;
   if (!on) return;
+  col_on = P % 16 == 0;
+  words = (P + 31) / 32 + 1;
   shift.resize(taps);
-  mask.assign(taps * (P / 32), 0);
-  cmask.assign(taps * (P / 16), 0);
+  valid.assign(taps * words, 0);
+  if (col_on) cmask.assign(taps * (P / 16), 0);
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t tap = i * g.kw + j, di = i * g.dh - g.ph, dj = j * g.dw - g.pw;
@@ -260,9 +262,9 @@ LaneShiftMap::LaneShiftMap(const ConvGeom& g) {
       for (int64_t u = 0; u < P; ++u) {
         const int64_t oh = u / g.Wo, ow = u % g.Wo;
         if (oh + di >= 0 && oh + di < g.H && ow + dj >= 0 && ow + dj < g.W)
-          mask[tap * (P / 32) + u / 32] |= uint32_t(1) << (u % 32);
+          valid[tap * words + u / 32] |= uint32_t(1) << (u % 32);
         const int64_t ih = u / g.W, iw = u % g.W;  // as an input entry (the planes have one size)
-        if (ih - di >= 0 && ih - di < g.Ho && iw - dj >= 0 && iw - dj < g.Wo)
+        if (col_on && ih - di >= 0 && ih - di < g.Ho && iw - dj >= 0 && iw - dj < g.Wo)
           cmask[tap * (P / 16) + u / 16] |= uint32_t(1) << (u % 16);
       }
     }
@@ -272,19 +274,24 @@ LaneShiftMap::LaneShiftMap(const ConvGeom& g) {
 __attribute__((target("avx512f,avx512bw"))) void im2col_shift_bw(const uint16_t* __restrict x, const ConvGeom& g,
                                                                  const LaneShiftMap& map, int64_t q0, int64_t T,
                                                                  uint16_t* __restrict bt) {
-  const int64_t taps = map.taps, P = map.P, G = P / 32;
+  const int64_t taps = map.taps, P = map.P;
   const __m512i perm = _mm512_load_si512(kLaneInv.v);
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t t = 0; t < T; t += 32) {
-      const int64_t q = q0 + t, n = q / P, gi = (q % P) / 32;
+      const int64_t q = q0 + t, n = q / P, o = q % P, len = std::min<int64_t>(32, P - o);
       uint16_t* d = bt + c * taps * T + t;
       if (n >= g.N) {
         for (int64_t tap = 0; tap < taps; ++tap) _mm512_storeu_si512(d + tap * T, _mm512_setzero_si512());
         continue;
       }
-      const uint16_t* plane = x + (n * g.C + c) * P + gi * 32;
+      const uint16_t* plane = x + (n * g.C + c) * P + o;
+      const bool next = len < 32 && n + 1 < g.N;  // the group runs into image n + 1
+      const uint16_t* plane2 = next ? x + ((n + 1) * g.C + c) * P - len : nullptr;
       for (int64_t tap = 0; tap < taps; ++tap, d += T) {
-        const __m512i v = _mm512_maskz_loadu_epi16(__mmask32(map.mask[tap * G + gi]), plane + map.shift[tap]);
+        __m512i v = _mm512_maskz_loadu_epi16(__mmask32(map.bits(tap, o, len)), plane + map.shift[tap]);
+        if (next)
+          v = _mm512_or_si512(v, _mm512_maskz_loadu_epi16(__mmask32(map.bits(tap, 0, 32 - len) << len),
+                                                         plane2 + map.shift[tap]));
         _mm512_storeu_si512(d, _mm512_permutexvar_epi16(perm, v));
       }
     }
@@ -313,7 +320,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void col2im_shif
 bool bf16_im2col_shift(const uint16_t* x, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t T,
                        uint16_t* bt) {
 #ifdef SPARSEKERN_BF16_X86
-  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % 32 == 0 && q0 % 32 == 0) {
+  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % 32 == 0) {
     im2col_shift_bw(x, g, map, q0, T, bt);
     return true;
   }
@@ -325,7 +332,7 @@ bool bf16_im2col_shift(const uint16_t* x, const ConvGeom& g, const LaneShiftMap&
 bool bf16_col2im_shift(const float* ot, int64_t T, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t nt,
                        int64_t c0, int64_t c1, bf16* dx) {
 #ifdef SPARSEKERN_BF16_X86
-  if (bf16_path() == Bf16Path::DPBF16 && map.on && T % map.P == 0 && q0 % map.P == 0 && nt % map.P == 0) {
+  if (bf16_path() == Bf16Path::DPBF16 && map.col_on && T % map.P == 0 && q0 % map.P == 0 && nt % map.P == 0) {
     col2im_shift_bw(ot, T, g, map, q0, nt, c0, c1, dx);
     return true;
   }

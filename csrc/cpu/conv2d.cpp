@@ -754,7 +754,7 @@ void gemm_dx_bf16(const ConvGeom& g, const bf16* dy, const bf16* w, const int32_
   // images written whole, no accumulator
   const Lane16Map map(g);
   const LaneShiftMap smap(g);
-  const bool small = (map.col_on && T % 16 == 0) || (smap.on && T % smap.P == 0);
+  const bool small = (map.col_on && T % 16 == 0) || (smap.col_on && T % smap.P == 0);
   const int64_t nd = small ? 0 : gp.N * gp.C * gp.H * gp.W;
   float* acc = Buf<float>(nd, kDirY).get();
   std::fill(acc, acc + nd, 0.0f);
@@ -865,11 +865,12 @@ int forced_algo() {
 // bf16 on vdpbf16ps, unstructured: both algorithms have bf16 kernels (direct_*_bf16, gemm_*_bf16),
 // measured against each other on ResNet-18's layers (nf 20 and 64, batch 32, 90 %, AMD EPYC, 2
 // threads).  Where the GEMM tiles come from masked loads of whole planes (LaneShiftMap: stride 1,
-// output plane = input plane, a multiple of 32 entries) GEMM takes the forward and dW up to 16x16
+// output plane = input plane, at least 32 entries) GEMM takes the forward and dW up to 16x16
 // outputs (nf 20 8x8: forward 0.18 vs 0.45 ms, dW 0.27 vs 0.72; 16x16: 0.20 vs 0.36, 0.25 vs 0.38;
-// nf 64 16x16: 1.6 vs 2.8, 1.7 vs 2.8; at 32x32 direct is as fast or faster) and the input gradient
-// where a tile holds whole images (8x8: 0.29 vs 0.64 ms; at 16x16 its scatter-add is twice the
-// direct one's time).  The strided input gradient goes to GEMM (nf 64, 16x16 stride 2: 3.9 vs 4.9
+// 14x14 (MNIST's 28x28 inputs): 0.17 vs 0.29, 0.23 vs 0.33; nf 64 16x16: 1.6 vs 2.8, 1.7 vs 2.8;
+// at 32x32 direct is as fast or faster) and the input gradient where a tile holds whole images of
+// a multiple of 16 entries (8x8: 0.29 vs 0.64 ms; at 16x16 its scatter-add is twice the direct
+// one's time).  The strided input gradient goes to GEMM (nf 64, 16x16 stride 2: 3.9 vs 4.9
 // ms; the direct one's write-back is strided); otherwise 16x16 and larger outputs keep the direct
 // rule above, other 8x8 outputs go direct only for short im2col rows (C * kh * kw <= 1024) and, at
 // stride 2, only for dW (nf 20 16->8 forward 0.46 vs 0.98 ms on GEMM); 4x4 outputs run GEMM
@@ -883,9 +884,9 @@ bool auto_direct(ConvOp op, const ConvGeom& g, int64_t nnz, int64_t bo, int64_t 
   if (size == 0 || double(nnz) > 0.15 * double(size)) return false;
   const int64_t out = g.Ho * g.Wo;
   if (dp_bf16 && bo == 1 && bk == 1) {
-    const bool shifted = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && out % 32 == 0;
+    const bool shifted = g.sh == 1 && g.sw == 1 && g.Ho == g.H && g.Wo == g.W && out >= 32;
     if (op == ConvOp::kDx) {
-      if (d.phases > 1 || (shifted && out <= 64)) return false;
+      if (d.phases > 1 || (shifted && out % 16 == 0 && out <= 64)) return false;
     } else if (shifted && out <= 256) {
       return false;
     }

@@ -205,19 +205,27 @@ bool bf16_col2im_lane16(const float* ot, int64_t T, const ConvGeom& g, const Lan
 // multiples of 32; returns whether it wrote the tile.
 bool bf16_im2col_lane16(const uint16_t* x, const ConvGeom& g, const Lane16Map& map, int64_t q0, int64_t T,
                         uint16_t* bt);
-// The same tiles for stride-1 convs whose output planes have the input's size and a multiple of
-// 32 entries (8x8 and up): each tap reads the plane at a fixed offset from the output position,
-// so a tile row's 32 positions are one masked load of the (unpadded) plane, put in lane order by
-// vpermw; the adjoint adds masked loads of the tile rows (whole images per tile: T a multiple of
-// the plane).  Per tap: the offset, and for each group of 32 outputs (16 inputs for the adjoint)
-// which entries are inside the plane.
+// The same tiles for stride-1 convs whose output planes have the input's size and at least 32
+// entries (7x7 and up): each tap reads the plane at a fixed offset from the output position, so a
+// tile row's 32 positions are one masked load of the (unpadded) plane (two where they run into the
+// next image), put in lane order by vpermw; the adjoint, for planes of a multiple of 16 entries
+// with whole images per tile, adds masked loads of the tile rows.  Per tap: the offset, which
+// output positions read inside the plane (bits, P + 32 per tap, zero past P), and for the adjoint
+// which input entries of each group of 16 take a term.
 struct LaneShiftMap {
-  bool on = false;
-  int64_t taps = 0, P = 0;
+  bool on = false, col_on = false;
+  int64_t taps = 0, P = 0, words = 0;
   std::vector<int64_t> shift;
-  std::vector<uint32_t> mask;  // [tap * (P / 32) + group]
+  std::vector<uint32_t> valid;  // [tap * words + w]: bit u % 32 of word u / 32 for output u
   std::vector<uint32_t> cmask;  // [tap * (P / 16) + group]
   explicit LaneShiftMap(const ConvGeom& g);
+  // bits [o, o + n) of tap's valid bits (n <= 32), bit 0 first
+  uint32_t bits(int64_t tap, int64_t o, int64_t n) const {
+    const uint32_t* v = valid.data() + tap * words + o / 32;
+    const uint64_t w = uint64_t(v[0]) | uint64_t(v[1]) << 32;
+    const uint64_t b = w >> (o % 32);
+    return n >= 32 ? uint32_t(b) : uint32_t(b) & ((uint32_t(1) << n) - 1);
+  }
 };
 bool bf16_im2col_shift(const uint16_t* x, const ConvGeom& g, const LaneShiftMap& map, int64_t q0, int64_t T,
                        uint16_t* bt);

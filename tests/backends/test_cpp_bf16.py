@@ -239,6 +239,9 @@ CONV_CASES = [
     (3, 16, 24, 8, 3, 1, 1, 1, 1, 0.3),  # 8x8: whole images per tile (the adjoint by loads too)
     (2, 9, 12, 8, 5, 1, 2, 1, 1, 0.5),  # 5x5 taps
     (2, 16, 20, 16, 3, 1, 1, 1, 1, 0.2),  # 16x16: half an image per tile, general col2im
+    (3, 20, 16, 7, 3, 1, 1, 1, 1, 0.3),  # 7x7 (MNIST's third stage): groups of 32 run into the next image
+    (5, 6, 8, 6, 3, 1, 1, 1, 1, 0.5),  # 6x6: 36 entries, the last image's group cut by the batch end
+    (2, 8, 10, 14, 3, 1, 1, 1, 1, 0.3),  # 14x14
 ]
 
 
@@ -261,8 +264,8 @@ def test_conv2d_bf16_matches_fp32_reference(path, case, algo, monkeypatch):
 @pytest.mark.parametrize("algo", ["direct", "gemm"])
 @pytest.mark.parametrize(
     "case",
-    [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4], CONV_CASES[6], CONV_CASES[12]],
-    ids=["s1", "s2", "block16", "4x4", "8x8"],
+    [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4], CONV_CASES[6], CONV_CASES[12], CONV_CASES[15]],
+    ids=["s1", "s2", "block16", "4x4", "8x8", "7x7"],
 )
 def test_conv2d_bf16_deterministic_across_threads(path, case, algo, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_CPU_CONV_ALGO", algo)
