@@ -349,7 +349,9 @@ def _key(op, backend, x, weight, pattern, gpattern, conv, training, compact=Fals
         pattern.layout,
         str(pattern.block_size),
         f"d{dens:.2f}",
-        f"g{gdens:.2f}",
+        # the gradient mask only matters where a backward runs: an inference call (evaluation,
+        # BN recalibration) keeps one decision while a method moves G from task to task
+        f"g{gdens:.2f}" if training else "g-",
         f"t{torch.get_num_threads()}",
         "train" if training else "infer",
     ]

@@ -227,3 +227,20 @@ def test_decision_key_buckets_the_batch():
     assert _batch_bucket(17) == _batch_bucket(32) == "<=32"
     assert _batch_bucket(33) == _batch_bucket(64) != _batch_bucket(32)
     assert _batch_bucket(1) == "<=1"
+
+
+def test_inference_key_ignores_the_gradient_mask():
+    """A method that moves G (DST, EsaCL freezing earlier tasks' weights) keeps one inference
+    decision per layer; a training call's key still has G's density (it sets the dW cost)."""
+    from sparsekern.choice import _key
+    from sparsekern.formats import pattern_of
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    m = torch.rand(16, 32, generator=g) < 0.2
+    p = pattern_of(m, "unstructured", None)
+    ga, gb = pattern_of(m & (torch.rand(16, 32, generator=g) < 0.5), "unstructured", None), p
+    be = sk._backends.get_backend("reference")
+    x = torch.randn(8, 32)
+    assert _key("linear", be, x, w, p, ga, None, False) == _key("linear", be, x, w, p, gb, None, False)
+    assert _key("linear", be, x, w, p, ga, None, True) != _key("linear", be, x, w, p, gb, None, True)
