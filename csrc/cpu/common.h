@@ -556,6 +556,27 @@ inline int64_t row_chunks(int64_t ntiles, int64_t rows) {
   return std::max<int64_t>(1, std::min(cdiv(2 * threads, std::max<int64_t>(ntiles, 1)), cdiv(rows, kRowBlock)));
 }
 
+// The tiles x row chunks tasks of the panel ops, in parallel: make() runs once per thread's range
+// of tasks and returns its step(tile, fresh, rr, re), called for each block [rr, re) of at most
+// kRowBlock rows of each task in order; fresh is true on a task's first block when the thread's
+// previous task had another tile (the tile's inputs must be rebuilt).
+template <typename Make>
+void for_tile_row_blocks(int64_t ntiles, int64_t rows, Make&& make) {
+  const int64_t rch = row_chunks(ntiles, rows);
+  const int64_t chunk_rows = cdiv(cdiv(rows, rch), kRowBlock) * kRowBlock;
+  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
+    auto step = make();
+    int64_t last = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(rows, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      bool fresh = tile != last;
+      last = tile;
+      for (int64_t rr = r0; rr < r1; rr += kRowBlock, fresh = false) step(tile, fresh, rr, std::min(r1, rr + kRowBlock));
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // conv2d geometry (conv2d.cpp and dwconv2d.cpp)
 // ---------------------------------------------------------------------------------------------

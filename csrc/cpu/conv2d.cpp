@@ -703,20 +703,13 @@ void gemm_fwd_bf16(const ConvGeom& g, const bf16* x, const bf16* w, const float*
   A.plan(k, Q);
   TORCH_INTERNAL_ASSERT(A.udp, "gemm_fwd_bf16 runs on the avx512_bf16 path only");
   const LaneIm2col cols_of(g, x);
-  const int64_t T = A.width(k), ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
-  const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
-  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<uint16_t> bt(Kc * T, kTile);
-    Buf<float> ot(kRowBlock * T, kPanel);
-    std::vector<int32_t> cols;
-    std::vector<Bf16Run> runs;
-    std::vector<LaneRun> lruns;
-    int64_t last = -1;
-    for (int64_t task = tb; task < te; ++task) {
-      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
-      if (r0 >= r1) continue;
+  const int64_t T = A.width(k);
+  for_tile_row_blocks(cdiv(Q, T), g.O, [&] {
+    return [&, bt = Buf<uint16_t>(Kc * T, kTile), ot = Buf<float>(kRowBlock * T, kPanel), cols = std::vector<int32_t>(),
+            runs = std::vector<Bf16Run>(), lruns = std::vector<LaneRun>()](int64_t tile, bool fresh, int64_t rr,
+                                                                           int64_t re) mutable {
       const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
-      if (tile != last) {
+      if (fresh) {
         cols_of.tile(q0, nt, T, lruns, bt.get());
         runs.clear();  // the tile's output runs (dst relative to channel 0)
         for (int64_t t = 0; t < nt;) {
@@ -724,14 +717,10 @@ void gemm_fwd_bf16(const ConvGeom& g, const bf16* x, const bf16* w, const float*
           runs.push_back({t, len, n * g.O * P + p});
           t += len;
         }
-        last = tile;
       }
-      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-        const int64_t re = std::min(r1, rr + kRowBlock);
-        A.rows(k, rr, re, reinterpret_cast<const float*>(bt.get()), ot.get(), cols);
-        bf16_round_runs(ot.get(), T, re - rr, bp ? bp + rr : nullptr, runs.data(), int64_t(runs.size()), y + rr * P, P);
-      }
-    }
+      A.rows(k, rr, re, reinterpret_cast<const float*>(bt.get()), ot.get(), cols);
+      bf16_round_runs(ot.get(), T, re - rr, bp ? bp + rr : nullptr, runs.data(), int64_t(runs.size()), y + rr * P, P);
+    };
   });
 }
 
@@ -970,26 +959,15 @@ Tensor conv2d_fwd(const Tensor& x_, const Tensor& weight_, const c10::optional<T
     }
     const S* bp = bias.defined() ? bias.data_ptr<S>() : nullptr;
     S* yp = y.data_ptr<S>();
-    const int64_t T = A.width(k), Q = g.N * P, ntiles = cdiv(Q, T), rch = row_chunks(ntiles, g.O);
-    const int64_t chunk_rows = cdiv(cdiv(g.O, rch), kRowBlock) * kRowBlock;
-    at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-      Buf<S> bt(Kc * T, kTile), ot(kRowBlock * T, kPanel);
-      std::vector<int32_t> cols;
-      int64_t last = -1;
-      for (int64_t task = tb; task < te; ++task) {
-        const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(g.O, r0 + chunk_rows);
-        if (r0 >= r1) continue;
+    const int64_t T = A.width(k), Q = g.N * P;
+    for_tile_row_blocks(cdiv(Q, T), g.O, [&] {
+      return [&, bt = Buf<S>(Kc * T, kTile), ot = Buf<S>(kRowBlock * T, kPanel), cols = std::vector<int32_t>()](
+                 int64_t tile, bool fresh, int64_t rr, int64_t re) mutable {
         const int64_t q0 = tile * T, nt = std::min(T, Q - q0);
-        if (tile != last) {
-          k.conv2d.im2col_tile(xp, gp, q0, nt, T, 0, g.C, bt.get());
-          last = tile;
-        }
-        for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-          const int64_t re = std::min(r1, rr + kRowBlock);
-          A.rows(k, rr, re, bt.get(), ot.get(), cols);
-          k.conv2d.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
-        }
-      }
+        if (fresh) k.conv2d.im2col_tile(xp, gp, q0, nt, T, 0, g.C, bt.get());
+        A.rows(k, rr, re, bt.get(), ot.get(), cols);
+        k.conv2d.conv_out_tile(ot.get(), g.O, P, q0, nt, T, rr, re, bp, yp);
+      };
     });
   });
   return y;

@@ -16,17 +16,12 @@ template <typename S, typename W, typename AV>
 void spmm_rows(const W* b, int64_t N, const SparseA<S, W, AV>& A, const S* bias, W* out) {
   const Kernels<S>& k = kernels<S>();
   const int64_t T = A.width(k), R = A.R, C = A.C;
-  const int64_t ntiles = cdiv(N, T), rch = row_chunks(ntiles, R);
-  const int64_t chunk_rows = cdiv(cdiv(R, rch), kRowBlock) * kRowBlock;
-  at::parallel_for(0, ntiles * rch, 1, [&](int64_t tb, int64_t te) {
-    Buf<S> bt((C + 1) * T, kTile), ot(kRowBlock * T, kPanel);  // + 1: a pair tile's odd last column
-    std::vector<int32_t> cols;
-    int64_t last = -1;
-    for (int64_t task = tb; task < te; ++task) {
-      const int64_t tile = task / rch, r0 = (task % rch) * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
-      if (r0 >= r1) continue;
+  for_tile_row_blocks(cdiv(N, T), R, [&] {
+    // + 1: a pair tile's odd last column
+    return [&, bt = Buf<S>((C + 1) * T, kTile), ot = Buf<S>(kRowBlock * T, kPanel), cols = std::vector<int32_t>()](
+               int64_t tile, bool fresh, int64_t rr, int64_t re) mutable {
       const int64_t n0 = tile * T, nt = std::min(T, N - n0);
-      if (tile != last) {
+      if (fresh) {
         if constexpr (std::is_same_v<W, bf16>) {
           if (A.dp)
             bf16_pair_tile(b + n0 * C, C, nt, C, T, reinterpret_cast<uint32_t*>(bt.get()));
@@ -37,15 +32,11 @@ void spmm_rows(const W* b, int64_t N, const SparseA<S, W, AV>& A, const S* bias,
         } else {
           tile_from(k, b + n0 * C, C, nt, C, T, bt.get());
         }
-        last = tile;
       }
       // row blocks small enough that the panel output is still in L1 when transposed out
-      for (int64_t rr = r0; rr < r1; rr += kRowBlock) {
-        const int64_t re = std::min(r1, rr + kRowBlock);
-        A.rows(k, rr, re, bt.get(), ot.get(), cols);
-        tile_to(k, ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
-      }
-    }
+      A.rows(k, rr, re, bt.get(), ot.get(), cols);
+      tile_to(k, ot.get(), re - rr, nt, T, bias ? bias + rr : nullptr, out + n0 * R + rr, R);
+    };
   });
 }
 
