@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
+#include "cpu/common.h"
 #include "cpu/kernels.h"
 
 namespace sparsekern {
@@ -56,6 +58,13 @@ constexpr const char* kBuiltWithTorch = "unknown";
 #endif
 
 std::string built_with_torch() { return kBuiltWithTorch; }
+
+// Bytes of per-thread scratch memory the CPU kernels hold now, per slot (all threads together).
+std::vector<int64_t> scratch_held() {
+  std::vector<int64_t> out(kSlots);
+  for (int s = 0; s < kSlots; ++s) out[s] = scratch_held_bytes()[s].load();
+  return out;
+}
 
 }  // namespace
 }  // namespace sparsekern
@@ -108,4 +117,7 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("parallel_backend() -> str", &sparsekern::parallel_backend);
   // Not a tensor op: the torch version the library was built against.
   m.def("built_with_torch() -> str", &sparsekern::built_with_torch);
+  // Not a tensor op: bytes of grow-only scratch memory the CPU kernels hold now, per slot (the
+  // Slot order of cpu/common.h), all threads together.
+  m.def("scratch_held() -> int[]", &sparsekern::scratch_held);
 }

@@ -165,7 +165,8 @@ def test_memory_table_runs_each_configuration(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["dense", "sparse-dense-grad", "sparse-compact"]
     for r in rows:
         cells = [float(c) for c in r.strip("| ").split("|")[1:]]
-        assert len(cells) == 5 and all(c == c for c in cells)  # five finite figures per row
+        assert len(cells) == 6 and all(c == c for c in cells)  # six finite figures per row
+    assert float(rows[0].strip("| ").split("|")[-1]) == 0.0  # dense runs no sparsekern kernel
 
 
 def test_masked_weight_kept_from_forward_to_input_gradient_only():
@@ -225,3 +226,18 @@ def test_large_masked_weight_is_not_kept(monkeypatch):
     with torch.no_grad():
         wm = choice._KEPT.made(w, m)
         assert choice._KEPT.taken(w, m) is not wm
+
+
+def test_scratch_held_reports_the_kernels_scratch():
+    from sparsekern.kernels.cpu import load_library
+
+    ok, why = load_library()
+    if not ok:
+        pytest.skip(why)
+    before = torch.ops.sparsekern.scratch_held()
+    assert len(before) == 10 and all(b >= 0 for b in before)  # one entry per slot (cpu/common.h)
+    layer = sk.SparseConv2d(8, 8, 3, padding=1, sparsity=0.9, backend="cpp")
+    layer(torch.randn(64, 8, 24, 24)).sum().backward()
+    after = torch.ops.sparsekern.scratch_held()
+    # at least the padded copy or grid of this batch (64 x 8 x 24 x 24 floats) is held now
+    assert sum(after) >= 64 * 8 * 24 * 24 * 4

@@ -22,6 +22,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <cstdlib>
@@ -215,20 +216,31 @@ enum Slot { kTile = 0, kPanel, kStrip, kMainA, kMainB, kMainC, kDirX, kDirY, kDi
 // Grow-only scratch memory, one set of slots per thread (the pool's threads persist), so that
 // steady-state calls do not page-fault freshly mapped allocations: with several megabytes of
 // scratch per call the kernel's page clearing cost as much as the kernels themselves.
+// Bytes held in each slot by every thread's pool together (reported by the scratch_held op).
+inline std::atomic<int64_t>* scratch_held_bytes() {
+  static std::atomic<int64_t> held[kSlots] = {};
+  return held;
+}
+
 inline void* scratch_bytes(int slot, size_t bytes) {
   struct Pool {
     void* p[kSlots] = {};
     size_t n[kSlots] = {};
     ~Pool() {
-      for (auto q : p) std::free(q);
+      for (int s = 0; s < kSlots; ++s) {
+        std::free(p[s]);
+        scratch_held_bytes()[s] -= int64_t(n[s]);
+      }
     }
   };
   thread_local Pool pool;
   if (pool.n[slot] < bytes) {
     std::free(pool.p[slot]);
+    scratch_held_bytes()[slot] -= int64_t(pool.n[slot]);
     const size_t want = std::max<size_t>(64, (bytes + 63) / 64 * 64);
     pool.p[slot] = std::aligned_alloc(64, want);
     pool.n[slot] = pool.p[slot] ? want : 0;
+    scratch_held_bytes()[slot] += int64_t(pool.n[slot]);
     TORCH_CHECK(pool.p[slot], "sparsekern: out of memory allocating a ", want, "-byte scratch buffer");
   }
   return pool.p[slot];

@@ -9,6 +9,9 @@ Each configuration runs in a fresh subprocess, which reports its resident set si
   build peak  the high-water mark (ru_maxrss) above the baseline while constructing
   train peak  the high-water mark (VmHWM, reset after construction) above the baseline while training
   peak after step 1  the same over steps 2 and 3 (the first step also runs sparsekern.choice's probes)
+  scratch  of steady, the C++ kernels' grow-only per-thread scratch (torch.ops.sparsekern.scratch_held):
+          padded copies / grids of the largest batch a layer saw, tiles, accumulators; kept between
+          calls so that steady-state calls do not fault fresh pages in
 
 The children run with a fixed glibc mmap threshold (64 KiB), so every tensor of that size or more
 is mapped on allocation and unmapped on free, and RSS tracks live tensors.
@@ -83,6 +86,7 @@ def child(args) -> dict:
         x = torch.randn(args.batch, 3, 32, 32)
         y = torch.randint(0, 10, (args.batch,))
     base, base_peak = rss(), peak()
+    scratch0 = sum(torch.ops.sparsekern.scratch_held())
     keep: set = set()
     if args.model == "linear":
         model = nn.Sequential(nn.Linear(args.features, args.features))
@@ -111,6 +115,7 @@ def child(args) -> dict:
         loss_of(model(x)).backward()
         opt.step()
     steady, later_peak = rss() - base, hwm() - base
+    scratch = sum(torch.ops.sparsekern.scratch_held()) - scratch0
     return {
         "model": args.model,
         "kind": args.kind,
@@ -119,6 +124,7 @@ def child(args) -> dict:
         "build_peak_mb": (built_peak - max(base, base_peak)) / 2**20,
         "train_peak_mb": max(first_peak, later_peak) / 2**20,
         "later_peak_mb": later_peak / 2**20,
+        "scratch_mb": scratch / 2**20,
     }
 
 
@@ -149,11 +155,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     lines = [
         f"{what}, batch {args.batch}, sparsity {args.sparsity}: MB above the baseline (RSS)",
         "",
-        "| model | built | build peak | steady | train peak | peak after step 1 |",
-        "|---|---|---|---|---|---|",
+        "| model | built | build peak | steady | train peak | peak after step 1 | of steady: kernel scratch |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = (r["built_mb"], r["build_peak_mb"], r["steady_mb"], r["train_peak_mb"], r["later_peak_mb"])
+        keys = ("built_mb", "build_peak_mb", "steady_mb", "train_peak_mb", "later_peak_mb", "scratch_mb")
+        cells = [r[k] for k in keys]
         lines.append(f"| {r['kind']} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     print("\n".join(lines))
     return lines
