@@ -96,6 +96,38 @@ def test_sam_perturbation_norm_is_rho():
     assert all(float(e.abs().sum()) == 0 for e in sam_perturbation([torch.zeros(3)], 0.1))
 
 
+def test_top_j_per_group_keeps_each_groups_largest_losses():
+    losses = torch.tensor([5.0, 4.0, 3.0, 0.1, 0.2, 0.3, 2.0, 0.05])
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])
+    # over the batch, the three largest are all of class 0
+    assert set(y[top_j(losses, 0.375)].tolist()) == {0}
+    # per class: round(0.375 * 4) = 2 of each class's 4, the largest of each, in batch order
+    assert top_j(losses, 0.375, y).tolist() == [0, 1, 4, 5]
+    assert top_j(losses, 1.0, y).tolist() == list(range(8))
+    assert top_j(losses, 0.01, y).tolist() == [0, 5]  # at least one of each class
+    assert top_j(losses[:0], 0.5, y[:0]).numel() == 0
+    with pytest.raises(ValueError, match="groups"):
+        top_j(losses, 0.5, y[:3])
+
+
+def test_selection_ranks_per_class_by_default_and_batch_as_the_variant():
+    for preset, rank in ((None, "per_class"), ("esacl-batch-rank", "batch")):
+        cfg, scenario, model, strategy, _ = _setup(method="esacl_er", **({"preset": preset} if preset else {}))
+        assert cfg["esacl_rank"] == rank
+        strategy.begin_task(0)
+        plugin = strategy.plugins[0]
+        x, x_raw, y, uid = _batch(scenario, strategy, n=16)
+        with torch.no_grad():
+            losses = F.cross_entropy(model(x), y, reduction="none")
+        want = top_j(losses, cfg["esacl_ere_frac"], y if rank == "per_class" else None)
+        ctx = sparsekern_cl.StepContext(x=x, x_raw=x_raw, y=y, task=0, uid=uid, step=0)
+        ctx = plugin.select_batch(strategy, ctx)
+        assert ctx.uid.tolist() == uid[want].tolist()
+        if rank == "per_class":
+            assert set(ctx.y.tolist()) == set(y.tolist())  # every class of the batch is kept
+        plugin.after_backward(strategy, ctx)
+
+
 def test_top_j_picks_the_largest_losses():
     losses = torch.tensor([0.1, 3.0, 0.5, 2.0, 0.2])
     assert top_j(losses, 0.4).tolist() == [1, 3]
@@ -118,7 +150,7 @@ def _batch(scenario, strategy, n=8, task=0):
 
 def test_sse_perturbs_along_the_support_examples_and_ere_keeps_the_top_losses():
     cfg, scenario, model, strategy, _ = _setup(
-        method="esacl_ewc", esacl_sse_frac=0.25, esacl_ere_frac=0.5, esacl_rho=0.01
+        method="esacl_ewc", esacl_sse_frac=0.25, esacl_ere_frac=0.5, esacl_rho=0.01, esacl_rank="batch"
     )
     strategy.begin_task(0)
     plugin = strategy.plugins[0]
