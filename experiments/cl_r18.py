@@ -83,6 +83,11 @@ GRIDS = {
         "EsaCL-DER++ 0.8 lr 0.1 3 epochs": {**ESACL, "lr": 0.1, "epochs": 3},
     },
     "e4": {"dense DER++ lr 0.1 4 epochs": {"lr": 0.1, "epochs": 4}},  # is dense still improving at 3?
+    "e3dst": {  # DST's ablations at 3 epochs (against the e3 grid's uniform / fixed-growth DST rows)
+        "DST 0.8 lr 0.1 3 epochs ERK": {**DST1, "sparsity": 0.8, "epochs": 3, "sparse_distribution": "erk"},
+        "DST 0.9 lr 0.1 3 epochs ERK": {**DST1, "sparsity": 0.9, "epochs": 3, "sparse_distribution": "erk"},
+        "DST 0.9 lr 0.1 3 epochs adaptive": {**DST1, "sparsity": 0.9, "epochs": 3, "dst_growth": "adaptive_naive"},
+    },
     "e3pc": {  # EsaCL with per-class SSE / ERE ranking (esacl_rank: per_class), 3 epochs, and its ablations
         "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class": ESACL_PC,
         "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class w/o SA": {**ESACL_PC, "esacl_sa": False},
@@ -222,6 +227,11 @@ CLAIMS_E3 = [
     ("EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class", "EsaCL-DER++ 0.8 lr 0.1 3 epochs"),
 ]
 PC = "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class"
+CLAIMS_DST3 = [
+    ("DST 0.8 lr 0.1 3 epochs", "DST 0.8 lr 0.1 3 epochs ERK"),
+    ("DST 0.9 lr 0.1 3 epochs", "DST 0.9 lr 0.1 3 epochs ERK"),
+    ("DST 0.9 lr 0.1 3 epochs adaptive", "DST 0.9 lr 0.1 3 epochs"),
+]
 CLAIMS_PC = [(f"{PC} w/o SA", PC), (f"{PC} w/o SP", PC), ("EsaCL-DER++ 0.8 lr 0.1 3 epochs w/o SSE/ERE", PC)]
 
 
@@ -238,10 +248,13 @@ def write_tables(out_dir: str = RESULTS) -> None:
             *comparisons(rows, CLAIMS), "", *comparisons(rows, CLAIMS[:4], "task_il"), "",
             "At 3 epochs per task (FLOPs and wall-clock against the same seed's 3-epoch dense DER++ run; "
             "DST is multi-head, Task-IL is its measure):", "",
-            *table(rows, [*GRIDS["e3"], *GRIDS["e4"], *GRIDS["e3pc"]], ref=E3_REF), "",
+            *table(rows, [*GRIDS["e3"], *GRIDS["e4"], *GRIDS["e3dst"], *GRIDS["e3pc"]], ref=E3_REF), "",
             *comparisons(rows, CLAIMS_E3), "", *comparisons(rows, CLAIMS_E3[:3], "task_il"), "",
             "EsaCL's ablations at 3 epochs with per-class ranking (the paper: removing SA, SP or SSE/ERE hurts):",
-            "", *comparisons(rows, CLAIMS_PC), "", *comparisons(rows, CLAIMS_PC, "task_il")]  # fmt: skip
+            "", *comparisons(rows, CLAIMS_PC), "", *comparisons(rows, CLAIMS_PC, "task_il"), "",
+            "DST at 3 epochs (the paper: uniform better than ERK at high sparsity, ERK at low; adaptive growth "
+            "at least as good as fixed; multi-head, so Task-IL is its measure):", "",
+            *comparisons(rows, CLAIMS_DST3, "task_il")]  # fmt: skip
     pre = "SparCL-DER++ 0.75 (rescale before the fix)"
     diag = [*head, "Diagnosis of sparse DER++ at 0.9, seed 0; the rows from `DER++ 0.9` to the pre-fix SparCL "
             "row ran before the `sparse_rescale` fix (after it, `DER++ 0.9` behaves as `DER++ 0.9 no rescale`); "
