@@ -213,15 +213,16 @@ inline Tensor huge_page_hint(Tensor t) {
 // Scratch slots: buffers that are in use at the same time on one thread need different slots.
 enum Slot { kTile = 0, kPanel, kStrip, kMainA, kMainB, kMainC, kDirX, kDirY, kDirV, kDirO, kSlots };
 
-// Grow-only scratch memory, one set of slots per thread (the pool's threads persist), so that
-// steady-state calls do not page-fault freshly mapped allocations: with several megabytes of
-// scratch per call the kernel's page clearing cost as much as the kernels themselves.
 // Bytes held in each slot by every thread's pool together (reported by the scratch_held op).
 inline std::atomic<int64_t>* scratch_held_bytes() {
   static std::atomic<int64_t> held[kSlots] = {};
   return held;
 }
 
+// Grow-only scratch memory, one set of slots per thread (the pool's threads persist), so that
+// steady-state calls do not page-fault freshly mapped allocations: with several megabytes of
+// scratch per call the kernel's page clearing cost as much as the kernels themselves (releasing
+// the batch-sized slots after every call made a ResNet-18 training step 1.35-1.62x slower).
 inline void* scratch_bytes(int slot, size_t bytes) {
   struct Pool {
     void* p[kSlots] = {};

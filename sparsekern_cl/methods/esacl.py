@@ -37,14 +37,14 @@ Every mechanism, marked *as written* (Algorithm 1 and §3 of the paper) or *devi
   batch's class mix.  Deviation (the paper ranks the batch): the hardest examples of a two-class
   task are mostly of one class, and batch norm over a subset of one class removes the class mean
   from every feature.  EsaCL-DER++ on ResNet-18 (embedded MNIST at 32×32, nf 8, batch 32, lr 0.1,
-  τ 5, s = 0.8, one epoch per task, one thread): ranked over the batch, the first task's training
-  loss stays at 1.37–1.54 and the run ends at chance (Task-IL 50–56 %, 4 runs); ranked per class,
-  0.31–0.39 and 80–93 % (3 runs, seeds 0 and 1); a random subset of the same size gives 0.34 /
-  83 %, no selection (w/o SSE / ERE) 0.33 / 85 %.  Normalising the
-  subset with the whole batch's statistics instead (as constants) made the Frank-Wolfe step
-  diverge.  ``batch`` (preset ``esacl-batch-rank``) is the earlier behaviour.  The loss is computed once, by a forward without a
-  graph, so with equal fractions (``esacl_sse_frac`` = ``esacl_ere_frac`` = 0.4, the paper's 40 %)
-  B_s = B_e.  SSE off: the perturbation uses the whole batch; ERE off: the outer step does.
+  τ 5, s = 0.8, one epoch per task): ranked over the batch, the first task's training loss stays
+  at 1.37–1.57 and the run ends at chance (Task-IL 50–56 %; 4 runs: twice as is, w/o SA, w/o
+  SP); ranked per class, 0.31–0.39 and 80–93 % (3 runs, seeds 0 and 1); a random subset of the
+  same size gives 0.34 / 83 %, no selection (w/o SSE / ERE) 0.33 / 85 %.  Normalising the subset
+  with the whole batch's statistics instead (as constants) made the Frank-Wolfe step diverge.
+  ``batch`` (preset ``esacl-batch-rank``) is the earlier behaviour.  The loss is computed once,
+  by a forward without a graph, so with equal fractions (``esacl_sse_frac`` = ``esacl_ere_frac`` =
+  0.4, the paper's 40 %) B_s = B_e.  SSE off: the perturbation uses the whole batch; ERE off: the outer step does.
   Without SA there is no perturbation and SSE has no effect.
 - **Momentum** ``esacl_momentum_form: sum`` is eq. 3.15, ``m ← m + α g``: as written (the LMO
   depends on m only through signs and the ranking of ``|m|``, so α has no effect and is 1).
