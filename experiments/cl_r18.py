@@ -36,6 +36,7 @@ DST = {"method": "dst", "head": "multi", "optimizer": "adam", "lr": 0.001, "dst_
 # the paper's CIFAR-10 lr and τ; the grids below ran before esacl_rank existed, when SSE / ERE ranked the whole batch
 ESACL = {"method": "esacl_derpp", "sparsity": 0.8, "lr": 0.01, "esacl_tau": 5.0, "esacl_rank": "batch"}
 ESACL_PC = {**ESACL, "lr": 0.1, "epochs": 3, "esacl_rank": "per_class"}  # the default since: each class ranked alone
+PC = "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class"
 # (lr 0.03 with τ 2, the MLP grid's choice, diverges: Frank-Wolfe step not finite)
 # DST after the BatchNorm fix: SGD lr 0.1, per-task BatchNorm and biases (dst_task_params private: the shared,
 # frozen ones leave later tasks at 53-89 % Task-IL with 25 steps each, and diverge at lr 0.1), default update interval
@@ -89,9 +90,9 @@ GRIDS = {
         "DST 0.9 lr 0.1 3 epochs adaptive": {**DST1, "sparsity": 0.9, "epochs": 3, "dst_growth": "adaptive_naive"},
     },
     "e3pc": {  # EsaCL with per-class SSE / ERE ranking (esacl_rank: per_class), 3 epochs, and its ablations
-        "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class": ESACL_PC,
-        "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class w/o SA": {**ESACL_PC, "esacl_sa": False},
-        "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class w/o SP": {**ESACL_PC, "esacl_sp": False},
+        PC: ESACL_PC,
+        f"{PC} w/o SA": {**ESACL_PC, "esacl_sa": False},
+        f"{PC} w/o SP": {**ESACL_PC, "esacl_sp": False},
         "EsaCL-DER++ 0.8 lr 0.1 3 epochs w/o SSE/ERE": {**ESACL_PC, "esacl_sse": False, "esacl_ere": False},
     },
     "abl01": {
@@ -223,10 +224,9 @@ CLAIMS_E3 = [
     ("SparCL-DER++ 0.90 lr 0.1 3 epochs", E3_REF),
     ("EsaCL-DER++ 0.8 lr 0.1 3 epochs", E3_REF),
     ("dense DER++ lr 0.1 4 epochs", E3_REF),
-    ("EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class", E3_REF),
-    ("EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class", "EsaCL-DER++ 0.8 lr 0.1 3 epochs"),
+    (PC, E3_REF),
+    (PC, "EsaCL-DER++ 0.8 lr 0.1 3 epochs"),
 ]
-PC = "EsaCL-DER++ 0.8 lr 0.1 3 epochs per-class"
 CLAIMS_DST3 = [
     ("DST 0.8 lr 0.1 3 epochs", "DST 0.8 lr 0.1 3 epochs ERK"),
     ("DST 0.9 lr 0.1 3 epochs", "DST 0.9 lr 0.1 3 epochs ERK"),

@@ -228,12 +228,7 @@ def test_large_masked_weight_is_not_kept(monkeypatch):
         assert choice._KEPT.taken(w, m) is not wm
 
 
-def test_scratch_held_reports_the_kernels_scratch():
-    from sparsekern.kernels.cpu import load_library
-
-    ok, why = load_library()
-    if not ok:
-        pytest.skip(why)
+def test_scratch_held_reports_the_kernels_scratch(need_cpp):
     before = torch.ops.sparsekern.scratch_held()
     assert len(before) == 10 and all(b >= 0 for b in before)  # one entry per slot (cpu/common.h)
     layer = sk.SparseConv2d(8, 8, 3, padding=1, sparsity=0.9, backend="cpp")

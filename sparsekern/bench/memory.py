@@ -158,10 +158,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         "| model | built | build peak | steady | train peak | peak after step 1 | of steady: kernel scratch |",
         "|---|---|---|---|---|---|---|",
     ]
+    keys = ("built_mb", "build_peak_mb", "steady_mb", "train_peak_mb", "later_peak_mb", "scratch_mb")
     for r in rows:
-        keys = ("built_mb", "build_peak_mb", "steady_mb", "train_peak_mb", "later_peak_mb", "scratch_mb")
-        cells = [r[k] for k in keys]
-        lines.append(f"| {r['kind']} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        lines.append(f"| {r['kind']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
     print("\n".join(lines))
     return lines
 
