@@ -347,6 +347,15 @@ struct PackedRows {
   }
 };
 
+// The tile widths, in vectors, of the unstructured panels (Kernels::spmm.panel_csr*) and of the
+// weight-gradient tiles (spmm.sddmm_tile), ascending.  The 6-vector widths (96 float columns)
+// fit a batch of 65-96 rows in one tile without the 8-vector tile's idle quarter: DER++'s
+// batch plus two replay samples of 32 is 96 rows.  A batch one tile covers gets the same sums
+// at either width (each tile column sums its terms in the pattern's order, and the padding
+// columns add nothing to a weight gradient).
+inline const std::vector<int64_t> kPanelVecs = {2, 4, 6, 8};
+inline const std::vector<int64_t> kSddmmVecs = {4, 6, 8, 16};
+
 // Tile width for an unstructured panel or a weight-gradient tile: the widest of `choices`
 // (vectors, ascending) whose transposed tile of `cols` columns fits in about half of L2, and no
 // wider than needed to cover `q` batch positions.  Returns the index into `choices`.
@@ -392,7 +401,7 @@ struct SparseA {
   int64_t bo, bk, R, C;
   const AV* a;
   int64_t ars, acs;
-  int nv = 0;  // unstructured: index into Kernels::panel_csr ({2, 4, 8} vectors)
+  int nv = 0;  // unstructured: index into Kernels::panel_csr (kPanelVecs)
   S* packed = nullptr;  // unstructured, if gathered: values in A's CSR order (calling thread's scratch)
                         // block: values per block row, column by column (see panel_bsr)
   std::vector<int64_t> bbase;  // block: first expanded column (pair, if dp) of each block row
@@ -410,7 +419,7 @@ struct SparseA {
   int64_t width(const Kernels<S>& k) const {
     if (dp) return kBf16PanelWidth;
     if (udp) return udp_width;
-    return unstructured() ? (int64_t(2) << nv) * k.lanes : k.panel_width;
+    return unstructured() ? kPanelVecs[nv] * k.lanes : k.panel_width;
   }
 
   // Picks the tile width for `q` batch positions (call before width()).
@@ -435,7 +444,7 @@ struct SparseA {
         return;
       }
     }
-    nv = pick_width<S>(k, {2, 4, 8}, C, q);
+    nv = pick_width<S>(k, kPanelVecs, C, q);
     // rows of the weight with one tile: read in place (one pass over the weight either way)
     if (std::is_same_v<S, W> && acs == 1 && q <= width(k)) return;
     const int64_t nnz = ptr[R];

@@ -1118,8 +1118,8 @@ Tensor conv2d_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
     const Kernels<S>& k = kernels<S>();
     const int32_t* ptr = crow.data_ptr<int32_t>();
     const int32_t* idx = col.data_ptr<int32_t>();
-    const int nv = pick_width<S>(k, {4, 8, 16}, Kc, g.N * P);
-    const int64_t T = (int64_t(4) << nv) * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
+    const int nv = pick_width<S>(k, kSddmmVecs, Kc, g.N * P);
+    const int64_t T = kSddmmVecs[nv] * k.lanes, Q = g.N * P, ntiles = cdiv(Q, T);
     const ConvGeom gp = padded(g);
     const S* xp = x.data_ptr<S>();
     if (has_padding(g)) {

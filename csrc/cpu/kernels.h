@@ -66,15 +66,15 @@ struct SpmmKernels {
   // the same from / to bf16 rows (widened on load, rounded on store)
   void (*tile_from_bf16)(const bf16*, int64_t, int64_t, int64_t, int64_t, S*);
   void (*tile_to_bf16)(const S*, int64_t, int64_t, int64_t, const S*, bf16*, int64_t);
-  // unstructured panels of width {2, 4, 8} * lanes
-  void (*panel_csr[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*,
+  // unstructured panels of width kPanelVecs[i] * lanes (common.h)
+  void (*panel_csr[4])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*,
                        S*);
   // the same with the values packed in CSR order (val[j] belongs to idx[j])
-  void (*panel_csr_packed[3])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, const S*, S*);
+  void (*panel_csr_packed[4])(const int32_t*, const int32_t*, const S*, int64_t, int64_t, int64_t, const S*, S*);
   void (*panel_bsr)(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, const S*, const int64_t*, int64_t, int64_t,
                     const S*, S*, std::vector<int32_t>&);
-  // weight-gradient tiles of width {4, 8, 16} * lanes
-  void (*sddmm_tile[3])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
+  // weight-gradient tiles of width kSddmmVecs[i] * lanes (common.h)
+  void (*sddmm_tile[4])(const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, const int64_t*, std::vector<int32_t>&);
 };
 

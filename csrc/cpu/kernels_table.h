@@ -16,10 +16,11 @@ Kernels<S> table(const char* isa) {
               .tile_to_rows = &tile_to_rows<S>,
               .tile_from_bf16 = &tile_from_rows<S, bf16>,
               .tile_to_bf16 = &tile_to_rows<S, bf16>,
-              .panel_csr = {&panel_csr<S, 2>, &panel_csr<S, 4>, &panel_csr<S, 8>},
-              .panel_csr_packed = {&panel_csr_packed<S, 2>, &panel_csr_packed<S, 4>, &panel_csr_packed<S, 8>},
+              .panel_csr = {&panel_csr<S, 2>, &panel_csr<S, 4>, &panel_csr<S, 6>, &panel_csr<S, 8>},
+              .panel_csr_packed = {&panel_csr_packed<S, 2>, &panel_csr_packed<S, 4>, &panel_csr_packed<S, 6>,
+                                   &panel_csr_packed<S, 8>},
               .panel_bsr = &panel_bsr<S>,
-              .sddmm_tile = {&sddmm_tile<S, 4>, &sddmm_tile<S, 8>, &sddmm_tile<S, 16>},
+              .sddmm_tile = {&sddmm_tile<S, 4>, &sddmm_tile<S, 6>, &sddmm_tile<S, 8>, &sddmm_tile<S, 16>},
           },
       .linear =
           {

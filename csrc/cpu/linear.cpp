@@ -357,8 +357,8 @@ Tensor linear_dw_impl(const Tensor& dy_, const Tensor& x_, const Tensor& crow, c
         return;
       }
     }
-    const int nv = pick_width<S>(k, {4, 8, 16}, K, N);
-    const int64_t T = (int64_t(4) << nv) * k.lanes, ntiles = cdiv(N, T);
+    const int nv = pick_width<S>(k, kSddmmVecs, K, N);
+    const int64_t T = kSddmmVecs[nv] * k.lanes, ntiles = cdiv(N, T);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), cdiv(M, 4));
     const auto bounds = balanced_split(row_costs(ptr, M, bo, bk), parts, 1);
     const W* xw = data_of<W>(x);

@@ -432,3 +432,51 @@ def test_opcheck_windowed():
     torch.library.opcheck(ops.linear_fwd.default, (x, w, None, csr.crow_indices, csr.col_indices, [1, 1], *fw, 8))
     torch.library.opcheck(ops.linear_dx.default, (dy, w, csr.ccol_indices, csr.row_indices, [1, 1], *tw, 8))
     torch.library.opcheck(ops.linear_dw.default, (dy, x, csr.crow_indices, csr.col_indices, [1, 1], *fw, 8))
+
+
+# Batches on each side of the unstructured tile widths (common.h kPanelVecs / kSddmmVecs: float
+# tiles of 32, 64, 96, 128 batch columns for the panels, 64, 96, 128, 256 for the weight gradient).
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("N", [31, 33, 64, 65, 80, 96, 97, 128, 129, 200])
+def test_linear_every_tile_width_vs_reference(N, dtype):
+    torch.manual_seed(N)
+    M, K = 37, 53
+    mask = make_mask((M, K), "random", 0.3)
+    mask[5] = False  # an empty row
+    w, x, dy, b = (torch.randn(*s, dtype=dtype) for s in ((M, K), (N, K), (N, M), (M,)))
+    csr = pattern_of(mask).csr()
+    wp = w.masked_fill(~mask, float("nan"))  # reading a pruned entry would show as NaN
+    y = torch.ops.sparsekern.linear_fwd(x, wp, b, csr.crow_indices, csr.col_indices, [1, 1])
+    assert_close(y, ref.linear_fwd(x, w, b, mask), dtype=dtype)
+    dx = torch.ops.sparsekern.linear_dx(dy, wp, csr.ccol_indices, csr.row_indices, [1, 1])
+    assert_close(dx, ref.linear_dx(dy, w, mask), dtype=dtype)
+    dw = torch.ops.sparsekern.linear_dw(dy, x, csr.crow_indices, csr.col_indices, [1, 1])
+    assert_close(dw, ref.linear_dw(dy, x, mask), dtype=dtype)
+    assert bool((dw[~mask] == 0).all()), "dW must be exactly zero outside the pattern"
+
+
+def test_linear_96_row_tile_same_bits_as_the_128_row_tile():
+    # 96 rows take the 6-vector float tile, 128 rows the 8-vector one; a batch either covers in
+    # one tile gets the same sums: rows of y and dx are equal bit for bit, and dW of the 96 rows
+    # equals dW of the same rows with 32 zero rows appended
+    torch.manual_seed(96)
+    M, K = 300, 250
+    mask = make_mask((M, K), "random", 0.1)
+    csr = pattern_of(mask).csr()
+    w = torch.randn(M, K)
+    x, dy = torch.zeros(128, K), torch.zeros(128, M)
+    x[:96], dy[:96] = torch.randn(96, K), torch.randn(96, M)
+    ops = torch.ops.sparsekern
+
+    def run(n):
+        xs, dys = x[:n].contiguous(), dy[:n].contiguous()
+        return (
+            ops.linear_fwd(xs, w, None, csr.crow_indices, csr.col_indices, [1, 1]),
+            ops.linear_dx(dys, w, csr.ccol_indices, csr.row_indices, [1, 1]),
+            ops.linear_dw(dys, xs, csr.crow_indices, csr.col_indices, [1, 1]),
+        )
+
+    (y96, dx96, dw96), (y128, dx128, dw128) = run(96), run(128)
+    assert torch.equal(y96, y128[:96])
+    assert torch.equal(dx96, dx128[:96])
+    assert torch.equal(dw96, dw128)
