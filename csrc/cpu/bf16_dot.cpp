@@ -590,6 +590,8 @@ void bf16_panel_csr_dp(const int32_t* ptr, const int32_t* idx, const int64_t* pb
     float* o = ot + (r - r0) * T;
     if (T == 128)
       csr_dp_row<4>(cl, n, pk + pbase[r], bt, o);
+    else if (T == 96)
+      csr_dp_row<3>(cl, n, pk + pbase[r], bt, o);
     else if (T == 64)
       csr_dp_row<2>(cl, n, pk + pbase[r], bt, o);
     else
@@ -624,6 +626,8 @@ void bf16_sddmm_dp(const int32_t* ptr, const int32_t* idx, int64_t bo, int64_t b
       sddmm_dp_row<8>(a, cl, nc, bt, out);
     else if (T == 128)
       sddmm_dp_row<4>(a, cl, nc, bt, out);
+    else if (T == 96)
+      sddmm_dp_row<3>(a, cl, nc, bt, out);
     else if (T == 64)
       sddmm_dp_row<2>(a, cl, nc, bt, out);
     else

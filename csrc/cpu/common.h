@@ -407,7 +407,7 @@ struct SparseA {
   std::vector<int64_t> bbase;  // block: first expanded column (pair, if dp) of each block row
   bool dp = false;  // bf16 block with even bk on vdpbf16ps: pair tiles, packed holds bf16 pairs
   bool udp = false;  // bf16 unstructured on vdpbf16ps: lane tiles, packed holds the rows' nonzero pairs
-  int64_t udp_width = 0;  // its tile width (32, 64 or 128)
+  int64_t udp_width = 0;  // its tile width (32, 64, 96 or 128)
   std::vector<int64_t> pbase;  // udp: first pair of each row
 
   bool unstructured() const { return bo == 1 && bk == 1; }
@@ -438,8 +438,11 @@ struct SparseA {
     if constexpr (std::is_same_v<W, bf16>) {
       if (bf16_path() == Bf16Path::DPBF16) {
         udp = true;
-        // the wider tile where the batch fills it and its bf16 tile fits in about half of L2
-        udp_width = q > 64 && C * 128 * 2 <= (int64_t(1) << 20) ? 128 : (q > 32 ? 64 : 32);
+        // the narrowest of 32, 64, 96, 128 columns that covers the batch, or the widest whose
+        // bf16 tile fits in about half of L2 (96: a batch of 65-96 rows in one tile without the
+        // 128-column tile's idle quarter; the same sums, see kPanelVecs)
+        const auto fits = [&](int64_t t) { return C * t * 2 <= (int64_t(1) << 20); };
+        udp_width = q > 96 && fits(128) ? 128 : (q > 64 && fits(96) ? 96 : (q > 32 ? 64 : 32));
         pack_row_pairs();
         return;
       }

@@ -88,6 +88,8 @@ CASES = [
     (31, 45, 9, 1, 1, 0.3),  # unstructured: rows of odd and even counts, one partial lane tile
     (70, 300, 150, 1, 1, 0.1),  # unstructured: 64-wide lane tiles (x 3), the 256-wide dW tile
     (40, 257, 200, 1, 1, 0.5),  # unstructured: 128-wide lane tiles, a partial second tile
+    (45, 90, 96, 1, 1, 0.2),  # unstructured: the 96-wide lane and dW tiles
+    (45, 90, 80, 1, 1, 0.2),  # unstructured: 96-wide tiles with 16 idle columns
     (33, 64, 70, 1, 1, 1.0),  # unstructured at density 1
     (33, 64, 70, 1, 1, 0.0),  # unstructured, empty
     (24, 45, 9, 4, 3, 0.5),  # odd bk: also widened
@@ -346,3 +348,25 @@ def test_conv2d_algo_reports_the_bf16_rule(path, monkeypatch):
         for op in ("fwd", "dx", "dw")
     ]
     assert strided == (["direct", "gemm", "direct"] if path == "avx512_bf16" else ["direct"] * 3)
+
+
+def test_bf16_96_row_tile_same_bits_as_the_128_row_tile(path):
+    """96 rows take the 96-wide lane and dW tiles, 128 rows the 128-wide ones: y and dx rows equal
+    bit for bit, and dW of the 96 rows equals dW with 32 zero rows appended."""
+    grid, mask, w, x, dy = _problem(60, 200, 128, 1, 1, 0.1, seed=3)
+    x[96:], dy[96:] = 0, 0
+    (crow, col), (ccol, row) = _grid_csr(grid)
+
+    def run(n):
+        xs, dys = x[:n].contiguous(), dy[:n].contiguous()
+        return (
+            ops.linear_fwd(xs, w, None, crow, col, [1, 1], None, None, 0),
+            ops.linear_dx(dys, w, ccol, row, [1, 1], None, None, 0),
+            ops.linear_dw(dys, xs, crow, col, [1, 1], None, None, 0),
+        )
+
+    (y96, dx96, dw96), (y128, dx128, dw128) = run(96), run(128)
+    assert torch.equal(y96, y128[:96]) and torch.equal(dx96, dx128[:96]) and torch.equal(dw96, dw128)
+    # the float32 master weight under autocast (read and rounded entry by entry) as well
+    y96m = ops.linear_fwd(x[:96].contiguous(), w.float(), None, crow, col, [1, 1], None, None, 0)
+    assert torch.equal(y96m, y96)
